@@ -1,0 +1,42 @@
+//! The server's tunables, with SPEC.md's defaults.
+
+use std::time::Duration;
+
+/// Everything [`crate::run`] needs besides the listener.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Longest accepted line in bytes, terminator excluded.
+    pub max_line: usize,
+    /// Most bytes queued for one connection before it is closed as a slow
+    /// consumer.
+    pub max_outbound: usize,
+    /// Most client connections at once; `None` = what the open-file limit
+    /// allows. Lowered with a warning when the limit cannot fit it.
+    pub max_clients: Option<usize>,
+    /// Time allowed from accept to login; zero = never times out.
+    pub login_timeout: Duration,
+    /// Time a logged-in client may stay silent; zero = off.
+    pub idle_timeout: Duration,
+    /// How long a graceful shutdown may flush before closing everything.
+    pub shutdown_timeout: Duration,
+    /// Interval of the stats log line; zero = off.
+    pub stats_interval: Duration,
+    /// Whether to handle SIGINT, SIGTERM and SIGUSR1 (the binary does; an
+    /// embedding program may not want its signals taken).
+    pub handle_signals: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            max_line: 16 * 1024,
+            max_outbound: 1024 * 1024,
+            max_clients: None,
+            login_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::ZERO,
+            shutdown_timeout: Duration::from_secs(5),
+            stats_interval: Duration::ZERO,
+            handle_signals: true,
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The `chatd` binary: turns flags and `CHATD_*` variables into a
+//! [`chatd::Config`], binds the listener and runs the server.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use log::LevelFilter;
+
+/// One flag: its name (also its `CHATD_*` variable), value word, default and help.
+struct Flag {
+    name: &'static str,
+    value: &'static str,
+    default: &'static str,
+    help: &'static str,
+}
+
+const FLAGS: &[Flag] = &[
+    Flag {
+        name: "addr",
+        value: "HOST:PORT",
+        default: "127.0.0.1:8080",
+        help: "address to listen on (port 0 picks a free one; the bound address is logged)",
+    },
+    Flag {
+        name: "max-line",
+        value: "BYTES",
+        default: "16384",
+        help: "longest line accepted, terminator excluded",
+    },
+    Flag {
+        name: "max-outbound",
+        value: "BYTES",
+        default: "1048576",
+        help: "most bytes queued for one client before it is closed as a slow consumer",
+    },
+    Flag {
+        name: "max-clients",
+        value: "N",
+        default: "open-file limit less a reserve",
+        help: "most clients at once; more get `error: server-full`",
+    },
+    Flag {
+        name: "login-timeout",
+        value: "SECS",
+        default: "30",
+        help: "time allowed to send a name (0 = never times out)",
+    },
+    Flag {
+        name: "idle-timeout",
+        value: "SECS",
+        default: "0",
+        help: "time a logged-in client may stay silent (0 = off)",
+    },
+    Flag {
+        name: "backlog",
+        value: "N",
+        default: "1024",
+        help: "listen backlog (capped by net.core.somaxconn)",
+    },
+    Flag {
+        name: "shutdown-timeout",
+        value: "SECS",
+        default: "5",
+        help: "on SIGINT/SIGTERM, how long to flush queued output before closing",
+    },
+    Flag {
+        name: "stats-interval",
+        value: "SECS",
+        default: "0",
+        help: "log the counters every SECS (0 = off; SIGUSR1 logs them at once)",
+    },
+    Flag {
+        name: "log-level",
+        value: "LEVEL",
+        default: "info",
+        help: "off, error, warn, info, debug or trace (else RUST_LOG, if a single level)",
+    },
+];
+
+fn usage() -> String {
+    let mut text = String::from(
+        "chatd: a lean chat broker daemon\n\n\
+         Usage: chatd [OPTIONS]\n\n\
+         Clients send their name as the first line, then `name1, name2: message`.\n\
+         Every option can also be set by the variable CHATD_<OPTION> (for example\n\
+         CHATD_MAX_CLIENTS=1000); the command line wins.\n\nOptions:\n",
+    );
+    for flag in FLAGS {
+        let left = format!("--{} {}", flag.name, flag.value);
+        text += &format!("  {left:<28} {} [default: {}]\n", flag.help, flag.default);
+    }
+    text += "  -h, --help                   print this help\n";
+    text += "  -V, --version                print the version\n";
+    text
+}
+
+/// Why the command line was refused: printed as one line, exit status 2.
+struct UsageError(String);
+
+impl<T: std::fmt::Display> From<T> for UsageError {
+    fn from(e: T) -> UsageError {
+        UsageError(e.to_string())
+    }
+}
+
+/// What the command line asked for.
+enum Command {
+    Run(Settings),
+    Help,
+    Version,
+}
+
+/// Everything the binary needs to start.
+struct Settings {
+    addr: SocketAddr,
+    backlog: i32,
+    log_level: LevelFilter,
+    config: chatd::Config,
+}
+
+/// A flag's raw value and where it came from (`--flag` or `CHATD_FLAG`), for
+/// error messages.
+type RawValue = Option<(String, String)>;
+
+/// Fills `values` (one per flag in [`FLAGS`]) from the command line or else
+/// the environment. Returns `Some` when the command line asked for help or
+/// the version instead.
+fn raw_values(values: &mut [RawValue]) -> Result<Option<Command>, UsageError> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_env();
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Some(Command::Help)),
+            Short('V') | Long("version") => return Ok(Some(Command::Version)),
+            Long(name) => {
+                let Some(i) = FLAGS.iter().position(|f| f.name == name) else {
+                    return Err(UsageError(format!(
+                        "unknown option '--{name}' (see --help)"
+                    )));
+                };
+                let name = format!("--{name}");
+                let value = parser.value()?.into_string().map_err(|_| {
+                    UsageError(format!("invalid value for {name}: not valid UTF-8"))
+                })?;
+                values[i] = Some((name, value));
+            }
+            _ => return Err(UsageError(format!("{} (see --help)", arg.unexpected()))),
+        }
+    }
+    for (flag, slot) in FLAGS.iter().zip(values.iter_mut()) {
+        if slot.is_none() {
+            let var = format!("CHATD_{}", flag.name.replace('-', "_").to_uppercase());
+            if let Ok(value) = std::env::var(&var) {
+                *slot = Some((var, value));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn parse_args() -> Result<Command, UsageError> {
+    let mut values: Vec<RawValue> = vec![None; FLAGS.len()];
+    if let Some(command) = raw_values(&mut values)? {
+        return Ok(command);
+    }
+    let get = |name: &str| {
+        let i = FLAGS
+            .iter()
+            .position(|f| f.name == name)
+            .expect("known flag");
+        values[i]
+            .as_ref()
+            .map(|(source, value)| (source.as_str(), value.trim()))
+    };
+    let mut config = chatd::Config::default();
+    if let Some(v) = get("max-line") {
+        config.max_line = number(v, 1, 1 << 30)?;
+    }
+    if let Some(v) = get("max-outbound") {
+        config.max_outbound = number(v, 1, 1 << 40)?;
+    }
+    if let Some(v) = get("max-clients") {
+        config.max_clients = Some(number(v, 1, 1 << 40)?);
+    }
+    if let Some(v) = get("login-timeout") {
+        config.login_timeout = seconds(v)?;
+    }
+    if let Some(v) = get("idle-timeout") {
+        config.idle_timeout = seconds(v)?;
+    }
+    if let Some(v) = get("shutdown-timeout") {
+        config.shutdown_timeout = seconds(v)?;
+    }
+    if let Some(v) = get("stats-interval") {
+        config.stats_interval = seconds(v)?;
+    }
+    let backlog = match get("backlog") {
+        Some(v) => number(v, 1, i32::MAX as usize)? as i32,
+        None => 1024,
+    };
+    let addr = match get("addr") {
+        Some((source, value)) => resolve(source, value)?,
+        None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+    };
+    let log_level = match get("log-level") {
+        Some((source, value)) => value.parse().map_err(|_| {
+            UsageError(format!(
+                "invalid value for {source}: '{value}' (expected off, error, warn, info, debug or trace)"
+            ))
+        })?,
+        None => std::env::var("RUST_LOG")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(LevelFilter::Info),
+    };
+    Ok(Command::Run(Settings {
+        addr,
+        backlog,
+        log_level,
+        config,
+    }))
+}
+
+/// A whole number in `min..=max`.
+fn number((source, value): (&str, &str), min: usize, max: usize) -> Result<usize, UsageError> {
+    match value.parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(UsageError(format!(
+            "invalid value for {source}: '{value}' (expected a whole number from {min} to {max})"
+        ))),
+    }
+}
+
+/// Seconds, fractions allowed (`0.5`), at most a year.
+fn seconds((source, value): (&str, &str)) -> Result<Duration, UsageError> {
+    match value.parse::<f64>() {
+        Ok(s) if (0.0..=31_536_000.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        _ => Err(UsageError(format!(
+            "invalid value for {source}: '{value}' (expected seconds, like 30 or 0.5)"
+        ))),
+    }
+}
+
+fn resolve(source: &str, value: &str) -> Result<SocketAddr, UsageError> {
+    let invalid =
+        |why: String| UsageError(format!("invalid value for {source}: '{value}' ({why})"));
+    value
+        .to_socket_addrs()
+        .map_err(|e| invalid(e.to_string()))?
+        .next()
+        .ok_or_else(|| invalid("no address found".into()))
+}
+
+fn main() -> ExitCode {
+    let settings = match parse_args() {
+        Ok(Command::Run(settings)) => settings,
+        Ok(Command::Help) => {
+            print!("{}", usage());
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("chatd {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(UsageError(message)) => {
+            eprintln!("chatd: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    // Cannot fail: this is the only logger the process installs.
+    let _ = simple_logger::SimpleLogger::new()
+        .with_level(settings.log_level)
+        .init();
+    let listener = match chatd::bind(settings.addr, settings.backlog) {
+        Ok(listener) => listener,
+        Err(e) => {
+            log::error!("cannot listen on {}: {e}", settings.addr);
+            return ExitCode::FAILURE;
+        }
+    };
+    match chatd::run(listener, settings.config) {
+        Ok(chatd::Exit::Graceful) => ExitCode::SUCCESS,
+        Ok(chatd::Exit::Forced) => ExitCode::from(130),
+        Err(e) => {
+            log::error!("fatal: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

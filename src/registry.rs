@@ -1,0 +1,64 @@
+//! The name registry: which logged-in connection holds which name.
+//!
+//! It knows no sockets, only slab keys. The reactor keeps one invariant with
+//! it: a connection is registered exactly while it is in the chat phase, so a
+//! name is free again the moment its connection starts to close.
+
+use std::collections::HashMap;
+
+/// Maps each logged-in name to the slab key of its connection.
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// Name to slab key. The default SipHash hasher is kept on purpose: names
+    /// come from the network, and a keyed hash stops collision floods.
+    names: HashMap<Box<str>, usize>,
+}
+
+impl Registry {
+    /// Gives `name` to `key`; false if another connection holds it already.
+    pub fn claim(&mut self, name: &str, key: usize) -> bool {
+        if self.names.contains_key(name) {
+            return false;
+        }
+        self.names.insert(name.into(), key);
+        true
+    }
+
+    /// The connection holding `name`, if one does.
+    pub fn lookup(&self, name: &str) -> Option<usize> {
+        self.names.get(name).copied()
+    }
+
+    /// Frees `name`. Only the holder may call this.
+    pub fn release(&mut self, name: &str) {
+        self.names.remove(name);
+    }
+
+    /// How many names are held.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether no name is held.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_lookup_release() {
+        let mut r = Registry::default();
+        assert!(r.claim("alice", 3));
+        assert!(!r.claim("alice", 4), "a held name cannot be claimed twice");
+        assert_eq!(r.lookup("alice"), Some(3));
+        assert_eq!(r.lookup("bob"), None);
+        r.release("alice");
+        assert!(r.is_empty());
+        assert!(r.claim("alice", 4), "a released name is free at once");
+        assert_eq!(r.len(), 1);
+    }
+}
