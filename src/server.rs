@@ -105,6 +105,9 @@ struct Server {
     pending_write: Vec<usize>,
     /// Connections that stopped reading at their budget, served next turn.
     more_input: Vec<usize>,
+    /// The other come-back list, swapped with `more_input` each turn so
+    /// neither is reallocated.
+    more_input_spare: Vec<usize>,
     /// Connections marked dead this turn, removed by `reap`.
     dead: Vec<usize>,
     /// Rejected connections still in the slab, delivering `server-full`.
@@ -148,13 +151,13 @@ impl Server {
             (!config.stats_interval.is_zero()).then(|| millis(config.stats_interval));
         info!(
             "chatd listening on {} (max-clients {}, max-line {}, max-outbound {}, \
-             login-timeout {:?}, idle-timeout {:?})",
+             login-timeout {}, idle-timeout {})",
             listener.local_addr()?,
             max_clients,
             config.max_line,
             config.max_outbound,
-            config.login_timeout,
-            config.idle_timeout,
+            Seconds(config.login_timeout),
+            Seconds(config.idle_timeout),
         );
         Ok(Server {
             poll,
@@ -172,6 +175,7 @@ impl Server {
             error_line: Vec::new(),
             pending_write: Vec::new(),
             more_input: Vec::new(),
+            more_input_spare: Vec::new(),
             dead: Vec::new(),
             rejecting: 0,
             next_id: 0,
@@ -195,7 +199,8 @@ impl Server {
                 Err(e) => return Err(e),
             }
             self.now_ms = millis(self.started.elapsed());
-            let carried = std::mem::take(&mut self.more_input);
+            let spare = std::mem::take(&mut self.more_input_spare);
+            let carried = std::mem::replace(&mut self.more_input, spare);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
@@ -340,7 +345,7 @@ impl Server {
     }
 
     /// Serves connections that stopped at their read budget last turn.
-    fn serve_more_input(&mut self, carried: Vec<usize>) {
+    fn serve_more_input(&mut self, mut carried: Vec<usize>) {
         for &key in &carried {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
@@ -350,13 +355,8 @@ impl Server {
                 self.on_readable(key);
             }
         }
-        // Keep the allocation of whichever list is larger.
-        if self.more_input.capacity() < carried.capacity() {
-            let mut carried = carried;
-            carried.clear();
-            carried.extend_from_slice(&self.more_input);
-            self.more_input = carried;
-        }
+        carried.clear();
+        self.more_input_spare = carried;
     }
 
     fn on_readable(&mut self, key: usize) {
@@ -396,7 +396,14 @@ impl Server {
             scratch[start..head].copy_from_slice(&conn.partial);
             conn.partial.clear();
             let Some(tail) = self.handle_lines(key, &scratch[start..head + n]) else {
-                break;
+                self.scratch = scratch;
+                // Closing now: drain what is left, or no new event would come
+                // for input that already arrived, and closing a socket with
+                // unread input resets it, which can destroy the error line.
+                if !self.conns[key].has(DEAD) {
+                    self.discard_input(key);
+                }
+                return;
             };
             let conn = &mut self.conns[key];
             if tail.is_empty() {
@@ -463,6 +470,7 @@ impl Server {
         }
         let conn = &mut self.conns[key];
         debug!("#{} sent EOF", conn.id);
+        conn.flags |= INPUT_DONE;
         if conn.phase == Phase::Chat {
             self.registry.release(&conn.name);
         }
@@ -875,6 +883,19 @@ impl fmt::Display for Offline<'_> {
             f.write_str(name)?;
         }
         Ok(())
+    }
+}
+
+/// Displays a timeout as `off` or in seconds.
+struct Seconds(Duration);
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_zero() {
+            f.write_str("off")
+        } else {
+            write!(f, "{}s", self.0.as_secs_f64())
+        }
     }
 }
 

@@ -1,0 +1,283 @@
+//! Test harness: runs the real `chatd` binary on 127.0.0.1:0 and speaks bytes
+//! to it over real sockets, with read timeouts, polling for conditions
+//! instead of sleeping, and killing the child when a test ends.
+
+#![allow(dead_code)] // each test file uses a different part of it
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long any single wait may take before the test fails. Generous: it is
+/// only reached when something is broken.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running `chatd` child process.
+pub struct Server {
+    child: Child,
+    /// The address it logged as bound.
+    pub addr: SocketAddr,
+    /// Everything it wrote to stderr so far.
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts `chatd --addr 127.0.0.1:0 ARGS`.
+    pub fn start(args: &[&str]) -> Server {
+        Server::spawn(Command::new(env!("CARGO_BIN_EXE_chatd")), args)
+    }
+
+    /// Starts `cmd` (which runs chatd, maybe through a wrapper like prlimit)
+    /// with `--addr 127.0.0.1:0 ARGS`, and waits for the bound address.
+    pub fn spawn(mut cmd: Command, args: &[&str]) -> Server {
+        if !cmd.get_envs().any(|(key, _)| key == "RUST_LOG") {
+            cmd.env_remove("RUST_LOG"); // the test's own, unless set on purpose
+        }
+        let mut child = cmd
+            .args(["--addr", "127.0.0.1:0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn chatd");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut server = Server {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+        };
+        let line = server.wait_log("listening on ");
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("address after 'listening on'");
+        server.addr = addr.parse().expect("a socket address");
+        server
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    pub fn wait_log(&mut self, needle: &str) -> String {
+        self.wait_log_count(needle, 1)
+    }
+
+    /// Waits until `count` log lines contain `needle`; returns the last.
+    pub fn wait_log_count(&mut self, needle: &str, count: usize) -> String {
+        let found = poll_until(|| {
+            let log = self.log.lock().unwrap();
+            let hits: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
+            (hits.len() >= count).then(|| hits[count - 1].to_string())
+        });
+        match found {
+            Some(line) => line,
+            None => panic!(
+                "no log line with {needle:?} (x{count}); log:\n{}",
+                self.log()
+            ),
+        }
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// A new connection with a read timeout.
+    pub fn connect(&self) -> Client {
+        Client::connect(self.addr)
+    }
+
+    /// A connection logged in as `name`, confirmed by a message to itself.
+    pub fn login(&self, name: &str) -> Client {
+        let mut client = self.connect();
+        client.send(&format!("{name}\n"));
+        client.sync(name);
+        client
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`TERM`, `INT`, `USR1`) to the server.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the server to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let child = &mut self.child;
+        poll_until(|| child.try_wait().expect("try_wait"))
+            .unwrap_or_else(|| panic!("chatd did not exit; log:\n{}", self.log()))
+    }
+
+    /// A field of /proc/PID/status in kB, like `VmRSS`.
+    pub fn status_kb(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("status field")
+    }
+
+    /// The server's CPU time so far (user + system), from /proc/PID/stat.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the whole line.
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+    }
+
+    /// How many sockets the server process holds open (its listener and
+    /// internal ones included: compare with a count taken earlier).
+    pub fn open_sockets(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("socket:"))
+            .count()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Calls `check` until it returns `Some`, for up to [`TIMEOUT`].
+pub fn poll_until<T>(mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if start.elapsed() > TIMEOUT {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One client connection speaking the line protocol.
+pub struct Client {
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    /// Connects with a read timeout of [`TIMEOUT`].
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect to chatd");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Client {
+            reader: BufReader::new(stream),
+        }
+    }
+
+    /// The socket, for options and shutdowns.
+    pub fn stream(&self) -> &TcpStream {
+        self.reader.get_ref()
+    }
+
+    /// Sends `text` as is.
+    pub fn send(&mut self, text: &str) {
+        self.send_bytes(text.as_bytes());
+    }
+
+    /// Sends `bytes` as they are.
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.reader.get_mut().write_all(bytes).expect("send");
+    }
+
+    /// Reads one line, `\n` included; panics on timeout or EOF.
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => panic!("EOF while expecting a line"),
+            Ok(_) => line,
+            Err(e) => panic!("no line ({e}); got so far {line:?}"),
+        }
+    }
+
+    /// Reads one line and checks it is exactly `want` plus `\n`.
+    pub fn expect(&mut self, want: &str) {
+        assert_eq!(self.line(), format!("{want}\n"));
+    }
+
+    /// Sends a message to itself and waits for it: everything sent before
+    /// has been processed by the server.
+    pub fn sync(&mut self, name: &str) {
+        self.send(&format!("{name}: sync\n"));
+        self.expect(&format!("from {name}: sync"));
+    }
+
+    /// Checks that the server closes the connection cleanly (EOF, not a
+    /// reset) with nothing more to read.
+    pub fn expect_eof(&mut self) {
+        let mut rest = Vec::new();
+        match self.reader.read_to_end(&mut rest) {
+            Ok(_) => assert!(
+                rest.is_empty(),
+                "unexpected bytes before EOF: {:?}",
+                String::from_utf8_lossy(&rest)
+            ),
+            Err(e) => panic!(
+                "expected EOF, got {e} after {:?}",
+                String::from_utf8_lossy(&rest)
+            ),
+        }
+    }
+
+    /// Whether the server has closed the connection: reads (and drops)
+    /// whatever arrives until EOF, a reset, or the timeout.
+    pub fn is_closed_by_server(&mut self) -> bool {
+        let mut buf = [0; 65536];
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return false;
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+
+    /// Shuts down the sending side (half-close).
+    pub fn shutdown_write(&self) {
+        self.stream().shutdown(Shutdown::Write).unwrap();
+    }
+
+    /// Closes with a reset (SO_LINGER 0) instead of a FIN.
+    pub fn reset(self) {
+        let socket = socket2::SockRef::from(self.stream());
+        socket.set_linger(Some(Duration::ZERO)).unwrap();
+    }
+}
