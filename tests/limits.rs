@@ -104,8 +104,8 @@ fn a_flooding_sender_does_not_starve_others() {
     // behind; should it be closed as a slow consumer, the flood goes on all
     // the same (to an offline name), which is what matters here.
     let server = Server::start(&["--max-outbound", "67108864"]);
-    let mut flooder = server.login("flooder");
-    let mut target = server.login("target");
+    let flooder = server.login("flooder");
+    let target = server.login("target");
     let mut c = server.login("c");
     let mut d = server.login("d");
 
