@@ -175,7 +175,7 @@ fn parse_args() -> Result<Command, UsageError> {
     };
     let mut config = chatd::Config::default();
     if let Some(v) = get("max-line") {
-        config.max_line = number(v, 1, 1 << 30)?;
+        config.max_line = number(v, 1, 16 << 20)?;
     }
     if let Some(v) = get("max-outbound") {
         config.max_outbound = number(v, 1, 1 << 40)?;

@@ -190,3 +190,20 @@ fn second_signal_exits_at_once() {
     assert!(!status.success(), "{status:?}");
     server.wait_log("second shutdown signal");
 }
+
+/// `--backlog` sets the listen backlog (`ss` shows it as a listening
+/// socket's Send-Q).
+#[test]
+fn backlog_flag_sets_the_listen_backlog() {
+    let server = Server::start(&["--backlog", "7"]);
+    let out = Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", server.addr.port())])
+        .output()
+        .expect("run ss");
+    let table = String::from_utf8(out.stdout).unwrap();
+    let send_q: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    assert_eq!(send_q, ["7"], "ss said: {table}");
+}
