@@ -1,0 +1,275 @@
+//! `chatd-client`: the tutorial's chat client, done properly.
+//!
+//! Sends every stdin line to the server and prints every server line as it
+//! arrives. At stdin EOF it half-closes and keeps printing until the server
+//! closes, so no reply is cut off. Exit status: 0 when the server closed
+//! normally, 1 when it closed after an `error:` line that ends the
+//! connection, or the connection failed, 2 for bad usage.
+
+use std::io::{self, BufRead, BufReader, IsTerminal, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::process::ExitCode;
+use std::thread;
+
+use chatd::protocol::ErrorKind;
+
+const USAGE: &str = "\
+chatd-client: talk to a chatd server
+
+Usage: chatd-client [--addr HOST:PORT] [--name NAME]
+
+  --addr HOST:PORT   server address [default: 127.0.0.1:8080, or CHATD_ADDR]
+  --name NAME        send NAME as the first line (else the first line you type
+                     is your name)
+  -h, --help         print this help
+  -V, --version      print the version
+
+Type messages as `name1, name2: message`. At the end of input the client
+waits for the server to close, printing everything it still sends.
+Exit status: 0 on a normal close, 1 if the server closed after an error or
+the connection failed, 2 for bad usage.
+";
+
+/// What the command line asked for.
+struct Args {
+    addr: SocketAddr,
+    name: Option<String>,
+}
+
+fn parse_args() -> Result<Option<Args>, String> {
+    use lexopt::prelude::*;
+    let mut addr: Option<(String, String)> = None;
+    let mut name = None;
+    let mut parser = lexopt::Parser::from_env();
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Short('h') | Long("help") => {
+                print!("{USAGE}");
+                return Ok(None);
+            }
+            Short('V') | Long("version") => {
+                println!("chatd-client {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            Long("addr") => addr = Some(("--addr".into(), string_value(&mut parser, "--addr")?)),
+            Long("name") => name = Some(string_value(&mut parser, "--name")?),
+            _ => return Err(format!("{} (see --help)", arg.unexpected())),
+        }
+    }
+    let (source, value) = match addr {
+        Some(given) => given,
+        None => match std::env::var("CHATD_ADDR") {
+            Ok(value) => ("CHATD_ADDR".into(), value),
+            Err(_) => ("--addr".into(), "127.0.0.1:8080".into()),
+        },
+    };
+    let addr = value
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())
+        .and_then(|mut addrs| addrs.next().ok_or_else(|| "no address found".to_string()))
+        .map_err(|why| format!("invalid value for {source}: '{value}' ({why})"))?;
+    Ok(Some(Args { addr, name }))
+}
+
+fn string_value(parser: &mut lexopt::Parser, flag: &str) -> Result<String, String> {
+    let value = parser.value().map_err(|e| e.to_string())?;
+    value
+        .into_string()
+        .map_err(|_| format!("invalid value for {flag}: not valid UTF-8"))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("chatd-client: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let stream = match TcpStream::connect(args.addr) {
+        Ok(stream) => stream,
+        Err(e) => {
+            eprintln!("chatd-client: cannot connect to {}: {e}", args.addr);
+            return ExitCode::from(1);
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let interactive = io::stdin().is_terminal() && io::stdout().is_terminal();
+    if interactive {
+        let first = match &args.name {
+            Some(name) => format!("Connected to {} as {name}.", args.addr),
+            None => format!("Connected to {}. Type your name first.", args.addr),
+        };
+        eprintln!("{first} Send messages as `name1, name2: message`; Ctrl-D quits.");
+    }
+    let reader = match stream.try_clone() {
+        Ok(reader) => reader,
+        Err(e) => {
+            eprintln!("chatd-client: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // The printer decides the exit status: it ends the process when the
+    // server closes, even while stdin is still open.
+    thread::spawn(move || std::process::exit(print_server_lines(reader)));
+    send_stdin_lines(stream, args.name.as_deref());
+    // Stdin ended and the sending side is shut down: wait for the server.
+    loop {
+        thread::park();
+    }
+}
+
+/// Sends the name (if given) and every stdin line, then half-closes.
+fn send_stdin_lines(mut stream: TcpStream, name: Option<&str>) {
+    if let Some(name) = name {
+        if stream.write_all(format!("{name}\n").as_bytes()).is_err() {
+            return; // the printer reports why the connection ended
+        }
+    }
+    let mut stdin = io::stdin().lock();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match stdin.read_until(b'\n', &mut line) {
+            Ok(0) => break,
+            Ok(_) => {
+                if !line.ends_with(b"\n") {
+                    line.push(b'\n');
+                }
+                if stream.write_all(&line).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                eprintln!("chatd-client: reading stdin: {e}");
+                break;
+            }
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Prints server lines until the server closes; returns the exit status.
+fn print_server_lines(stream: TcpStream) -> i32 {
+    let mut reader = BufReader::new(stream);
+    let stdout = io::stdout();
+    let escape = stdout.is_terminal();
+    // On a terminal, stdout and stderr are usually the same screen: show
+    // error lines once there.
+    let errors_to_stderr = !(escape && io::stderr().is_terminal());
+    let mut out = stdout.lock();
+    let mut line = Vec::new();
+    let mut closing_error = false;
+    loop {
+        line.clear();
+        let status = match reader.read_until(b'\n', &mut line) {
+            Ok(0) => Some(i32::from(closing_error)),
+            Ok(_) => None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = out.flush();
+                eprintln!("chatd-client: connection lost: {e}");
+                Some(1)
+            }
+        };
+        if let Some(status) = status {
+            let _ = out.flush();
+            return status;
+        }
+        closing_error = ends_connection(&line);
+        let written = if escape {
+            out.write_all(escape_line(&line).as_bytes())
+        } else {
+            out.write_all(&line)
+        };
+        if written.is_err() {
+            return 1; // stdout is gone: nobody to show anything to
+        }
+        if line.starts_with(b"error: ") && errors_to_stderr {
+            let _ = io::stderr().write_all(&line);
+        }
+        if reader.buffer().is_empty() {
+            let _ = out.flush(); // show lines as they arrive, in batches
+        }
+    }
+}
+
+/// Whether `line` is an `error:` line after which the server closes.
+fn ends_connection(line: &[u8]) -> bool {
+    let Some(rest) = line.strip_prefix(b"error: ") else {
+        return false;
+    };
+    ErrorKind::ALL.iter().any(|kind| {
+        kind.closes()
+            && rest.starts_with(kind.as_str().as_bytes())
+            && matches!(rest.get(kind.as_str().len()), Some(b':' | b'\n' | b'\r'))
+    })
+}
+
+/// A received line made safe for a terminal: control characters, escape
+/// sequences and bidirectional overrides are shown as visible escapes
+/// (`\x1b`, `\u{202e}`) instead of acting on the screen. The final `\n` stays.
+fn escape_line(line: &[u8]) -> String {
+    let (body, newline) = match line.strip_suffix(b"\n") {
+        Some(body) => (body, "\n"),
+        None => (line, ""),
+    };
+    let mut shown = String::with_capacity(body.len());
+    for c in String::from_utf8_lossy(body).chars() {
+        match c {
+            '\\' => shown.push_str("\\\\"),
+            c if (c as u32) < 0x80 && c.is_control() => {
+                shown.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c if c.is_control() || is_bidi_control(c) => {
+                shown.push_str(&format!("\\u{{{:x}}}", c as u32));
+            }
+            c => shown.push(c),
+        }
+    }
+    shown.push_str(newline);
+    shown
+}
+
+/// Unicode's invisible direction controls, which can reorder what a line
+/// appears to say.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_what_could_act_on_a_terminal() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"from a: hi\n", "from a: hi\n"),
+            (b"from a: \x1b[2J\x07bell\n", "from a: \\x1b[2J\\x07bell\n"),
+            (b"from a: tab\there\r\n", "from a: tab\\x09here\\x0d\n"),
+            ("from a: \u{9b}31m".as_bytes(), "from a: \\u{9b}31m"),
+            ("from a: \u{202e}olleh".as_bytes(), "from a: \\u{202e}olleh"),
+            (b"from a: back\\slash\n", "from a: back\\\\slash\n"),
+            (
+                "from a: caf\u{e9} \u{1f600}\n".as_bytes(),
+                "from a: caf\u{e9} \u{1f600}\n",
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(escape_line(input), *want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn knows_which_errors_end_the_connection() {
+        assert!(ends_connection(b"error: name-taken: alice\n"));
+        assert!(ends_connection(b"error: shutting-down\n"));
+        assert!(ends_connection(b"error: server-full\n"));
+        assert!(!ends_connection(b"error: not-online: bob\n"));
+        assert!(!ends_connection(b"error: invalid-utf8\n"));
+        assert!(!ends_connection(b"from error: name-taken: x\n"));
+        assert!(!ends_connection(b"error: name-takenx\n"));
+    }
+}
