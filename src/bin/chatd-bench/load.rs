@@ -1,0 +1,574 @@
+//! The load driver: one mio poll loop over every client connection.
+//!
+//! Client `i` logs in as `b<i>`. Senders are clients `0..senders`; sender `s`
+//! addresses the `fanout` clients after it (`s+1 .. s+fanout`, wrapping), so
+//! a recipient can tell from a delivery which (sender, recipient) pair it
+//! belongs to. Each message body is `<seq> <ts_ns> <padding>`: `seq` counts
+//! the sender's lines, `ts_ns` is when the line was meant to be sent (ns
+//! since the run started), so latency includes any queueing in the
+//! generator itself and coordinated omission cannot hide it.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+/// What the run is told to do.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub addr: SocketAddr,
+    pub clients: usize,
+    /// New connections per second; 0 = as fast as possible.
+    pub connect_rate: f64,
+    pub source_ips: Vec<IpAddr>,
+    pub senders: usize,
+    pub fanout: usize,
+    pub payload: usize,
+    /// Closed loop: lines in flight per sender.
+    pub window: usize,
+    /// Open loop: total lines per second (0 = closed loop).
+    pub rate: f64,
+    pub duration: Duration,
+    /// Longest wait for the last logins, and for the last deliveries.
+    pub settle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    NotStarted,
+    Connecting,
+    LoggingIn,
+    Ready,
+    Closed,
+}
+
+/// One client connection of the generator.
+struct Client {
+    stream: Option<TcpStream>,
+    state: State,
+    /// Bytes to send; `out[out_pos..]` is unsent.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Unterminated input.
+    partial: Vec<u8>,
+    /// When the connect started, for the login latency.
+    started: Instant,
+    /// Whether it is on the generator's list of clients to write.
+    dirty: bool,
+}
+
+/// One sending client's bookkeeping.
+struct Sender {
+    next_seq: u64,
+    /// Closed loop: lines not yet delivered to every recipient, oldest
+    /// first, with how many deliveries each still waits for.
+    in_flight: VecDeque<(u64, u32)>,
+}
+
+/// Counts kept while running, reported at the end.
+#[derive(Debug, Default, Clone)]
+pub struct Counts {
+    pub connect_failed: u64,
+    pub logged_in: u64,
+    pub lines_sent: u64,
+    pub deliveries: u64,
+    /// Deliveries that broke the order of their (sender, recipient) pair, or
+    /// repeated one, or did not parse.
+    pub unexpected: u64,
+    /// `error:` lines received, by their first word.
+    pub error_lines: Vec<(String, u64)>,
+    /// Connections the server closed (EOF or reset) while the run needed them.
+    pub closed_by_server: u64,
+    /// Socket errors other than closes, by kind.
+    pub socket_errors: Vec<(String, u64)>,
+}
+
+/// The generator's state.
+pub struct Load {
+    plan: Plan,
+    poll: Poll,
+    clients: Vec<Client>,
+    senders: Vec<Sender>,
+    /// Last sequence number seen per (sender, k-th recipient); `u64::MAX`
+    /// before the first.
+    last_seq: Vec<u64>,
+    pub counts: Counts,
+    /// Login latency (connect start to confirmation), µs.
+    pub login_latency: Histogram<u64>,
+    /// Delivery latency from intended send time, µs.
+    pub latency: Histogram<u64>,
+    epoch: Instant,
+    /// Connects started so far.
+    started: usize,
+    /// Whether new lines are still being generated.
+    generating: bool,
+    /// Open loop: lines generated so far.
+    scheduled: u64,
+    traffic_start: Instant,
+    /// Clients with lines queued this turn, written once at its end.
+    dirty: Vec<usize>,
+    scratch: Vec<u8>,
+    padding: Vec<u8>,
+}
+
+fn name_of(i: usize) -> String {
+    format!("b{i}")
+}
+
+impl Load {
+    pub fn new(plan: Plan) -> io::Result<Load> {
+        let clients = (0..plan.clients)
+            .map(|_| Client {
+                stream: None,
+                state: State::NotStarted,
+                out: Vec::new(),
+                out_pos: 0,
+                partial: Vec::new(),
+                started: Instant::now(),
+                dirty: false,
+            })
+            .collect();
+        let senders = (0..plan.senders)
+            .map(|_| Sender {
+                next_seq: 0,
+                in_flight: VecDeque::new(),
+            })
+            .collect();
+        let histogram = || Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+        Ok(Load {
+            poll: Poll::new()?,
+            clients,
+            senders,
+            last_seq: vec![u64::MAX; plan.senders * plan.fanout],
+            counts: Counts::default(),
+            login_latency: histogram(),
+            latency: histogram(),
+            epoch: Instant::now(),
+            started: 0,
+            generating: false,
+            scheduled: 0,
+            traffic_start: Instant::now(),
+            dirty: Vec::new(),
+            scratch: vec![0; 1 << 16],
+            padding: vec![b'p'; plan.payload],
+            plan,
+        })
+    }
+
+    /// Clients connected and logged in.
+    pub fn ready(&self) -> u64 {
+        self.counts.logged_in
+    }
+
+    /// Whether every client has either logged in or failed.
+    pub fn logins_settled(&self) -> bool {
+        self.started == self.clients.len()
+            && self
+                .clients
+                .iter()
+                .all(|c| matches!(c.state, State::Ready | State::Closed))
+    }
+
+    /// Deliveries the lines sent so far should produce.
+    pub fn expected(&self) -> u64 {
+        self.counts.lines_sent * self.plan.fanout as u64
+    }
+
+    /// One turn of the connect phase: starts the connects the rate allows,
+    /// then handles events for up to `wait`.
+    pub fn connect_step(&mut self, phase_start: Instant, wait: Duration) -> io::Result<()> {
+        let rate = self.plan.connect_rate;
+        let due = if rate > 0.0 {
+            let allowed = phase_start.elapsed().as_secs_f64() * rate;
+            (allowed as usize + 1).min(self.clients.len())
+        } else {
+            self.clients.len()
+        };
+        // Bound the burst per turn so events are served while connecting.
+        let until = due.min(self.started + 512);
+        while self.started < until {
+            let i = self.started;
+            self.started += 1;
+            if let Err(e) = self.start_connect(i) {
+                self.clients[i].state = State::Closed;
+                self.counts.connect_failed += 1;
+                bump(
+                    &mut self.counts.socket_errors,
+                    &format!("connect: {}", e.kind()),
+                );
+            }
+        }
+        let wait = if self.started < due {
+            Duration::ZERO
+        } else if self.started < self.clients.len() {
+            let next = Duration::from_secs_f64(self.started as f64 / rate);
+            wait.min(next.saturating_sub(phase_start.elapsed()))
+        } else {
+            wait
+        };
+        self.turn(wait)
+    }
+
+    fn start_connect(&mut self, i: usize) -> io::Result<()> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let addr = self.plan.addr;
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        if !self.plan.source_ips.is_empty() {
+            let ip = self.plan.source_ips[i % self.plan.source_ips.len()];
+            socket.bind(&SocketAddr::new(ip, 0).into())?;
+        }
+        match socket.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        let mut stream = TcpStream::from_std(socket.into());
+        self.poll.registry().register(
+            &mut stream,
+            Token(i),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        let name = name_of(i);
+        let client = &mut self.clients[i];
+        client.stream = Some(stream);
+        client.state = State::Connecting;
+        client.started = Instant::now();
+        client.out = format!("{name}\n{name}: l\n").into_bytes();
+        Ok(())
+    }
+
+    /// Starts the traffic phase.
+    pub fn start_traffic(&mut self) {
+        self.generating = true;
+        self.traffic_start = Instant::now();
+        if self.plan.rate == 0.0 {
+            for s in 0..self.senders.len() {
+                for _ in 0..self.plan.window {
+                    self.send_line(s, self.epoch.elapsed());
+                }
+            }
+            self.flush_dirty();
+        }
+    }
+
+    /// Stops generating lines; deliveries still count.
+    pub fn stop_traffic(&mut self) {
+        self.generating = false;
+    }
+
+    /// One turn of the traffic phase: generates open-loop lines that are
+    /// due, then handles events for up to `wait`.
+    pub fn traffic_step(&mut self, wait: Duration) -> io::Result<()> {
+        let mut wait = wait;
+        if self.generating && self.plan.rate > 0.0 && !self.senders.is_empty() {
+            let elapsed = self.traffic_start.elapsed().as_secs_f64();
+            let due = (elapsed * self.plan.rate) as u64;
+            let base = self.traffic_start.duration_since(self.epoch).as_secs_f64();
+            while self.scheduled < due {
+                let k = self.scheduled;
+                self.scheduled += 1;
+                let intended = Duration::from_secs_f64(base + k as f64 / self.plan.rate);
+                self.send_line((k % self.senders.len() as u64) as usize, intended);
+            }
+            let next = base + (self.scheduled as f64) / self.plan.rate;
+            let until = Duration::from_secs_f64(next).saturating_sub(self.epoch.elapsed());
+            wait = wait.min(until);
+        }
+        self.turn(wait)
+    }
+
+    /// Queues sender `s`'s next line, stamped with `intended`.
+    fn send_line(&mut self, s: usize, intended: Duration) {
+        if self.clients[s].state != State::Ready {
+            return;
+        }
+        let sender = &mut self.senders[s];
+        let seq = sender.next_seq;
+        sender.next_seq += 1;
+        if self.plan.rate == 0.0 {
+            sender.in_flight.push_back((seq, self.plan.fanout as u32));
+        }
+        let n = self.clients.len();
+        let client = &mut self.clients[s];
+        if client.out_pos == client.out.len() {
+            client.out.clear();
+            client.out_pos = 0;
+        }
+        for k in 0..self.plan.fanout {
+            if k > 0 {
+                client.out.push(b',');
+            }
+            client.out.push(b'b');
+            client
+                .out
+                .extend_from_slice(itoa(((s + 1 + k) % n) as u64, &mut [0; 20]));
+        }
+        client.out.extend_from_slice(b": ");
+        client.out.extend_from_slice(itoa(seq, &mut [0; 20]));
+        client.out.push(b' ');
+        client
+            .out
+            .extend_from_slice(itoa(intended.as_nanos() as u64, &mut [0; 20]));
+        client.out.push(b' ');
+        client.out.extend_from_slice(&self.padding);
+        client.out.push(b'\n');
+        self.counts.lines_sent += 1;
+        if !client.dirty {
+            client.dirty = true;
+            self.dirty.push(s);
+        }
+    }
+
+    /// Writes every client that had lines queued since the last call.
+    fn flush_dirty(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &i in &dirty {
+            self.clients[i].dirty = false;
+            self.flush(i);
+        }
+        self.dirty = dirty;
+        self.dirty.clear();
+    }
+
+    /// Waits for events for up to `wait` and handles them.
+    fn turn(&mut self, wait: Duration) -> io::Result<()> {
+        self.flush_dirty(); // lines generated before this turn go out now
+        let mut events = Events::with_capacity(1024);
+        match self.poll.poll(&mut events, Some(wait)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        for event in events.iter() {
+            let i = event.token().0;
+            if self.clients[i].state == State::Closed {
+                continue;
+            }
+            if event.is_writable() {
+                if self.clients[i].state == State::Connecting && !self.finish_connect(i) {
+                    continue;
+                }
+                self.flush(i);
+            }
+            if event.is_readable() || event.is_read_closed() || event.is_error() {
+                self.read(i);
+            }
+        }
+        self.flush_dirty();
+        Ok(())
+    }
+
+    /// Checks a connecting socket; false if it failed or is not ready.
+    fn finish_connect(&mut self, i: usize) -> bool {
+        let Some(stream) = &self.clients[i].stream else {
+            return false;
+        };
+        if let Ok(Some(e)) | Err(e) = stream.take_error() {
+            self.counts.connect_failed += 1;
+            bump(
+                &mut self.counts.socket_errors,
+                &format!("connect: {}", e.kind()),
+            );
+            self.close(i);
+            return false;
+        }
+        match stream.peer_addr() {
+            Ok(_) => {
+                self.clients[i].state = State::LoggingIn;
+                true
+            }
+            Err(_) => false, // not yet
+        }
+    }
+
+    fn flush(&mut self, i: usize) {
+        let client = &mut self.clients[i];
+        let Some(stream) = &mut client.stream else {
+            return;
+        };
+        if client.state == State::Connecting {
+            return;
+        }
+        while client.out_pos < client.out.len() {
+            match stream.write(&client.out[client.out_pos..]) {
+                Ok(n) => client.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.socket_error(i, &e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read(&mut self, i: usize) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        while let Some(stream) = &mut self.clients[i].stream {
+            match stream.read(&mut scratch) {
+                Ok(0) => {
+                    self.counts.closed_by_server += 1;
+                    self.close(i);
+                    break;
+                }
+                Ok(n) => self.on_input(i, &scratch[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.socket_error(i, &e);
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    fn on_input(&mut self, i: usize, mut data: &[u8]) {
+        let mut partial = std::mem::take(&mut self.clients[i].partial);
+        while let Some(end) = memchr::memchr(b'\n', data) {
+            if partial.is_empty() {
+                self.on_line(i, &data[..end]);
+            } else {
+                partial.extend_from_slice(&data[..end]);
+                self.on_line(i, &partial);
+                partial.clear();
+            }
+            data = &data[end + 1..];
+        }
+        partial.extend_from_slice(data);
+        self.clients[i].partial = partial;
+    }
+
+    fn on_line(&mut self, i: usize, line: &[u8]) {
+        let now = self.epoch.elapsed();
+        if let Some(rest) = line.strip_prefix(b"error: ") {
+            let kind = rest.split(|&b| b == b':').next().unwrap_or_default();
+            bump(&mut self.counts.error_lines, &String::from_utf8_lossy(kind));
+            return;
+        }
+        let Some(rest) = line.strip_prefix(b"from b") else {
+            self.counts.unexpected += 1;
+            return;
+        };
+        let Some(colon) = memchr::memchr(b':', rest) else {
+            self.counts.unexpected += 1;
+            return;
+        };
+        let Some(from) = parse_u64(&rest[..colon]) else {
+            self.counts.unexpected += 1;
+            return;
+        };
+        let body = &rest[colon + 1..];
+        if self.clients[i].state == State::LoggingIn && from as usize == i && body == b" l" {
+            let client = &mut self.clients[i];
+            client.state = State::Ready;
+            self.counts.logged_in += 1;
+            let us = client.started.elapsed().as_micros() as u64;
+            let _ = self.login_latency.record(us.max(1));
+            return;
+        }
+        let mut fields = body.trim_ascii_start().splitn(3, |&b| b == b' ');
+        let (Some(seq), Some(ts)) = (
+            fields.next().and_then(parse_u64),
+            fields.next().and_then(parse_u64),
+        ) else {
+            self.counts.unexpected += 1;
+            return;
+        };
+        let s = from as usize;
+        let n = self.clients.len();
+        let k = (i + n - s - 1) % n;
+        if s >= self.senders.len() || k >= self.plan.fanout {
+            self.counts.unexpected += 1;
+            return;
+        }
+        let last = &mut self.last_seq[s * self.plan.fanout + k];
+        if (*last == u64::MAX && seq != 0) || (*last != u64::MAX && seq != *last + 1) {
+            self.counts.unexpected += 1; // a gap, repeat or reordering
+        }
+        *last = seq;
+        self.counts.deliveries += 1;
+        let latency = now.saturating_sub(Duration::from_nanos(ts));
+        let _ = self.latency.record((latency.as_micros() as u64).max(1));
+        if self.plan.rate == 0.0 {
+            self.complete(s, seq);
+        }
+    }
+
+    /// Closed loop: one delivery of sender `s`'s line `seq` arrived; when
+    /// all of its deliveries have, the sender sends its next line.
+    fn complete(&mut self, s: usize, seq: u64) {
+        let in_flight = &mut self.senders[s].in_flight;
+        if let Some(entry) = in_flight.iter_mut().find(|(q, _)| *q == seq) {
+            entry.1 -= 1;
+        }
+        let mut done = 0;
+        while in_flight.front().is_some_and(|&(_, left)| left == 0) {
+            in_flight.pop_front();
+            done += 1;
+        }
+        if self.generating {
+            for _ in 0..done {
+                self.send_line(s, self.epoch.elapsed());
+            }
+        }
+    }
+
+    fn socket_error(&mut self, i: usize, e: &io::Error) {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+        ) {
+            self.counts.closed_by_server += 1;
+        } else {
+            bump(&mut self.counts.socket_errors, &e.kind().to_string());
+        }
+        self.close(i);
+    }
+
+    fn close(&mut self, i: usize) {
+        let client = &mut self.clients[i];
+        if let Some(mut stream) = client.stream.take() {
+            let _ = self.poll.registry().deregister(&mut stream);
+        }
+        client.state = State::Closed;
+        client.out = Vec::new();
+        client.partial = Vec::new();
+    }
+}
+
+/// Adds one to the counter named `key`.
+fn bump(counters: &mut Vec<(String, u64)>, key: &str) {
+    match counters.iter_mut().find(|(k, _)| k == key) {
+        Some((_, n)) => *n += 1,
+        None => counters.push((key.to_string(), 1)),
+    }
+}
+
+fn parse_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+    })
+}
+
+/// Formats `n` in decimal into `buf`, without allocating.
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! `chatd-bench`: a load generator for high-connection-count benchmarks of
+//! chatd, or of any server speaking the same line protocol.
+//!
+//! Phases: connect and log in every client (at a rate, or as fast as
+//! possible), confirm each login with a message to itself, hold the
+//! connections idle, then send traffic (closed loop with a window per
+//! sender, or open loop at a fixed rate), then wait for the last deliveries.
+//! Single-threaded and event-driven (mio), and it reports its own CPU time
+//! so a reader can tell whether the generator was the bottleneck.
+
+mod load;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use load::{Load, Plan};
+
+const USAGE: &str = "\
+chatd-bench: load generator for chatd (or any server of the same protocol)
+
+Usage: chatd-bench [OPTIONS]
+
+Connection phase:
+  --addr HOST:PORT       server [default: 127.0.0.1:8080, or CHATD_ADDR]
+  --clients N            connections to open and log in [default: 1000]
+  --connect-rate R       new connections per second, 0 = as fast as possible
+                         (a connect storm) [default: 0]
+  --source-ips A-B       spread client sockets over these source addresses
+                         (127.0.0.1-127.0.0.8, or a comma list); each gives
+                         about 28,000 ports, so use several past 28,000
+                         connections [default: chosen by the kernel]
+  --idle SECS            hold the connections idle after login [default: 0]
+Traffic phase:
+  --senders S            clients that send [default: 0 = no traffic]
+  --fanout F             recipients per line [default: 1]
+  --payload B            bytes of padding per message [default: 32]
+  --window W             closed loop: lines in flight per sender [default: 1]
+  --rate R               open loop: total lines per second, latency measured
+                         from each line's intended send time (overrides
+                         --window) [default: 0 = closed loop]
+  --duration SECS        traffic time [default: 10]
+  --settle-timeout SECS  longest wait for logins and last deliveries
+                         [default: 30]
+Measuring:
+  --server-pid PID       read the server's RSS and CPU time from /proc
+  --json                 print the result as one JSON object
+  -h, --help             print this help
+
+Each connection uses one file descriptor here and one in the server. At
+start the generator raises its soft open-file limit to the hard limit; past
+that, raise the hard limit first (`ulimit -Hn`, as root: `prlimit --nofile=`,
+or LimitNOFILE= in systemd).
+
+The result goes to stdout (text, or JSON with --json); progress goes to
+stderr once a second. Exit status 1 if anything was lost or went wrong.
+";
+
+/// What the command line asked for.
+struct Args {
+    plan: Plan,
+    idle: Duration,
+    server_pid: Option<u32>,
+    json: bool,
+}
+
+fn parse_args() -> Result<Option<Args>, String> {
+    use lexopt::prelude::*;
+    let mut addr = std::env::var("CHATD_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
+    let mut plan = Plan {
+        addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        clients: 1000,
+        connect_rate: 0.0,
+        source_ips: Vec::new(),
+        senders: 0,
+        fanout: 1,
+        payload: 32,
+        window: 1,
+        rate: 0.0,
+        duration: Duration::from_secs(10),
+        settle_timeout: Duration::from_secs(30),
+    };
+    let mut idle = Duration::ZERO;
+    let mut server_pid = None;
+    let mut json = false;
+    let mut parser = lexopt::Parser::from_env();
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        let Long(flag) = arg else {
+            if let Short('h') = arg {
+                print!("{USAGE}");
+                return Ok(None);
+            }
+            return Err(format!("{} (see --help)", arg.unexpected()));
+        };
+        let flag = flag.to_string();
+        if flag == "help" {
+            print!("{USAGE}");
+            return Ok(None);
+        }
+        if flag == "json" {
+            json = true;
+            continue;
+        }
+        let value = parser.value().map_err(|e| e.to_string())?;
+        let value = value.to_string_lossy().into_owned();
+        let bad = |what: &str| format!("invalid value for --{flag}: '{value}' (expected {what})");
+        let count = || value.parse::<usize>().map_err(|_| bad("a whole number"));
+        let secs = || {
+            value
+                .parse::<f64>()
+                .ok()
+                .filter(|s| (0.0..1e7).contains(s))
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| bad("seconds"))
+        };
+        let per_sec = || {
+            value
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..1e9).contains(r))
+                .ok_or_else(|| bad("a rate per second"))
+        };
+        match flag.as_str() {
+            "addr" => addr = value.clone(),
+            "clients" => plan.clients = count()?,
+            "connect-rate" => plan.connect_rate = per_sec()?,
+            "source-ips" => {
+                plan.source_ips =
+                    parse_ips(&value).ok_or_else(|| bad("A-B or a comma list of IPv4 addresses"))?
+            }
+            "idle" => idle = secs()?,
+            "senders" => plan.senders = count()?,
+            "fanout" => plan.fanout = count()?,
+            "payload" => plan.payload = count()?,
+            "window" => plan.window = count()?,
+            "rate" => plan.rate = per_sec()?,
+            "duration" => plan.duration = secs()?,
+            "settle-timeout" => plan.settle_timeout = secs()?,
+            "server-pid" => server_pid = Some(value.parse().map_err(|_| bad("a process id"))?),
+            _ => return Err(format!("unknown option '--{flag}' (see --help)")),
+        }
+    }
+    plan.addr = addr
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("invalid value for --addr: '{addr}'"))?;
+    if plan.clients == 0 {
+        return Err("--clients must be at least 1".into());
+    }
+    if plan.senders > plan.clients {
+        return Err("--senders cannot exceed --clients".into());
+    }
+    if plan.senders > 0 && (plan.fanout == 0 || plan.fanout >= plan.clients) {
+        return Err("--fanout must be from 1 to --clients - 1".into());
+    }
+    if plan.senders > 0 && plan.rate == 0.0 && plan.window == 0 {
+        return Err("--window must be at least 1 in closed loop".into());
+    }
+    Ok(Some(Args {
+        plan,
+        idle,
+        server_pid,
+        json,
+    }))
+}
+
+/// `127.0.0.1-127.0.0.8` or `127.0.0.1,127.0.0.2`.
+fn parse_ips(text: &str) -> Option<Vec<IpAddr>> {
+    if let Some((from, to)) = text.split_once('-') {
+        let from = u32::from(from.trim().parse::<Ipv4Addr>().ok()?);
+        let to = u32::from(to.trim().parse::<Ipv4Addr>().ok()?);
+        if to < from || to - from > 1 << 20 {
+            return None;
+        }
+        return Some((from..=to).map(|ip| IpAddr::V4(ip.into())).collect());
+    }
+    text.split(',').map(|ip| ip.trim().parse().ok()).collect()
+}
+
+/// Resident memory and CPU time of a process, from /proc.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    rss_bytes: u64,
+    cpu: Duration,
+}
+
+fn usage_of(pid: &str) -> Option<Usage> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Usage {
+        rss_bytes: pages * 4096,
+        // USER_HZ is 100 on Linux.
+        cpu: Duration::from_millis(ticks * 10),
+    })
+}
+
+/// The numbers of one run.
+struct Report {
+    fields: Vec<(&'static str, Value)>,
+}
+
+enum Value {
+    Int(u64),
+    Float(f64),
+    Text(String),
+}
+
+impl Report {
+    fn int(&mut self, key: &'static str, v: u64) {
+        self.fields.push((key, Value::Int(v)));
+    }
+    fn float(&mut self, key: &'static str, v: f64) {
+        self.fields.push((key, Value::Float(v)));
+    }
+    fn text(&mut self, key: &'static str, v: String) {
+        self.fields.push((key, Value::Text(v)));
+    }
+
+    fn json(&self) -> String {
+        let body: Vec<String> = self
+            .fields
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::Int(n) => n.to_string(),
+                    Value::Float(x) if x.is_finite() => format!("{x:.6}"),
+                    Value::Float(_) => "null".into(),
+                    Value::Text(t) => {
+                        format!("\"{}\"", t.replace('\\', "\\\\").replace('"', "\\\""))
+                    }
+                };
+                format!("\"{k}\":{v}")
+            })
+            .collect();
+        format!("{{{}}}", body.join(","))
+    }
+
+    fn text_block(&self) -> String {
+        let mut out = String::new();
+        for (k, v) in &self.fields {
+            let v = match v {
+                Value::Int(n) => n.to_string(),
+                Value::Float(x) => format!("{x:.3}"),
+                Value::Text(t) => t.clone(),
+            };
+            out += &format!("{k:<28} {v}\n");
+        }
+        out
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("chatd-bench: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    match run(&args) {
+        Ok((report, ok)) => {
+            if args.json {
+                println!("{}", report.json());
+            } else {
+                print!("{}", report.text_block());
+            }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("chatd-bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: &Args) -> std::io::Result<(Report, bool)> {
+    let plan = &args.plan;
+    let pid = args.server_pid.map(|p| p.to_string());
+    let server = || pid.as_deref().and_then(usage_of);
+    let me = || usage_of("self").unwrap_or_default();
+    let mut load = Load::new(plan.clone())?;
+    let mut report = Report { fields: Vec::new() };
+    report.text("addr", plan.addr.to_string());
+    report.int("clients", plan.clients as u64);
+
+    // Connect and log in.
+    let server_before = server();
+    let start = Instant::now();
+    let mut progress = Instant::now();
+    while !load.logins_settled() && start.elapsed() < plan.settle_timeout + connect_time(plan) {
+        load.connect_step(start, Duration::from_millis(50))?;
+        if progress.elapsed() >= Duration::from_secs(1) {
+            progress = Instant::now();
+            eprintln!(
+                "[connect] {:.0}s: {} logged in, {} failed",
+                start.elapsed().as_secs_f64(),
+                load.ready(),
+                load.counts.connect_failed
+            );
+        }
+    }
+    let connect_secs = start.elapsed().as_secs_f64();
+    report.int("logged_in", load.ready());
+    report.int("connect_failed", load.counts.connect_failed);
+    report.float("connect_secs", connect_secs);
+    report.float("logins_per_sec", load.ready() as f64 / connect_secs);
+    for (key, q) in [
+        ("login_ms_p50", 0.5),
+        ("login_ms_p99", 0.99),
+        ("login_ms_max", 1.0),
+    ] {
+        report.float(key, load.login_latency.value_at_quantile(q) as f64 / 1000.0);
+    }
+
+    // Idle hold.
+    let idle_start = Instant::now();
+    while idle_start.elapsed() < args.idle {
+        load.traffic_step(
+            args.idle
+                .saturating_sub(idle_start.elapsed())
+                .min(Duration::from_millis(100)),
+        )?;
+    }
+    if let (Some(before), Some(after)) = (server_before, server()) {
+        report.int("server_rss_before_kb", before.rss_bytes / 1024);
+        report.int("server_rss_after_kb", after.rss_bytes / 1024);
+        let per_conn =
+            after.rss_bytes.saturating_sub(before.rss_bytes) as f64 / load.ready().max(1) as f64;
+        report.float("server_bytes_per_conn", per_conn);
+    }
+
+    // Traffic.
+    if plan.senders > 0 {
+        report.int("senders", plan.senders as u64);
+        report.int("fanout", plan.fanout as u64);
+        report.int("payload", plan.payload as u64);
+        if plan.rate > 0.0 {
+            report.float("rate", plan.rate);
+        } else {
+            report.int("window", plan.window as u64);
+        }
+        let server_start = server();
+        let me_start = me();
+        let start = Instant::now();
+        load.start_traffic();
+        let mut last = (Instant::now(), 0);
+        while start.elapsed() < plan.duration {
+            load.traffic_step(Duration::from_millis(10))?;
+            if last.0.elapsed() >= Duration::from_secs(1) {
+                let d = load.counts.deliveries;
+                eprintln!(
+                    "[traffic] {:.0}s: {:.0} deliveries/s, {} in flight",
+                    start.elapsed().as_secs_f64(),
+                    (d - last.1) as f64 / last.0.elapsed().as_secs_f64(),
+                    load.expected().saturating_sub(d),
+                );
+                last = (Instant::now(), d);
+            }
+        }
+        load.stop_traffic();
+        let sent_secs = start.elapsed().as_secs_f64();
+        let settle = Instant::now();
+        while load.counts.deliveries < load.expected() && settle.elapsed() < plan.settle_timeout {
+            load.traffic_step(Duration::from_millis(10))?;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let c = &load.counts;
+        report.int("lines_sent", c.lines_sent);
+        report.int("deliveries", c.deliveries);
+        report.int("lost", load.expected().saturating_sub(c.deliveries));
+        report.float("traffic_secs", sent_secs);
+        report.float("deliveries_per_sec", c.deliveries as f64 / secs);
+        for (key, q) in [
+            ("latency_us_p50", 0.5),
+            ("latency_us_p90", 0.9),
+            ("latency_us_p99", 0.99),
+            ("latency_us_p999", 0.999),
+            ("latency_us_max", 1.0),
+        ] {
+            report.int(key, load.latency.value_at_quantile(q));
+        }
+        if let (Some(before), Some(after)) = (server_start, server()) {
+            let cpu = after.cpu.saturating_sub(before.cpu);
+            report.float("server_cpu_secs", cpu.as_secs_f64());
+            report.float(
+                "server_cpu_us_per_delivery",
+                cpu.as_secs_f64() * 1e6 / c.deliveries.max(1) as f64,
+            );
+        }
+        report.float(
+            "bench_cpu_secs",
+            me().cpu.saturating_sub(me_start.cpu).as_secs_f64(),
+        );
+    }
+    let c = &load.counts;
+    report.int("unexpected", c.unexpected);
+    report.int("closed_by_server", c.closed_by_server);
+    let summary = |list: &[(String, u64)]| {
+        list.iter()
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    report.text("error_lines", summary(&c.error_lines));
+    report.text("socket_errors", summary(&c.socket_errors));
+    let ok = load.ready() == plan.clients as u64
+        && load.counts.deliveries == load.expected()
+        && c.unexpected == 0
+        && c.closed_by_server == 0
+        && c.error_lines.is_empty()
+        && c.socket_errors.is_empty();
+    report.text("result", if ok { "ok".into() } else { "FAILED".into() });
+    Ok((report, ok))
+}
+
+/// How long a rate-limited connect phase takes by design.
+fn connect_time(plan: &Plan) -> Duration {
+    if plan.connect_rate > 0.0 {
+        Duration::from_secs_f64(plan.clients as f64 / plan.connect_rate)
+    } else {
+        Duration::ZERO
+    }
+}

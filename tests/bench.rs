@@ -1,0 +1,177 @@
+//! `chatd-bench` against a real chatd, on small numbers.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::Server;
+
+fn bench(server: &Server, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chatd-bench"))
+        .args([
+            "--addr",
+            &server.addr.to_string(),
+            "--json",
+            "--settle-timeout",
+            "5",
+        ])
+        .args(["--server-pid", &server.pid().to_string()])
+        .args(args)
+        .output()
+        .expect("run chatd-bench")
+}
+
+/// A number field of the bench's JSON result.
+fn field(out: &Output, key: &str) -> f64 {
+    let json = String::from_utf8_lossy(&out.stdout);
+    let start = json
+        .find(&format!("\"{key}\":"))
+        .unwrap_or_else(|| panic!("{key} missing in {json}"))
+        + key.len()
+        + 3;
+    let end = json[start..].find([',', '}']).unwrap() + start;
+    json[start..end]
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} not a number in {json}"))
+}
+
+fn text_field<'a>(json: &'a str, key: &str) -> &'a str {
+    let start = json.find(&format!("\"{key}\":\"")).expect(key) + key.len() + 4;
+    &json[start..start + json[start..].find('"').unwrap()]
+}
+
+/// Closed loop: every login confirmed, every line delivered to each of its
+/// recipients once, in order, and the counts add up.
+#[test]
+fn closed_loop_counts_every_delivery() {
+    let server = Server::start(&[]);
+    let out = bench(
+        &server,
+        &[
+            "--clients",
+            "20",
+            "--senders",
+            "5",
+            "--fanout",
+            "3",
+            "--window",
+            "4",
+            "--duration",
+            "0.5",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(field(&out, "logged_in"), 20.0);
+    let sent = field(&out, "lines_sent");
+    assert!(sent > 100.0, "only {sent} lines in 0.5 s");
+    assert_eq!(field(&out, "deliveries"), sent * 3.0);
+    assert_eq!(field(&out, "lost"), 0.0);
+    assert_eq!(field(&out, "unexpected"), 0.0);
+    assert!(field(&out, "server_rss_after_kb") > 0.0);
+    assert!(field(&out, "server_cpu_secs") >= 0.0);
+    assert!(field(&out, "latency_us_p99") >= field(&out, "latency_us_p50"));
+}
+
+/// Open loop: the offered rate is what is sent, and all of it arrives.
+#[test]
+fn open_loop_sends_at_the_rate() {
+    let server = Server::start(&[]);
+    let out = bench(
+        &server,
+        &[
+            "--clients",
+            "10",
+            "--senders",
+            "4",
+            "--fanout",
+            "2",
+            "--rate",
+            "2000",
+            "--duration",
+            "1",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let sent = field(&out, "lines_sent");
+    assert!(
+        (1900.0..=2100.0).contains(&sent),
+        "sent {sent} lines at 2000/s for 1 s"
+    );
+    assert_eq!(field(&out, "deliveries"), sent * 2.0);
+}
+
+/// Client sockets are spread over the given source addresses.
+#[test]
+fn spreads_over_source_addresses() {
+    let mut server = Server::start(&["--log-level", "debug"]);
+    let out = bench(
+        &server,
+        &["--clients", "8", "--source-ips", "127.0.0.1-127.0.0.4"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for ip in ["127.0.0.1:", "127.0.0.2:", "127.0.0.3:", "127.0.0.4:"] {
+        server.wait_log(&format!("accepted {ip}"));
+    }
+}
+
+/// A server that drops lines (recipients closed as slow consumers by a tiny
+/// `--max-outbound`) is caught: losses and closes are reported, exit 1.
+#[test]
+fn detects_a_lossy_server() {
+    let server = Server::start(&["--max-outbound", "300"]);
+    let out = bench(
+        &server,
+        &[
+            "--clients",
+            "10",
+            "--senders",
+            "5",
+            "--window",
+            "16",
+            "--payload",
+            "200",
+            "--duration",
+            "0.5",
+            "--settle-timeout",
+            "1",
+        ],
+    );
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert_eq!(text_field(&json, "result"), "FAILED");
+    assert!(field(&out, "lost") > 0.0, "{json}");
+    assert!(field(&out, "closed_by_server") > 0.0, "{json}");
+}
+
+/// `--help` says how to raise the open-file limit; bad values exit 2.
+#[test]
+fn help_and_bad_values() {
+    let out = Command::new(env!("CARGO_BIN_EXE_chatd-bench"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("open-file limit") && help.contains("--source-ips"),
+        "{help}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_chatd-bench"))
+        .args(["--clients", "many"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--clients"));
+}
