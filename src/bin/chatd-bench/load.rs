@@ -164,6 +164,11 @@ impl Load {
         self.counts.logged_in
     }
 
+    /// Clients whose connection is still open.
+    pub fn connected(&self) -> usize {
+        self.clients.iter().filter(|c| c.stream.is_some()).count()
+    }
+
     /// Whether every client has either logged in or failed.
     pub fn logins_settled(&self) -> bool {
         self.started == self.clients.len()

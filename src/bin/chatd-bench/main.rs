@@ -325,11 +325,17 @@ fn run(args: &Args) -> std::io::Result<(Report, bool)> {
     // Idle hold.
     let idle_start = Instant::now();
     while idle_start.elapsed() < args.idle {
-        load.traffic_step(
-            args.idle
-                .saturating_sub(idle_start.elapsed())
-                .min(Duration::from_millis(100)),
-        )?;
+        let left = args.idle.saturating_sub(idle_start.elapsed());
+        load.traffic_step(left.min(Duration::from_millis(100)))?;
+        if progress.elapsed() >= Duration::from_secs(1) {
+            progress = Instant::now();
+            eprintln!(
+                "[idle] {:.0}s of {:.0}s: {} connected",
+                idle_start.elapsed().as_secs_f64(),
+                args.idle.as_secs_f64(),
+                load.connected()
+            );
+        }
     }
     if let (Some(before), Some(after)) = (server_before, server()) {
         report.int("server_rss_before_kb", before.rss_bytes / 1024);
