@@ -55,7 +55,7 @@ fn parsing(c: &mut Criterion) {
 fn routing(c: &mut Criterion) {
     let mut registry = Registry::default();
     for i in 0..1000 {
-        registry.claim(&format!("user{i}"), i);
+        registry.claim(&format!("user{i}").into(), i);
     }
     let mut outboxes: Vec<Vec<u8>> = (0..1000).map(|_| Vec::with_capacity(1 << 16)).collect();
     let mut group = c.benchmark_group("route one line");

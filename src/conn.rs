@@ -2,10 +2,11 @@
 //! connection's life. It knows nothing of the protocol.
 
 use std::io::{self, Read, Write};
+use std::rc::Rc;
 
 use mio::net::TcpStream;
 
-use crate::pool::BufPool;
+use crate::pool::{Buf, BufPool};
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,50 +41,51 @@ pub const WRITE_BLOCKED: u8 = 1 << 6;
 /// `Conn::flags`: EOF was read while closing.
 pub const INPUT_DONE: u8 = 1 << 7;
 
-/// A client connection. Idle ones own no buffers: both `Vec`s are
-/// unallocated until needed and go back to the pool when empty.
+/// A client connection. Idle ones own no buffers: `partial` and `out` are
+/// `None` until needed and go back to the pool when empty. The fields are
+/// sized for many idle connections (see the size test below and
+/// BENCHMARKS.md); times and counters are `u32` with wrapping arithmetic.
 #[derive(Debug)]
 pub struct Conn {
     /// The socket, registered with the poller under the slab key.
     pub stream: TcpStream,
-    /// Unique for the life of the server; slab keys are reused, ids never.
-    pub id: u64,
+    /// Tells apart connections that reuse a slab key (timers carry it). It
+    /// wraps after 2^32 connections, far beyond any timer's life.
+    pub id: u32,
+    /// When input last arrived, in ms since the server started (wrapping;
+    /// compare with `wrapping_sub`).
+    pub last_input_ms: u32,
+    /// The number of the last message routed to this connection, so a
+    /// recipient named twice in one line gets it once.
+    pub route_mark: u32,
+    /// Bytes discarded while lingering, bounded by the reactor.
+    pub discarded: u32,
     /// Where the connection is in its life.
     pub phase: Phase,
     /// Bit set of the `PENDING_WRITE`, `MORE_INPUT`, ... flags above.
     pub flags: u8,
-    /// The login name; empty before login.
-    pub name: Box<str>,
+    /// The login name, shared with the registry; empty before login.
+    pub name: Rc<str>,
     /// The unterminated tail of the input, kept between reads.
-    pub partial: Vec<u8>,
-    /// Bytes queued for the client; `out[out_pos..]` is still unwritten.
-    pub out: Vec<u8>,
-    /// How much of `out` was written already.
-    pub out_pos: usize,
-    /// When input last arrived, in ms since the server started.
-    pub last_input_ms: u64,
-    /// The sequence number of the last message routed to this connection, so
-    /// a recipient named twice in one line gets it once.
-    pub route_mark: u64,
-    /// Bytes discarded while lingering, bounded by the reactor.
-    pub discarded: usize,
+    pub partial: Option<Box<Buf>>,
+    /// Bytes queued for the client and not yet written.
+    pub out: Option<Box<Buf>>,
 }
 
 impl Conn {
     /// A new connection in the login phase.
-    pub fn new(stream: TcpStream, id: u64, now_ms: u64) -> Conn {
+    pub fn new(stream: TcpStream, id: u32, now_ms: u32) -> Conn {
         Conn {
             stream,
             id,
-            phase: Phase::Login,
-            flags: 0,
-            name: Box::default(),
-            partial: Vec::new(),
-            out: Vec::new(),
-            out_pos: 0,
             last_input_ms: now_ms,
             route_mark: 0,
             discarded: 0,
+            phase: Phase::Login,
+            flags: 0,
+            name: Rc::from(""),
+            partial: None,
+            out: None,
         }
     }
 
@@ -94,20 +96,19 @@ impl Conn {
 
     /// Bytes queued and not yet written.
     pub fn pending_out(&self) -> usize {
-        self.out.len() - self.out_pos
+        self.out.as_ref().map_or(0, |out| out.len())
     }
 
     /// Appends `bytes` to the outbound buffer, taking one from the pool if
     /// there is none. The caller enforces `--max-outbound`.
     pub fn queue(&mut self, bytes: &[u8], pool: &mut BufPool) {
-        if self.out.capacity() == 0 {
-            self.out = pool.take(bytes.len());
-        } else if self.out_pos > 0 && self.out.len() + bytes.len() > self.out.capacity() {
+        let out = self.out.get_or_insert_with(|| pool.take(bytes.len()));
+        if out.pos > 0 && out.data.len() + bytes.len() > out.data.capacity() {
             // Reclaim the written front before the buffer grows.
-            self.out.drain(..self.out_pos);
-            self.out_pos = 0;
+            out.data.drain(..out.pos);
+            out.pos = 0;
         }
-        self.out.extend_from_slice(bytes);
+        out.data.extend_from_slice(bytes);
     }
 
     /// Writes queued output until it is all written or the socket is full.
@@ -115,31 +116,30 @@ impl Conn {
     /// buffer goes back to the pool.
     pub fn flush(&mut self, pool: &mut BufPool) -> io::Result<(usize, bool)> {
         let mut written = 0;
-        while self.out_pos < self.out.len() {
-            match self.stream.write(&self.out[self.out_pos..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.out_pos += n;
-                    written += n;
+        if let Some(out) = &mut self.out {
+            while !out.is_empty() {
+                match self.stream.write(&out.data[out.pos..]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => {
+                        out.pos += n;
+                        written += n;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok((written, false));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((written, false)),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
             }
         }
-        self.release_out(pool);
+        pool.give(&mut self.out);
         Ok((written, true))
     }
 
-    /// Drops any queued output and returns both buffers to the pool.
+    /// Drops any queued output and input and returns both buffers to the pool.
     pub fn release_buffers(&mut self, pool: &mut BufPool) {
-        self.release_out(pool);
-        pool.give(&mut self.partial);
-    }
-
-    fn release_out(&mut self, pool: &mut BufPool) {
         pool.give(&mut self.out);
-        self.out_pos = 0;
+        pool.give(&mut self.partial);
     }
 
     /// Reads into `buf`, retrying on `Interrupted`.
@@ -150,5 +150,26 @@ impl Conn {
                 other => return other,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::size_of;
+
+    /// Every idle connection costs this much slab memory: keep it small
+    /// (BENCHMARKS.md breaks down the bytes per connection). mio adds a
+    /// selector id to each socket in debug builds, hence two bounds.
+    #[test]
+    fn connection_stays_small() {
+        let limit = if cfg!(debug_assertions) { 72 } else { 56 };
+        assert!(
+            size_of::<Conn>() <= limit,
+            "Conn is {} bytes",
+            size_of::<Conn>()
+        );
+        let entry = size_of::<Option<Conn>>();
+        assert!(entry <= limit, "a slab entry is {entry} bytes");
     }
 }

@@ -232,12 +232,16 @@ fn number((source, value): (&str, &str), min: usize, max: usize) -> Result<usize
     }
 }
 
-/// Seconds, fractions allowed (`0.5`), at most a year.
+/// The longest time a flag takes: connections keep times as wrapping `u32`
+/// milliseconds, exact for spans below 2^31 ms (24.8 days).
+const MAX_SECONDS: f64 = 2_000_000.0;
+
+/// Seconds, fractions allowed (`0.5`), at most [`MAX_SECONDS`] (23 days).
 fn seconds((source, value): (&str, &str)) -> Result<Duration, UsageError> {
     match value.parse::<f64>() {
-        Ok(s) if (0.0..=31_536_000.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        Ok(s) if (0.0..=MAX_SECONDS).contains(&s) => Ok(Duration::from_secs_f64(s)),
         _ => Err(UsageError(format!(
-            "invalid value for {source}: '{value}' (expected seconds, like 30 or 0.5)"
+            "invalid value for {source}: '{value}' (expected seconds from 0 to {MAX_SECONDS})"
         ))),
     }
 }

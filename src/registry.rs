@@ -5,22 +5,24 @@
 //! name is free again the moment its connection starts to close.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 /// Maps each logged-in name to the slab key of its connection.
 #[derive(Debug, Default)]
 pub struct Registry {
-    /// Name to slab key. The default SipHash hasher is kept on purpose: names
-    /// come from the network, and a keyed hash stops collision floods.
-    names: HashMap<Box<str>, usize>,
+    /// Name to slab key. The name is shared with the connection (one
+    /// allocation for both). The default SipHash hasher is kept on purpose:
+    /// names come from the network, and a keyed hash stops collision floods.
+    names: HashMap<Rc<str>, usize>,
 }
 
 impl Registry {
     /// Gives `name` to `key`; false if another connection holds it already.
-    pub fn claim(&mut self, name: &str, key: usize) -> bool {
-        if self.names.contains_key(name) {
+    pub fn claim(&mut self, name: &Rc<str>, key: usize) -> bool {
+        if self.names.contains_key(&**name) {
             return false;
         }
-        self.names.insert(name.into(), key);
+        self.names.insert(Rc::clone(name), key);
         true
     }
 
@@ -52,13 +54,17 @@ mod tests {
     #[test]
     fn claim_lookup_release() {
         let mut r = Registry::default();
-        assert!(r.claim("alice", 3));
-        assert!(!r.claim("alice", 4), "a held name cannot be claimed twice");
+        let alice: Rc<str> = Rc::from("alice");
+        assert!(r.claim(&alice, 3));
+        assert!(
+            !r.claim(&Rc::from("alice"), 4),
+            "a held name cannot be claimed twice"
+        );
         assert_eq!(r.lookup("alice"), Some(3));
         assert_eq!(r.lookup("bob"), None);
         r.release("alice");
         assert!(r.is_empty());
-        assert!(r.claim("alice", 4), "a released name is free at once");
+        assert!(r.claim(&alice, 4), "a released name is free at once");
         assert_eq!(r.len(), 1);
     }
 }

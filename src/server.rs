@@ -12,6 +12,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::io::{self, Write};
 use std::net::Shutdown;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -53,9 +54,9 @@ const CLOSE_GRACE_MS: u64 = 2000;
 /// sending side was shut down.
 const LINGER_MS: u64 = 1000;
 /// The most input discarded while lingering before closing regardless.
-const LINGER_BYTES: usize = 64 * 1024;
+const LINGER_BYTES: u32 = 64 * 1024;
 /// The most free buffers the pool keeps.
-const POOL_MAX_FREE: usize = 1024;
+const POOL_MAX_FREE: usize = 256;
 
 /// How [`run`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,10 +113,10 @@ struct Server {
     dead: Vec<usize>,
     /// Rejected connections still in the slab, delivering `server-full`.
     rejecting: usize,
-    /// The id the next connection gets.
-    next_id: u64,
+    /// The id the next connection gets (wrapping).
+    next_id: u32,
     /// Sequence number of the message being routed (see `Conn::route_mark`).
-    route_seq: u64,
+    route_seq: u32,
     /// The server's start; all deadlines are ms since then.
     started: Instant,
     /// The time of the current turn, in ms since `started`.
@@ -308,8 +309,8 @@ impl Server {
             return;
         }
         let id = self.next_id;
-        self.next_id += 1;
-        entry.insert(Conn::new(stream, id, self.now_ms));
+        self.next_id = self.next_id.wrapping_add(1);
+        entry.insert(Conn::new(stream, id, self.now_ms as u32));
         if full {
             self.stats.rejected += 1;
             self.rejecting += 1;
@@ -389,12 +390,12 @@ impl Server {
                 }
             };
             self.stats.bytes_in += n as u64;
-            conn.last_input_ms = self.now_ms;
+            conn.last_input_ms = self.now_ms as u32;
             // Put the unterminated tail from earlier reads right before the
             // new bytes, so lines are parsed in place from one slice.
-            let start = head - conn.partial.len();
-            scratch[start..head].copy_from_slice(&conn.partial);
-            conn.partial.clear();
+            let tail = conn.partial.as_ref().map_or(&[][..], |p| &p.data[..]);
+            let start = head - tail.len();
+            scratch[start..head].copy_from_slice(tail);
             let Some(tail) = self.handle_lines(key, &scratch[start..head + n]) else {
                 self.scratch = scratch;
                 // Closing now: drain what is left, or no new event would come
@@ -409,10 +410,11 @@ impl Server {
             if tail.is_empty() {
                 self.pool.give(&mut conn.partial);
             } else {
-                if conn.partial.capacity() == 0 {
-                    conn.partial = self.pool.take(tail.len());
-                }
-                conn.partial.extend_from_slice(tail);
+                let partial = conn
+                    .partial
+                    .get_or_insert_with(|| self.pool.take(tail.len()));
+                partial.data.clear();
+                partial.data.extend_from_slice(tail);
             }
             budget = budget.saturating_sub(n);
             if budget == 0 {
@@ -460,9 +462,9 @@ impl Server {
     /// The client sent EOF: its last unterminated line counts, its name is
     /// released, and it closes once what is queued for it is written.
     fn on_eof(&mut self, key: usize) {
-        let mut tail = std::mem::take(&mut self.conns[key].partial);
-        if !tail.is_empty() {
-            self.handle_line(key, &tail);
+        let mut tail = self.conns[key].partial.take();
+        if let Some(line) = &tail {
+            self.handle_line(key, &line.data);
         }
         self.pool.give(&mut tail);
         if !self.is_reading(key) {
@@ -505,18 +507,18 @@ impl Server {
                 return;
             }
         };
-        if !self.registry.claim(name, key) {
+        let name: Rc<str> = Rc::from(name);
+        if !self.registry.claim(&name, key) {
             self.close_with_error(key, ErrorKind::NameTaken, format_args!("{name}"));
             return;
         }
         let conn = &mut self.conns[key];
-        conn.name = name.into();
+        debug!("#{} logged in as {name}", conn.id);
+        conn.name = name;
         conn.phase = Phase::Chat;
         self.stats.logins += 1;
-        debug!("#{} logged in as {name}", conn.id);
         if !self.config.idle_timeout.is_zero() {
-            let at = conn.last_input_ms + millis(self.config.idle_timeout);
-            self.push_timer(key, TimerKind::Idle, at);
+            self.add_timer(key, TimerKind::Idle, millis(self.config.idle_timeout));
         }
     }
 
@@ -529,8 +531,7 @@ impl Server {
             self.send_error(key, ErrorKind::NoRecipients, format_args!("{detail}"));
             return;
         };
-        self.route_seq += 1;
-        let seq = self.route_seq;
+        let seq = self.next_route_seq();
         let mut line = std::mem::take(&mut self.delivery);
         line.clear();
         protocol::write_delivery(&mut line, &self.conns[key].name, msg.body);
@@ -553,6 +554,20 @@ impl Server {
         if !offline.names.is_empty() {
             self.send_error(key, ErrorKind::NotOnline, format_args!("{offline}"));
         }
+    }
+
+    /// The next message's sequence number. When the `u32` wraps, every mark
+    /// is reset, so an old mark can never equal a new number and skip a
+    /// recipient (a scan once per four billion messages).
+    fn next_route_seq(&mut self) -> u32 {
+        if self.route_seq == u32::MAX {
+            for (_, conn) in self.conns.iter_mut() {
+                conn.route_mark = 0;
+            }
+            self.route_seq = 0;
+        }
+        self.route_seq += 1;
+        self.route_seq
     }
 
     /// Queues `bytes` for `key` within `--max-outbound`; over it, the
@@ -633,7 +648,7 @@ impl Server {
                 }
                 Ok(n) => {
                     self.stats.bytes_in += n as u64;
-                    conn.discarded += n;
+                    conn.discarded = conn.discarded.saturating_add(n as u32);
                     if conn.discarded > LINGER_BYTES {
                         self.kill(key);
                         break;
@@ -723,26 +738,28 @@ impl Server {
 
     /// Fires due deadlines, the stats line and the end of an accept pause.
     fn fire_timers(&mut self) {
-        while let Some(timer) = self.timers.pop_due(self.now_ms) {
-            let Some(conn) = self.conns.get(timer.key) else {
+        while let Some((kind, timer)) = self.timers.pop_due(self.now_ms) {
+            let key = timer.key as usize;
+            let Some(conn) = self.conns.get(key) else {
                 continue;
             };
             if conn.id != timer.id || conn.has(DEAD) {
                 continue; // the connection it was set for is gone
             }
-            match (timer.kind, conn.phase) {
+            match (kind, conn.phase) {
                 (TimerKind::Login, Phase::Login) => {
-                    self.close_with_error(timer.key, ErrorKind::LoginTimeout, format_args!(""));
+                    self.close_with_error(key, ErrorKind::LoginTimeout, format_args!(""));
                 }
                 (TimerKind::Idle, Phase::Chat) => {
-                    let due = conn.last_input_ms + millis(self.config.idle_timeout);
-                    if due <= self.now_ms {
-                        self.close_with_error(timer.key, ErrorKind::IdleTimeout, format_args!(""));
+                    let idle = millis(self.config.idle_timeout);
+                    let silent = u64::from((self.now_ms as u32).wrapping_sub(conn.last_input_ms));
+                    if silent >= idle {
+                        self.close_with_error(key, ErrorKind::IdleTimeout, format_args!(""));
                     } else {
-                        self.push_timer(timer.key, TimerKind::Idle, due);
+                        self.add_timer(key, TimerKind::Idle, idle - silent);
                     }
                 }
-                (TimerKind::Close, Phase::Closing) => self.kill(timer.key),
+                (TimerKind::Close, Phase::Closing) => self.kill(key),
                 _ => {} // the deadline no longer applies
             }
         }
@@ -759,17 +776,13 @@ impl Server {
 
     /// Sets a deadline `after_ms` from now for the connection at `key`.
     fn add_timer(&mut self, key: usize, kind: TimerKind, after_ms: u64) {
-        self.push_timer(key, kind, self.now_ms.saturating_add(after_ms));
-    }
-
-    fn push_timer(&mut self, key: usize, kind: TimerKind, at_ms: u64) {
-        let id = self.conns[key].id;
-        self.timers.push(Timer {
-            at_ms,
-            kind,
-            key,
-            id,
-        });
+        let timer = Timer {
+            at_ms: self.now_ms.saturating_add(after_ms),
+            // Slab keys stay far below 2^32: each is an open descriptor.
+            key: key as u32,
+            id: self.conns[key].id,
+        };
+        self.timers.push(kind, timer);
     }
 
     /// Marks a connection dead: its name is released now, the connection is

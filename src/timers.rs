@@ -11,64 +11,74 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 /// What a deadline is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimerKind {
     /// `--login-timeout` since accept.
-    Login,
+    Login = 0,
     /// `--idle-timeout` since the last input.
-    Idle,
+    Idle = 1,
     /// The bounded grace of a closing connection (flush, then linger).
-    Close,
+    Close = 2,
 }
 
-/// One deadline: when, what for, and which connection.
+const KINDS: [TimerKind; 3] = [TimerKind::Login, TimerKind::Idle, TimerKind::Close];
+
+/// One deadline: when, and for which connection. 16 bytes: one of these
+/// waits for every connection that has not logged in yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Timer {
     /// Milliseconds since the server started.
     pub at_ms: u64,
-    /// What the deadline is for.
-    pub kind: TimerKind,
     /// The connection's slab key.
-    pub key: usize,
-    /// The connection's unique id, to tell a reused key apart.
-    pub id: u64,
+    pub key: u32,
+    /// The connection's id, to tell a reused key apart.
+    pub id: u32,
 }
 
-/// The pending deadlines, earliest first.
+/// The pending deadlines, one min-heap per kind (the kind is implied by
+/// the heap, which keeps entries small).
 #[derive(Debug, Default)]
 pub struct Timers {
-    /// Min-heap by deadline.
-    heap: BinaryHeap<Reverse<Timer>>,
+    /// Min-heaps by deadline, indexed by `TimerKind as usize`.
+    heaps: [BinaryHeap<Reverse<Timer>>; 3],
 }
 
 impl Timers {
-    /// Adds a deadline.
-    pub fn push(&mut self, timer: Timer) {
-        self.heap.push(Reverse(timer));
+    /// Adds a deadline of `kind`.
+    pub fn push(&mut self, kind: TimerKind, timer: Timer) {
+        self.heaps[kind as usize].push(Reverse(timer));
     }
 
     /// The earliest deadline, if any.
     pub fn next_at(&self) -> Option<u64> {
-        self.heap.peek().map(|Reverse(t)| t.at_ms)
+        self.heaps
+            .iter()
+            .filter_map(|heap| heap.peek().map(|Reverse(t)| t.at_ms))
+            .min()
     }
 
     /// Removes and returns one deadline that is due at `now_ms`.
-    pub fn pop_due(&mut self, now_ms: u64) -> Option<Timer> {
-        if self.next_at()? <= now_ms {
-            self.heap.pop().map(|Reverse(t)| t)
-        } else {
-            None
-        }
+    pub fn pop_due(&mut self, now_ms: u64) -> Option<(TimerKind, Timer)> {
+        let kind = KINDS
+            .into_iter()
+            .filter(|&k| {
+                self.heaps[k as usize]
+                    .peek()
+                    .is_some_and(|Reverse(t)| t.at_ms <= now_ms)
+            })
+            .min_by_key(|&k| self.heaps[k as usize].peek().map(|Reverse(t)| t.at_ms))?;
+        let Reverse(timer) = self.heaps[kind as usize].pop()?;
+        Some((kind, timer))
     }
 
     /// How many deadlines are pending.
     pub fn len(&self) -> usize {
-        self.heap.len()
+        self.heaps.iter().map(BinaryHeap::len).sum()
     }
 
     /// Whether no deadline is pending.
     pub fn is_empty(&self) -> bool {
-        self.heap.is_empty()
+        self.len() == 0
     }
 }
 
@@ -76,26 +86,35 @@ impl Timers {
 mod tests {
     use super::*;
 
-    fn t(at_ms: u64, key: usize) -> Timer {
+    fn t(at_ms: u64, key: u32) -> Timer {
         Timer {
             at_ms,
-            kind: TimerKind::Login,
             key,
-            id: key as u64,
+            id: key,
         }
     }
 
     #[test]
-    fn pops_in_deadline_order_only_when_due() {
+    fn pops_in_deadline_order_across_kinds_only_when_due() {
         let mut timers = Timers::default();
-        timers.push(t(30, 1));
-        timers.push(t(10, 2));
-        timers.push(t(20, 3));
-        assert_eq!(timers.next_at(), Some(10));
-        assert_eq!(timers.pop_due(5), None);
-        assert_eq!(timers.pop_due(25).map(|t| t.key), Some(2));
-        assert_eq!(timers.pop_due(25).map(|t| t.key), Some(3));
-        assert_eq!(timers.pop_due(25), None);
+        timers.push(TimerKind::Login, t(30, 1));
+        timers.push(TimerKind::Close, t(10, 2));
+        timers.push(TimerKind::Idle, t(20, 3));
+        timers.push(TimerKind::Login, t(5, 4));
+        assert_eq!(timers.next_at(), Some(5));
+        assert_eq!(timers.pop_due(4), None);
+        let order: Vec<(TimerKind, u32)> = std::iter::from_fn(|| timers.pop_due(25))
+            .map(|(k, t)| (k, t.key))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                (TimerKind::Login, 4),
+                (TimerKind::Close, 2),
+                (TimerKind::Idle, 3)
+            ]
+        );
         assert_eq!(timers.len(), 1);
+        assert!(std::mem::size_of::<Timer>() <= 16);
     }
 }

@@ -330,7 +330,7 @@ fn run(args: &Args) -> std::io::Result<(Report, bool)> {
         if progress.elapsed() >= Duration::from_secs(1) {
             progress = Instant::now();
             eprintln!(
-                "[idle] {:.0}s of {:.0}s: {} connected",
+                "[idle] {:.1}s of {:.1}s: {} connected",
                 idle_start.elapsed().as_secs_f64(),
                 args.idle.as_secs_f64(),
                 load.connected()
