@@ -58,6 +58,24 @@ const LINGER_BYTES: u32 = 64 * 1024;
 /// The most free buffers the pool keeps.
 const POOL_MAX_FREE: usize = 256;
 
+/// When a read loop may stop without seeing `WouldBlock`.
+///
+/// On Linux, a TCP read that returns less than asked for has emptied the
+/// receive queue, and data or a FIN arriving afterwards wakes epoll again,
+/// raising a new edge. Stopping at a short read saves one `read` returning
+/// `EAGAIN` per message. The exception is a FIN (or error) that arrived
+/// before the event being handled: that edge is spent, so when the event
+/// reports it, or when no event brought us (the come-back list), the loop
+/// reads on until `WouldBlock` or EOF. `tests/readiness.rs` checks that no
+/// input or EOF is ever stranded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// Stop at the first short read.
+    UntilShortRead,
+    /// Read until `WouldBlock`, EOF or the budget.
+    UntilWouldBlock,
+}
+
 /// How [`run`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
@@ -341,7 +359,14 @@ impl Server {
             }
         }
         if event.is_readable() || event.is_read_closed() || event.is_error() {
-            self.on_readable(key);
+            // A FIN or error already reported by this event raises no new
+            // edge: then read to the end instead of trusting a short read.
+            let drain = if event.is_read_closed() || event.is_error() {
+                Drain::UntilWouldBlock
+            } else {
+                Drain::UntilShortRead
+            };
+            self.on_readable(key, drain);
         }
     }
 
@@ -353,24 +378,27 @@ impl Server {
             };
             if conn.has(MORE_INPUT) && !conn.has(DEAD) {
                 conn.flags &= !MORE_INPUT;
-                self.on_readable(key);
+                // No event brought us here, so no event tells us about a
+                // FIN that may wait behind the data: read to the end.
+                self.on_readable(key, Drain::UntilWouldBlock);
             }
         }
         carried.clear();
         self.more_input_spare = carried;
     }
 
-    fn on_readable(&mut self, key: usize) {
+    fn on_readable(&mut self, key: usize, drain: Drain) {
         match self.conns[key].phase {
-            Phase::Login | Phase::Chat => self.read_lines(key),
+            Phase::Login | Phase::Chat => self.read_lines(key, drain),
             Phase::Closing => self.discard_input(key),
             Phase::Draining => {} // input ended; only output is left
         }
     }
 
-    /// Reads and handles lines until `WouldBlock`, EOF, an error, or the
-    /// per-turn budget (then the connection goes on the come-back list).
-    fn read_lines(&mut self, key: usize) {
+    /// Reads and handles lines until the socket is drained (see [`Drain`]),
+    /// EOF, an error, or the per-turn budget (then the connection goes on
+    /// the come-back list).
+    fn read_lines(&mut self, key: usize, drain: Drain) {
         let mut scratch = std::mem::take(&mut self.scratch);
         let head = self.config.max_line + 2;
         let mut budget = READ_CHUNK;
@@ -421,6 +449,9 @@ impl Server {
                 conn.flags |= MORE_INPUT;
                 self.more_input.push(key);
                 break;
+            }
+            if n < READ_CHUNK && drain == Drain::UntilShortRead {
+                break; // drained: anything arriving later raises a new edge
             }
         }
         self.scratch = scratch;
