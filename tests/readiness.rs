@@ -58,7 +58,7 @@ fn chatter(server_addr: std::net::SocketAddr, id: usize, lines: usize, seed: u64
     let mut rng = Rng(seed | 1);
     for i in 0..lines {
         let pad = "y".repeat(rng.below(40) as usize);
-        client.expect(&format!("from {name}: {i} {pad}").trim_end().to_string());
+        client.expect(format!("from {name}: {i} {pad}").trim_end());
     }
     client.expect_eof();
 }
