@@ -6,8 +6,9 @@
 #
 #   benches/compare.sh BASELINE_BINARY
 #
-# Environment: DURATION (traffic seconds, default 10), SCENARIOS (space
-# separated subset of: idle10k fanout1 fanout10 rate100k storm10k),
+# Environment: DURATION (traffic seconds, default 10), SCALE_DURATION (for
+# scale19k, default 30), SCENARIOS (space separated subset of: idle10k
+# fanout1 fanout10 rate100k storm10k storm19k scale19k),
 # OUT (directory for the JSON results, default target/compare).
 # Traffic goes to 127.0.0.1 only. Each scenario gets a fresh server process:
 # the seed never frees names and dies when a message reaches a closed peer.
@@ -17,7 +18,8 @@ cd "$(dirname "$0")/.."
 baseline=${1:?usage: benches/compare.sh BASELINE_BINARY}
 baseline=$(realpath "$baseline")
 duration=${DURATION:-10}
-scenarios=${SCENARIOS:-"idle10k fanout1 fanout10 rate100k storm10k"}
+scale_duration=${SCALE_DURATION:-30}
+scenarios=${SCENARIOS:-"idle10k fanout1 fanout10 rate100k storm10k storm19k scale19k"}
 out=${OUT:-target/compare}
 mkdir -p "$out"
 
@@ -46,6 +48,8 @@ scenario_args() {
         fanout10) echo "--clients 1000 --senders 100 --fanout 10 --window 32 --duration $duration" ;;
         rate100k) echo "--clients 1000 --senders 100 --fanout 1 --rate 100000 --duration $duration" ;;
         storm10k) echo "--clients 10000" ;;
+        storm19k) echo "--clients 19000" ;;
+        scale19k) echo "--clients 19000 --senders 19000 --fanout 1 --window 1 --duration $scale_duration" ;;
         *) echo "unknown scenario $1" >&2; return 1 ;;
     esac
 }
@@ -84,6 +88,8 @@ metrics = {
     "fanout10": ["deliveries_per_sec", "server_cpu_us_per_delivery", "latency_us_p50", "latency_us_p99", "lost", "bench_cpu_secs"],
     "rate100k": ["lines_sent", "latency_us_p50", "latency_us_p99", "latency_us_p999", "latency_us_max", "server_cpu_us_per_delivery", "lost"],
     "storm10k": ["logged_in", "logins_per_sec", "login_ms_p50", "login_ms_p99", "login_ms_max", "connect_failed"],
+    "storm19k": ["logged_in", "logins_per_sec", "login_ms_p50", "login_ms_p99", "login_ms_max", "connect_failed"],
+    "scale19k": ["logged_in", "deliveries_per_sec", "server_cpu_us_per_delivery", "latency_us_p50", "latency_us_p99", "lost", "bench_cpu_secs"],
 }
 def load(name):
     try:

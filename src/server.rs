@@ -55,6 +55,8 @@ const CLOSE_GRACE_MS: u64 = 2000;
 const LINGER_MS: u64 = 1000;
 /// The most input discarded while lingering before closing regardless.
 const LINGER_BYTES: u32 = 64 * 1024;
+/// Stale timer entries tolerated before the heaps are compacted.
+const TIMERS_SLACK: usize = 1024;
 /// The most free buffers the pool keeps.
 const POOL_MAX_FREE: usize = 256;
 
@@ -182,7 +184,11 @@ impl Server {
             poll,
             listener: Some(listener),
             signals,
-            conns: Slab::new(),
+            // Reserved for max_clients up front, so a connect storm never
+            // stops to copy a grown slab; untouched pages cost no memory. (The
+            // registry grows instead: a hash table's pages are touched at
+            // random, so a reservation would cost its full size at once.)
+            conns: Slab::with_capacity(max_clients + REJECT_SLOTS),
             registry: Registry::default(),
             pool: BufPool::new(POOL_MAX_FREE),
             timers: Timers::default(),
@@ -847,6 +853,23 @@ impl Server {
         }
         dead.clear();
         self.dead = dead;
+        // A connection has at most two live deadlines (login or idle, and
+        // close); past that, most entries are stale: drop them.
+        if self.timers.len() > 2 * self.conns.len() + TIMERS_SLACK {
+            let conns = &self.conns;
+            self.timers.retain(|kind, timer| {
+                conns.get(timer.key as usize).is_some_and(|conn| {
+                    conn.id == timer.id
+                        && !conn.has(DEAD)
+                        && matches!(
+                            (kind, conn.phase),
+                            (TimerKind::Login, Phase::Login)
+                                | (TimerKind::Idle, Phase::Chat)
+                                | (TimerKind::Close, Phase::Closing)
+                        )
+                })
+            });
+        }
     }
 
     /// Handles pending signals. Returns `Some(Exit::Forced)` on a second

@@ -71,6 +71,22 @@ impl Timers {
         Some((kind, timer))
     }
 
+    /// Keeps only the deadlines `is_live` approves. The reactor calls it
+    /// when stale entries (for connections that logged in or closed)
+    /// outnumber live ones, so the heaps stay proportional to the peak of
+    /// connections, not to the churn.
+    pub fn retain(&mut self, mut is_live: impl FnMut(TimerKind, &Timer) -> bool) {
+        for kind in KINDS {
+            let heap = std::mem::take(&mut self.heaps[kind as usize]);
+            let mut entries = heap.into_vec();
+            // The capacity stays: it is bounded by the peak of live
+            // entries, and freeing and regrowing it would only make the
+            // allocator hand out fresh pages on the next burst.
+            entries.retain(|Reverse(t)| is_live(kind, t));
+            self.heaps[kind as usize] = BinaryHeap::from(entries);
+        }
+    }
+
     /// How many deadlines are pending.
     pub fn len(&self) -> usize {
         self.heaps.iter().map(BinaryHeap::len).sum()
@@ -116,5 +132,19 @@ mod tests {
         );
         assert_eq!(timers.len(), 1);
         assert!(std::mem::size_of::<Timer>() <= 16);
+    }
+
+    #[test]
+    fn retain_drops_stale_entries_and_keeps_order() {
+        let mut timers = Timers::default();
+        for key in 0..100 {
+            timers.push(TimerKind::Login, t(1000 - u64::from(key), key));
+        }
+        timers.retain(|_, t| t.key % 10 == 0);
+        assert_eq!(timers.len(), 10);
+        let keys: Vec<u32> = std::iter::from_fn(|| timers.pop_due(u64::MAX))
+            .map(|(_, t)| t.key)
+            .collect();
+        assert_eq!(keys, [90, 80, 70, 60, 50, 40, 30, 20, 10, 0]);
     }
 }
