@@ -23,3 +23,21 @@ fn run_serves_in_process() {
     bob.send("bob\nalice: hi\n");
     alice.expect("from bob: hi");
 }
+
+/// The listener gets TCP_NODELAY, which accepted sockets inherit: the server
+/// batches its own writes, and Nagle would delay small lines.
+#[test]
+fn listener_sets_nodelay_for_accepted_sockets() {
+    let listener = chatd::bind("127.0.0.1:0".parse().unwrap(), 128).unwrap();
+    let view = listener.try_clone().unwrap(); // the same socket
+    let addr = listener.local_addr().unwrap();
+    let config = chatd::Config {
+        handle_signals: false,
+        ..chatd::Config::default()
+    };
+    std::thread::spawn(move || chatd::run(listener, config));
+    let mut client = Client::connect(addr);
+    client.send("nagle\n");
+    client.sync("nagle"); // the server is running
+    assert!(socket2::SockRef::from(&view).tcp_nodelay().unwrap());
+}
