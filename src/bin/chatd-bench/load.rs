@@ -15,7 +15,18 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+use std::os::fd::{AsFd, AsRawFd};
+
+/// Open loop: the next line is sent by polling without sleeping when it is
+/// due sooner than this, and by a timer wake-up otherwise.
+const SPIN_BELOW: Duration = Duration::from_micros(200);
+
+/// The poll token of the pacing timer; client tokens are their indices.
+const PACER: Token = Token(usize::MAX);
 
 /// What the run is told to do.
 #[derive(Debug, Clone)]
@@ -109,6 +120,9 @@ pub struct Load {
     /// Open loop: lines generated so far.
     scheduled: u64,
     traffic_start: Instant,
+    /// Wakes the poller when the next open-loop line is due, to the
+    /// microsecond (the poller's own timeout has millisecond steps).
+    pacer: TimerFd,
     /// Clients with lines queued this turn, written once at its end.
     dirty: Vec<usize>,
     scratch: Vec<u8>,
@@ -139,8 +153,16 @@ impl Load {
             })
             .collect();
         let histogram = || Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+        let poll = Poll::new()?;
+        let pacer = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_NONBLOCK)?;
+        poll.registry().register(
+            &mut SourceFd(&pacer.as_fd().as_raw_fd()),
+            PACER,
+            Interest::READABLE,
+        )?;
         Ok(Load {
-            poll: Poll::new()?,
+            poll,
+            pacer,
             clients,
             senders,
             last_seq: vec![u64::MAX; plan.senders * plan.fanout],
@@ -273,7 +295,8 @@ impl Load {
         let mut wait = wait;
         if self.generating && self.plan.rate > 0.0 && !self.senders.is_empty() {
             let elapsed = self.traffic_start.elapsed().as_secs_f64();
-            let due = (elapsed * self.plan.rate) as u64;
+            // Line k is due at k / rate: lines 0 ..= elapsed * rate are due.
+            let due = (elapsed * self.plan.rate) as u64 + 1;
             let base = self.traffic_start.duration_since(self.epoch).as_secs_f64();
             while self.scheduled < due {
                 let k = self.scheduled;
@@ -283,7 +306,17 @@ impl Load {
             }
             let next = base + (self.scheduled as f64) / self.plan.rate;
             let until = Duration::from_secs_f64(next).saturating_sub(self.epoch.elapsed());
-            wait = wait.min(until);
+            if until < SPIN_BELOW {
+                // Too close to sleep and wake on time: poll without sleeping
+                // (at such rates the generator is busy anyway; its CPU time
+                // shows the cost).
+                wait = Duration::ZERO;
+            } else if until < wait {
+                // The poller's own timeout is in whole milliseconds; the
+                // timerfd wakes it on time without spinning a core.
+                let at = Expiration::OneShot(TimeSpec::from_duration(until));
+                self.pacer.set(at, TimerSetTimeFlags::empty())?;
+            }
         }
         self.turn(wait)
     }
@@ -351,6 +384,10 @@ impl Load {
             Err(e) => return Err(e),
         }
         for event in events.iter() {
+            if event.token() == PACER {
+                let _ = self.pacer.wait(); // clears it; non-blocking
+                continue;
+            }
             let i = event.token().0;
             if self.clients[i].state == State::Closed {
                 continue;
