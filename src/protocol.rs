@@ -44,6 +44,78 @@ pub fn next_line(buf: &[u8], max_line: usize) -> Frame<'_> {
     }
 }
 
+/// How [`split_lines`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split<'a> {
+    /// Every complete line was handled; this unterminated tail remains (to
+    /// be kept and put in front of the next read).
+    Tail(&'a [u8]),
+    /// The callback asked to stop.
+    Stopped,
+    /// A line passed the limit; the lines before it were handled.
+    TooLong,
+}
+
+/// Calls `on_line` with each complete line at the front of `data`, in
+/// order, while it returns true. This is the reactor's whole framing step
+/// for one read, so the fuzzers and property tests drive the same code.
+pub fn split_lines<'a>(
+    mut data: &'a [u8],
+    max_line: usize,
+    mut on_line: impl FnMut(&'a [u8]) -> bool,
+) -> Split<'a> {
+    loop {
+        match next_line(data, max_line) {
+            Frame::Line { line, consumed } => {
+                data = &data[consumed..];
+                if !on_line(line) {
+                    return Split::Stopped;
+                }
+            }
+            Frame::Partial => return Split::Tail(data),
+            Frame::TooLong => return Split::TooLong,
+        }
+    }
+}
+
+/// Splits a byte stream into lines the way the reactor does across reads:
+/// each chunk is appended to the tail the previous one left. For tests and
+/// fuzzing: `push` returns false once a line was too long (the reactor
+/// closes the connection then), and `finish` hands over the last,
+/// unterminated line as EOF does.
+#[derive(Debug, Default)]
+pub struct Framer {
+    /// The unterminated tail (at most `max_line + 1` bytes).
+    tail: Vec<u8>,
+    /// Whether a too-long line ended the stream.
+    failed: bool,
+}
+
+impl Framer {
+    /// Feeds one read's worth of bytes; `on_line` gets each complete line.
+    pub fn push(&mut self, chunk: &[u8], max_line: usize, mut on_line: impl FnMut(&[u8])) -> bool {
+        if self.failed {
+            return false;
+        }
+        let mut data = std::mem::take(&mut self.tail);
+        data.extend_from_slice(chunk);
+        match split_lines(&data, max_line, |line| {
+            on_line(line);
+            true
+        }) {
+            Split::Tail(tail) => self.tail = tail.to_vec(),
+            Split::Stopped | Split::TooLong => self.failed = true,
+        }
+        !self.failed
+    }
+
+    /// Ends the stream: the unterminated last line, if any and if the stream
+    /// did not fail.
+    pub fn finish(self) -> Option<Vec<u8>> {
+        (!self.failed && !self.tail.is_empty()).then_some(self.tail)
+    }
+}
+
 /// Whether an unterminated tail already proves its line too long: more than
 /// `max_line` bytes that are not just a line of `max_line` waiting for `\r\n`.
 pub fn is_too_long_partial(tail: &[u8], max_line: usize) -> bool {
@@ -232,6 +304,7 @@ pub const NO_RECIPIENTS_DETAIL: &str = "expected \"name1, name2: message\"";
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::{Just, any};
 
     fn frames(mut buf: &[u8], max: usize) -> (Vec<&[u8]>, Frame<'_>) {
         let mut lines = Vec::new();
@@ -337,6 +410,56 @@ mod tests {
     fn recipients_trim_skip_and_keep_order() {
         let got: Vec<&str> = recipients(" bob,, carol ,bob , ").collect();
         assert_eq!(got, ["bob", "carol", "bob"]);
+    }
+
+    /// What framing must produce for a whole stream: its lines (without
+    /// `\n` and one `\r` before it) up to the first too-long one, whether
+    /// one was too long, and the unterminated last line.
+    fn model(input: &[u8], max: usize) -> (Vec<Vec<u8>>, bool, Option<Vec<u8>>) {
+        let mut lines = Vec::new();
+        let mut rest = input;
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            let line = rest[..end].strip_suffix(b"\r").unwrap_or(&rest[..end]);
+            if line.len() > max {
+                return (lines, true, None);
+            }
+            lines.push(line.to_vec());
+            rest = &rest[end + 1..];
+        }
+        if is_too_long_partial(rest, max) {
+            return (lines, true, None);
+        }
+        (lines, false, (!rest.is_empty()).then(|| rest.to_vec()))
+    }
+
+    proptest::proptest! {
+        /// Framing gives the same lines however the stream is split into
+        /// reads, and they are the model's lines.
+        #[test]
+        fn framing_is_independent_of_read_boundaries(
+            input in proptest::collection::vec(
+                proptest::prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'a'), any::<u8>()],
+                0..200,
+            ),
+            cuts in proptest::collection::vec(0usize..200, 0..12),
+            max in 1usize..24,
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|&c| c <= input.len()).collect();
+            cuts.sort_unstable();
+            let mut framer = Framer::default();
+            let mut lines = Vec::new();
+            let mut ok = true;
+            let mut start = 0;
+            for end in cuts.into_iter().chain([input.len()]) {
+                ok = framer.push(&input[start..end], max, |l| lines.push(l.to_vec())) && ok;
+                start = end;
+            }
+            let last = framer.finish();
+            let (want_lines, want_failed, want_last) = model(&input, max);
+            proptest::prop_assert_eq!(lines, want_lines);
+            proptest::prop_assert_eq!(!ok, want_failed);
+            proptest::prop_assert_eq!(last, want_last);
+        }
     }
 
     #[test]

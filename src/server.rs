@@ -28,7 +28,7 @@ use crate::conn::{
     WRITE_BLOCKED, WRITE_SHUT,
 };
 use crate::pool::BufPool;
-use crate::protocol::{self, ErrorKind, Frame};
+use crate::protocol::{self, ErrorKind, Split};
 use crate::registry::Registry;
 use crate::stats::Stats;
 use crate::timers::{Timer, TimerKind, Timers};
@@ -468,26 +468,19 @@ impl Server {
     /// Handles every complete line in `data` in order. Returns the
     /// unterminated tail to keep, or `None` when the connection stopped
     /// reading lines (closing or dead).
-    fn handle_lines<'a>(&mut self, key: usize, mut data: &'a [u8]) -> Option<&'a [u8]> {
-        loop {
-            match protocol::next_line(data, self.config.max_line) {
-                Frame::Line { line, consumed } => {
-                    data = &data[consumed..];
-                    self.handle_line(key, line);
-                    if !self.is_reading(key) {
-                        return None;
-                    }
-                }
-                Frame::Partial => return Some(data),
-                Frame::TooLong => {
-                    let max = self.config.max_line;
-                    self.close_with_error(
-                        key,
-                        ErrorKind::LineTooLong,
-                        format_args!("max {max} bytes"),
-                    );
-                    return None;
-                }
+    fn handle_lines<'a>(&mut self, key: usize, data: &'a [u8]) -> Option<&'a [u8]> {
+        let max = self.config.max_line;
+        let split = protocol::split_lines(data, max, |line| {
+            self.handle_line(key, line);
+            self.is_reading(key)
+        });
+        match split {
+            Split::Tail(tail) => Some(tail),
+            Split::Stopped => None,
+            Split::TooLong => {
+                let detail = format_args!("max {max} bytes");
+                self.close_with_error(key, ErrorKind::LineTooLong, detail);
+                None
             }
         }
     }
