@@ -163,6 +163,56 @@ impl Server {
     }
 }
 
+impl Server {
+    /// The server's current connection count, from a stats line it logs
+    /// on SIGUSR1.
+    pub fn connections(&mut self) -> usize {
+        let before = self.log().matches("stats: ").count();
+        self.signal("USR1");
+        let line = self.wait_log_count("stats: ", before + 1);
+        line.split("connections=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("connections= in the stats line")
+    }
+
+    /// Sockets of the server's port in CLOSE_WAIT: the client closed and
+    /// the server never did.
+    pub fn close_wait_sockets(&self) -> usize {
+        let out = Command::new("ss")
+            .args([
+                "-tanH",
+                "state",
+                "close-wait",
+                &format!("sport = :{}", self.addr.port()),
+            ])
+            .output()
+            .expect("run ss");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
+    /// After a fault: the server still logs in and routes a new client, its
+    /// connection count comes back to `expected`, and no socket is left in
+    /// CLOSE_WAIT.
+    pub fn assert_recovered(&mut self, expected: usize) {
+        {
+            let mut probe = self.login("probe");
+            probe.send("probe: still there\n");
+            probe.expect("from probe: still there");
+            probe.shutdown_write();
+            probe.expect_eof();
+        }
+        let settled = poll_until(|| (self.connections() == expected).then_some(()));
+        assert!(
+            settled.is_some(),
+            "connections did not come back to {expected}"
+        );
+        let none = poll_until(|| (self.close_wait_sockets() == 0).then_some(()));
+        assert!(none.is_some(), "sockets left in CLOSE_WAIT");
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
