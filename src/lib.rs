@@ -16,6 +16,7 @@
 //! - [`pool`]: the buffer pool, so idle connections own no buffers.
 //! - [`timers`]: login, idle and close deadlines in one min-heap.
 //! - [`stats`]: the counters.
+//! - [`metrics`]: the optional HTTP endpoint (`/metrics`, `/healthz`).
 //! - [`config`]: the tunables and their defaults.
 //! - `main.rs` (the `chatd` binary): flags and environment to a [`Config`].
 //!
@@ -37,6 +38,7 @@
 
 pub mod config;
 pub mod conn;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod registry;
@@ -45,7 +47,7 @@ pub mod stats;
 pub mod timers;
 
 pub use config::Config;
-pub use server::{Exit, run};
+pub use server::{Exit, run, run_with_metrics};
 
 use std::io;
 use std::net::SocketAddr;

@@ -76,6 +76,12 @@ const FLAGS: &[Flag] = &[
         default: "info",
         help: "off, error, warn, info, debug or trace (else RUST_LOG, if a single level)",
     },
+    Flag {
+        name: "metrics-addr",
+        value: "HOST:PORT",
+        default: "off",
+        help: "serve GET /metrics (Prometheus text format) and GET /healthz here",
+    },
 ];
 
 fn usage() -> String {
@@ -114,6 +120,7 @@ enum Command {
 /// Everything the binary needs to start.
 struct Settings {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     backlog: i32,
     log_level: LevelFilter,
     config: chatd::Config,
@@ -214,8 +221,13 @@ fn parse_args() -> Result<Command, UsageError> {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(LevelFilter::Info),
     };
+    let metrics_addr = match get("metrics-addr") {
+        Some((source, value)) => Some(resolve(source, value)?),
+        None => None,
+    };
     Ok(Command::Run(Settings {
         addr,
+        metrics_addr,
         backlog,
         log_level,
         config,
@@ -283,7 +295,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match chatd::run(listener, settings.config) {
+    let metrics = match settings
+        .metrics_addr
+        .map(|addr| (addr, chatd::bind(addr, 128)))
+    {
+        None => None,
+        Some((_, Ok(listener))) => Some(listener),
+        Some((addr, Err(e))) => {
+            log::error!("cannot serve metrics on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match chatd::run_with_metrics(listener, metrics, settings.config) {
         Ok(chatd::Exit::Graceful) => ExitCode::SUCCESS,
         Ok(chatd::Exit::Forced) => ExitCode::from(130),
         Err(e) => {

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
+use sd_notify::NotifyState;
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
@@ -27,6 +28,7 @@ use crate::conn::{
     Conn, DEAD, INPUT_DONE, MORE_INPUT, PENDING_WRITE, Phase, REJECTED, WRITABLE_ARMED,
     WRITE_BLOCKED, WRITE_SHUT,
 };
+use crate::metrics::{self, Gauges, MetricsConn, Next};
 use crate::pool::BufPool;
 use crate::protocol::{self, ErrorKind, Split};
 use crate::registry::Registry;
@@ -35,6 +37,12 @@ use crate::timers::{Timer, TimerKind, Timers};
 
 const LISTENER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
+const METRICS_LISTENER: Token = Token(usize::MAX - 2);
+/// Metrics connections use tokens from here up (their slab key added);
+/// client tokens are slab keys, far below.
+const METRICS_BASE: usize = usize::MAX / 2;
+/// How often the systemd status line is refreshed, when systemd listens.
+const NOTIFY_STATUS_MS: u64 = 5000;
 
 /// Bytes read per `read` call, and the most read from one connection in one
 /// loop turn before others get their turn.
@@ -90,7 +98,16 @@ pub enum Exit {
 /// Serves `listener` until a signal ends it (see [`Exit`]). The listener
 /// should be bound already; [`crate::bind`] sets the backlog and options.
 pub fn run(listener: std::net::TcpListener, config: Config) -> io::Result<Exit> {
-    Server::new(listener, config)?.run()
+    run_with_metrics(listener, None, config)
+}
+
+/// [`run`], also serving `GET /metrics` and `GET /healthz` on `metrics`.
+pub fn run_with_metrics(
+    listener: std::net::TcpListener,
+    metrics: Option<std::net::TcpListener>,
+    config: Config,
+) -> io::Result<Exit> {
+    Server::new(listener, metrics, config)?.run()
 }
 
 /// The broker: the poller, the connections and everything shared by them.
@@ -149,10 +166,21 @@ struct Server {
     next_stats_ms: Option<u64>,
     /// When shutdown gives up flushing; `Some` once shutdown has begun.
     shutdown_deadline_ms: Option<u64>,
+    /// The metrics listener, with `--metrics-addr`.
+    metrics_listener: Option<TcpListener>,
+    /// Open scraper connections (at most `metrics::MAX_CONNS`).
+    metrics: Slab<MetricsConn>,
+    /// When the next systemd status line is due; `None` when systemd is
+    /// not listening (no `NOTIFY_SOCKET`).
+    next_status_ms: Option<u64>,
 }
 
 impl Server {
-    fn new(listener: std::net::TcpListener, config: Config) -> io::Result<Server> {
+    fn new(
+        listener: std::net::TcpListener,
+        metrics: Option<std::net::TcpListener>,
+        config: Config,
+    ) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
         // Accepted sockets inherit TCP_NODELAY from the listener (on
         // Linux), which saves a system call per accept. The server batches
@@ -169,6 +197,17 @@ impl Server {
             Some(signals)
         } else {
             None
+        };
+        let metrics_listener = match metrics {
+            Some(metrics) => {
+                metrics.set_nonblocking(true)?;
+                let mut metrics = TcpListener::from_std(metrics);
+                poll.registry()
+                    .register(&mut metrics, METRICS_LISTENER, Interest::READABLE)?;
+                info!("metrics on http://{}/metrics", metrics.local_addr()?);
+                Some(metrics)
+            }
+            None => None,
         };
         let max_clients = fit_max_clients(config.max_clients);
         let now_ms = 0;
@@ -215,6 +254,13 @@ impl Server {
             accept_exhaustion_logged: false,
             next_stats_ms,
             shutdown_deadline_ms: None,
+            metrics_listener,
+            metrics: Slab::new(),
+            next_status_ms: notify_systemd(&[
+                NotifyState::Ready,
+                NotifyState::Status("listening, 0 connections"),
+            ])
+            .then_some(NOTIFY_STATUS_MS),
         })
     }
 
@@ -238,6 +284,8 @@ impl Server {
                             return Ok(Exit::Forced);
                         }
                     }
+                    METRICS_LISTENER => self.accept_metrics(),
+                    Token(token) if token >= METRICS_BASE => self.on_metrics_event(token),
                     Token(key) => self.on_event(key, event),
                 }
             }
@@ -263,11 +311,14 @@ impl Server {
         if !self.more_input.is_empty() {
             return Some(Duration::ZERO);
         }
+        let metrics_deadline = self.metrics.iter().map(|(_, m)| m.deadline_ms).min();
         [
             self.timers.next_at(),
             self.accept_resume_ms,
             self.next_stats_ms,
             self.shutdown_deadline_ms,
+            metrics_deadline,
+            self.next_status_ms,
         ]
         .into_iter()
         .flatten()
@@ -309,6 +360,76 @@ impl Server {
                     self.accept_resume_ms = Some(self.now_ms + ACCEPT_BACKOFF_MS);
                     return;
                 }
+            }
+        }
+    }
+
+    /// Accepts scrapers until `WouldBlock`; past `metrics::MAX_CONNS` they
+    /// are closed at once.
+    fn accept_metrics(&mut self) {
+        loop {
+            let Some(listener) = &self.metrics_listener else {
+                return;
+            };
+            let mut stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if is_transient_accept_error(&e) => continue,
+                Err(e) => {
+                    debug!("metrics accept: {e}");
+                    return;
+                }
+            };
+            if self.metrics.len() >= metrics::MAX_CONNS {
+                continue; // dropped: closed
+            }
+            let entry = self.metrics.vacant_entry();
+            let token = Token(METRICS_BASE + entry.key());
+            if self
+                .poll
+                .registry()
+                .register(&mut stream, token, Interest::READABLE)
+                .is_ok()
+            {
+                entry.insert(MetricsConn::new(stream, self.now_ms + metrics::DEADLINE_MS));
+            }
+        }
+    }
+
+    /// Serves a scraper's event; closes it once answered or failed.
+    fn on_metrics_event(&mut self, token: usize) {
+        let key = token - METRICS_BASE;
+        let Server {
+            metrics,
+            stats,
+            registry,
+            pool,
+            max_clients,
+            poll,
+            ..
+        } = self;
+        let Some(conn) = metrics.get_mut(key) else {
+            return;
+        };
+        let gauges = Gauges {
+            logged_in: registry.len(),
+            max_clients: *max_clients,
+            pooled_bytes: pool.pooled_bytes(),
+        };
+        match conn.on_event(|| metrics::render(stats, &gauges)) {
+            Next::Wait => {}
+            Next::WaitWritable => {
+                let interest = Interest::READABLE | Interest::WRITABLE;
+                if poll
+                    .registry()
+                    .reregister(&mut conn.stream, Token(token), interest)
+                    .is_err()
+                {
+                    metrics.remove(key);
+                }
+            }
+            Next::Close => {
+                metrics.remove(key);
             }
         }
     }
@@ -799,6 +920,20 @@ impl Server {
             self.accept_resume_ms = None;
             self.accept_all();
         }
+        if !self.metrics.is_empty() {
+            let now = self.now_ms;
+            self.metrics.retain(|_, conn| conn.deadline_ms > now);
+        }
+        if let Some(at) = self.next_status_ms.filter(|&at| at <= self.now_ms) {
+            let status = format!(
+                "{} connections, {} logged in, {} deliveries",
+                self.stats.connections,
+                self.registry.len(),
+                self.stats.deliveries
+            );
+            notify_systemd(&[NotifyState::Status(&status)]);
+            self.next_status_ms = Some(at.max(self.now_ms) + NOTIFY_STATUS_MS);
+        }
         if let Some(at) = self.next_stats_ms.filter(|&at| at <= self.now_ms) {
             info!("stats: {}", self.stats);
             let interval = millis(self.config.stats_interval);
@@ -900,6 +1035,10 @@ impl Server {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
+        self.metrics_listener = None;
+        self.metrics.clear();
+        self.next_status_ms = None;
+        notify_systemd(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
             self.close_with_error(key, ErrorKind::ShuttingDown, format_args!(""));
@@ -946,6 +1085,18 @@ impl fmt::Display for Offline<'_> {
         }
         Ok(())
     }
+}
+
+/// Tells systemd about the service's state when it listens (`Type=notify`
+/// sets `NOTIFY_SOCKET`). Returns whether it does; failures are logged.
+fn notify_systemd(states: &[NotifyState]) -> bool {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return false;
+    }
+    if let Err(e) = sd_notify::notify(states) {
+        warn!("cannot notify systemd: {e}");
+    }
+    true
 }
 
 /// Displays a timeout as `off` or in seconds.

@@ -1,0 +1,382 @@
+//! The optional metrics endpoint (`--metrics-addr`): `GET /metrics` in the
+//! Prometheus text exposition format and `GET /healthz`, served from a
+//! second listener on the reactor's poll loop.
+//!
+//! Scrapers are cheap and few, so this is deliberately small: one request
+//! per connection (`Connection: close`), at most [`MAX_REQUEST`] bytes of
+//! request, [`MAX_CONNS`] connections at once and [`DEADLINE_MS`] for the
+//! whole exchange. Every read and write is non-blocking and bounded, so a
+//! slow or hostile scraper costs the chat traffic nothing but a few system
+//! calls.
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+
+use mio::net::TcpStream;
+
+use crate::protocol::ErrorKind;
+use crate::stats::Stats;
+
+/// The largest request accepted (headers included).
+pub const MAX_REQUEST: usize = 8 * 1024;
+/// The most metrics connections at once; more are closed on accept.
+pub const MAX_CONNS: usize = 16;
+/// Time allowed for one exchange, from accept to the last byte written.
+pub const DEADLINE_MS: u64 = 5000;
+
+/// Figures the reactor knows besides the counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    /// Logged-in clients.
+    pub logged_in: usize,
+    /// `--max-clients` in force.
+    pub max_clients: usize,
+    /// Bytes held by the buffer pool.
+    pub pooled_bytes: usize,
+}
+
+/// One scraper connection.
+#[derive(Debug)]
+pub struct MetricsConn {
+    /// The socket.
+    pub stream: TcpStream,
+    /// The request so far.
+    request: Vec<u8>,
+    /// The response, once the request is complete; `out[written..]` is
+    /// still to be written.
+    out: Vec<u8>,
+    written: usize,
+    /// When the connection is closed regardless, in ms since server start.
+    pub deadline_ms: u64,
+}
+
+/// What the reactor should do with a metrics connection after an event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Wait for more events.
+    Wait,
+    /// Wait for writable: the response did not fit in the socket.
+    WaitWritable,
+    /// Done (or failed): close it.
+    Close,
+}
+
+impl MetricsConn {
+    /// A new connection that must finish by `deadline_ms`.
+    pub fn new(stream: TcpStream, deadline_ms: u64) -> MetricsConn {
+        MetricsConn {
+            stream,
+            request: Vec::new(),
+            out: Vec::new(),
+            written: 0,
+            deadline_ms,
+        }
+    }
+
+    /// Reads what arrived, answers once the request is complete, and
+    /// writes as much of the answer as the socket takes. `metrics` renders
+    /// the `/metrics` body when asked for.
+    pub fn on_event(&mut self, metrics: impl FnOnce() -> String) -> Next {
+        if self.out.is_empty() {
+            let mut buf = [0; 1024];
+            loop {
+                match self.stream.read(&mut buf) {
+                    Ok(0) => return Next::Close, // gave up before asking
+                    Ok(n) => {
+                        let room = MAX_REQUEST - self.request.len();
+                        self.request.extend_from_slice(&buf[..n.min(room)]);
+                        if n > room {
+                            break; // over the limit: answered below
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return Next::Close,
+                }
+            }
+            match respond(&self.request, metrics) {
+                Some(response) => self.out = response,
+                None => return Next::Wait,
+            }
+        }
+        while self.written < self.out.len() {
+            match self.stream.write(&self.out[self.written..]) {
+                Ok(0) => return Next::Close,
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::WaitWritable,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Next::Close,
+            }
+        }
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        Next::Close
+    }
+}
+
+/// The response to `request`, or `None` while it is incomplete and under
+/// [`MAX_REQUEST`]. Answers 400 to a malformed request, 431 to one too
+/// large, 404 to an unknown path and 405 to a method other than GET or HEAD.
+pub fn respond(request: &[u8], metrics: impl FnOnce() -> String) -> Option<Vec<u8>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let (method, path) = match req.parse(request) {
+        Ok(httparse::Status::Complete(_)) => (req.method.unwrap_or(""), req.path.unwrap_or("")),
+        Ok(httparse::Status::Partial) if request.len() < MAX_REQUEST => return None,
+        Ok(httparse::Status::Partial) => {
+            return Some(response(
+                431,
+                "Request Header Fields Too Large",
+                "text/plain",
+                "request too large\n",
+                true,
+            ));
+        }
+        Err(_) => {
+            return Some(response(
+                400,
+                "Bad Request",
+                "text/plain",
+                "bad request\n",
+                true,
+            ));
+        }
+    };
+    let path = path.split('?').next().unwrap_or("");
+    let with_body = method != "HEAD";
+    Some(match (method, path) {
+        ("GET" | "HEAD", "/metrics") => response(
+            200,
+            "OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            &metrics(),
+            with_body,
+        ),
+        ("GET" | "HEAD", "/healthz") => response(200, "OK", "text/plain", "ok\n", with_body),
+        (_, "/metrics" | "/healthz") => {
+            response(405, "Method Not Allowed", "text/plain", "use GET\n", true)
+        }
+        _ => response(404, "Not Found", "text/plain", "not found\n", with_body),
+    })
+}
+
+fn response(code: u16, reason: &str, content_type: &str, body: &str, with_body: bool) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if with_body {
+        out.push_str(body);
+    }
+    out.into_bytes()
+}
+
+/// The `/metrics` body: every counter of [`Stats`], the gauges, and the
+/// process's resident memory and descriptors (read from /proc).
+pub fn render(stats: &Stats, gauges: &Gauges) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        );
+    };
+    metric(
+        "chatd_connections",
+        "gauge",
+        "Open client connections.",
+        stats.connections,
+    );
+    metric(
+        "chatd_connections_peak",
+        "gauge",
+        "Most client connections open at once.",
+        stats.peak_connections,
+    );
+    metric(
+        "chatd_logged_in",
+        "gauge",
+        "Logged-in clients.",
+        gauges.logged_in as u64,
+    );
+    metric(
+        "chatd_max_clients",
+        "gauge",
+        "The --max-clients limit in force.",
+        gauges.max_clients as u64,
+    );
+    metric(
+        "chatd_accepted_total",
+        "counter",
+        "Connections accepted, rejected ones included.",
+        stats.accepted,
+    );
+    metric(
+        "chatd_rejected_total",
+        "counter",
+        "Connections turned away with server-full.",
+        stats.rejected,
+    );
+    metric(
+        "chatd_logins_total",
+        "counter",
+        "Successful logins.",
+        stats.logins,
+    );
+    metric(
+        "chatd_messages_received_total",
+        "counter",
+        "Message lines received from logged-in clients.",
+        stats.messages_in,
+    );
+    metric(
+        "chatd_deliveries_total",
+        "counter",
+        "Lines queued to recipients.",
+        stats.deliveries,
+    );
+    metric(
+        "chatd_received_bytes_total",
+        "counter",
+        "Bytes read from clients.",
+        stats.bytes_in,
+    );
+    metric(
+        "chatd_sent_bytes_total",
+        "counter",
+        "Bytes written to clients.",
+        stats.bytes_out,
+    );
+    metric(
+        "chatd_slow_consumers_total",
+        "counter",
+        "Clients closed because their outbound buffer was full.",
+        stats.slow_consumers,
+    );
+    metric(
+        "chatd_pooled_buffer_bytes",
+        "gauge",
+        "Bytes held by free pooled buffers.",
+        gauges.pooled_bytes as u64,
+    );
+    if let Some(rss) = resident_bytes() {
+        metric(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            rss,
+        );
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        metric(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            dir.count() as u64,
+        );
+    }
+    if let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        metric(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            soft,
+        );
+    }
+    let _ = write!(
+        out,
+        "# HELP chatd_errors_sent_total error: lines sent to clients, by kind.\n\
+         # TYPE chatd_errors_sent_total counter\n"
+    );
+    for kind in ErrorKind::ALL {
+        let _ = writeln!(
+            out,
+            "chatd_errors_sent_total{{kind=\"{}\"}} {}",
+            kind.as_str(),
+            stats.errors[kind as usize]
+        );
+    }
+    out
+}
+
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(request: &[u8]) -> Option<String> {
+        respond(request, || "m 1\n".into()).map(|r| {
+            let text = String::from_utf8(r).unwrap();
+            text.lines().next().unwrap().to_string()
+        })
+    }
+
+    #[test]
+    fn answers_each_kind_of_request() {
+        let cases: &[(&[u8], Option<&str>)] = &[
+            (
+                b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+                Some("HTTP/1.1 200 OK"),
+            ),
+            (
+                b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n",
+                Some("HTTP/1.1 200 OK"),
+            ),
+            (b"HEAD /healthz HTTP/1.1\r\n\r\n", Some("HTTP/1.1 200 OK")),
+            (b"GET /healthz HTTP/1.1\r\n\r\n", Some("HTTP/1.1 200 OK")),
+            (
+                b"GET /nope HTTP/1.1\r\n\r\n",
+                Some("HTTP/1.1 404 Not Found"),
+            ),
+            (
+                b"POST /metrics HTTP/1.1\r\n\r\n",
+                Some("HTTP/1.1 405 Method Not Allowed"),
+            ),
+            (b"\x00\x01garbage\r\n\r\n", Some("HTTP/1.1 400 Bad Request")),
+            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n", None), // incomplete
+            (b"", None),
+        ];
+        for (request, want) in cases {
+            assert_eq!(
+                status(request).as_deref(),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(request)
+            );
+        }
+        let huge = [
+            b"GET /metrics HTTP/1.1\r\nX: ".as_slice(),
+            &[b'a'; MAX_REQUEST],
+        ]
+        .concat();
+        assert_eq!(
+            status(&huge).as_deref(),
+            Some("HTTP/1.1 431 Request Header Fields Too Large")
+        );
+    }
+
+    #[test]
+    fn healthz_body_and_head_without_body() {
+        let get = respond(b"GET /healthz HTTP/1.1\r\n\r\n", String::new).unwrap();
+        assert!(get.ends_with(b"\r\n\r\nok\n"));
+        let head = respond(b"HEAD /healthz HTTP/1.1\r\n\r\n", String::new).unwrap();
+        assert!(head.ends_with(b"Content-Length: 3\r\nConnection: close\r\n\r\n"));
+    }
+
+    #[test]
+    fn renders_every_counter() {
+        let mut stats = Stats::default();
+        stats.deliveries = 7;
+        stats.error_sent(ErrorKind::NotOnline);
+        let text = render(&stats, &Gauges::default());
+        assert!(text.contains("\nchatd_deliveries_total 7\n"));
+        assert!(text.contains("chatd_errors_sent_total{kind=\"not-online\"} 1\n"));
+        assert!(text.contains("# TYPE chatd_connections gauge\n"));
+        assert!(text.contains("process_open_fds "));
+    }
+}
