@@ -370,8 +370,10 @@ mod tests {
 
     #[test]
     fn renders_every_counter() {
-        let mut stats = Stats::default();
-        stats.deliveries = 7;
+        let mut stats = Stats {
+            deliveries: 7,
+            ..Stats::default()
+        };
         stats.error_sent(ErrorKind::NotOnline);
         let text = render(&stats, &Gauges::default());
         assert!(text.contains("\nchatd_deliveries_total 7\n"));

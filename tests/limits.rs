@@ -29,14 +29,16 @@ fn too_long_line_closes_after_earlier_lines() {
 
 /// A too-long line arriving with more input and the client's EOF all at
 /// once still gets its error line and a clean close, not a reset: the
-/// server drains the rest of the input before closing.
+/// server drains the rest of the input (within its lingering bound of
+/// 64 KiB, which this stays under wherever the server notices the line)
+/// before closing.
 #[test]
 fn too_long_line_with_more_input_closes_cleanly() {
     let server = Server::start(&["--max-line", "1000"]);
-    for _ in 0..5 {
+    for _ in 0..20 {
         let mut client = server.connect();
         let mut input = b"alice\n".to_vec();
-        input.extend(std::iter::repeat_n(b'x', 100_000));
+        input.extend(std::iter::repeat_n(b'x', 60_000));
         client.send_bytes(&input);
         client.shutdown_write();
         client.expect("error: line-too-long: max 1000 bytes");
