@@ -9,7 +9,9 @@
 //! # Layout
 //!
 //! - [`server`]: the reactor. One `mio::Poll` loop owns a `slab` of
-//!   connections: accept, read, route, flush, timers, signals, reap.
+//!   connections: the loop, timers, signals and reaping in `server/mod.rs`,
+//!   then `accept.rs`, `input.rs` (read path), `route.rs` (login, routing,
+//!   error lines) and `output.rs` (write path).
 //! - [`conn`]: one connection: its socket, buffers and phase. No protocol.
 //! - [`protocol`]: the wire protocol as pure functions over byte slices.
 //! - [`registry`]: which logged-in connection holds which name. No sockets.
