@@ -3,7 +3,7 @@
 //! A connection takes a buffer when it first needs one (output queued for it,
 //! or an unterminated line to keep) and gives it back as soon as it is empty
 //! again. The pool keeps a bounded number of modest buffers; anything beyond
-//! that, or grown past [`KEEP_CAPACITY`], goes back to the allocator, so a
+//! that, or grown past `KEEP_CAPACITY`, goes back to the allocator, so a
 //! burst does not pin memory for ever.
 
 /// A pooled byte buffer: the bytes and how many at the front are consumed
@@ -34,7 +34,7 @@ const INITIAL_CAPACITY: usize = 512;
 /// Buffers that grew beyond this are freed instead of pooled.
 const KEEP_CAPACITY: usize = 16 * 1024;
 
-/// Free buffers, all empty, none larger than [`KEEP_CAPACITY`].
+/// Free buffers, all empty, none larger than `KEEP_CAPACITY`.
 #[derive(Debug)]
 pub struct BufPool {
     /// The pooled buffers, boxed as connections hold them, so taking and

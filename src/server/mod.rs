@@ -5,7 +5,7 @@
 //! connections that had input left over from the last turn, fire due timers,
 //! write every connection on the pending-write list once, and finally reap the
 //! connections marked dead. Handlers never free a connection: they mark it
-//! dead, and [`Server::reap`] removes it after the batch, so a slab key stays
+//! dead, and `Server::reap` removes it after the batch, so a slab key stays
 //! valid for the whole turn.
 //!
 //! This file holds the loop, timers, signals and reaping; the steps live in
@@ -396,7 +396,7 @@ impl Server {
     }
 
     /// Marks a connection dead: its name is released now, the connection is
-    /// removed by [`Server::reap`] at the end of the turn.
+    /// removed by `Server::reap` at the end of the turn.
     fn kill(&mut self, key: usize) {
         let conn = &mut self.conns[key];
         if conn.has(DEAD) {

@@ -171,7 +171,7 @@ impl Server {
 
     /// Queues an `error:` line that ends the connection, releases its name
     /// and starts the closing sequence: flush, shut down the sending side,
-    /// linger for the client's EOF, close (see [`Server::on_drained`]).
+    /// linger for the client's EOF, close (see `Server::on_drained`).
     pub(super) fn close_with_error(
         &mut self,
         key: usize,
