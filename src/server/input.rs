@@ -46,6 +46,8 @@ impl Server {
         self.more_input_spare = carried;
     }
 
+    /// Input is (or may be) waiting: lines are read while the connection
+    /// reads lines, dropped while it closes, and ignored after its EOF.
     pub(super) fn on_readable(&mut self, key: usize, drain: Drain) {
         match self.conns[key].phase {
             Phase::Login | Phase::Chat => self.read_lines(key, drain),

@@ -62,6 +62,9 @@ impl Server {
         }
     }
 
+    /// Handles the first non-blank line: a valid, free name logs the
+    /// connection in (no reply, as in the seed); anything else closes it
+    /// with `invalid-name` or `name-taken`.
     pub(super) fn login(&mut self, key: usize, text: &str) {
         let name = match protocol::parse_name(text) {
             Ok(name) => name,
