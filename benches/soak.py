@@ -97,13 +97,9 @@ class Churner(threading.Thread):
             time.sleep(self.rng.random() * 0.05)
 
     def chat(self, name):
-        s = connect(self.port)
-        s.sendall(f"{name}\n".encode())
-        for i in range(self.rng.randint(1, 20)):
-            s.sendall(f"{name}, nobody{i}: hello {i}\n".encode())
-        s.shutdown(socket.SHUT_WR)
-        drain(s)
-        s.close()
+        lines = [f"{name}\n"] + [f"{name}, nobody{i}: hello {i}\n"
+                                 for i in range(self.rng.randint(1, 20))]
+        self.send_and_halfclose("".join(lines).encode())
 
     def reset(self, name):
         s = connect(self.port)
@@ -111,15 +107,16 @@ class Churner(threading.Thread):
         reset(s)
 
     def halfclose(self, name):
-        s = connect(self.port)
-        s.sendall(f"{name}\n{name}: partial last line".encode())
-        s.shutdown(socket.SHUT_WR)
-        drain(s)
-        s.close()
+        self.send_and_halfclose(f"{name}\n{name}: partial last line".encode())
 
     def garbage(self, name):
+        noise = bytes(self.rng.getrandbits(8) for _ in range(4000))
+        self.send_and_halfclose(f"{name}\n".encode() + noise)
+
+    def send_and_halfclose(self, data):
+        """Sends `data`, half-closes, and reads until the server closes."""
         s = connect(self.port)
-        s.sendall(f"{name}\n".encode() + bytes(self.rng.getrandbits(8) for _ in range(4000)))
+        s.sendall(data)
         s.shutdown(socket.SHUT_WR)
         drain(s)
         s.close()

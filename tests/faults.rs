@@ -9,19 +9,7 @@ use std::io::Read;
 use std::thread;
 use std::time::Duration;
 
-use common::{Server, poll_until};
-
-/// A small deterministic generator (xorshift), so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use common::{Rng, Server, poll_until};
 
 /// A reset in the middle of a line: nothing of the line is delivered, the
 /// name is freed, nobody else notices.

@@ -10,19 +10,7 @@ mod common;
 use std::thread;
 use std::time::Duration;
 
-use common::Server;
-
-/// A small deterministic generator (xorshift), so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+use common::{Rng, Server};
 
 /// One client: logs in, sends `lines` messages to itself in randomly split
 /// writes with random pauses, the last one without `\n`, shuts down its
