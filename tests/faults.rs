@@ -228,3 +228,30 @@ fn random_bytes_do_not_disturb_others() {
     drop(noisy);
     server.assert_recovered(2);
 }
+
+/// A client that half-closes and then never reads what is queued for it
+/// does not keep its slot: `--idle-timeout` closes it too.
+#[test]
+fn half_closed_client_that_never_reads_times_out() {
+    let mut server = Server::start(&["--idle-timeout", "0.5", "--max-outbound", "67108864"]);
+    let mut alice = server.login("alice");
+    let bob = server.login("bob");
+    // More than the kernel's socket buffers hold, so some stays queued in
+    // the server; then bob half-closes without reading any of it.
+    let batch = format!("bob: {}\n", "q".repeat(4000)).repeat(4000); // 16 MB
+    let mut writer = alice.stream().try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = writer.write_all(batch.as_bytes());
+    });
+    sender.join().unwrap();
+    alice.sync("alice"); // everything above is routed to bob
+    bob.shutdown_write();
+    // Both go quiet; alice is closed as idle, and so must bob be, though he
+    // half-closed and has output pending (without a deadline he would hold
+    // his slot, and this count would stay at 1).
+    let gone = poll_until(|| (server.connections() == 0).then_some(()));
+    assert!(gone.is_some(), "the half-closed reader kept its slot");
+    drop(bob);
+    server.assert_recovered(0);
+}

@@ -346,7 +346,9 @@ impl Server {
                 (TimerKind::Login, Phase::Login) => {
                     self.close_with_error(key, ErrorKind::LoginTimeout, format_args!(""));
                 }
-                (TimerKind::Idle, Phase::Chat) => {
+                // A client that sent EOF but never reads what is queued for
+                // it stays idle too: it must not hold its slot for ever.
+                (TimerKind::Idle, Phase::Chat | Phase::Draining) => {
                     let idle = millis(self.config.idle_timeout);
                     let silent = u64::from((self.now_ms as u32).wrapping_sub(conn.last_input_ms));
                     if silent >= idle {
@@ -437,7 +439,7 @@ impl Server {
                         && matches!(
                             (kind, conn.phase),
                             (TimerKind::Login, Phase::Login)
-                                | (TimerKind::Idle, Phase::Chat)
+                                | (TimerKind::Idle, Phase::Chat | Phase::Draining)
                                 | (TimerKind::Close, Phase::Closing)
                         )
                 })
