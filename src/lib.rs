@@ -16,7 +16,7 @@
 //! - [`protocol`]: the wire protocol as pure functions over byte slices.
 //! - [`registry`]: which logged-in connection holds which name. No sockets.
 //! - [`pool`]: the buffer pool, so idle connections own no buffers.
-//! - [`timers`]: login, idle and close deadlines in one min-heap.
+//! - [`timers`]: login, idle and close deadlines, a min-heap per kind.
 //! - [`stats`]: the counters.
 //! - [`metrics`]: the optional HTTP endpoint (`/metrics`, `/healthz`).
 //! - [`config`]: the tunables and their defaults.

@@ -314,3 +314,24 @@ fn descriptor_exhaustion_pauses_accepting_without_spinning() {
     let warnings = server.log().matches("pausing accepts").count();
     assert_eq!(warnings, 1, "exhaustion is logged once, not per retry");
 }
+
+/// With `--metrics-addr`, descriptors for its listener and its 16 scrapers
+/// are kept out of `--max-clients`, so scrapers cannot starve accepts.
+#[test]
+fn metrics_scrapers_have_their_own_descriptors() {
+    let max_clients = |args: &[&str]| {
+        let mut cmd = Command::new("prlimit");
+        cmd.args(["--nofile=200:200", env!("CARGO_BIN_EXE_chatd")]);
+        let mut server = Server::spawn(cmd, args);
+        let started = server.wait_log("listening on");
+        started
+            .split("max-clients ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .and_then(|s| s.parse::<usize>().ok())
+            .expect("max-clients in the start line")
+    };
+    let without = max_clients(&[]);
+    let with = max_clients(&["--metrics-addr", "127.0.0.1:0"]);
+    assert_eq!(without - with, 17, "16 scrapers and the metrics listener");
+}

@@ -4,8 +4,9 @@
 use super::*;
 
 /// Raises the soft open-file limit to the hard limit and fits `wanted` into
-/// what it allows, after the descriptors open now and a small reserve.
-pub(super) fn fit_max_clients(wanted: Option<usize>) -> usize {
+/// what it allows, after the descriptors open now, a small reserve, and
+/// `extra` more (the metrics connections, when the endpoint is on).
+pub(super) fn fit_max_clients(wanted: Option<usize>, extra: usize) -> usize {
     let limit = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => limit,
         Err(e) => {
@@ -15,7 +16,7 @@ pub(super) fn fit_max_clients(wanted: Option<usize>) -> usize {
     };
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let open = std::fs::read_dir("/proc/self/fd").map_or(16, |dir| dir.count());
-    let fit = limit.saturating_sub(open + REJECT_SLOTS + SPARE_FDS);
+    let fit = limit.saturating_sub(open + REJECT_SLOTS + SPARE_FDS + extra);
     match wanted {
         Some(wanted) if wanted > fit => {
             warn!(

@@ -189,7 +189,12 @@ impl Server {
             }
             None => None,
         };
-        let max_clients = fit_max_clients(config.max_clients);
+        let scrapers = if metrics_listener.is_some() {
+            metrics::MAX_CONNS
+        } else {
+            0
+        };
+        let max_clients = fit_max_clients(config.max_clients, scrapers);
         let now_ms = 0;
         let next_stats_ms =
             (!config.stats_interval.is_zero()).then(|| millis(config.stats_interval));
