@@ -248,6 +248,9 @@ impl Load {
         socket.set_tcp_nodelay(true)?;
         if !self.plan.source_ips.is_empty() {
             let ip = self.plan.source_ips[i % self.plan.source_ips.len()];
+            if ip.is_ipv4() {
+                bind_address_no_port(&socket)?;
+            }
             socket.bind(&SocketAddr::new(ip, 0).into())?;
         }
         match socket.connect(&addr.into()) {
@@ -612,5 +615,29 @@ fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
         if n == 0 {
             return &buf[i..];
         }
+    }
+}
+
+/// Leaves the choice of the source port to `connect`, which picks one that
+/// is unique for the whole 4-tuple. Without it `bind(ip, 0)` needs a port
+/// free for every destination, so ports held by TIME_WAIT sockets of earlier
+/// runs fail the bind with `EADDRINUSE`.
+fn bind_address_no_port(socket: &socket2::Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid descriptor, and a pointer to an int of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }

@@ -27,9 +27,9 @@ Connection phase:
   --connect-rate R       new connections per second, 0 = as fast as possible
                          (a connect storm) [default: 0]
   --source-ips A-B       spread client sockets over these source addresses
-                         (127.0.0.1-127.0.0.8, or a comma list); each gives
-                         about 28,000 ports, so use several past 28,000
-                         connections [default: chosen by the kernel]
+                         (127.0.0.1-127.0.0.8, or a comma list) [default:
+                         for a 127.x server, one address from 127.0.0.1 up
+                         per 10,000 clients; else chosen by the kernel]
   --idle SECS            hold the connections idle after login [default: 0]
 Traffic phase:
   --senders S            clients that send [default: 0 = no traffic]
@@ -148,6 +148,9 @@ fn parse_args() -> Result<Option<Args>, String> {
     if plan.clients == 0 {
         return Err("--clients must be at least 1".into());
     }
+    if plan.source_ips.is_empty() {
+        plan.source_ips = default_source_ips(plan.addr, plan.clients);
+    }
     if plan.senders > plan.clients {
         return Err("--senders cannot exceed --clients".into());
     }
@@ -163,6 +166,27 @@ fn parse_args() -> Result<Option<Args>, String> {
         server_pid,
         json,
     }))
+}
+
+/// Source addresses for `clients` connections to `server` when none are
+/// given. One address gives about 28,000 ports, but Linux `connect` tries
+/// the even half first and scans all of it for every connect once those are
+/// taken: past about 14,000 connections to one server from one address,
+/// connecting slows down to a few hundred a second and the generator, not
+/// the server, sets the pace. So a loopback server gets one address per
+/// 10,000 clients; a remote one gets what the kernel chooses.
+fn default_source_ips(server: SocketAddr, clients: usize) -> Vec<IpAddr> {
+    const CLIENTS_PER_ADDRESS: usize = 10_000;
+    match server.ip() {
+        IpAddr::V4(ip) if ip.is_loopback() && clients > CLIENTS_PER_ADDRESS => {
+            let first = u32::from(Ipv4Addr::new(127, 0, 0, 1));
+            let count = clients.div_ceil(CLIENTS_PER_ADDRESS) as u32;
+            (first..first + count)
+                .map(|ip| IpAddr::V4(ip.into()))
+                .collect()
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// `127.0.0.1-127.0.0.8` or `127.0.0.1,127.0.0.2`.
@@ -435,5 +459,36 @@ fn connect_time(plan: &Plan) -> Duration {
         Duration::from_secs_f64(plan.clients as f64 / plan.connect_rate)
     } else {
         Duration::ZERO
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spreads_many_loopback_clients_over_source_addresses() {
+        let local = SocketAddr::from(([127, 0, 0, 1], 8080));
+        assert!(
+            default_source_ips(local, 10_000).is_empty(),
+            "one address is enough"
+        );
+        let ips = default_source_ips(local, 19_000);
+        assert_eq!(ips, parse_ips("127.0.0.1-127.0.0.2").unwrap());
+        assert_eq!(default_source_ips(local, 100_000).len(), 10);
+        let remote = SocketAddr::from(([192, 0, 2, 1], 8080));
+        assert!(
+            default_source_ips(remote, 100_000).is_empty(),
+            "the kernel picks"
+        );
+    }
+
+    #[test]
+    fn parses_source_address_lists() {
+        let ips = parse_ips("127.0.0.1,127.0.0.3").unwrap();
+        assert_eq!(ips.len(), 2);
+        assert_eq!(parse_ips("127.0.0.1-127.0.0.4").unwrap().len(), 4);
+        assert!(parse_ips("127.0.0.4-127.0.0.1").is_none());
+        assert!(parse_ips("nope").is_none());
     }
 }
