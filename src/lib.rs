@@ -36,7 +36,7 @@
 //! for its event. A connection that breaks a limit is closed alone, with an
 //! `error:` line.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod config;
 pub mod conn;

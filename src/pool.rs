@@ -79,6 +79,12 @@ impl BufPool {
         }
     }
 
+    /// Frees every pooled buffer (after a burst, so that the allocator can
+    /// give their pages back).
+    pub fn clear(&mut self) {
+        self.free = Vec::new();
+    }
+
     /// Bytes of capacity held by pooled buffers.
     pub fn pooled_bytes(&self) -> usize {
         self.free.iter().map(|b| b.data.capacity()).sum()
@@ -113,5 +119,7 @@ mod tests {
         pool.give(&mut x);
         pool.give(&mut y);
         assert_eq!(pool.free.len(), 1, "at most max_free are kept");
+        pool.clear();
+        assert_eq!(pool.free.capacity(), 0, "a cleared pool holds nothing");
     }
 }

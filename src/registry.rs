@@ -36,6 +36,14 @@ impl Registry {
         self.names.remove(name);
     }
 
+    /// Frees most of the table's room when it is mostly empty (after a
+    /// burst of logins has gone), keeping room for twice what is held.
+    pub fn shrink(&mut self) {
+        if self.names.capacity() > 4 * self.names.len() {
+            self.names.shrink_to(2 * self.names.len());
+        }
+    }
+
     /// How many names are held.
     pub fn len(&self) -> usize {
         self.names.len()
@@ -66,5 +74,25 @@ mod tests {
         assert!(r.is_empty());
         assert!(r.claim(&alice, 4), "a released name is free at once");
         assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn shrinks_after_a_burst() {
+        let mut r = Registry::default();
+        let names: Vec<Rc<str>> = (0..1000).map(|i| Rc::from(format!("n{i}"))).collect();
+        for (key, name) in names.iter().enumerate() {
+            assert!(r.claim(name, key));
+        }
+        for name in &names[1..] {
+            r.release(name);
+        }
+        let before = r.names.capacity();
+        r.shrink();
+        assert!(
+            r.names.capacity() < before / 8,
+            "{before} -> {}",
+            r.names.capacity()
+        );
+        assert_eq!(r.lookup("n0"), Some(0), "what is held stays");
     }
 }

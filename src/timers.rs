@@ -87,6 +87,13 @@ impl Timers {
         }
     }
 
+    /// Frees the heaps' spare room (after a burst has gone).
+    pub fn shrink(&mut self) {
+        for heap in &mut self.heaps {
+            heap.shrink_to_fit();
+        }
+    }
+
     /// How many deadlines are pending.
     pub fn len(&self) -> usize {
         self.heaps.iter().map(BinaryHeap::len).sum()
@@ -142,6 +149,8 @@ mod tests {
         }
         timers.retain(|_, t| t.key % 10 == 0);
         assert_eq!(timers.len(), 10);
+        timers.shrink();
+        assert_eq!(timers.heaps[TimerKind::Login as usize].capacity(), 10);
         let keys: Vec<u32> = std::iter::from_fn(|| timers.pop_due(u64::MAX))
             .map(|(_, t)| t.key)
             .collect();

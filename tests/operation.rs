@@ -207,3 +207,30 @@ fn backlog_flag_sets_the_listen_backlog() {
         .collect();
     assert_eq!(send_q, ["7"], "ss said: {table}");
 }
+
+/// When most of a burst of clients has left, the server frees the room it
+/// left (pool, registry, timers) and hands memory back; the clients that
+/// stay keep routing, and the names that left are free again.
+#[test]
+fn memory_is_handed_back_after_a_burst_and_the_rest_still_routes() {
+    let mut server = Server::start(&["--log-level", "debug"]);
+    let mut burst: Vec<_> = (0..300).map(|i| server.login(&format!("c{i}"))).collect();
+    let mut stay = burst.split_off(250);
+    drop(burst);
+    server.wait_log("memory handed back");
+    assert!(
+        common::poll_until(|| (server.connections() == 50).then_some(())).is_some(),
+        "the burst's connections did not close"
+    );
+    for (i, client) in stay.iter_mut().enumerate() {
+        let to = 250 + (i + 1) % 50;
+        client.send(&format!("c{to}: hi {i}\n"));
+    }
+    for (i, client) in stay.iter_mut().enumerate() {
+        let before = (i + 49) % 50;
+        client.expect(&format!("from c{}: hi {before}", 250 + before));
+    }
+    let mut back = server.login("c0");
+    stay[0].send("c0: welcome back\n");
+    back.expect("from c250: welcome back");
+}

@@ -193,6 +193,7 @@ impl Server {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         entry.insert(Conn::new(stream, id, self.now_ms as u32));
+        self.peak_conns = self.peak_conns.max(self.conns.len());
         if full {
             self.stats.rejected += 1;
             self.rejecting += 1;

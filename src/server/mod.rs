@@ -65,6 +65,10 @@ const CLOSE_GRACE_MS: u64 = 2000;
 const TIMERS_SLACK: usize = 1024;
 /// The most free buffers the pool keeps.
 const POOL_MAX_FREE: usize = 256;
+/// Closes since the peak after which freed memory is handed back to the
+/// kernel (when also at least half of the peak's connections are gone, or
+/// all of them).
+const GIVE_BACK_AFTER: usize = 64;
 
 /// How [`run`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +134,8 @@ struct Server {
     dead: Vec<usize>,
     /// Rejected connections still in the slab, delivering `server-full`.
     rejecting: usize,
+    /// The most connections open at once since memory was last handed back.
+    peak_conns: usize,
     /// The id the next connection gets (wrapping).
     next_id: u32,
     /// Sequence number of the message being routed (see `Conn::route_mark`).
@@ -231,6 +237,7 @@ impl Server {
             more_input_spare: Vec::new(),
             dead: Vec::new(),
             rejecting: 0,
+            peak_conns: 0,
             next_id: 0,
             route_seq: 0,
             started: Instant::now(),
@@ -436,20 +443,53 @@ impl Server {
         // A connection has at most two live deadlines (login or idle, and
         // close); past that, most entries are stale: drop them.
         if self.timers.len() > 2 * self.conns.len() + TIMERS_SLACK {
-            let conns = &self.conns;
-            self.timers.retain(|kind, timer| {
-                conns.get(timer.key as usize).is_some_and(|conn| {
-                    conn.id == timer.id
-                        && !conn.has(DEAD)
-                        && matches!(
-                            (kind, conn.phase),
-                            (TimerKind::Login, Phase::Login)
-                                | (TimerKind::Idle, Phase::Chat | Phase::Draining)
-                                | (TimerKind::Close, Phase::Closing)
-                        )
-                })
-            });
+            self.compact_timers();
         }
+        let open = self.conns.len();
+        let burst_gone = self.peak_conns >= GIVE_BACK_AFTER + open && self.peak_conns >= 2 * open;
+        if burst_gone || (open == 0 && self.peak_conns > 0) {
+            self.peak_conns = open;
+            self.give_back_memory();
+        }
+    }
+
+    /// Drops the deadlines of connections that moved on or are gone.
+    fn compact_timers(&mut self) {
+        let conns = &self.conns;
+        self.timers.retain(|kind, timer| {
+            conns.get(timer.key as usize).is_some_and(|conn| {
+                conn.id == timer.id
+                    && !conn.has(DEAD)
+                    && matches!(
+                        (kind, conn.phase),
+                        (TimerKind::Login, Phase::Login)
+                            | (TimerKind::Idle, Phase::Chat | Phase::Draining)
+                            | (TimerKind::Close, Phase::Closing)
+                    )
+            })
+        });
+    }
+
+    /// After a burst of connections has closed: frees the room the burst
+    /// left in the pool, the registry, the timer heaps and the lists, then
+    /// hands the heap's free pages back to the kernel. Without this, RSS
+    /// would stay at the burst's peak until the memory is reused.
+    fn give_back_memory(&mut self) {
+        let started = Instant::now();
+        self.pool.clear();
+        self.registry.shrink();
+        self.compact_timers();
+        self.timers.shrink();
+        for list in [
+            &mut self.pending_write,
+            &mut self.more_input,
+            &mut self.more_input_spare,
+            &mut self.dead,
+        ] {
+            list.shrink_to_fit();
+        }
+        trim_heap();
+        debug!("memory handed back in {:?}", started.elapsed());
     }
 
     /// Handles pending signals. Returns `Some(Exit::Forced)` on a second
@@ -506,6 +546,18 @@ fn notify_systemd(states: &[NotifyState]) -> bool {
         warn!("cannot notify systemd: {e}");
     }
     true
+}
+
+/// Hands the heap's free pages back to the kernel. glibc returns only the
+/// top of the heap by itself; what a connect storm frees is spread all over
+/// it, and those pages would stay in RSS until reused.
+#[allow(unsafe_code)]
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions; 0 = keep no extra padding.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Displays a timeout as `off` or in seconds.
