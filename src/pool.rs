@@ -34,34 +34,64 @@ const INITIAL_CAPACITY: usize = 512;
 /// Buffers that grew beyond this are freed instead of pooled.
 const KEEP_CAPACITY: usize = 16 * 1024;
 
+/// How many buffers the pool may hold, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    /// Buffers kept however long they go unused.
+    pub keep: usize,
+    /// The most buffers kept at once, after a busy turn.
+    pub max_free: usize,
+    /// The most bytes of capacity kept at once.
+    pub max_bytes: usize,
+}
+
 /// Free buffers, all empty, none larger than `KEEP_CAPACITY`.
+///
+/// A busy turn can have a buffer out for each of a thousand recipients;
+/// keeping only a few hundred would make most of them a `malloc` and a
+/// `free` per delivery. So the pool keeps what a turn gives back, up to
+/// `max_free` and `max_bytes`, and [`BufPool::decay`] (called about once a
+/// second while it holds more than `keep`) frees the buffers that went
+/// unused since the last call.
 #[derive(Debug)]
 pub struct BufPool {
     /// The pooled buffers, boxed as connections hold them, so taking and
-    /// giving back moves a pointer and never reallocates.
+    /// giving back moves a pointer and never reallocates. Used as a stack:
+    /// the ones at the bottom are the ones unused longest.
     #[allow(clippy::vec_box)]
     free: Vec<Box<Buf>>,
-    /// The most buffers kept at once.
-    max_free: usize,
+    limits: PoolLimits,
+    /// Bytes of capacity held by `free`.
+    bytes: usize,
+    /// The fewest free buffers since the last decay: the ones below it went
+    /// unused all that time.
+    low_water: usize,
 }
 
 impl BufPool {
-    /// A pool that keeps at most `max_free` buffers.
-    pub fn new(max_free: usize) -> BufPool {
+    /// An empty pool.
+    pub fn new(limits: PoolLimits) -> BufPool {
         BufPool {
             free: Vec::new(),
-            max_free,
+            limits,
+            bytes: 0,
+            low_water: 0,
         }
     }
 
     /// An empty buffer with room for at least `min_capacity` bytes.
     pub fn take(&mut self, min_capacity: usize) -> Box<Buf> {
-        let mut buf = self.free.pop().unwrap_or_else(|| {
-            Box::new(Buf {
+        let mut buf = match self.free.pop() {
+            Some(buf) => {
+                self.bytes -= buf.data.capacity();
+                self.low_water = self.low_water.min(self.free.len());
+                buf
+            }
+            None => Box::new(Buf {
                 data: Vec::with_capacity(INITIAL_CAPACITY),
                 pos: 0,
-            })
-        });
+            }),
+        };
         buf.data.reserve(min_capacity);
         buf
     }
@@ -72,22 +102,47 @@ impl BufPool {
         let Some(mut buf) = slot.take() else {
             return;
         };
-        if buf.data.capacity() <= KEEP_CAPACITY && self.free.len() < self.max_free {
+        let capacity = buf.data.capacity();
+        if capacity <= KEEP_CAPACITY
+            && self.free.len() < self.limits.max_free
+            && self.bytes + capacity <= self.limits.max_bytes
+        {
             buf.data.clear();
             buf.pos = 0;
+            self.bytes += capacity;
             self.free.push(buf);
         }
+    }
+
+    /// Whether the pool holds more than it keeps for good, so that
+    /// [`BufPool::decay`] should run.
+    pub fn is_over_keep(&self) -> bool {
+        self.free.len() > self.limits.keep
+    }
+
+    /// Frees the buffers beyond `keep` that went unused since the last call
+    /// (all of them if none was taken); returns how many.
+    pub fn decay(&mut self) -> usize {
+        let unused = self.low_water.min(self.free.len());
+        let n = unused.saturating_sub(self.limits.keep);
+        for buf in self.free.drain(..n) {
+            self.bytes -= buf.data.capacity();
+        }
+        self.low_water = self.free.len();
+        n
     }
 
     /// Frees every pooled buffer (after a burst, so that the allocator can
     /// give their pages back).
     pub fn clear(&mut self) {
         self.free = Vec::new();
+        self.bytes = 0;
+        self.low_water = 0;
     }
 
     /// Bytes of capacity held by pooled buffers.
     pub fn pooled_bytes(&self) -> usize {
-        self.free.iter().map(|b| b.data.capacity()).sum()
+        self.bytes
     }
 }
 
@@ -95,9 +150,24 @@ impl BufPool {
 mod tests {
     use super::*;
 
+    fn limits(keep: usize, max_free: usize) -> PoolLimits {
+        PoolLimits {
+            keep,
+            max_free,
+            max_bytes: usize::MAX,
+        }
+    }
+
+    fn give_new(pool: &mut BufPool, capacity: usize) {
+        pool.give(&mut Some(Box::new(Buf {
+            data: Vec::with_capacity(capacity),
+            pos: 0,
+        })));
+    }
+
     #[test]
     fn reuses_and_bounds() {
-        let mut pool = BufPool::new(1);
+        let mut pool = BufPool::new(limits(1, 1));
         let mut a = Some(pool.take(10));
         a.as_mut().unwrap().data.extend_from_slice(b"hello");
         a.as_mut().unwrap().pos = 2;
@@ -108,18 +178,52 @@ mod tests {
         assert!(b.is_empty() && b.pos == 0);
         assert_eq!(b.data.as_ptr(), ptr, "the buffer was reused");
 
-        let mut big = Some(Box::new(Buf {
-            data: Vec::with_capacity(KEEP_CAPACITY + 1),
-            pos: 0,
-        }));
-        pool.give(&mut big);
+        give_new(&mut pool, KEEP_CAPACITY + 1);
         assert_eq!(pool.pooled_bytes(), 0, "oversized buffers are freed");
 
         let (mut x, mut y) = (Some(pool.take(1)), Some(pool.take(1)));
         pool.give(&mut x);
         pool.give(&mut y);
         assert_eq!(pool.free.len(), 1, "at most max_free are kept");
+        assert_eq!(pool.pooled_bytes(), INITIAL_CAPACITY);
         pool.clear();
         assert_eq!(pool.free.capacity(), 0, "a cleared pool holds nothing");
+        assert_eq!(pool.pooled_bytes(), 0);
+    }
+
+    #[test]
+    fn bytes_are_bounded() {
+        let mut pool = BufPool::new(PoolLimits {
+            keep: 1,
+            max_free: 100,
+            max_bytes: 3 * 1024,
+        });
+        for _ in 0..5 {
+            give_new(&mut pool, 1024);
+        }
+        assert_eq!(pool.free.len(), 3);
+        assert_eq!(pool.pooled_bytes(), 3 * 1024);
+    }
+
+    #[test]
+    fn decay_frees_only_what_went_unused() {
+        let mut pool = BufPool::new(limits(2, 100));
+        for _ in 0..10 {
+            give_new(&mut pool, 512);
+        }
+        pool.decay(); // starts the first period: all 10 count as used
+        assert_eq!(pool.free.len(), 10);
+        // A busy period: 6 out at once, then back.
+        let mut out: Vec<_> = (0..6).map(|_| Some(pool.take(1))).collect();
+        for slot in &mut out {
+            pool.give(slot);
+        }
+        assert!(pool.is_over_keep());
+        assert_eq!(pool.decay(), 2, "4 went unused; 2 of them are kept");
+        assert_eq!(pool.free.len(), 8);
+        assert_eq!(pool.decay(), 6, "an idle period frees all beyond keep");
+        assert_eq!(pool.free.len(), 2);
+        assert_eq!(pool.pooled_bytes(), 2 * 512);
+        assert!(!pool.is_over_keep());
     }
 }

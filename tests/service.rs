@@ -184,3 +184,29 @@ fn no_systemd_no_notifications() {
     assert_eq!(server.wait_exit().code(), Some(0));
     assert!(!server.log().contains("notify"), "{}", server.log());
 }
+
+/// A line to 400 recipients has 400 outbound buffers out at once: the pool
+/// keeps them all for the next busy turn (no allocation per delivery), then
+/// frees all but 256 within seconds once they go unused. Watched through
+/// the pool gauge.
+#[test]
+fn pool_keeps_a_busy_turns_buffers_then_lets_them_go() {
+    const KEEP_BYTES: f64 = 256.0 * 512.0;
+    let (server, addr) = with_metrics();
+    let mut clients: Vec<_> = (0..400).map(|i| server.login(&format!("r{i}"))).collect();
+    let names: Vec<String> = (0..400).map(|i| format!("r{i}")).collect();
+    clients[0].send(&format!("{}: hi\n", names.join(",")));
+    for client in &mut clients {
+        client.expect("from r0: hi");
+    }
+    let peak = scrape(addr)["chatd_pooled_buffer_bytes"];
+    assert!(peak >= 400.0 * 512.0, "the pool kept {peak} bytes");
+    let decayed = poll_until(|| {
+        let now = scrape(addr)["chatd_pooled_buffer_bytes"];
+        (now <= KEEP_BYTES + 16384.0).then_some(now)
+    });
+    assert!(
+        decayed.is_some(),
+        "the pool did not let its spare buffers go"
+    );
+}

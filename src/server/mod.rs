@@ -4,9 +4,10 @@
 //! accept, read and route (routing only appends to outbound buffers), serve
 //! connections that had input left over from the last turn, fire due timers,
 //! write every connection on the pending-write list once, and finally reap the
-//! connections marked dead. Handlers never free a connection: they mark it
-//! dead, and `Server::reap` removes it after the batch, so a slab key stays
-//! valid for the whole turn.
+//! connections marked dead (and hand memory back to the kernel once most of
+//! a burst of connections has gone). Handlers never free a connection: they
+//! mark it dead, and `Server::reap` removes it after the batch, so a slab key
+//! stays valid for the whole turn.
 //!
 //! This file holds the loop, timers, signals and reaping; the steps live in
 //! `accept.rs` (clients and scrapers), `input.rs` (the read path),
@@ -34,7 +35,7 @@ use crate::conn::{
     WRITE_BLOCKED, WRITE_SHUT,
 };
 use crate::metrics::{self, Gauges, MetricsConn, Next};
-use crate::pool::BufPool;
+use crate::pool::{BufPool, PoolLimits};
 use crate::protocol::{self, ErrorKind, Split};
 use crate::registry::Registry;
 use crate::stats::Stats;
@@ -63,8 +64,18 @@ const EVENTS_CAPACITY: usize = 1024;
 const CLOSE_GRACE_MS: u64 = 2000;
 /// Stale timer entries tolerated before the heaps are compacted.
 const TIMERS_SLACK: usize = 1024;
-/// The most free buffers the pool keeps.
-const POOL_MAX_FREE: usize = 256;
+/// What the buffer pool may hold: 256 buffers for good, up to 8,192 (and
+/// 4 MiB) while a busy second needs them.
+const POOL_LIMITS: PoolLimits = PoolLimits {
+    keep: 256,
+    max_free: 8192,
+    max_bytes: 4 << 20,
+};
+/// How often the pool frees the buffers it held unused, while it holds more
+/// than it keeps.
+const POOL_DECAY_MS: u64 = 1000;
+/// Buffers freed by one decay that make it worth handing pages back.
+const POOL_TRIM_AFTER: usize = 64;
 /// Closes since the peak after which freed memory is handed back to the
 /// kernel (when also at least half of the peak's connections are gone, or
 /// all of them).
@@ -148,6 +159,9 @@ struct Server {
     accept_resume_ms: Option<u64>,
     /// Whether descriptor exhaustion was logged since the last good accept.
     accept_exhaustion_logged: bool,
+    /// When the pool next frees the buffers it held unused; `None` while
+    /// it holds no more than it keeps.
+    pool_decay_ms: Option<u64>,
     /// When the next stats line is due.
     next_stats_ms: Option<u64>,
     /// When shutdown gives up flushing; `Some` once shutdown has begun.
@@ -224,7 +238,7 @@ impl Server {
             // random, so a reservation would cost its full size at once.)
             conns: Slab::with_capacity(max_clients + REJECT_SLOTS),
             registry: Registry::default(),
-            pool: BufPool::new(POOL_MAX_FREE),
+            pool: BufPool::new(POOL_LIMITS),
             timers: Timers::default(),
             stats: Stats::default(),
             scratch: vec![0; config.max_line + 2 + READ_CHUNK],
@@ -244,6 +258,7 @@ impl Server {
             now_ms,
             accept_resume_ms: None,
             accept_exhaustion_logged: false,
+            pool_decay_ms: None,
             next_stats_ms,
             shutdown_deadline_ms: None,
             metrics_listener,
@@ -285,6 +300,9 @@ impl Server {
             self.fire_timers();
             self.flush_pending();
             self.reap();
+            if self.pool_decay_ms.is_none() && self.pool.is_over_keep() {
+                self.pool_decay_ms = Some(self.now_ms + POOL_DECAY_MS);
+            }
             if let Some(deadline) = self.shutdown_deadline_ms {
                 if self.conns.is_empty() || self.now_ms >= deadline {
                     info!(
@@ -307,6 +325,7 @@ impl Server {
         [
             self.timers.next_at(),
             self.accept_resume_ms,
+            self.pool_decay_ms,
             self.next_stats_ms,
             self.shutdown_deadline_ms,
             metrics_deadline,
@@ -376,6 +395,15 @@ impl Server {
         if self.accept_resume_ms.is_some_and(|at| at <= self.now_ms) {
             self.accept_resume_ms = None;
             self.accept_all();
+        }
+        if self.pool_decay_ms.is_some_and(|at| at <= self.now_ms) {
+            if self.pool.decay() >= POOL_TRIM_AFTER {
+                trim_heap();
+            }
+            self.pool_decay_ms = self
+                .pool
+                .is_over_keep()
+                .then_some(self.now_ms + POOL_DECAY_MS);
         }
         if !self.metrics.is_empty() {
             let now = self.now_ms;
