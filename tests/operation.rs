@@ -234,3 +234,22 @@ fn memory_is_handed_back_after_a_burst_and_the_rest_still_routes() {
     stay[0].send("c0: welcome back\n");
     back.expect("from c250: welcome back");
 }
+
+/// A client that connects and closes over and over, alone, does not make
+/// each close a heap trim: that would let it spend the server's CPU.
+#[test]
+fn lone_reconnects_do_not_trim_the_heap() {
+    let mut server = Server::start(&["--log-level", "debug"]);
+    for i in 0..100 {
+        let mut client = server.login(&format!("x{i}"));
+        client.shutdown_write();
+        client.expect_eof();
+    }
+    let gone = common::poll_until(|| (server.connections() == 0).then_some(()));
+    assert!(gone.is_some(), "the connections did not close");
+    assert!(
+        !server.log().contains("memory handed back"),
+        "{}",
+        server.log()
+    );
+}

@@ -77,8 +77,7 @@ const POOL_DECAY_MS: u64 = 1000;
 /// Buffers freed by one decay that make it worth handing pages back.
 const POOL_TRIM_AFTER: usize = 64;
 /// Closes since the peak after which freed memory is handed back to the
-/// kernel (when also at least half of the peak's connections are gone, or
-/// all of them).
+/// kernel (when also at least half of the peak's connections are gone).
 const GIVE_BACK_AFTER: usize = 64;
 
 /// How [`run`] ended.
@@ -147,6 +146,8 @@ struct Server {
     rejecting: usize,
     /// The most connections open at once since memory was last handed back.
     peak_conns: usize,
+    /// Whether memory was handed back while part of a burst is still open.
+    burst_closing: bool,
     /// The id the next connection gets (wrapping).
     next_id: u32,
     /// Sequence number of the message being routed (see `Conn::route_mark`).
@@ -252,6 +253,7 @@ impl Server {
             dead: Vec::new(),
             rejecting: 0,
             peak_conns: 0,
+            burst_closing: false,
             next_id: 0,
             route_seq: 0,
             started: Instant::now(),
@@ -475,8 +477,13 @@ impl Server {
         }
         let open = self.conns.len();
         let burst_gone = self.peak_conns >= GIVE_BACK_AFTER + open && self.peak_conns >= 2 * open;
-        if burst_gone || (open == 0 && self.peak_conns > 0) {
+        // The last few connections of a burst handed back in part. (Not
+        // any last connection: a client that connects and closes over and
+        // over must not make every close a heap trim.)
+        let burst_ended = open == 0 && self.burst_closing;
+        if burst_gone || burst_ended {
             self.peak_conns = open;
+            self.burst_closing = open > 0;
             self.give_back_memory();
         }
     }
