@@ -86,7 +86,7 @@ metrics = {
     "idle10k": ["logged_in", "server_bytes_per_conn"],
     "fanout1": ["deliveries_per_sec", "server_cpu_us_per_delivery", "latency_us_p50", "latency_us_p99", "lost", "bench_cpu_secs"],
     "fanout10": ["deliveries_per_sec", "server_cpu_us_per_delivery", "latency_us_p50", "latency_us_p99", "lost", "bench_cpu_secs"],
-    "rate100k": ["lines_sent", "latency_us_p50", "latency_us_p99", "latency_us_p999", "latency_us_max", "server_cpu_us_per_delivery", "lost"],
+    "rate100k": ["lines_sent", "latency_us_p50", "latency_us_p99", "latency_us_p999", "latency_us_max", "send_lag_us_p99", "server_cpu_us_per_delivery", "lost"],
     "storm10k": ["logged_in", "logins_per_sec", "login_ms_p50", "login_ms_p99", "login_ms_max", "connect_failed"],
     "storm19k": ["logged_in", "logins_per_sec", "login_ms_p50", "login_ms_p99", "login_ms_max", "connect_failed"],
     "scale19k": ["logged_in", "deliveries_per_sec", "server_cpu_us_per_delivery", "latency_us_p50", "latency_us_p99", "lost", "bench_cpu_secs"],

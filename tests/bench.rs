@@ -76,7 +76,8 @@ fn closed_loop_counts_every_delivery() {
     assert!(field(&out, "latency_us_p99") >= field(&out, "latency_us_p50"));
 }
 
-/// Open loop: the offered rate is what is sent, and all of it arrives.
+/// Open loop: the offered rate is what is sent, all of it arrives, and the
+/// send lag is reported.
 #[test]
 fn open_loop_sends_at_the_rate() {
     let server = Server::start(&[]);
@@ -106,6 +107,8 @@ fn open_loop_sends_at_the_rate() {
         "sent {sent} lines at 2000/s for 1 s"
     );
     assert_eq!(field(&out, "deliveries"), sent * 2.0);
+    // How late lines left is reported, so a lagging generator shows.
+    assert!(field(&out, "send_lag_us_max") >= field(&out, "send_lag_us_p99"));
 }
 
 /// Client sockets are spread over the given source addresses.

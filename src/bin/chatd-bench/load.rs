@@ -112,6 +112,10 @@ pub struct Load {
     pub login_latency: Histogram<u64>,
     /// Delivery latency from intended send time, µs.
     pub latency: Histogram<u64>,
+    /// Open loop: how late each line was handed to the socket, µs. When
+    /// this tail is close to the latency tail, the generator, not the
+    /// server, was behind.
+    pub send_lag: Histogram<u64>,
     epoch: Instant,
     /// Connects started so far.
     started: usize,
@@ -169,6 +173,7 @@ impl Load {
             counts: Counts::default(),
             login_latency: histogram(),
             latency: histogram(),
+            send_lag: histogram(),
             epoch: Instant::now(),
             started: 0,
             generating: false,
@@ -301,12 +306,17 @@ impl Load {
             // Line k is due at k / rate: lines 0 ..= elapsed * rate are due.
             let due = (elapsed * self.plan.rate) as u64 + 1;
             let base = self.traffic_start.duration_since(self.epoch).as_secs_f64();
+            let now = self.epoch.elapsed();
             while self.scheduled < due {
                 let k = self.scheduled;
                 self.scheduled += 1;
                 let intended = Duration::from_secs_f64(base + k as f64 / self.plan.rate);
                 self.send_line((k % self.senders.len() as u64) as usize, intended);
+                let lag = now.saturating_sub(intended).as_micros() as u64;
+                let _ = self.send_lag.record(lag.max(1));
             }
+            // Out at once, before this turn's events are handled.
+            self.flush_dirty();
             let next = base + (self.scheduled as f64) / self.plan.rate;
             let until = Duration::from_secs_f64(next).saturating_sub(self.epoch.elapsed());
             if until < SPIN_BELOW {

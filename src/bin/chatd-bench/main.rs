@@ -419,6 +419,11 @@ fn run(args: &Args) -> std::io::Result<(Report, bool)> {
         ] {
             report.int(key, load.latency.value_at_quantile(q));
         }
+        if plan.rate > 0.0 {
+            for (key, q) in [("send_lag_us_p99", 0.99), ("send_lag_us_max", 1.0)] {
+                report.int(key, load.send_lag.value_at_quantile(q));
+            }
+        }
         if let (Some(before), Some(after)) = (server_start, server()) {
             let cpu = after.cpu.saturating_sub(before.cpu);
             report.float("server_cpu_secs", cpu.as_secs_f64());
