@@ -1,4 +1,4 @@
-//! The server's tunables, with SPEC.md's defaults.
+//! The server's tunables, with the defaults documented in the README.
 
 use std::time::Duration;
 
@@ -21,9 +21,6 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Interval of the stats log line; zero = off.
     pub stats_interval: Duration,
-    /// Whether to handle SIGINT, SIGTERM and SIGUSR1 (the binary does; an
-    /// embedding program may not want its signals taken).
-    pub handle_signals: bool,
 }
 
 impl Default for Config {
@@ -36,7 +33,6 @@ impl Default for Config {
             idle_timeout: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(5),
             stats_interval: Duration::ZERO,
-            handle_signals: true,
         }
     }
 }

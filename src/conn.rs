@@ -1,11 +1,17 @@
-//! One client connection: its socket, its buffers and its place in the
-//! connection's life. It knows nothing of the protocol.
+//! One client connection: its socket, its buffers and where it is in its
+//! life. It knows nothing of the protocol.
+//!
+//! The phase and the flags are private: the reactor moves a connection on
+//! through the methods below, which keep the rules in one place (a
+//! connection is on the pending-write list at most once, writable interest
+//! is armed once, a deadline applies only in its phase).
 
 use std::io::{self, Read, Write};
 use std::rc::Rc;
 
 use mio::net::TcpStream;
 
+use crate::deadlines::Deadline;
 use crate::pool::{Buf, BufPool};
 
 /// Where a connection is in its life.
@@ -24,22 +30,22 @@ pub enum Phase {
     Closing,
 }
 
-/// `Conn::flags`: the connection is on the reactor's pending-write list.
-pub const PENDING_WRITE: u8 = 1 << 0;
-/// `Conn::flags`: input may be left in the socket; on the come-back list.
-pub const MORE_INPUT: u8 = 1 << 1;
-/// `Conn::flags`: registered for writable events as well as readable.
-pub const WRITABLE_ARMED: u8 = 1 << 2;
-/// `Conn::flags`: its sending side was shut down (lingering close).
-pub const WRITE_SHUT: u8 = 1 << 3;
-/// `Conn::flags`: marked for removal by the reactor's reap step.
-pub const DEAD: u8 = 1 << 4;
-/// `Conn::flags`: a connection turned away with `server-full`.
-pub const REJECTED: u8 = 1 << 5;
-/// `Conn::flags`: the last write hit `WouldBlock`; a writable event will come.
-pub const WRITE_BLOCKED: u8 = 1 << 6;
-/// `Conn::flags`: EOF was read while closing.
-pub const INPUT_DONE: u8 = 1 << 7;
+/// On the reactor's pending-write list.
+const PENDING_WRITE: u8 = 1 << 0;
+/// Input may be left in the socket; on the come-back list.
+const MORE_INPUT: u8 = 1 << 1;
+/// Registered for writable events as well as readable.
+const WRITABLE_ARMED: u8 = 1 << 2;
+/// Its sending side was shut down (lingering close).
+const WRITE_SHUT: u8 = 1 << 3;
+/// Marked for removal by the reactor's reap step.
+const DEAD: u8 = 1 << 4;
+/// Turned away with `server-full`.
+const REJECTED: u8 = 1 << 5;
+/// The last write hit `WouldBlock`; a writable event will come.
+const WRITE_BLOCKED: u8 = 1 << 6;
+/// EOF was read while closing.
+const INPUT_DONE: u8 = 1 << 7;
 
 /// A client connection. Idle ones own no buffers: `partial` and `out` are
 /// `None` until needed and go back to the pool when empty. The fields are
@@ -49,8 +55,8 @@ pub const INPUT_DONE: u8 = 1 << 7;
 pub struct Conn {
     /// The socket, registered with the poller under the slab key.
     pub stream: TcpStream,
-    /// Tells apart connections that reuse a slab key (timers carry it). It
-    /// wraps after 2^32 connections, far beyond any timer's life.
+    /// Tells apart connections that reuse a slab key (deadlines carry it).
+    /// It wraps after 2^32 connections, far beyond any deadline's life.
     pub id: u32,
     /// When input last arrived, in ms since the server started (wrapping;
     /// compare with `wrapping_sub`).
@@ -61,10 +67,10 @@ pub struct Conn {
     /// Bytes discarded while lingering, bounded by the reactor.
     pub discarded: u32,
     /// Where the connection is in its life.
-    pub phase: Phase,
+    phase: Phase,
     /// Bit set of the `PENDING_WRITE`, `MORE_INPUT`, ... flags above.
-    pub flags: u8,
-    /// The login name, shared with the registry; empty before login.
+    flags: u8,
+    /// The login name, shared with the name index; empty before login.
     pub name: Rc<str>,
     /// The unterminated tail of the input, kept between reads.
     pub partial: Option<Box<Buf>>,
@@ -89,9 +95,142 @@ impl Conn {
         }
     }
 
-    /// Whether `flag` is set.
-    pub fn has(&self, flag: u8) -> bool {
+    fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0
+    }
+
+    /// Where the connection is in its life.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Moves to `phase`. Returns whether the connection held a name until
+    /// now, which the caller must release: a name is registered exactly
+    /// while its connection is in [`Phase::Chat`].
+    #[must_use = "a name held until now must be released"]
+    pub fn enter(&mut self, phase: Phase) -> bool {
+        let held = self.phase == Phase::Chat && phase != Phase::Chat;
+        self.phase = phase;
+        held
+    }
+
+    /// Whether lines are read and handled (logging in or chatting, not dead).
+    pub fn reads_lines(&self) -> bool {
+        matches!(self.phase, Phase::Login | Phase::Chat) && !self.is_dead()
+    }
+
+    /// Whether the reactor will remove it at the end of the turn.
+    pub fn is_dead(&self) -> bool {
+        self.has(DEAD)
+    }
+
+    /// Marks it for removal and moves it to [`Phase::Closing`]. Returns
+    /// whether it was alive (then it must go on the reap list) and whether
+    /// it held a name (then that must be released).
+    pub fn mark_dead(&mut self) -> (bool, bool) {
+        if self.is_dead() {
+            return (false, false);
+        }
+        self.flags |= DEAD;
+        (true, self.enter(Phase::Closing))
+    }
+
+    /// Whether `deadline` still applies to this connection: a login
+    /// deadline before login, an idle one while it has not closed, a close
+    /// grace while closing; nothing once dead.
+    pub fn deadline_applies(&self, deadline: Deadline) -> bool {
+        !self.is_dead()
+            && matches!(
+                (deadline, self.phase),
+                (Deadline::Login(_), Phase::Login)
+                    | (Deadline::Idle(_), Phase::Chat | Phase::Draining)
+                    | (Deadline::Close(_), Phase::Closing)
+            )
+    }
+
+    /// Output was queued: returns whether it must go on the pending-write
+    /// list now (not already there, not waiting for a writable event, alive).
+    pub fn wants_flush(&mut self) -> bool {
+        if self.flags & (PENDING_WRITE | WRITE_BLOCKED | DEAD) != 0 {
+            return false;
+        }
+        self.flags |= PENDING_WRITE;
+        true
+    }
+
+    /// Taken off the pending-write list: returns whether to write it.
+    pub fn take_pending(&mut self) -> bool {
+        self.flags &= !PENDING_WRITE;
+        !self.is_dead()
+    }
+
+    /// The socket took less than was queued. Returns whether writable
+    /// interest must be armed now (the first time; it stays armed after).
+    pub fn write_blocked(&mut self) -> bool {
+        self.flags |= WRITE_BLOCKED;
+        if self.has(WRITABLE_ARMED) {
+            return false;
+        }
+        self.flags |= WRITABLE_ARMED;
+        true
+    }
+
+    /// A writable event: the socket takes bytes again. Returns whether
+    /// output is waiting.
+    pub fn on_writable(&mut self) -> bool {
+        self.flags &= !WRITE_BLOCKED;
+        self.pending_out() > 0
+    }
+
+    /// Input was left in the socket at the read budget: returns whether it
+    /// must go on the come-back list (it is not there yet).
+    pub fn defer_input(&mut self) -> bool {
+        let first = !self.has(MORE_INPUT);
+        self.flags |= MORE_INPUT;
+        first
+    }
+
+    /// Taken off the come-back list: returns whether to read it.
+    pub fn take_deferred_input(&mut self) -> bool {
+        let deferred = self.has(MORE_INPUT);
+        self.flags &= !MORE_INPUT;
+        deferred && !self.is_dead()
+    }
+
+    /// Shuts down the sending side, once. Returns whether it did now.
+    pub fn shut_write(&mut self) -> bool {
+        if self.has(WRITE_SHUT) {
+            return false;
+        }
+        self.flags |= WRITE_SHUT;
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        true
+    }
+
+    /// Whether the sending side is shut down.
+    pub fn is_write_shut(&self) -> bool {
+        self.has(WRITE_SHUT)
+    }
+
+    /// EOF was read while closing.
+    pub fn set_input_done(&mut self) {
+        self.flags |= INPUT_DONE;
+    }
+
+    /// Whether EOF was read while closing.
+    pub fn is_input_done(&self) -> bool {
+        self.has(INPUT_DONE)
+    }
+
+    /// Marks it as turned away with `server-full` (it is not counted as a
+    /// client).
+    pub fn reject(&mut self) {
+        self.flags |= REJECTED;
+    }
+
+    /// Whether it was turned away with `server-full`.
+    pub fn is_rejected(&self) -> bool {
+        self.has(REJECTED)
     }
 
     /// Bytes queued and not yet written.

@@ -3,53 +3,65 @@
 //!
 //! Clients connect, send their name as the first line, then lines like
 //! `alice, bob: hello`; each named recipient who is online receives
-//! `from carol: hello`. The protocol is the async-std / tokio tutorial chat
-//! server's, with its holes fixed (see `SPEC.md` and the README).
+//! `from carol: hello`. The protocol is that of the async-std / tokio
+//! tutorial chat server, with its holes fixed; `docs/PROTOCOL.md` is the
+//! reference.
 //!
 //! # Layout
 //!
-//! - [`server`]: the reactor. One `mio::Poll` loop owns a `slab` of
-//!   connections: the loop, timers, signals and reaping in `server/mod.rs`,
-//!   then `accept.rs`, `input.rs` (read path), `route.rs` (login, routing,
-//!   error lines) and `output.rs` (write path).
-//! - [`conn`]: one connection: its socket, buffers and phase. No protocol.
+//! - [`run`] / [`run_with`] (`server/`): the reactor. One `mio::Poll` loop,
+//!   split by responsibility: `server/mod.rs` ties the loop together and
+//!   dispatches by poll token; `clients.rs` is the connection table (slab,
+//!   name index, pool, each connection's life), with its read path in
+//!   `input.rs` and its write path in `output.rs`; `broker.rs` is what a
+//!   line means (login, routing, `error:` lines); `housekeeping.rs` keeps
+//!   memory and stale deadlines bounded and reports stats and status;
+//!   `scrapers.rs` serves the metrics endpoint's connections.
+//! - [`control`]: steering a running server from outside its loop: the
+//!   [`Control`] stop handle, the [`Notifier`] it reports to, [`Exit`].
+//! - [`conn`]: one connection: its socket, buffers, phase and flags, and
+//!   the transitions between phases. No protocol.
+//! - [`deadlines`]: every deadline in one min-heap, keyed by what it is for.
 //! - [`protocol`]: the wire protocol as pure functions over byte slices.
 //! - [`registry`]: which logged-in connection holds which name. No sockets.
 //! - [`pool`]: the buffer pool, so idle connections own no buffers.
-//! - [`timers`]: login, idle and close deadlines, a min-heap per kind.
 //! - [`stats`]: the counters.
 //! - [`metrics`]: the optional HTTP endpoint (`/metrics`, `/healthz`).
 //! - [`config`]: the tunables and their defaults.
-//! - `main.rs` (the `chatd` binary): flags and environment to a [`Config`].
+//! - `main.rs` (the `chatd` binary): flags and environment to a [`Config`];
+//!   it also owns everything process-wide: signal handlers, the open-file
+//!   limit and systemd notifications. The library touches none of them.
 //!
 //! # How a line travels
 //!
 //! A readable event makes the reactor read into one shared scratch buffer,
 //! after the connection's unterminated tail from earlier reads (the only input
 //! a connection keeps, in a pooled buffer, while a line is incomplete).
-//! [`protocol::next_line`] frames lines in place; a message line is split by
-//! [`protocol::parse_message`], and `from <sender>: <body>\n` is formatted
-//! once and appended to each online recipient's outbound buffer, found through
-//! the [`registry`]. Routing never writes to a socket: recipients go on a
-//! pending-write list, and at the end of the loop turn each is written once.
-//! A socket that does not take everything gets writable interest and waits
-//! for its event. A connection that breaks a limit is closed alone, with an
-//! `error:` line.
+//! [`protocol::next_line`] frames lines in place; the broker splits a
+//! message line with [`protocol::parse_message`], formats
+//! `from <sender>: <body>\n` once and appends it to each online recipient's
+//! outbound buffer, found through the name index. Routing never writes to a
+//! socket: recipients go on a pending-write list, and at the end of the loop
+//! turn each is written once. A socket that does not take everything gets
+//! writable interest and waits for its event. A connection that breaks a
+//! limit is closed alone, with an `error:` line.
 
 #![deny(unsafe_code)]
 
 pub mod config;
 pub mod conn;
+pub mod control;
+pub mod deadlines;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod registry;
 pub mod server;
 pub mod stats;
-pub mod timers;
 
 pub use config::Config;
-pub use server::{Exit, run, run_with_metrics};
+pub use control::{Control, Exit, Notifier};
+pub use server::{Extras, run, run_with};
 
 use std::io;
 use std::net::SocketAddr;

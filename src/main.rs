@@ -1,5 +1,8 @@
 //! The `chatd` binary: turns flags and `CHATD_*` variables into a
-//! [`chatd::Config`], binds the listener and runs the server.
+//! [`chatd::Config`], binds the listener and runs the server. Everything
+//! process-wide is done here, not in the library: the open-file limit is
+//! raised, signals are turned into [`chatd::Control`] requests, and systemd
+//! is told the server's state.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
@@ -158,8 +161,14 @@ fn raw_values(values: &mut [RawValue]) -> Result<Option<Command>, UsageError> {
     for (flag, slot) in FLAGS.iter().zip(values.iter_mut()) {
         if slot.is_none() {
             let var = format!("CHATD_{}", flag.name.replace('-', "_").to_uppercase());
-            if let Ok(value) = std::env::var(&var) {
-                *slot = Some((var, value));
+            match std::env::var(&var) {
+                Ok(value) => *slot = Some((var, value)),
+                Err(std::env::VarError::NotPresent) => {}
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(UsageError(format!(
+                        "invalid value for {var}: not valid UTF-8"
+                    )));
+                }
             }
         }
     }
@@ -268,6 +277,75 @@ fn resolve(source: &str, value: &str) -> Result<SocketAddr, UsageError> {
         .ok_or_else(|| invalid("no address found".into()))
 }
 
+/// Raises the soft open-file limit to the hard limit, so that
+/// `--max-clients` can be as large as the administrator allows.
+fn raise_open_file_limit() {
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        log::warn!("cannot raise the open-file limit: {e}");
+    }
+}
+
+/// Turns signals into requests on `control`: SIGINT and SIGTERM stop (a
+/// second one at once), SIGUSR1 logs the counters, SIGHUP is logged and
+/// ignored, so a daemon started from a terminal survives its closing.
+fn handle_signals(control: &chatd::Control) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    type Action = fn(&chatd::Control);
+    let actions: [(i32, Action); 4] = [
+        (SIGINT, chatd::Control::stop),
+        (SIGTERM, chatd::Control::stop),
+        (SIGUSR1, chatd::Control::log_stats),
+        (SIGHUP, chatd::Control::hang_up),
+    ];
+    for (signal, action) in actions {
+        let control = control.clone();
+        // SAFETY: the handler only calls a `Control` method, which adds to
+        // an atomic counter and writes to an eventfd: async-signal-safe, no
+        // allocation, no lock.
+        #[allow(unsafe_code)]
+        unsafe {
+            signal_hook::low_level::register(signal, move || action(&control))?;
+        }
+    }
+    Ok(())
+}
+
+/// Passes the server's state on to systemd when it listens (`Type=notify`
+/// sets `NOTIFY_SOCKET`): READY, a STATUS line every few seconds, STOPPING.
+struct Systemd;
+
+impl Systemd {
+    fn notify(states: &[sd_notify::NotifyState]) {
+        if let Err(e) = sd_notify::notify(states) {
+            log::warn!("cannot notify systemd: {e}");
+        }
+    }
+}
+
+impl chatd::Notifier for Systemd {
+    fn ready(&mut self, status: &str) {
+        Systemd::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(status),
+        ]);
+    }
+
+    fn status_interval_ms(&self) -> Option<u64> {
+        Some(5000)
+    }
+
+    fn status(&mut self, line: &str) {
+        Systemd::notify(&[sd_notify::NotifyState::Status(line)]);
+    }
+
+    fn stopping(&mut self) {
+        Systemd::notify(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("shutting down"),
+        ]);
+    }
+}
+
 fn main() -> ExitCode {
     let settings = match parse_args() {
         Ok(Command::Run(settings)) => settings,
@@ -288,6 +366,12 @@ fn main() -> ExitCode {
     let _ = simple_logger::SimpleLogger::new()
         .with_level(settings.log_level)
         .init();
+    raise_open_file_limit();
+    let control = chatd::Control::new();
+    if let Err(e) = handle_signals(&control) {
+        log::error!("cannot handle signals: {e}");
+        return ExitCode::FAILURE;
+    }
     let listener = match chatd::bind(settings.addr, settings.backlog) {
         Ok(listener) => listener,
         Err(e) => {
@@ -306,7 +390,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match chatd::run_with_metrics(listener, metrics, settings.config) {
+    let notifier: Option<Box<dyn chatd::Notifier>> = std::env::var_os("NOTIFY_SOCKET")
+        .is_some()
+        .then(|| Box::new(Systemd) as Box<dyn chatd::Notifier>);
+    let extras = chatd::Extras { metrics, notifier };
+    match chatd::run_with(listener, settings.config, control, extras) {
         Ok(chatd::Exit::Graceful) => ExitCode::SUCCESS,
         Ok(chatd::Exit::Forced) => ExitCode::from(130),
         Err(e) => {

@@ -25,7 +25,7 @@ pub const MAX_CONNS: usize = 16;
 pub const DEADLINE_MS: u64 = 5000;
 
 /// Figures the reactor knows besides the counters.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Gauges {
     /// Logged-in clients.
     pub logged_in: usize,
@@ -33,6 +33,19 @@ pub struct Gauges {
     pub max_clients: usize,
     /// Bytes held by the buffer pool.
     pub pooled_bytes: usize,
+    /// Whether the server takes new clients, and if not, why.
+    pub health: Result<(), &'static str>,
+}
+
+impl Default for Gauges {
+    fn default() -> Gauges {
+        Gauges {
+            logged_in: 0,
+            max_clients: 0,
+            pooled_bytes: 0,
+            health: Ok(()),
+        }
+    }
 }
 
 /// One scraper connection.
@@ -45,9 +58,8 @@ pub struct MetricsConn {
     /// The response, once the request is complete; `out[written..]` is
     /// still to be written.
     out: Vec<u8>,
+    /// How much of `out` is written.
     written: usize,
-    /// When the connection is closed regardless, in ms since server start.
-    pub deadline_ms: u64,
 }
 
 /// What the reactor should do with a metrics connection after an event.
@@ -62,21 +74,20 @@ pub enum Next {
 }
 
 impl MetricsConn {
-    /// A new connection that must finish by `deadline_ms`.
-    pub fn new(stream: TcpStream, deadline_ms: u64) -> MetricsConn {
+    /// A new connection (the reactor closes it after [`DEADLINE_MS`]).
+    pub fn new(stream: TcpStream) -> MetricsConn {
         MetricsConn {
             stream,
             request: Vec::new(),
             out: Vec::new(),
             written: 0,
-            deadline_ms,
         }
     }
 
     /// Reads what arrived, answers once the request is complete, and
-    /// writes as much of the answer as the socket takes. `metrics` renders
-    /// the `/metrics` body when asked for.
-    pub fn on_event(&mut self, metrics: impl FnOnce() -> String) -> Next {
+    /// writes as much of the answer as the socket takes. `gauges` says what
+    /// the reactor knows; `stats` and `gauges` are read only when asked for.
+    pub fn on_event(&mut self, stats: &Stats, gauges: impl FnOnce() -> Gauges) -> Next {
         if self.out.is_empty() {
             let mut buf = [0; 1024];
             loop {
@@ -94,7 +105,7 @@ impl MetricsConn {
                     Err(_) => return Next::Close,
                 }
             }
-            match respond(&self.request, metrics) {
+            match respond(&self.request, stats, gauges) {
                 Some(response) => self.out = response,
                 None => return Next::Wait,
             }
@@ -116,7 +127,9 @@ impl MetricsConn {
 /// The response to `request`, or `None` while it is incomplete and under
 /// [`MAX_REQUEST`]. Answers 400 to a malformed request, 431 to one too
 /// large, 404 to an unknown path and 405 to a method other than GET or HEAD.
-pub fn respond(request: &[u8], metrics: impl FnOnce() -> String) -> Option<Vec<u8>> {
+/// `/healthz` answers 200 `ok` while the server takes new clients, and 503
+/// with the reason while it does not (out of descriptors, full, stopping).
+pub fn respond(request: &[u8], stats: &Stats, gauges: impl FnOnce() -> Gauges) -> Option<Vec<u8>> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     let (method, path) = match req.parse(request) {
@@ -148,10 +161,16 @@ pub fn respond(request: &[u8], metrics: impl FnOnce() -> String) -> Option<Vec<u
             200,
             "OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            &metrics(),
+            &render(stats, &gauges()),
             with_body,
         ),
-        ("GET" | "HEAD", "/healthz") => response(200, "OK", "text/plain", "ok\n", with_body),
+        ("GET" | "HEAD", "/healthz") => match gauges().health {
+            Ok(()) => response(200, "OK", "text/plain", "ok\n", with_body),
+            Err(why) => {
+                let body = format!("unavailable: {why}\n");
+                response(503, "Service Unavailable", "text/plain", &body, with_body)
+            }
+        },
         (_, "/metrics" | "/healthz") => {
             response(405, "Method Not Allowed", "text/plain", "use GET\n", true)
         }
@@ -254,6 +273,12 @@ pub fn render(stats: &Stats, gauges: &Gauges) -> String {
         stats.slow_consumers,
     );
     metric(
+        "chatd_up",
+        "gauge",
+        "1 while the server takes new clients (as /healthz answers 200), else 0.",
+        u64::from(gauges.health.is_ok()),
+    );
+    metric(
         "chatd_pooled_buffer_bytes",
         "gauge",
         "Bytes held by free pooled buffers.",
@@ -299,10 +324,13 @@ pub fn render(stats: &Stats, gauges: &Gauges) -> String {
     out
 }
 
+/// Resident memory, from `VmRSS` in `/proc/self/status` (in KiB there,
+/// whatever the page size).
 fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]
@@ -310,7 +338,7 @@ mod tests {
     use super::*;
 
     fn status(request: &[u8]) -> Option<String> {
-        respond(request, || "m 1\n".into()).map(|r| {
+        respond(request, &Stats::default(), Gauges::default).map(|r| {
             let text = String::from_utf8(r).unwrap();
             text.lines().next().unwrap().to_string()
         })
@@ -362,10 +390,29 @@ mod tests {
 
     #[test]
     fn healthz_body_and_head_without_body() {
-        let get = respond(b"GET /healthz HTTP/1.1\r\n\r\n", String::new).unwrap();
+        let stats = Stats::default();
+        let get = respond(b"GET /healthz HTTP/1.1\r\n\r\n", &stats, Gauges::default).unwrap();
         assert!(get.ends_with(b"\r\n\r\nok\n"));
-        let head = respond(b"HEAD /healthz HTTP/1.1\r\n\r\n", String::new).unwrap();
+        let head = respond(b"HEAD /healthz HTTP/1.1\r\n\r\n", &stats, Gauges::default).unwrap();
         assert!(head.ends_with(b"Content-Length: 3\r\nConnection: close\r\n\r\n"));
+    }
+
+    /// `/healthz` says 503 and why while the server takes no new clients.
+    #[test]
+    fn healthz_reports_what_stops_new_clients() {
+        let paused = || Gauges {
+            health: Err("out of file descriptors: accepting paused"),
+            ..Gauges::default()
+        };
+        let get = respond(b"GET /healthz HTTP/1.1\r\n\r\n", &Stats::default(), paused).unwrap();
+        let text = String::from_utf8(get).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("\r\n\r\nunavailable: out of file descriptors: accepting paused\n"));
+        assert!(render(&Stats::default(), &paused()).contains("\nchatd_up 0\n"));
+        assert!(render(&Stats::default(), &Gauges::default()).contains("\nchatd_up 1\n"));
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::fmt;
 
 use crate::protocol::ErrorKind;
 
-/// Every counter SPEC.md lists. Plain integers: one thread owns them.
+/// Every counter the server keeps. Plain integers: one thread owns them.
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
     /// Open client connections, logged in or not (rejected ones excluded).

@@ -152,7 +152,7 @@ fn sigterm_flushes_queued_messages_then_exits_0() {
     alice.send(&batch);
     alice.sync("alice"); // everything above is routed
     server.signal("TERM");
-    server.wait_log("shutdown signal received");
+    server.wait_log("shutdown requested");
     for i in 0..lines {
         bob.expect(&format!("from alice: {i} {body}"));
     }
@@ -184,11 +184,11 @@ fn second_signal_exits_at_once() {
     alice.send(&batch);
     alice.sync("alice");
     server.signal("TERM");
-    server.wait_log("shutdown signal received");
+    server.wait_log("shutdown requested");
     server.signal("TERM");
     let status = server.wait_exit();
     assert!(!status.success(), "{status:?}");
-    server.wait_log("second shutdown signal");
+    server.wait_log("second shutdown request");
 }
 
 /// `--backlog` sets the listen backlog (`ss` shows it as a listening

@@ -24,10 +24,9 @@ fn server() -> SocketAddr {
             max_line: 48,
             max_outbound: 2048,
             max_clients: Some(64),
-            handle_signals: false,
             ..chatd::Config::default()
         };
-        std::thread::spawn(move || chatd::run(listener, config));
+        std::thread::spawn(move || chatd::run(listener, config, chatd::Control::new()));
         addr
     })
 }

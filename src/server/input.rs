@@ -1,7 +1,13 @@
-//! The read path: budgeted reads, framing in place, EOF, and discarding
-//! input while a connection closes.
+//! The read path: budgeted reads into the shared scratch buffer, framing
+//! in place, lines handed to the broker, EOF, and discarding input while a
+//! connection closes.
 
-use super::*;
+use log::debug;
+
+use super::Server;
+use super::clients::Clients;
+use crate::conn::Phase;
+use crate::protocol::{self, ErrorKind, Split};
 
 /// When a read loop may stop without seeing `WouldBlock`.
 ///
@@ -26,32 +32,31 @@ pub(super) enum Drain {
 pub(super) const READ_CHUNK: usize = 64 * 1024;
 
 /// The most input discarded while lingering before closing regardless.
-pub(super) const LINGER_BYTES: u32 = 64 * 1024;
+const LINGER_BYTES: u32 = 64 * 1024;
 
 impl Server {
     /// Serves connections that stopped at their read budget last turn.
     pub(super) fn serve_more_input(&mut self, mut carried: Vec<usize>) {
         for &key in &carried {
-            let Some(conn) = self.conns.get_mut(key) else {
+            let Some(conn) = self.clients.get(key) else {
                 continue;
             };
-            if conn.has(MORE_INPUT) && !conn.has(DEAD) {
-                conn.flags &= !MORE_INPUT;
+            if conn.take_deferred_input() {
                 // No event brought us here, so no event tells us about a
                 // FIN that may wait behind the data: read to the end.
                 self.on_readable(key, Drain::UntilWouldBlock);
             }
         }
         carried.clear();
-        self.more_input_spare = carried;
+        self.clients.more_input_spare = carried;
     }
 
     /// Input is (or may be) waiting: lines are read while the connection
     /// reads lines, dropped while it closes, and ignored after its EOF.
     pub(super) fn on_readable(&mut self, key: usize, drain: Drain) {
-        match self.conns[key].phase {
+        match self.clients.conn(key).phase() {
             Phase::Login | Phase::Chat => self.read_lines(key, drain),
-            Phase::Closing => self.discard_input(key),
+            Phase::Closing => self.clients.discard_input(key, &mut self.scratch),
             Phase::Draining => {} // input ended; only output is left
         }
     }
@@ -59,56 +64,55 @@ impl Server {
     /// Reads and handles lines until the socket is drained (see [`Drain`]),
     /// EOF, an error, or the per-turn budget (then the connection goes on
     /// the come-back list).
-    pub(super) fn read_lines(&mut self, key: usize, drain: Drain) {
+    fn read_lines(&mut self, key: usize, drain: Drain) {
         let mut scratch = std::mem::take(&mut self.scratch);
-        let head = self.config.max_line + 2;
+        let head = self.clients.limits.max_line + 2;
         let mut budget = READ_CHUNK;
         loop {
-            let conn = &mut self.conns[key];
+            let conn = self.clients.conn(key);
             let n = match conn.read(&mut scratch[head..]) {
                 Ok(0) => {
                     self.on_eof(key);
                     break;
                 }
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     debug!("#{} read error: {e}", conn.id);
-                    self.kill(key);
+                    self.clients.kill(key);
                     break;
                 }
             };
-            self.stats.bytes_in += n as u64;
-            conn.last_input_ms = self.now_ms as u32;
+            conn.last_input_ms = self.deadlines.now_ms() as u32;
             // Put the unterminated tail from earlier reads right before the
             // new bytes, so lines are parsed in place from one slice.
             let tail = conn.partial.as_ref().map_or(&[][..], |p| &p.data[..]);
             let start = head - tail.len();
             scratch[start..head].copy_from_slice(tail);
+            self.clients.stats.bytes_in += n as u64;
             let Some(tail) = self.handle_lines(key, &scratch[start..head + n]) else {
-                self.scratch = scratch;
                 // Closing now: drain what is left, or no new event would come
                 // for input that already arrived, and closing a socket with
                 // unread input resets it, which can destroy the error line.
-                if !self.conns[key].has(DEAD) {
-                    self.discard_input(key);
+                if !self.clients.conn(key).is_dead() {
+                    self.clients.discard_input(key, &mut scratch);
                 }
-                return;
+                break;
             };
-            let conn = &mut self.conns[key];
+            let Clients { conns, pool, .. } = &mut self.clients;
+            let conn = &mut conns[key];
             if tail.is_empty() {
-                self.pool.give(&mut conn.partial);
+                pool.give(&mut conn.partial);
             } else {
-                let partial = conn
-                    .partial
-                    .get_or_insert_with(|| self.pool.take(tail.len()));
+                let partial = conn.partial.get_or_insert_with(|| pool.take(tail.len()));
                 partial.data.clear();
                 partial.data.extend_from_slice(tail);
             }
             budget = budget.saturating_sub(n);
             if budget == 0 {
-                conn.flags |= MORE_INPUT;
-                self.more_input.push(key);
+                if conn.defer_input() {
+                    self.clients.more_input.push(key);
+                }
                 break;
             }
             if n < READ_CHUNK && drain == Drain::UntilShortRead {
@@ -121,81 +125,85 @@ impl Server {
     /// Handles every complete line in `data` in order. Returns the
     /// unterminated tail to keep, or `None` when the connection stopped
     /// reading lines (closing or dead).
-    pub(super) fn handle_lines<'a>(&mut self, key: usize, data: &'a [u8]) -> Option<&'a [u8]> {
-        let max = self.config.max_line;
+    fn handle_lines<'a>(&mut self, key: usize, data: &'a [u8]) -> Option<&'a [u8]> {
+        let max = self.clients.limits.max_line;
+        let Server {
+            clients,
+            broker,
+            deadlines,
+            ..
+        } = self;
         let split = protocol::split_lines(data, max, |line| {
-            self.handle_line(key, line);
-            self.is_reading(key)
+            broker.handle_line(clients, deadlines, key, line);
+            clients.conn(key).reads_lines()
         });
         match split {
             Split::Tail(tail) => Some(tail),
             Split::Stopped => None,
             Split::TooLong => {
                 let detail = format_args!("max {max} bytes");
-                self.close_with_error(key, ErrorKind::LineTooLong, detail);
+                clients.error(key, ErrorKind::LineTooLong, detail, deadlines);
                 None
             }
         }
     }
 
-    /// Whether the connection still reads lines (not closing, not dead).
-    pub(super) fn is_reading(&self, key: usize) -> bool {
-        let conn = &self.conns[key];
-        matches!(conn.phase, Phase::Login | Phase::Chat) && !conn.has(DEAD)
-    }
-
     /// The client sent EOF: its last unterminated line counts, its name is
     /// released, and it closes once what is queued for it is written.
-    pub(super) fn on_eof(&mut self, key: usize) {
-        let mut tail = self.conns[key].partial.take();
+    fn on_eof(&mut self, key: usize) {
+        let mut tail = self.clients.conn(key).partial.take();
         if let Some(line) = &tail {
-            self.handle_line(key, &line.data);
+            let Server {
+                clients,
+                broker,
+                deadlines,
+                ..
+            } = self;
+            broker.handle_line(clients, deadlines, key, &line.data);
         }
-        self.pool.give(&mut tail);
-        if !self.is_reading(key) {
+        self.clients.pool.give(&mut tail);
+        if !self.clients.conn(key).reads_lines() {
             return;
         }
-        let conn = &mut self.conns[key];
+        let conn = self.clients.conn(key);
         debug!("#{} sent EOF", conn.id);
-        conn.flags |= INPUT_DONE;
-        if conn.phase == Phase::Chat {
-            self.registry.release(&conn.name);
-        }
-        conn.phase = Phase::Draining;
-        if conn.pending_out() == 0 {
-            self.kill(key);
+        conn.set_input_done();
+        self.clients.enter(key, Phase::Draining);
+        if self.clients.conn(key).pending_out() == 0 {
+            self.clients.kill(key);
         }
     }
+}
 
+impl Clients {
     /// Reads and drops input from a closing connection; EOF after the
     /// sending side is shut down, or too much input, ends it.
-    pub(super) fn discard_input(&mut self, key: usize) {
-        let mut scratch = std::mem::take(&mut self.scratch);
+    pub(super) fn discard_input(&mut self, key: usize, scratch: &mut [u8]) {
         loop {
-            let conn = &mut self.conns[key];
-            match conn.read(&mut scratch) {
+            let conn = self.conn(key);
+            match conn.read(scratch) {
                 Ok(0) => {
-                    conn.flags |= INPUT_DONE;
-                    if conn.has(WRITE_SHUT) {
+                    conn.set_input_done();
+                    if conn.is_write_shut() {
                         self.kill(key);
                     }
                     break;
                 }
                 Ok(n) => {
-                    self.stats.bytes_in += n as u64;
                     conn.discarded = conn.discarded.saturating_add(n as u32);
-                    if conn.discarded > LINGER_BYTES {
+                    let over = conn.discarded > LINGER_BYTES;
+                    self.stats.bytes_in += n as u64;
+                    if over {
                         self.kill(key);
                         break;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => {
                     self.kill(key);
                     break;
                 }
             }
         }
-        self.scratch = scratch;
     }
 }

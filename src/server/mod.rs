@@ -1,186 +1,162 @@
 //! The reactor: one `mio::Poll` loop that owns every connection.
 //!
-//! One loop turn: wait for events (with a timeout set by the next deadline),
-//! accept, read and route (routing only appends to outbound buffers), serve
-//! connections that had input left over from the last turn, fire due timers,
-//! write every connection on the pending-write list once, and finally reap the
-//! connections marked dead (and hand memory back to the kernel once most of
-//! a burst of connections has gone). Handlers never free a connection: they
-//! mark it dead, and `Server::reap` removes it after the batch, so a slab key
-//! stays valid for the whole turn.
+//! One loop turn: wait for events (at most until the next deadline),
+//! dispatch each by its [`Source`] (accept, read and route, where routing
+//! only appends to outbound buffers; scrapers; requests from the
+//! [`Control`]), serve connections that had input left over from the last
+//! turn, fire due deadlines, write every connection on the pending-write
+//! list once, and end the turn with housekeeping (reap the connections
+//! marked dead, hand memory back after a burst).
 //!
-//! This file holds the loop, timers, signals and reaping; the steps live in
-//! `accept.rs` (clients and scrapers), `input.rs` (the read path),
-//! `route.rs` (login, routing, error lines) and `output.rs` (the write
-//! path). They are all `impl Server` blocks over the one state below.
+//! The state is split by responsibility; this file only ties it together:
+//!
+//! - `clients.rs`: the connection table (slab, name index, pool) and each
+//!   connection's life from accept to reap; `input.rs` and `output.rs`
+//!   are its read and write paths.
+//! - `broker.rs`: what a line means: login, routing, `error:` lines.
+//! - `housekeeping.rs`: pool decay, memory give-back, stats and status.
+//! - `scrapers.rs`: the metrics endpoint's listener and connections.
+//! - `crate::deadlines`: every deadline, in one heap, and the loop's clock.
 
-use std::collections::HashSet;
 use std::fmt;
-use std::io::{self, Write};
-use std::net::Shutdown;
-use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::io;
+use std::time::Duration;
 
-use log::{debug, info, warn};
-use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token};
-use sd_notify::NotifyState;
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
-use signal_hook_mio::v1_0::Signals;
-use slab::Slab;
+use log::{info, warn};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::config::Config;
-use crate::conn::{
-    Conn, DEAD, INPUT_DONE, MORE_INPUT, PENDING_WRITE, Phase, REJECTED, WRITABLE_ARMED,
-    WRITE_BLOCKED, WRITE_SHUT,
-};
-use crate::metrics::{self, Gauges, MetricsConn, Next};
-use crate::pool::{BufPool, PoolLimits};
-use crate::protocol::{self, ErrorKind, Split};
-use crate::registry::Registry;
-use crate::stats::Stats;
-use crate::timers::{Timer, TimerKind, Timers};
+use crate::control::{Control, Exit, Notifier, Requests, Silent};
+use crate::deadlines::{Deadline, Deadlines};
+use crate::metrics::{self, Gauges};
 
-mod accept;
+mod broker;
+mod clients;
+mod housekeeping;
 mod input;
 mod output;
-mod route;
+mod scrapers;
 
-use accept::{REJECT_SLOTS, fit_max_clients};
+use broker::Broker;
+use clients::{Clients, Limits, fit_max_clients};
+use housekeeping::Housekeeping;
 use input::{Drain, READ_CHUNK};
-
-const LISTENER: Token = Token(usize::MAX);
-const SIGNALS: Token = Token(usize::MAX - 1);
-const METRICS_LISTENER: Token = Token(usize::MAX - 2);
-/// Metrics connections use tokens from here up (their slab key added);
-/// client tokens are slab keys, far below.
-const METRICS_BASE: usize = usize::MAX / 2;
-/// How often the systemd status line is refreshed, when systemd listens.
-const NOTIFY_STATUS_MS: u64 = 5000;
+use scrapers::Scrapers;
 
 /// Events taken from the poller per turn.
 const EVENTS_CAPACITY: usize = 1024;
-/// The most time a connection closed with an error gets to flush and linger.
-const CLOSE_GRACE_MS: u64 = 2000;
-/// Stale timer entries tolerated before the heaps are compacted.
-const TIMERS_SLACK: usize = 1024;
-/// What the buffer pool may hold: 256 buffers for good, up to 8,192 (and
-/// 4 MiB) while a busy second needs them.
-const POOL_LIMITS: PoolLimits = PoolLimits {
-    keep: 256,
-    max_free: 8192,
-    max_bytes: 4 << 20,
-};
-/// How often the pool frees the buffers it held unused, while it holds more
-/// than it keeps.
-const POOL_DECAY_MS: u64 = 1000;
-/// Buffers freed by one decay that make it worth handing pages back.
-const POOL_TRIM_AFTER: usize = 64;
-/// Closes since the peak after which freed memory is handed back to the
-/// kernel (when also at least half of the peak's connections are gone).
-const GIVE_BACK_AFTER: usize = 64;
 
-/// How [`run`] ended.
+/// What a poll token stands for. The token's low bits say which kind of
+/// source it is, the rest is a slab key where there is one; this type is
+/// the only place that knows the encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    /// A signal asked for shutdown, and it completed.
-    Graceful,
-    /// A second signal arrived during shutdown: stop at once.
-    Forced,
+pub(crate) enum Source {
+    /// A client connection, by slab key.
+    Client(usize),
+    /// A metrics scraper, by its slab key in `Scrapers`.
+    Scraper(usize),
+    /// The chat listener.
+    Listener,
+    /// The metrics listener.
+    MetricsListener,
+    /// The [`Control`]'s waker.
+    Waker,
 }
 
-/// Serves `listener` until a signal ends it (see [`Exit`]). The listener
+impl Source {
+    const TAG_BITS: u32 = 3;
+    const TAG_MASK: usize = (1 << Self::TAG_BITS) - 1;
+
+    /// The poll token for this source.
+    pub fn token(self) -> Token {
+        Token(match self {
+            Source::Client(key) => key << Self::TAG_BITS,
+            Source::Scraper(key) => key << Self::TAG_BITS | 1,
+            Source::Listener => 2,
+            Source::MetricsListener => 3,
+            Source::Waker => 4,
+        })
+    }
+
+    /// The source a poll token stands for; `None` for a token this type
+    /// never made.
+    pub fn of(token: Token) -> Option<Source> {
+        let index = token.0 >> Self::TAG_BITS;
+        Some(match token.0 & Self::TAG_MASK {
+            0 => Source::Client(index),
+            1 => Source::Scraper(index),
+            2 => Source::Listener,
+            3 => Source::MetricsListener,
+            4 => Source::Waker,
+            _ => return None,
+        })
+    }
+}
+
+/// What [`run_with`] serves besides the chat listener.
+#[derive(Default)]
+pub struct Extras {
+    /// A listener for `GET /metrics` and `GET /healthz`, if any.
+    pub metrics: Option<std::net::TcpListener>,
+    /// Told when the server is ready, its status, and when it stops; by
+    /// default nobody is.
+    pub notifier: Option<Box<dyn Notifier>>,
+}
+
+/// Serves `listener` until `control` stops it (see [`Exit`]). The listener
 /// should be bound already; [`crate::bind`] sets the backlog and options.
-pub fn run(listener: std::net::TcpListener, config: Config) -> io::Result<Exit> {
-    run_with_metrics(listener, None, config)
+/// Changes no process-wide state: signals and the open-file limit are the
+/// caller's (the `chatd` binary handles both).
+pub fn run(listener: std::net::TcpListener, config: Config, control: Control) -> io::Result<Exit> {
+    run_with(listener, config, control, Extras::default())
 }
 
-/// [`run`], also serving `GET /metrics` and `GET /healthz` on `metrics`.
-pub fn run_with_metrics(
+/// [`run`], with a metrics endpoint and a notifier.
+pub fn run_with(
     listener: std::net::TcpListener,
-    metrics: Option<std::net::TcpListener>,
     config: Config,
+    control: Control,
+    extras: Extras,
 ) -> io::Result<Exit> {
-    Server::new(listener, metrics, config)?.run()
+    Server::new(listener, config, control, extras)?.run()
 }
 
-/// The broker: the poller, the connections and everything shared by them.
+/// The reactor's state, by responsibility.
 struct Server {
     /// The poller every socket is registered with.
     poll: Poll,
-    /// The listening socket; `None` once shutdown has begun.
-    listener: Option<TcpListener>,
-    /// SIGINT, SIGTERM and SIGUSR1 as poll events, when handled.
-    signals: Option<Signals>,
-    /// Every connection, keyed by its poll token.
-    conns: Slab<Conn>,
-    /// Logged-in names.
-    registry: Registry,
-    /// Buffers for connections that have something to keep.
-    pool: BufPool,
-    /// Login, idle and close deadlines.
-    timers: Timers,
-    /// The counters.
-    stats: Stats,
-    /// The tunables.
-    config: Config,
-    /// `config.max_clients`, fitted to the open-file limit.
-    max_clients: usize,
+    /// Every client connection.
+    clients: Clients,
+    /// Login and routing.
+    broker: Broker,
+    /// Every deadline, and the time of this turn.
+    deadlines: Deadlines,
+    /// Pool decay, memory give-back, stats and status.
+    housekeeping: Housekeeping,
+    /// The metrics endpoint, when served; `None` after shutdown begins.
+    scrapers: Option<Scrapers>,
     /// Shared read buffer: `max_line + 2` bytes of room in front for a
     /// connection's unterminated tail, then `READ_CHUNK` for the read.
     scratch: Vec<u8>,
-    /// The `from ...` line being routed, formatted once for all recipients.
-    delivery: Vec<u8>,
-    /// The `error: ...` line being sent.
-    error_line: Vec<u8>,
-    /// Connections with output queued this turn, flushed at its end.
-    pending_write: Vec<usize>,
-    /// Connections that stopped reading at their budget, served next turn.
-    more_input: Vec<usize>,
-    /// The other come-back list, swapped with `more_input` each turn so
-    /// neither is reallocated.
-    more_input_spare: Vec<usize>,
-    /// Connections marked dead this turn, removed by `reap`.
-    dead: Vec<usize>,
-    /// Rejected connections still in the slab, delivering `server-full`.
-    rejecting: usize,
-    /// The most connections open at once since memory was last handed back.
-    peak_conns: usize,
-    /// Whether memory was handed back while part of a burst is still open.
-    burst_closing: bool,
-    /// The id the next connection gets (wrapping).
-    next_id: u32,
-    /// Sequence number of the message being routed (see `Conn::route_mark`).
-    route_seq: u32,
-    /// The server's start; all deadlines are ms since then.
-    started: Instant,
-    /// The time of the current turn, in ms since `started`.
-    now_ms: u64,
-    /// When accepting resumes after running out of descriptors.
-    accept_resume_ms: Option<u64>,
-    /// Whether descriptor exhaustion was logged since the last good accept.
-    accept_exhaustion_logged: bool,
-    /// When the pool next frees the buffers it held unused; `None` while
-    /// it holds no more than it keeps.
-    pool_decay_ms: Option<u64>,
-    /// When the next stats line is due.
-    next_stats_ms: Option<u64>,
-    /// When shutdown gives up flushing; `Some` once shutdown has begun.
-    shutdown_deadline_ms: Option<u64>,
-    /// The metrics listener, with `--metrics-addr`.
-    metrics_listener: Option<TcpListener>,
-    /// Open scraper connections (at most `metrics::MAX_CONNS`).
-    metrics: Slab<MetricsConn>,
-    /// When the next systemd status line is due; `None` when systemd is
-    /// not listening (no `NOTIFY_SOCKET`).
-    next_status_ms: Option<u64>,
+    /// The tunables.
+    config: Config,
+    /// Requests from outside the loop.
+    control: Control,
+    /// The requests already acted on.
+    seen: Requests,
+    /// Whether a graceful shutdown has begun.
+    shutting_down: bool,
+    /// Whether the shutdown deadline passed with clients still draining.
+    gave_up: bool,
 }
 
 impl Server {
     fn new(
         listener: std::net::TcpListener,
-        metrics: Option<std::net::TcpListener>,
         config: Config,
+        control: Control,
+        extras: Extras,
     ) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
         // Accepted sockets inherit TCP_NODELAY from the listener (on
@@ -189,36 +165,19 @@ impl Server {
         socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
         let mut listener = TcpListener::from_std(listener);
         let poll = Poll::new()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let signals = if config.handle_signals {
-            let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
-            poll.registry()
-                .register(&mut signals, SIGNALS, Interest::READABLE)?;
-            Some(signals)
-        } else {
-            None
-        };
-        let metrics_listener = match metrics {
-            Some(metrics) => {
-                metrics.set_nonblocking(true)?;
-                let mut metrics = TcpListener::from_std(metrics);
-                poll.registry()
-                    .register(&mut metrics, METRICS_LISTENER, Interest::READABLE)?;
-                info!("metrics on http://{}/metrics", metrics.local_addr()?);
-                Some(metrics)
-            }
+        let registry = poll.registry();
+        registry.register(&mut listener, Source::Listener.token(), Interest::READABLE)?;
+        control.attach(Waker::new(registry, Source::Waker.token())?)?;
+        let scrapers = match extras.metrics {
+            Some(metrics) => Some(Scrapers::new(metrics, registry)?),
             None => None,
         };
-        let scrapers = if metrics_listener.is_some() {
+        let reserve = if scrapers.is_some() {
             metrics::MAX_CONNS
         } else {
             0
         };
-        let max_clients = fit_max_clients(config.max_clients, scrapers);
-        let now_ms = 0;
-        let next_stats_ms =
-            (!config.stats_interval.is_zero()).then(|| millis(config.stats_interval));
+        let max_clients = fit_max_clients(config.max_clients, reserve);
         info!(
             "chatd listening on {} (max-clients {}, max-line {}, max-outbound {}, \
              login-timeout {}, idle-timeout {})",
@@ -229,129 +188,111 @@ impl Server {
             Seconds(config.login_timeout),
             Seconds(config.idle_timeout),
         );
+        let limits = Limits {
+            max_line: config.max_line,
+            max_outbound: config.max_outbound,
+            login_timeout_ms: millis(config.login_timeout),
+            idle_timeout_ms: millis(config.idle_timeout),
+        };
+        let mut deadlines = Deadlines::default();
+        let notifier = extras.notifier.unwrap_or_else(|| Box::new(Silent));
+        let housekeeping =
+            Housekeeping::start(millis(config.stats_interval), notifier, &mut deadlines);
         Ok(Server {
             poll,
-            listener: Some(listener),
-            signals,
-            // Reserved for max_clients up front, so a connect storm never
-            // stops to copy a grown slab; untouched pages cost no memory. (The
-            // registry grows instead: a hash table's pages are touched at
-            // random, so a reservation would cost its full size at once.)
-            conns: Slab::with_capacity(max_clients + REJECT_SLOTS),
-            registry: Registry::default(),
-            pool: BufPool::new(POOL_LIMITS),
-            timers: Timers::default(),
-            stats: Stats::default(),
+            clients: Clients::new(listener, limits, max_clients),
+            broker: Broker::default(),
+            deadlines,
+            housekeeping,
+            scrapers,
             scratch: vec![0; config.max_line + 2 + READ_CHUNK],
             config,
-            max_clients,
-            delivery: Vec::new(),
-            error_line: Vec::new(),
-            pending_write: Vec::new(),
-            more_input: Vec::new(),
-            more_input_spare: Vec::new(),
-            dead: Vec::new(),
-            rejecting: 0,
-            peak_conns: 0,
-            burst_closing: false,
-            next_id: 0,
-            route_seq: 0,
-            started: Instant::now(),
-            now_ms,
-            accept_resume_ms: None,
-            accept_exhaustion_logged: false,
-            pool_decay_ms: None,
-            next_stats_ms,
-            shutdown_deadline_ms: None,
-            metrics_listener,
-            metrics: Slab::new(),
-            next_status_ms: notify_systemd(&[
-                NotifyState::Ready,
-                NotifyState::Status("listening, 0 connections"),
-            ])
-            .then_some(NOTIFY_STATUS_MS),
+            control,
+            seen: Requests::default(),
+            shutting_down: false,
+            gave_up: false,
         })
     }
 
     /// The loop. Returns when shutdown completes or is forced.
     fn run(mut self) -> io::Result<Exit> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        // A request made before the loop attached its waker woke nobody.
+        if let Some(exit) = self.on_requests() {
+            return Ok(exit);
+        }
         loop {
+            if self.shutting_down && (self.clients.len() == 0 || self.gave_up) {
+                info!(
+                    "shutdown complete; {} connection(s) closed before draining; {}",
+                    self.clients.len(),
+                    self.clients.stats
+                );
+                return Ok(Exit::Graceful);
+            }
             match self.poll.poll(&mut events, self.poll_timeout()) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-            self.now_ms = millis(self.started.elapsed());
-            let spare = std::mem::take(&mut self.more_input_spare);
-            let carried = std::mem::replace(&mut self.more_input, spare);
+            self.deadlines.tick();
+            let spare = std::mem::take(&mut self.clients.more_input_spare);
+            let carried = std::mem::replace(&mut self.clients.more_input, spare);
             for event in events.iter() {
-                match event.token() {
-                    LISTENER => self.accept_all(),
-                    SIGNALS => {
-                        if self.on_signals() == Some(Exit::Forced) {
-                            return Ok(Exit::Forced);
+                let Some(source) = Source::of(event.token()) else {
+                    continue;
+                };
+                match source {
+                    Source::Client(key) => self.on_client_event(key, event),
+                    Source::Listener => {
+                        let registry = self.poll.registry();
+                        self.clients.accept_all(registry, &mut self.deadlines);
+                    }
+                    Source::Waker => {
+                        if let Some(exit) = self.on_requests() {
+                            return Ok(exit);
                         }
                     }
-                    METRICS_LISTENER => self.accept_metrics(),
-                    Token(token) if token >= METRICS_BASE => self.on_metrics_event(token),
-                    Token(key) => self.on_event(key, event),
+                    Source::MetricsListener => {
+                        if let Some(scrapers) = &mut self.scrapers {
+                            scrapers.accept_all(self.poll.registry(), &mut self.deadlines);
+                        }
+                    }
+                    Source::Scraper(key) => self.on_scraper_event(key),
                 }
             }
             self.serve_more_input(carried);
-            self.fire_timers();
-            self.flush_pending();
-            self.reap();
-            if self.pool_decay_ms.is_none() && self.pool.is_over_keep() {
-                self.pool_decay_ms = Some(self.now_ms + POOL_DECAY_MS);
-            }
-            if let Some(deadline) = self.shutdown_deadline_ms {
-                if self.conns.is_empty() || self.now_ms >= deadline {
-                    info!(
-                        "shutdown complete; {} connection(s) closed before draining; {}",
-                        self.conns.len(),
-                        self.stats
-                    );
-                    return Ok(Exit::Graceful);
-                }
-            }
+            self.fire_deadlines();
+            let registry = self.poll.registry();
+            self.clients.flush_pending(registry, &mut self.deadlines);
+            self.housekeeping
+                .end_turn(&mut self.clients, &mut self.deadlines);
         }
     }
 
     /// Zero while input is left over; else until the earliest deadline.
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.more_input.is_empty() {
+        if !self.clients.more_input.is_empty() {
             return Some(Duration::ZERO);
         }
-        let metrics_deadline = self.metrics.iter().map(|(_, m)| m.deadline_ms).min();
-        [
-            self.timers.next_at(),
-            self.accept_resume_ms,
-            self.pool_decay_ms,
-            self.next_stats_ms,
-            self.shutdown_deadline_ms,
-            metrics_deadline,
-            self.next_status_ms,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .map(|at| Duration::from_millis(at.saturating_sub(self.now_ms)))
+        let now = self.deadlines.now_ms();
+        self.deadlines
+            .next_at()
+            .map(|at| Duration::from_millis(at.saturating_sub(now)))
     }
 
-    /// Dispatches one poll event for a connection.
-    fn on_event(&mut self, key: usize, event: &mio::event::Event) {
-        let Some(conn) = self.conns.get_mut(key) else {
+    /// Dispatches one poll event for a client connection.
+    fn on_client_event(&mut self, key: usize, event: &mio::event::Event) {
+        let Some(conn) = self.clients.get(key) else {
             return; // spurious: the connection is gone
         };
-        if conn.has(DEAD) {
+        if conn.is_dead() {
             return;
         }
-        if event.is_writable() || event.is_write_closed() || event.is_error() {
-            conn.flags &= !WRITE_BLOCKED;
-            if conn.pending_out() > 0 {
-                self.mark_pending(key);
-            }
+        if (event.is_writable() || event.is_write_closed() || event.is_error())
+            && conn.on_writable()
+        {
+            self.clients.mark_pending(key);
         }
         if event.is_readable() || event.is_read_closed() || event.is_error() {
             // A FIN or error already reported by this event raises no new
@@ -365,190 +306,68 @@ impl Server {
         }
     }
 
-    /// Fires due deadlines, the stats line and the end of an accept pause.
-    fn fire_timers(&mut self) {
-        while let Some((kind, timer)) = self.timers.pop_due(self.now_ms) {
-            let key = timer.key as usize;
-            let Some(conn) = self.conns.get(key) else {
-                continue;
-            };
-            if conn.id != timer.id || conn.has(DEAD) {
-                continue; // the connection it was set for is gone
-            }
-            match (kind, conn.phase) {
-                (TimerKind::Login, Phase::Login) => {
-                    self.close_with_error(key, ErrorKind::LoginTimeout, format_args!(""));
+    /// Dispatches one poll event for a metrics scraper.
+    fn on_scraper_event(&mut self, key: usize) {
+        let Some(scrapers) = &mut self.scrapers else {
+            return;
+        };
+        let clients = &self.clients;
+        let gauges = || Gauges {
+            logged_in: clients.logged_in(),
+            max_clients: clients.max_clients,
+            pooled_bytes: clients.pool.pooled_bytes(),
+            health: clients.health(),
+        };
+        scrapers.on_event(key, self.poll.registry(), &clients.stats, gauges);
+    }
+
+    /// Handles every deadline that is due.
+    fn fire_deadlines(&mut self) {
+        let registry = self.poll.registry();
+        let deadlines = &mut self.deadlines;
+        while let Some(deadline) = deadlines.pop_due() {
+            match deadline {
+                Deadline::Login(slot) | Deadline::Idle(slot) | Deadline::Close(slot) => {
+                    self.clients.on_deadline(deadline, slot, deadlines);
                 }
-                // A client that sent EOF but never reads what is queued for
-                // it stays idle too: it must not hold its slot for ever.
-                (TimerKind::Idle, Phase::Chat | Phase::Draining) => {
-                    let idle = millis(self.config.idle_timeout);
-                    let silent = u64::from((self.now_ms as u32).wrapping_sub(conn.last_input_ms));
-                    if silent >= idle {
-                        self.close_with_error(key, ErrorKind::IdleTimeout, format_args!(""));
-                    } else {
-                        self.add_timer(key, TimerKind::Idle, idle - silent);
+                Deadline::Scraper(slot) => {
+                    if let Some(scrapers) = &mut self.scrapers {
+                        scrapers.expire(slot);
                     }
                 }
-                (TimerKind::Close, Phase::Closing) => self.kill(key),
-                _ => {} // the deadline no longer applies
+                Deadline::AcceptResume => self.clients.resume_accepting(registry, deadlines),
+                Deadline::PoolDecay => self.housekeeping.decay_pool(&mut self.clients, deadlines),
+                Deadline::StatsLine => self.housekeeping.stats_line(&self.clients, deadlines),
+                Deadline::Status => self.housekeeping.status(&self.clients, deadlines),
+                Deadline::ShutdownGiveUp => self.gave_up = true,
             }
         }
-        if self.accept_resume_ms.is_some_and(|at| at <= self.now_ms) {
-            self.accept_resume_ms = None;
-            self.accept_all();
+    }
+
+    /// Acts on the [`Control`]'s new requests. Returns `Some(Exit::Forced)`
+    /// on a second stop request.
+    fn on_requests(&mut self) -> Option<Exit> {
+        let now = self.control.requests();
+        let seen = std::mem::replace(&mut self.seen, now);
+        for _ in seen.stats..now.stats {
+            info!("stats: {}", self.clients.stats);
         }
-        if self.pool_decay_ms.is_some_and(|at| at <= self.now_ms) {
-            if self.pool.decay() >= POOL_TRIM_AFTER {
-                trim_heap();
+        if now.hangups > seen.hangups {
+            info!("hang-up signal ignored (chatd keeps running; stop it with SIGTERM)");
+        }
+        if now.stops > seen.stops {
+            if now.stops >= 2 {
+                warn!(
+                    "second shutdown request: exiting at once; {}",
+                    self.clients.stats
+                );
+                return Some(Exit::Forced);
             }
-            self.pool_decay_ms = self
-                .pool
-                .is_over_keep()
-                .then_some(self.now_ms + POOL_DECAY_MS);
-        }
-        if !self.metrics.is_empty() {
-            let now = self.now_ms;
-            self.metrics.retain(|_, conn| conn.deadline_ms > now);
-        }
-        if let Some(at) = self.next_status_ms.filter(|&at| at <= self.now_ms) {
-            let status = format!(
-                "{} connections, {} logged in, {} deliveries",
-                self.stats.connections,
-                self.registry.len(),
-                self.stats.deliveries
+            info!(
+                "shutdown requested: closing {} connection(s)",
+                self.clients.len()
             );
-            notify_systemd(&[NotifyState::Status(&status)]);
-            self.next_status_ms = Some(at.max(self.now_ms) + NOTIFY_STATUS_MS);
-        }
-        if let Some(at) = self.next_stats_ms.filter(|&at| at <= self.now_ms) {
-            info!("stats: {}", self.stats);
-            let interval = millis(self.config.stats_interval);
-            self.next_stats_ms = Some((at + interval).max(self.now_ms + 1));
-        }
-    }
-
-    /// Sets a deadline `after_ms` from now for the connection at `key`.
-    fn add_timer(&mut self, key: usize, kind: TimerKind, after_ms: u64) {
-        let timer = Timer {
-            at_ms: self.now_ms.saturating_add(after_ms),
-            // Slab keys stay far below 2^32: each is an open descriptor.
-            key: key as u32,
-            id: self.conns[key].id,
-        };
-        self.timers.push(kind, timer);
-    }
-
-    /// Marks a connection dead: its name is released now, the connection is
-    /// removed by `Server::reap` at the end of the turn.
-    fn kill(&mut self, key: usize) {
-        let conn = &mut self.conns[key];
-        if conn.has(DEAD) {
-            return;
-        }
-        if conn.phase == Phase::Chat {
-            self.registry.release(&conn.name);
-        }
-        conn.phase = Phase::Closing;
-        conn.flags |= DEAD;
-        self.dead.push(key);
-    }
-
-    /// Removes the connections marked dead; dropping the socket closes it,
-    /// which also takes it out of the poller.
-    fn reap(&mut self) {
-        let mut dead = std::mem::take(&mut self.dead);
-        for &key in &dead {
-            let mut conn = self.conns.remove(key);
-            if conn.has(REJECTED) {
-                self.rejecting -= 1;
-            } else {
-                self.stats.connections -= 1;
-            }
-            conn.release_buffers(&mut self.pool);
-            debug!("#{} closed", conn.id);
-        }
-        dead.clear();
-        self.dead = dead;
-        // A connection has at most two live deadlines (login or idle, and
-        // close); past that, most entries are stale: drop them.
-        if self.timers.len() > 2 * self.conns.len() + TIMERS_SLACK {
-            self.compact_timers();
-        }
-        let open = self.conns.len();
-        let burst_gone = self.peak_conns >= GIVE_BACK_AFTER + open && self.peak_conns >= 2 * open;
-        // The last few connections of a burst handed back in part. (Not
-        // any last connection: a client that connects and closes over and
-        // over must not make every close a heap trim.)
-        let burst_ended = open == 0 && self.burst_closing;
-        if burst_gone || burst_ended {
-            self.peak_conns = open;
-            self.burst_closing = open > 0;
-            self.give_back_memory();
-        }
-    }
-
-    /// Drops the deadlines of connections that moved on or are gone.
-    fn compact_timers(&mut self) {
-        let conns = &self.conns;
-        self.timers.retain(|kind, timer| {
-            conns.get(timer.key as usize).is_some_and(|conn| {
-                conn.id == timer.id
-                    && !conn.has(DEAD)
-                    && matches!(
-                        (kind, conn.phase),
-                        (TimerKind::Login, Phase::Login)
-                            | (TimerKind::Idle, Phase::Chat | Phase::Draining)
-                            | (TimerKind::Close, Phase::Closing)
-                    )
-            })
-        });
-    }
-
-    /// After a burst of connections has closed: frees the room the burst
-    /// left in the pool, the registry, the timer heaps and the lists, then
-    /// hands the heap's free pages back to the kernel. Without this, RSS
-    /// would stay at the burst's peak until the memory is reused.
-    fn give_back_memory(&mut self) {
-        let started = Instant::now();
-        self.pool.clear();
-        self.registry.shrink();
-        self.compact_timers();
-        self.timers.shrink();
-        for list in [
-            &mut self.pending_write,
-            &mut self.more_input,
-            &mut self.more_input_spare,
-            &mut self.dead,
-        ] {
-            list.shrink_to_fit();
-        }
-        trim_heap();
-        debug!("memory handed back in {:?}", started.elapsed());
-    }
-
-    /// Handles pending signals. Returns `Some(Exit::Forced)` on a second
-    /// shutdown signal.
-    fn on_signals(&mut self) -> Option<Exit> {
-        let signals: Vec<i32> = match &mut self.signals {
-            Some(signals) => signals.pending().collect(),
-            None => return None,
-        };
-        for signal in signals {
-            match signal {
-                SIGUSR1 => info!("stats: {}", self.stats),
-                _ if self.shutdown_deadline_ms.is_some() => {
-                    warn!("second shutdown signal: exiting at once; {}", self.stats);
-                    return Some(Exit::Forced);
-                }
-                _ => {
-                    info!(
-                        "shutdown signal received: closing {} connection(s)",
-                        self.conns.len()
-                    );
-                    self.begin_shutdown();
-                }
-            }
+            self.begin_shutdown();
         }
         None
     }
@@ -556,42 +375,13 @@ impl Server {
     /// Stops accepting and reading, queues `error: shutting-down` to every
     /// client and lets the loop flush until the shutdown deadline.
     fn begin_shutdown(&mut self) {
-        self.shutdown_deadline_ms = Some(self.now_ms + millis(self.config.shutdown_timeout));
-        if let Some(mut listener) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut listener);
-        }
-        self.metrics_listener = None;
-        self.metrics.clear();
-        self.next_status_ms = None;
-        notify_systemd(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
-        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
-        for key in keys {
-            self.close_with_error(key, ErrorKind::ShuttingDown, format_args!(""));
-        }
-    }
-}
-
-/// Tells systemd about the service's state when it listens (`Type=notify`
-/// sets `NOTIFY_SOCKET`). Returns whether it does; failures are logged.
-fn notify_systemd(states: &[NotifyState]) -> bool {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return false;
-    }
-    if let Err(e) = sd_notify::notify(states) {
-        warn!("cannot notify systemd: {e}");
-    }
-    true
-}
-
-/// Hands the heap's free pages back to the kernel. glibc returns only the
-/// top of the heap by itself; what a connect storm frees is spread all over
-/// it, and those pages would stay in RSS until reused.
-#[allow(unsafe_code)]
-fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim has no preconditions; 0 = keep no extra padding.
-    unsafe {
-        libc::malloc_trim(0);
+        self.shutting_down = true;
+        let timeout = millis(self.config.shutdown_timeout);
+        self.deadlines.set(timeout, Deadline::ShutdownGiveUp);
+        self.scrapers = None;
+        self.housekeeping.stopping();
+        self.clients
+            .begin_shutdown(self.poll.registry(), &mut self.deadlines);
     }
 }
 
@@ -610,4 +400,30 @@ impl fmt::Display for Seconds {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every source comes back from its token, and none share one.
+    #[test]
+    fn tokens_name_their_source() {
+        let sources = [
+            Source::Client(0),
+            Source::Client(1),
+            Source::Client(1 << 40),
+            Source::Scraper(0),
+            Source::Scraper(15),
+            Source::Listener,
+            Source::MetricsListener,
+            Source::Waker,
+        ];
+        let mut tokens = std::collections::HashSet::new();
+        for source in sources {
+            assert_eq!(Source::of(source.token()), Some(source));
+            assert!(tokens.insert(source.token()), "{source:?} shares a token");
+        }
+        assert_eq!(Source::of(Token(7)), None);
+    }
 }

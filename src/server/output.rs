@@ -1,31 +1,58 @@
-//! The write path: the pending-write list, one flush per connection per
-//! loop turn, writable interest only for sockets that did not drain.
+//! The write path: queueing within `--max-outbound`, the pending-write
+//! list, one flush per connection per loop turn, and writable interest only
+//! for sockets that did not drain.
 
-use super::*;
+use log::{debug, warn};
+use mio::{Interest, Registry as PollRegistry};
+
+use super::Source;
+use super::clients::Clients;
+use crate::conn::Phase;
+use crate::deadlines::{Deadline, Deadlines};
 
 /// How long a closed connection lingers for the client's EOF after its
 /// sending side was shut down.
-pub(super) const LINGER_MS: u64 = 1000;
+const LINGER_MS: u64 = 1000;
 
-impl Server {
+impl Clients {
+    /// Queues `bytes` for `key` within `--max-outbound`; over it, the
+    /// connection is closed as a slow consumer. Returns whether it was queued.
+    pub fn enqueue(&mut self, key: usize, bytes: &[u8]) -> bool {
+        let max = self.limits.max_outbound;
+        let conn = self.conn(key);
+        let queued = conn.pending_out();
+        if queued + bytes.len() > max {
+            let addr = conn
+                .stream
+                .peer_addr()
+                .map_or_else(|_| "?".to_string(), |a| a.to_string());
+            warn!(
+                "closing slow consumer {:?} ({addr}): {queued} bytes queued, limit {max}",
+                conn.name
+            );
+            self.stats.slow_consumers += 1;
+            self.kill(key);
+            return false;
+        }
+        self.conns[key].queue(bytes, &mut self.pool);
+        self.mark_pending(key);
+        true
+    }
+
     /// Puts `key` on the pending-write list, unless it is there already or
     /// waiting for a writable event.
-    pub(super) fn mark_pending(&mut self, key: usize) {
-        let conn = &mut self.conns[key];
-        if conn.flags & (PENDING_WRITE | WRITE_BLOCKED | DEAD) == 0 {
-            conn.flags |= PENDING_WRITE;
+    pub fn mark_pending(&mut self, key: usize) {
+        if self.conn(key).wants_flush() {
             self.pending_write.push(key);
         }
     }
 
     /// Writes every connection on the pending-write list, once per turn.
-    pub(super) fn flush_pending(&mut self) {
+    pub fn flush_pending(&mut self, registry: &PollRegistry, deadlines: &mut Deadlines) {
         let mut list = std::mem::take(&mut self.pending_write);
         for &key in &list {
-            let conn = &mut self.conns[key];
-            conn.flags &= !PENDING_WRITE;
-            if !conn.has(DEAD) {
-                self.flush(key);
+            if self.conn(key).take_pending() {
+                self.flush(key, registry, deadlines);
             }
         }
         list.clear();
@@ -34,24 +61,19 @@ impl Server {
 
     /// Writes what is queued for `key`. A socket that fills up gets writable
     /// interest (armed once, kept after) and waits for its event.
-    pub(super) fn flush(&mut self, key: usize) {
+    fn flush(&mut self, key: usize, registry: &PollRegistry, deadlines: &mut Deadlines) {
         let conn = &mut self.conns[key];
         match conn.flush(&mut self.pool) {
             Ok((n, drained)) => {
                 self.stats.bytes_out += n as u64;
                 if drained {
-                    self.on_drained(key);
+                    self.on_drained(key, deadlines);
                     return;
                 }
-                conn.flags |= WRITE_BLOCKED;
-                if !conn.has(WRITABLE_ARMED) {
-                    conn.flags |= WRITABLE_ARMED;
+                if conn.write_blocked() {
                     let interest = Interest::READABLE | Interest::WRITABLE;
-                    if let Err(e) =
-                        self.poll
-                            .registry()
-                            .reregister(&mut conn.stream, Token(key), interest)
-                    {
+                    let token = Source::Client(key).token();
+                    if let Err(e) = registry.reregister(&mut conn.stream, token, interest) {
                         warn!("cannot arm writable interest for #{}: {e}", conn.id);
                         self.kill(key);
                     }
@@ -66,17 +88,17 @@ impl Server {
 
     /// Everything queued for `key` is written: a draining connection closes;
     /// a closing one shuts down its sending side and lingers for EOF.
-    pub(super) fn on_drained(&mut self, key: usize) {
-        let conn = &mut self.conns[key];
-        match conn.phase {
+    fn on_drained(&mut self, key: usize, deadlines: &mut Deadlines) {
+        let conn = self.conn(key);
+        match conn.phase() {
             Phase::Draining => self.kill(key),
-            Phase::Closing if conn.has(INPUT_DONE) => self.kill(key),
-            Phase::Closing if !conn.has(WRITE_SHUT) => {
-                conn.flags |= WRITE_SHUT;
-                let _ = conn.stream.shutdown(Shutdown::Write);
-                self.add_timer(key, TimerKind::Close, LINGER_MS);
+            Phase::Closing if conn.is_input_done() => self.kill(key),
+            Phase::Closing => {
+                if conn.shut_write() {
+                    self.set_deadline(key, deadlines, LINGER_MS, Deadline::Close);
+                }
             }
-            _ => {}
+            Phase::Login | Phase::Chat => {}
         }
     }
 }

@@ -1,0 +1,500 @@
+//! The connection table: every client connection in a slab, the index of
+//! logged-in names over it, the buffer pool, and each connection's life
+//! from accept to reap (`error:` lines that close included). The write path
+//! is in `output.rs`, the read path in `input.rs`.
+//!
+//! Handlers never free: [`Clients::kill`] marks a connection dead and puts
+//! it on the reap list, and [`Clients::reap`] removes it after the batch, so
+//! a slab key stays valid for the whole turn.
+
+use std::fmt;
+use std::io::{self, Write};
+use std::net::Shutdown;
+use std::rc::Rc;
+
+use log::{debug, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry as PollRegistry};
+use slab::Slab;
+
+use super::Source;
+use crate::conn::{Conn, Phase};
+use crate::deadlines::{Deadline, Deadlines, Slot};
+use crate::pool::{BufPool, PoolLimits};
+use crate::protocol::{self, ErrorKind};
+use crate::registry::Registry;
+use crate::stats::Stats;
+
+/// Connections over `--max-clients` that may linger at once to deliver
+/// `error: server-full`; beyond that they get a best-effort write and a close.
+pub(super) const REJECT_SLOTS: usize = 8;
+/// Descriptors kept free besides those open at start and the reject slots.
+const SPARE_FDS: usize = 8;
+/// How long accepting pauses after the process runs out of descriptors.
+const ACCEPT_BACKOFF_MS: u64 = 100;
+/// The most time a connection closed with an error gets to flush and linger.
+const CLOSE_GRACE_MS: u64 = 2000;
+/// What the buffer pool may hold: 256 buffers for good, up to 8,192 (and
+/// 4 MiB) while a busy second needs them.
+const POOL_LIMITS: PoolLimits = PoolLimits {
+    keep: 256,
+    max_free: 8192,
+    max_bytes: 4 << 20,
+};
+
+/// The per-connection limits the table enforces, from the config.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    /// `--max-line`.
+    pub max_line: usize,
+    /// `--max-outbound`.
+    pub max_outbound: usize,
+    /// `--login-timeout` in ms; zero = off.
+    pub login_timeout_ms: u64,
+    /// `--idle-timeout` in ms; zero = off.
+    pub idle_timeout_ms: u64,
+}
+
+/// Every client connection and what is shared by them.
+pub(super) struct Clients {
+    /// The listening socket; `None` once shutdown has begun.
+    listener: Option<TcpListener>,
+    /// Every connection, keyed by slab key (its poll token is
+    /// `Source::Client(key)`).
+    pub(super) conns: Slab<Conn>,
+    /// Logged-in names to slab keys.
+    names: Registry,
+    /// Buffers for connections that have something to keep.
+    pub pool: BufPool,
+    /// The limits in force.
+    pub limits: Limits,
+    /// `--max-clients`, fitted to the open-file limit.
+    pub max_clients: usize,
+    /// Connections with output queued this turn, flushed at its end.
+    pub(super) pending_write: Vec<usize>,
+    /// Connections that stopped reading at their budget, served next turn.
+    pub(super) more_input: Vec<usize>,
+    /// The other come-back list, swapped with `more_input` each turn so
+    /// neither is reallocated.
+    pub(super) more_input_spare: Vec<usize>,
+    /// Connections marked dead this turn, removed by `reap`.
+    dead: Vec<usize>,
+    /// The `error: ...` line being sent.
+    error_line: Vec<u8>,
+    /// Rejected connections still in the slab, delivering `server-full`.
+    rejecting: usize,
+    /// The id the next connection gets (wrapping).
+    next_id: u32,
+    /// Whether accepting waits for a `Deadline::AcceptResume`.
+    accept_paused: bool,
+    /// Whether descriptor exhaustion was logged since the last good accept.
+    exhaustion_logged: bool,
+    /// Whether shutdown has begun (closing connections then share the
+    /// shutdown deadline instead of each having a grace).
+    shutting_down: bool,
+    /// The counters.
+    pub stats: Stats,
+}
+
+impl Clients {
+    /// An empty table serving `listener` (registered already).
+    pub fn new(listener: TcpListener, limits: Limits, max_clients: usize) -> Clients {
+        Clients {
+            listener: Some(listener),
+            // Reserved for max_clients up front, so a connect storm never
+            // stops to copy a grown slab; untouched pages cost no memory. (The
+            // name index grows instead: a hash table's pages are touched at
+            // random, so a reservation would cost its full size at once.)
+            conns: Slab::with_capacity(max_clients + REJECT_SLOTS),
+            names: Registry::default(),
+            pool: BufPool::new(POOL_LIMITS),
+            limits,
+            max_clients,
+            pending_write: Vec::new(),
+            more_input: Vec::new(),
+            more_input_spare: Vec::new(),
+            dead: Vec::new(),
+            error_line: Vec::new(),
+            rejecting: 0,
+            next_id: 0,
+            accept_paused: false,
+            exhaustion_logged: false,
+            shutting_down: false,
+            stats: Stats::default(),
+        }
+    }
+
+    /// The connection at `key`. Panics if there is none: callers hold a key
+    /// they got this turn.
+    pub fn conn(&mut self, key: usize) -> &mut Conn {
+        &mut self.conns[key]
+    }
+
+    /// The connection at `key` if it is still there (spurious events name
+    /// connections already gone).
+    pub fn get(&mut self, key: usize) -> Option<&mut Conn> {
+        self.conns.get_mut(key)
+    }
+
+    /// Open connections, rejected ones included.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Logged-in clients.
+    pub fn logged_in(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether new connections are taken (not paused for descriptors,
+    /// not full, not shutting down).
+    pub fn health(&self) -> Result<(), &'static str> {
+        if self.shutting_down {
+            Err("shutting down")
+        } else if self.accept_paused {
+            Err("out of file descriptors: accepting paused")
+        } else if self.conns.len() - self.rejecting >= self.max_clients {
+            Err("full: --max-clients reached")
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The connection holding `name`, if one does.
+    pub fn lookup(&self, name: &str) -> Option<usize> {
+        self.names.lookup(name)
+    }
+
+    /// Logs `key` in as `name`: false (and nothing changes) if another
+    /// connection holds it.
+    pub fn log_in(&mut self, key: usize, name: Rc<str>, deadlines: &mut Deadlines) -> bool {
+        if !self.names.claim(&name, key) {
+            return false;
+        }
+        let conn = &mut self.conns[key];
+        debug!("#{} logged in as {name}", conn.id);
+        conn.name = name;
+        let _ = conn.enter(Phase::Chat); // held nothing before
+        self.stats.logins += 1;
+        if self.limits.idle_timeout_ms > 0 {
+            self.set_deadline(key, deadlines, self.limits.idle_timeout_ms, Deadline::Idle);
+        }
+        true
+    }
+
+    /// Moves `key` to `phase`, releasing its name if it held one.
+    pub fn enter(&mut self, key: usize, phase: Phase) {
+        let conn = &mut self.conns[key];
+        if conn.enter(phase) {
+            self.names.release(&conn.name);
+        }
+    }
+
+    /// Resets every connection's route mark (see `Broker::next_route_seq`).
+    pub fn reset_route_marks(&mut self) {
+        for (_, conn) in self.conns.iter_mut() {
+            conn.route_mark = 0;
+        }
+    }
+
+    /// Sets a deadline `after_ms` from now for the connection at `key`.
+    pub fn set_deadline(
+        &self,
+        key: usize,
+        deadlines: &mut Deadlines,
+        after_ms: u64,
+        kind: fn(Slot) -> Deadline,
+    ) {
+        let slot = Slot {
+            // Slab keys stay far below 2^32: each is an open descriptor.
+            key: key as u32,
+            id: self.conns[key].id,
+        };
+        deadlines.set(after_ms, kind(slot));
+    }
+
+    /// The connection a deadline was set for, if it is still there and the
+    /// deadline still applies to it.
+    pub fn applies(&self, deadline: Deadline, slot: Slot) -> Option<usize> {
+        let key = slot.key as usize;
+        let conn = self.conns.get(key)?;
+        (conn.id == slot.id && conn.deadline_applies(deadline)).then_some(key)
+    }
+
+    /// A connection's deadline is due.
+    pub fn on_deadline(&mut self, deadline: Deadline, slot: Slot, deadlines: &mut Deadlines) {
+        let Some(key) = self.applies(deadline, slot) else {
+            return; // the connection it was set for is gone or moved on
+        };
+        match deadline {
+            Deadline::Login(_) => {
+                self.error(key, ErrorKind::LoginTimeout, format_args!(""), deadlines)
+            }
+            // A client that sent EOF but never reads what is queued for
+            // it stays idle too: it must not hold its slot for ever.
+            Deadline::Idle(_) => {
+                let idle = self.limits.idle_timeout_ms;
+                let now = deadlines.now_ms();
+                let last = self.conns[key].last_input_ms;
+                let silent = u64::from((now as u32).wrapping_sub(last));
+                if silent >= idle {
+                    self.error(key, ErrorKind::IdleTimeout, format_args!(""), deadlines);
+                } else {
+                    self.set_deadline(key, deadlines, idle - silent, Deadline::Idle);
+                }
+            }
+            Deadline::Close(_) => self.kill(key),
+            _ => {}
+        }
+    }
+
+    /// Marks a connection dead: its name is released now, the connection is
+    /// removed by [`Clients::reap`] at the end of the turn.
+    pub fn kill(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        let (was_alive, held_name) = conn.mark_dead();
+        if held_name {
+            self.names.release(&conn.name);
+        }
+        if was_alive {
+            self.dead.push(key);
+        }
+    }
+
+    /// Sends an `error:` line. [`ErrorKind::closes`] decides what follows:
+    /// a closing error releases the name and starts the closing sequence
+    /// (flush, shut down the sending side, linger for the client's EOF,
+    /// close; see `Clients::on_drained`); any other is queued like a
+    /// message, to a connection that still reads lines.
+    pub fn error(
+        &mut self,
+        key: usize,
+        kind: ErrorKind,
+        detail: fmt::Arguments<'_>,
+        deadlines: &mut Deadlines,
+    ) {
+        let conn = &self.conns[key];
+        let reading = conn.reads_lines();
+        if !kind.closes() {
+            if reading {
+                let line = self.format_error(kind, detail);
+                self.enqueue(key, &line);
+                self.error_line = line;
+            }
+            return;
+        }
+        if conn.is_dead() || conn.phase() == Phase::Closing {
+            return;
+        }
+        self.enter(key, Phase::Closing);
+        let line = self.format_error(kind, detail);
+        let conn = &mut self.conns[key];
+        self.pool.give(&mut conn.partial);
+        // The final line may go past --max-outbound: it is small and last.
+        conn.queue(&line, &mut self.pool);
+        self.error_line = line;
+        self.mark_pending(key);
+        if !self.shutting_down {
+            self.set_deadline(key, deadlines, CLOSE_GRACE_MS, Deadline::Close);
+        }
+    }
+
+    /// Formats an `error:` line into the shared buffer (taken; give it back
+    /// to `error_line`) and counts it.
+    fn format_error(&mut self, kind: ErrorKind, detail: fmt::Arguments<'_>) -> Vec<u8> {
+        let mut line = std::mem::take(&mut self.error_line);
+        line.clear();
+        protocol::write_error(&mut line, kind, detail);
+        self.stats.error_sent(kind);
+        line
+    }
+
+    /// Stops accepting and queues `error: shutting-down` to every client.
+    pub fn begin_shutdown(&mut self, registry: &PollRegistry, deadlines: &mut Deadlines) {
+        self.shutting_down = true;
+        if let Some(mut listener) = self.listener.take() {
+            let _ = registry.deregister(&mut listener);
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.error(key, ErrorKind::ShuttingDown, format_args!(""), deadlines);
+        }
+    }
+
+    /// Removes the connections marked dead; dropping the socket closes it,
+    /// which also takes it out of the poller. Returns how many it removed.
+    pub fn reap(&mut self) -> usize {
+        let mut dead = std::mem::take(&mut self.dead);
+        let reaped = dead.len();
+        for &key in &dead {
+            let mut conn = self.conns.remove(key);
+            if conn.is_rejected() {
+                self.rejecting -= 1;
+            } else {
+                self.stats.connections -= 1;
+            }
+            conn.release_buffers(&mut self.pool);
+            debug!("#{} closed", conn.id);
+        }
+        dead.clear();
+        self.dead = dead;
+        reaped
+    }
+
+    /// Drops the deadlines of connections that moved on or are gone.
+    pub fn compact_deadlines(&self, deadlines: &mut Deadlines) {
+        deadlines.retain(|deadline| match deadline {
+            Deadline::Login(slot) | Deadline::Idle(slot) | Deadline::Close(slot) => {
+                self.applies(deadline, slot).is_some()
+            }
+            _ => true,
+        });
+    }
+
+    /// Frees the room a burst of connections left in the name index, the
+    /// pool and the lists (after the burst has gone).
+    pub fn shrink(&mut self) {
+        self.pool.clear();
+        self.names.shrink();
+        for list in [
+            &mut self.pending_write,
+            &mut self.more_input,
+            &mut self.more_input_spare,
+            &mut self.dead,
+        ] {
+            list.shrink_to_fit();
+        }
+    }
+
+    /// Accepts until `WouldBlock`. Errors never end the server: running out
+    /// of descriptors (or kernel memory) pauses accepting for a moment, so
+    /// the backlog waits instead of the loop spinning on a ready listener.
+    pub fn accept_all(&mut self, registry: &PollRegistry, deadlines: &mut Deadlines) {
+        if self.accept_paused {
+            return;
+        }
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, addr)) => {
+                    self.exhaustion_logged = false;
+                    self.on_accept(stream, addr, registry, deadlines);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if is_transient_accept_error(&e) => debug!("accept: {e}"),
+                Err(e) => {
+                    if !is_resource_exhaustion(&e) {
+                        warn!("accept failed: {e}; pausing accepts for {ACCEPT_BACKOFF_MS} ms");
+                    } else if !self.exhaustion_logged {
+                        self.exhaustion_logged = true;
+                        warn!(
+                            "accept failed: {e}; pausing accepts for {ACCEPT_BACKOFF_MS} ms at a \
+                             time until descriptors free up (raise the open-file limit, or \
+                             lower --max-clients)"
+                        );
+                    }
+                    self.accept_paused = true;
+                    deadlines.set(ACCEPT_BACKOFF_MS, Deadline::AcceptResume);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The accept pause is over: accept what waited.
+    pub fn resume_accepting(&mut self, registry: &PollRegistry, deadlines: &mut Deadlines) {
+        self.accept_paused = false;
+        self.accept_all(registry, deadlines);
+    }
+
+    /// Registers a new connection, or turns it away when the server is full.
+    fn on_accept(
+        &mut self,
+        mut stream: TcpStream,
+        addr: std::net::SocketAddr,
+        registry: &PollRegistry,
+        deadlines: &mut Deadlines,
+    ) {
+        self.stats.accepted += 1;
+        let full = self.conns.len() - self.rejecting >= self.max_clients;
+        if full && self.rejecting >= REJECT_SLOTS {
+            self.stats.rejected += 1;
+            self.stats.error_sent(ErrorKind::ServerFull);
+            let _ = (&stream).write(b"error: server-full\n");
+            let _ = stream.shutdown(Shutdown::Write);
+            return;
+        }
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let token = Source::Client(key).token();
+        if let Err(e) = registry.register(&mut stream, token, Interest::READABLE) {
+            warn!("cannot register connection from {addr}: {e}");
+            return;
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        entry.insert(Conn::new(stream, id, deadlines.now_ms() as u32));
+        if full {
+            self.stats.rejected += 1;
+            self.rejecting += 1;
+            self.conns[key].reject();
+            debug!("rejected {addr}: server full");
+            self.error(key, ErrorKind::ServerFull, format_args!(""), deadlines);
+            return;
+        }
+        self.stats.opened();
+        debug!("accepted {addr} as #{id}");
+        if self.limits.login_timeout_ms > 0 {
+            self.set_deadline(
+                key,
+                deadlines,
+                self.limits.login_timeout_ms,
+                Deadline::Login,
+            );
+        }
+    }
+}
+
+/// Fits `wanted` clients into the current soft open-file limit, after the
+/// descriptors open now, a small reserve, and `extra` more (the metrics
+/// connections, when the endpoint is on). Raising the limit is the calling
+/// program's business (the `chatd` binary raises it to the hard limit).
+pub(super) fn fit_max_clients(wanted: Option<usize>, extra: usize) -> usize {
+    let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let open = std::fs::read_dir("/proc/self/fd").map_or(16, |dir| dir.count());
+    let fit = limit.saturating_sub(open + REJECT_SLOTS + SPARE_FDS + extra);
+    match wanted {
+        Some(wanted) if wanted > fit => {
+            warn!(
+                "--max-clients {wanted} does not fit the open-file limit of {limit}: lowered to \
+                 {fit}; raise the hard limit (ulimit -Hn, LimitNOFILE= in systemd) to allow more"
+            );
+            fit
+        }
+        Some(wanted) => wanted,
+        None => fit,
+    }
+}
+
+/// Accept errors that concern one connection only (it was reset or refused
+/// before we took it): skip it and accept the next.
+pub(super) fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    ) || matches!(e.raw_os_error(), Some(libc::EPROTO | libc::EPERM))
+}
+
+/// Accept errors that mean the process or system is out of descriptors or
+/// memory: retrying at once would spin.
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
