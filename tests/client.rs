@@ -2,9 +2,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use common::{Server, poll_until};
@@ -230,5 +234,120 @@ fn escapes_control_characters_only_on_a_terminal() {
     assert!(
         !screen.contains('\u{1b}'),
         "a raw escape reached the terminal: {screen:?}"
+    );
+}
+
+/// A one-connection server in the test: `serve` gets the client's socket.
+fn fake_server(serve: impl FnOnce(TcpStream) + Send + 'static) -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = thread::spawn(move || serve(listener.accept().unwrap().0));
+    (addr, server)
+}
+
+/// Sends `reply` and closes cleanly: half-closes, then waits for the client
+/// to go, so what the client sent cannot turn the close into a reset.
+fn reply_and_close(mut conn: TcpStream, reply: &[u8]) {
+    conn.write_all(reply).unwrap();
+    conn.shutdown(Shutdown::Write).unwrap();
+    let _ = io::copy(&mut conn, &mut io::sink());
+}
+
+/// `error: slow-consumer` ends the connection: the client exits 1 even
+/// though its stdin is still open.
+#[test]
+fn slow_consumer_error_exits_1() {
+    let (addr, server) = fake_server(|conn| reply_and_close(conn, b"error: slow-consumer\n"));
+    let child = spawn_piped(client(&addr, &["--name", "slow"]));
+    let out = wait_output(child);
+    assert_eq!(text(&out.stdout), "error: slow-consumer\n");
+    assert_eq!(text(&out.stderr), "error: slow-consumer\n");
+    assert_eq!(out.status.code(), Some(1));
+    server.join().unwrap();
+}
+
+/// With stdout redirected and stderr on a terminal, the copy of an error
+/// line on stderr is escaped as stdout's would be on a terminal.
+#[test]
+fn escapes_error_lines_on_a_terminal_stderr() {
+    let (addr, server) = fake_server(|conn| {
+        reply_and_close(conn, b"error: name-taken: \x1b]0;pwned\x07\x1b[31mred\n")
+    });
+    // A pseudo-terminal from `script` for stderr; stdout goes to /dev/null.
+    let client_cmd = format!(
+        "{} --addr {addr} >/dev/null",
+        env!("CARGO_BIN_EXE_chatd-client")
+    );
+    let out = Command::new("script")
+        .args(["-qec", &client_cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        screen.contains("error: name-taken: \\x1b]0;pwned\\x07\\x1b[31mred"),
+        "{screen:?}"
+    );
+    assert!(
+        !screen.contains(['\u{1b}', '\u{7}']),
+        "a raw control character reached the terminal: {screen:?}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{screen:?}");
+    server.join().unwrap();
+}
+
+/// A line that never ends is printed in pieces as it arrives: the client's
+/// memory stays small and every byte reaches stdout.
+#[test]
+fn endless_line_keeps_memory_bounded() {
+    const TOTAL: usize = 64 << 20;
+    let (close_tx, close_rx) = mpsc::channel::<()>();
+    let (addr, server) = fake_server(move |conn| {
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..TOTAL / chunk.len() {
+            (&conn).write_all(&chunk).unwrap();
+        }
+        // Open until the test has measured the client, so the client cannot
+        // print the line at the close instead of while it arrives.
+        let _ = close_rx.recv();
+        reply_and_close(conn, b"");
+    });
+    let mut child = spawn_piped(client(&addr, &[]));
+    let mut stdout = child.stdout.take().unwrap();
+    let received = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&received);
+    let reader = thread::spawn(move || {
+        let mut buf = vec![0; 1 << 16];
+        let mut only_x = true;
+        loop {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => return only_x,
+                Ok(n) => {
+                    only_x &= buf[..n].iter().all(|&b| b == b'x');
+                    counter.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    // Without pieces nothing arrives before the close: this times out then.
+    let _ = poll_until(|| (received.load(Ordering::Relaxed) >= TOTAL).then_some(()));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    close_tx.send(()).unwrap();
+    let out = wait_output(child);
+    server.join().unwrap();
+    assert!(
+        reader.join().unwrap(),
+        "stdout has bytes the server never sent"
+    );
+    assert_eq!(received.load(Ordering::Relaxed), TOTAL);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        peak_kb < 20 * 1024,
+        "peak RSS {peak_kb} kB for a {TOTAL}-byte line"
     );
 }

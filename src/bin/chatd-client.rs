@@ -6,7 +6,7 @@
 //! normally, 1 when it closed after an `error:` line that ends the
 //! connection, or the connection failed, 2 for bad usage.
 
-use std::io::{self, BufRead, BufReader, IsTerminal, Write};
+use std::io::{self, BufRead, BufReader, IsTerminal, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::thread;
@@ -151,48 +151,94 @@ fn send_stdin_lines(mut stream: TcpStream, name: Option<&str>) {
     let _ = stream.shutdown(Shutdown::Write);
 }
 
+/// The most bytes of one line held before printing them: a longer line is
+/// printed in pieces, so a server that never ends a line cannot make the
+/// client's memory grow without bound.
+const PIECE: usize = 64 * 1024;
+
 /// Prints server lines until the server closes; returns the exit status.
 fn print_server_lines(stream: TcpStream) -> i32 {
     let mut reader = BufReader::new(stream);
     let stdout = io::stdout();
-    let escape = stdout.is_terminal();
+    // Whatever goes to a terminal is escaped, on stdout and on stderr alike:
+    // either may be the screen while the other is redirected.
+    let escape_out = stdout.is_terminal();
+    let escape_err = io::stderr().is_terminal();
     // On a terminal, stdout and stderr are usually the same screen: show
     // error lines once there.
-    let errors_to_stderr = !(escape && io::stderr().is_terminal());
+    let errors_to_stderr = !(escape_out && escape_err);
     let mut out = stdout.lock();
-    let mut line = Vec::new();
+    // The unprinted part of the current line: all of it, or its next piece
+    // (after up to 3 bytes of a character the previous piece cut in two).
+    let mut piece = Vec::with_capacity(PIECE);
+    let mut line_start = true;
+    let mut copy_to_stderr = false;
     let mut closing_error = false;
     loop {
-        line.clear();
-        let status = match reader.read_until(b'\n', &mut line) {
-            Ok(0) => Some(i32::from(closing_error)),
-            Ok(_) => None,
+        let room = (PIECE - piece.len()) as u64;
+        let (ended, lost) = match reader.by_ref().take(room).read_until(b'\n', &mut piece) {
+            Ok(0) => (true, None),
+            Ok(_) => (false, None),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                let _ = out.flush();
-                eprintln!("chatd-client: connection lost: {e}");
-                Some(1)
-            }
+            Err(e) => (true, Some(e)),
         };
-        if let Some(status) = status {
-            let _ = out.flush();
-            return status;
+        if line_start && !piece.is_empty() {
+            closing_error = ends_connection(&piece);
+            copy_to_stderr = errors_to_stderr && piece.starts_with(b"error: ");
         }
-        closing_error = ends_connection(&line);
-        let written = if escape {
-            out.write_all(escape_line(&line).as_bytes())
+        line_start = piece.ends_with(b"\n");
+        // A piece of a longer line stops before a character cut in two, so
+        // escaping it shows the same as escaping the whole line would.
+        let shown = if line_start || ended {
+            piece.len()
         } else {
-            out.write_all(&line)
+            piece.len() - cut_character(&piece)
+        };
+        let text = &piece[..shown];
+        let written = if escape_out {
+            out.write_all(escape_line(text).as_bytes())
+        } else {
+            out.write_all(text)
         };
         if written.is_err() {
             return 1; // stdout is gone: nobody to show anything to
         }
-        if line.starts_with(b"error: ") && errors_to_stderr {
-            let _ = io::stderr().write_all(&line);
+        if copy_to_stderr {
+            let _ = if escape_err {
+                io::stderr().write_all(escape_line(text).as_bytes())
+            } else {
+                io::stderr().write_all(text)
+            };
+        }
+        piece.drain(..shown);
+        if ended {
+            let _ = out.flush();
+            return match lost {
+                Some(e) => {
+                    eprintln!("chatd-client: connection lost: {e}");
+                    1
+                }
+                None => i32::from(closing_error),
+            };
         }
         if reader.buffer().is_empty() {
             let _ = out.flush(); // show lines as they arrive, in batches
         }
+    }
+}
+
+/// How many bytes at the end of `bytes` are the start of a UTF-8 character
+/// that more bytes could complete (0 to 3).
+fn cut_character(bytes: &[u8]) -> usize {
+    // The last character starts at the last byte that is not a
+    // continuation byte (`10xxxxxx`); only 4 bytes back can matter.
+    let Some(back) = bytes.iter().rev().take(4).position(|&b| b & 0xc0 != 0x80) else {
+        return 0;
+    };
+    let start = bytes.len() - 1 - back;
+    match std::str::from_utf8(&bytes[start..]) {
+        Err(e) if e.error_len().is_none() => bytes.len() - start,
+        _ => 0, // complete, or invalid whatever follows
     }
 }
 
@@ -263,10 +309,25 @@ mod tests {
     }
 
     #[test]
+    fn pieces_of_a_line_escape_like_the_whole_line() {
+        let mut line = "a\u{e9}\u{1f600}\u{202e}\x1b[1m\\\u{9b}z\r"
+            .as_bytes()
+            .to_vec();
+        line.extend_from_slice(&[0xf0, 0x9f, b'x', 0x80, 0xe2, 0x82]);
+        let whole = escape_line(&line);
+        for cut in 0..=line.len() {
+            let kept = cut - cut_character(&line[..cut]);
+            let pieces = escape_line(&line[..kept]) + &escape_line(&line[kept..]);
+            assert_eq!(pieces, whole, "cut after {cut} bytes");
+        }
+    }
+
+    #[test]
     fn knows_which_errors_end_the_connection() {
         assert!(ends_connection(b"error: name-taken: alice\n"));
         assert!(ends_connection(b"error: shutting-down\n"));
         assert!(ends_connection(b"error: server-full\n"));
+        assert!(ends_connection(b"error: slow-consumer\n"));
         assert!(!ends_connection(b"error: not-online: bob\n"));
         assert!(!ends_connection(b"error: invalid-utf8\n"));
         assert!(!ends_connection(b"from error: name-taken: x\n"));
