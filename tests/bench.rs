@@ -133,7 +133,11 @@ fn spreads_over_source_addresses() {
 /// `--max-outbound`) is caught: losses and closes are reported, exit 1.
 #[test]
 fn detects_a_lossy_server() {
-    let server = Server::start(&["--max-outbound", "300"]);
+    // chatd refuses a `--max-outbound` that cannot hold one delivery of the
+    // longest line (`--max-line` + 72 bytes): 200 + 72 fits in 300. A bench
+    // line here is about 22 bytes plus the payload, so 150 fits in 200 and
+    // the losses come from slow consumers, not from lines too long.
+    let server = Server::start(&["--max-outbound", "300", "--max-line", "200"]);
     let out = bench(
         &server,
         &[
@@ -144,7 +148,7 @@ fn detects_a_lossy_server() {
             "--window",
             "16",
             "--payload",
-            "200",
+            "150",
             "--duration",
             "0.5",
             "--settle-timeout",
@@ -156,6 +160,10 @@ fn detects_a_lossy_server() {
     assert_eq!(text_field(&json, "result"), "FAILED");
     assert!(field(&out, "lost") > 0.0, "{json}");
     assert!(field(&out, "closed_by_server") > 0.0, "{json}");
+    assert!(
+        !text_field(&json, "error_lines").contains("line-too-long"),
+        "{json}"
+    );
 }
 
 /// `--help` says how to raise the open-file limit; bad values exit 2.
@@ -177,4 +185,64 @@ fn help_and_bad_values() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--clients"));
+}
+
+/// Values that would overflow a time or an allocation are usage errors,
+/// checked before anything runs: one line naming the flag, exit 2. So is a
+/// flag that does not exist, reported as unknown even when it comes last.
+#[test]
+fn out_of_range_values_are_usage_errors() {
+    // A live server and traffic, so a value that slipped through would be
+    // used (and abort) instead of failing on a refused connection.
+    let server = Server::start(&[]);
+    let traffic = ["--clients", "2", "--senders", "1", "--duration", "0.2"];
+    for (flag, value) in [
+        ("--rate", "1e-300"),
+        ("--connect-rate", "1e-19"),
+        ("--payload", "99999999999999999"),
+    ] {
+        let out = bench(&server, &[&traffic[..], &[flag, value]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{flag} {value}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("chatd-bench: invalid value for {flag}: '{value}'")),
+            "{stderr}"
+        );
+    }
+
+    let out = Command::new(env!("CARGO_BIN_EXE_chatd-bench"))
+        .args(["--clients", "2", "--bogus"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr,
+        "chatd-bench: unknown option '--bogus' (see --help)\n"
+    );
+}
+
+/// The slowest rate allowed runs: the first line goes at once, the next
+/// would be due 10^7 s later.
+#[test]
+fn slowest_rate_runs() {
+    let server = Server::start(&[]);
+    let out = bench(
+        &server,
+        &[
+            "--clients",
+            "2",
+            "--senders",
+            "1",
+            "--rate",
+            "1e-7",
+            "--duration",
+            "0.2",
+        ],
+    );
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{json}");
+    assert_eq!(field(&out, "lines_sent"), 1.0, "{json}");
+    assert_eq!(field(&out, "deliveries"), 1.0, "{json}");
 }

@@ -23,9 +23,10 @@ Usage: chatd-bench [OPTIONS]
 
 Connection phase:
   --addr HOST:PORT       server [default: 127.0.0.1:8080, or CHATD_ADDR]
-  --clients N            connections to open and log in [default: 1000]
-  --connect-rate R       new connections per second, 0 = as fast as possible
-                         (a connect storm) [default: 0]
+  --clients N            connections to open and log in, up to 10,000,000
+                         [default: 1000]
+  --connect-rate R       new connections per second, 1e-7 to 1e9, or 0 = as
+                         fast as possible (a connect storm) [default: 0]
   --source-ips A-B       spread client sockets over these source addresses
                          (127.0.0.1-127.0.0.8, or a comma list) [default:
                          for a 127.x server, one address from 127.0.0.1 up
@@ -34,12 +35,17 @@ Connection phase:
 Traffic phase:
   --senders S            clients that send [default: 0 = no traffic]
   --fanout F             recipients per line [default: 1]
-  --payload B            bytes of padding per message [default: 32]
-  --window W             closed loop: lines in flight per sender [default: 1]
-  --rate R               open loop: total lines per second, latency measured
-                         from each line's intended send time (overrides
-                         --window) [default: 0 = closed loop]
+  --payload B            bytes of padding per message, up to 16 MiB; a line
+                         is about 45 bytes more plus 8 per recipient, and
+                         must fit the server's --max-line (chatd's default
+                         16384 fits a payload up to about 16,000) [default: 32]
+  --window W             closed loop: lines in flight per sender, up to
+                         1,000,000 [default: 1]
+  --rate R               open loop: total lines per second, 1e-7 to 1e9,
+                         latency measured from each line's intended send time
+                         (overrides --window) [default: 0 = closed loop]
   --duration SECS        traffic time [default: 10]
+                         (every time is below 1e7 seconds)
   --settle-timeout SECS  longest wait for logins and last deliveries
                          [default: 30]
 Measuring:
@@ -55,6 +61,39 @@ or LimitNOFILE= in systemd).
 The result goes to stdout (text, or JSON with --json); progress goes to
 stderr once a second. Exit status 1 if anything was lost or went wrong.
 ";
+
+/// The flags that take a value.
+const VALUE_FLAGS: &[&str] = &[
+    "addr",
+    "clients",
+    "connect-rate",
+    "source-ips",
+    "idle",
+    "senders",
+    "fanout",
+    "payload",
+    "window",
+    "rate",
+    "duration",
+    "settle-timeout",
+    "server-pid",
+];
+
+/// The longest time a flag takes, and the longest time between two events
+/// a rate gives (about 115 days).
+const MAX_SECS: f64 = 1e7;
+/// Rates are below this, per second (and at least `1 / MAX_SECS`).
+const MAX_RATE: f64 = 1e9;
+/// Clients are allocated up front, and each holds a descriptor here and one
+/// in the server: more than this fits no machine.
+const MAX_CLIENTS: usize = 10_000_000;
+/// The longest padding: a line must fit the server's longest line, and
+/// chatd's `--max-line` goes up to 16 MiB.
+const MAX_PAYLOAD: usize = 16 << 20;
+/// The most lines in flight per sender, all sent at once when traffic starts.
+const MAX_WINDOW: usize = 1_000_000;
+/// The most (sender, recipient) pairs, whose order is checked per pair.
+const MAX_PAIRS: usize = 100_000_000;
 
 /// What the command line asked for.
 struct Args {
@@ -101,43 +140,56 @@ fn parse_args() -> Result<Option<Args>, String> {
             json = true;
             continue;
         }
+        // Known before its value is taken, so a misspelt flag is reported
+        // as unknown rather than as missing its value.
+        if !VALUE_FLAGS.contains(&flag.as_str()) {
+            return Err(format!("unknown option '--{flag}' (see --help)"));
+        }
         let value = parser.value().map_err(|e| e.to_string())?;
         let value = value.to_string_lossy().into_owned();
         let bad = |what: &str| format!("invalid value for --{flag}: '{value}' (expected {what})");
-        let count = || value.parse::<usize>().map_err(|_| bad("a whole number"));
+        let count = |max: usize| {
+            value
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| bad(&format!("a whole number up to {max}")))
+        };
         let secs = || {
             value
                 .parse::<f64>()
                 .ok()
-                .filter(|s| (0.0..1e7).contains(s))
+                .filter(|s| (0.0..MAX_SECS).contains(s))
                 .map(Duration::from_secs_f64)
                 .ok_or_else(|| bad("seconds"))
         };
+        // The time between two events, 1 / rate, must be a time the other
+        // flags could give, or computing when the next one is due overflows.
         let per_sec = || {
             value
                 .parse::<f64>()
                 .ok()
-                .filter(|r| (0.0..1e9).contains(r))
-                .ok_or_else(|| bad("a rate per second"))
+                .filter(|r| *r == 0.0 || (1.0 / MAX_SECS..MAX_RATE).contains(r))
+                .ok_or_else(|| bad("0, or a rate per second from 1e-7 to 1e9"))
         };
         match flag.as_str() {
             "addr" => addr = value.clone(),
-            "clients" => plan.clients = count()?,
+            "clients" => plan.clients = count(MAX_CLIENTS)?,
             "connect-rate" => plan.connect_rate = per_sec()?,
             "source-ips" => {
                 plan.source_ips =
                     parse_ips(&value).ok_or_else(|| bad("A-B or a comma list of IPv4 addresses"))?
             }
             "idle" => idle = secs()?,
-            "senders" => plan.senders = count()?,
-            "fanout" => plan.fanout = count()?,
-            "payload" => plan.payload = count()?,
-            "window" => plan.window = count()?,
+            "senders" => plan.senders = count(MAX_CLIENTS)?,
+            "fanout" => plan.fanout = count(MAX_CLIENTS)?,
+            "payload" => plan.payload = count(MAX_PAYLOAD)?,
+            "window" => plan.window = count(MAX_WINDOW)?,
             "rate" => plan.rate = per_sec()?,
             "duration" => plan.duration = secs()?,
             "settle-timeout" => plan.settle_timeout = secs()?,
             "server-pid" => server_pid = Some(value.parse().map_err(|_| bad("a process id"))?),
-            _ => return Err(format!("unknown option '--{flag}' (see --help)")),
+            _ => unreachable!("every flag of VALUE_FLAGS has an arm"),
         }
     }
     plan.addr = addr
@@ -148,6 +200,15 @@ fn parse_args() -> Result<Option<Args>, String> {
     if plan.clients == 0 {
         return Err("--clients must be at least 1".into());
     }
+    if plan.connect_rate > 0.0 && plan.clients as f64 / plan.connect_rate > MAX_SECS {
+        return Err(format!(
+            "--connect-rate {} is too slow for --clients {}: connecting would take {:.0e} s \
+             (the most is 1e7 s)",
+            plan.connect_rate,
+            plan.clients,
+            plan.clients as f64 / plan.connect_rate
+        ));
+    }
     if plan.source_ips.is_empty() {
         plan.source_ips = default_source_ips(plan.addr, plan.clients);
     }
@@ -156,6 +217,12 @@ fn parse_args() -> Result<Option<Args>, String> {
     }
     if plan.senders > 0 && (plan.fanout == 0 || plan.fanout >= plan.clients) {
         return Err("--fanout must be from 1 to --clients - 1".into());
+    }
+    if plan.senders > 0 && plan.senders.saturating_mul(plan.fanout) > MAX_PAIRS {
+        return Err(format!(
+            "--senders * --fanout must be at most {MAX_PAIRS} (the order check keeps 8 bytes \
+             per sender and recipient)"
+        ));
     }
     if plan.senders > 0 && plan.rate == 0.0 && plan.window == 0 {
         return Err("--window must be at least 1 in closed loop".into());
