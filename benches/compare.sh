@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the same chatd-bench scenarios against chatd and a baseline server
-# (the tokio tutorial server from ../shared/baseline/seed-tokio, or any
-# server of the same protocol that takes its address as its only argument)
 # in one run, and prints a side-by-side table with the ratio chatd/baseline.
+# The baseline is any server binary of the same protocol that takes its
+# address (HOST:PORT) as its only argument; BENCHMARKS.md used the async-std
+# book's tutorial chat server ported to tokio, and says how to build it.
 #
 #   benches/compare.sh BASELINE_BINARY
 #
@@ -11,7 +12,8 @@
 # fanout1 fanout10 rate100k storm10k storm19k scale19k),
 # OUT (directory for the JSON results, default target/compare).
 # Traffic goes to 127.0.0.1 only. Each scenario gets a fresh server process:
-# the seed never frees names and dies when a message reaches a closed peer.
+# the tutorial server never frees a name, and stops routing for good once a
+# message is sent to a client that has disconnected.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
