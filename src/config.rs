@@ -10,6 +10,10 @@ pub struct Config {
     /// Most bytes queued for one connection before it is closed as a slow
     /// consumer.
     pub max_outbound: usize,
+    /// Most bytes all connections' queued output and kept input may hold
+    /// together; `None` = a quarter of the machine's memory. Past it, the
+    /// largest holders are closed as slow consumers.
+    pub max_buffer_memory: Option<usize>,
     /// Most client connections at once; `None` = what the open-file limit
     /// allows. Lowered with a warning when the limit cannot fit it.
     pub max_clients: Option<usize>,
@@ -28,6 +32,7 @@ impl Default for Config {
         Config {
             max_line: 16 * 1024,
             max_outbound: 1024 * 1024,
+            max_buffer_memory: None,
             max_clients: None,
             login_timeout: Duration::from_secs(30),
             idle_timeout: Duration::ZERO,

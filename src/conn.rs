@@ -233,6 +233,13 @@ impl Conn {
         self.has(REJECTED)
     }
 
+    /// Bytes of buffer memory it holds: the capacity of its outbound buffer
+    /// and of its kept input (what `--max-buffer-memory` bounds).
+    pub fn footprint(&self) -> usize {
+        let capacity = |buf: &Option<Box<Buf>>| buf.as_ref().map_or(0, |b| b.data.capacity());
+        capacity(&self.out) + capacity(&self.partial)
+    }
+
     /// Bytes queued and not yet written.
     pub fn pending_out(&self) -> usize {
         self.out.as_ref().map_or(0, |out| out.len())

@@ -29,6 +29,8 @@ pub enum Deadline {
     Scraper(Slot),
     /// Accepting resumes after the process ran out of descriptors.
     AcceptResume,
+    /// Accepting scrapers resumes after the process ran out of descriptors.
+    ScrapersResume,
     /// The buffer pool frees what it held unused.
     PoolDecay,
     /// The `--stats-interval` log line.
@@ -65,6 +67,7 @@ impl Deadline {
             Deadline::StatsLine => (6, none),
             Deadline::Status => (7, none),
             Deadline::ShutdownGiveUp => (8, none),
+            Deadline::ScrapersResume => (9, none),
         }
     }
 
@@ -78,7 +81,8 @@ impl Deadline {
             5 => Deadline::PoolDecay,
             6 => Deadline::StatsLine,
             7 => Deadline::Status,
-            _ => Deadline::ShutdownGiveUp,
+            8 => Deadline::ShutdownGiveUp,
+            _ => Deadline::ScrapersResume,
         }
     }
 }
@@ -249,6 +253,7 @@ mod tests {
             Deadline::StatsLine,
             Deadline::Status,
             Deadline::ShutdownGiveUp,
+            Deadline::ScrapersResume,
         ];
         let mut d = at(1000);
         for (i, &kind) in kinds.iter().enumerate() {

@@ -38,6 +38,13 @@ const FLAGS: &[Flag] = &[
         help: "most bytes queued for one client before it is closed as a slow consumer",
     },
     Flag {
+        name: "max-buffer-memory",
+        value: "BYTES",
+        default: "a quarter of the machine's memory",
+        help: "most bytes all clients' queued output and kept input may hold together; past it, \
+               the largest holders are closed as slow consumers",
+    },
+    Flag {
         name: "max-clients",
         value: "N",
         default: "open-file limit less a reserve",
@@ -195,6 +202,18 @@ fn parse_args() -> Result<Command, UsageError> {
     }
     if let Some(v) = get("max-outbound") {
         config.max_outbound = number(v, 1, 1 << 40)?;
+    }
+    if let Some(v) = get("max-buffer-memory") {
+        config.max_buffer_memory = Some(number(v, 1 << 20, usize::MAX)?);
+    }
+    let longest = chatd::protocol::longest_delivery(config.max_line);
+    if config.max_outbound < longest {
+        let (source, value) = get("max-outbound").or(get("max-line")).unwrap_or_default();
+        return Err(UsageError(format!(
+            "invalid value for {source}: '{value}' (--max-outbound {} cannot hold one delivery \
+             line of the longest message --max-line {} allows: {longest} bytes)",
+            config.max_outbound, config.max_line
+        )));
     }
     if let Some(v) = get("max-clients") {
         config.max_clients = Some(number(v, 1, 1 << 40)?);

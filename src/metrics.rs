@@ -33,6 +33,15 @@ pub struct Gauges {
     pub max_clients: usize,
     /// Bytes held by the buffer pool.
     pub pooled_bytes: usize,
+    /// Bytes of buffer memory all clients hold together.
+    pub buffered_bytes: usize,
+    /// `--max-buffer-memory` in force.
+    pub max_buffer_memory: usize,
+    /// Descriptors the process holds, as the reactor counts them (listing
+    /// `/proc/self/fd` costs milliseconds at ten thousand descriptors).
+    pub open_fds: usize,
+    /// Resident memory, read from `/proc` at most once a second.
+    pub resident_bytes: Option<u64>,
     /// Whether the server takes new clients, and if not, why.
     pub health: Result<(), &'static str>,
 }
@@ -43,6 +52,10 @@ impl Default for Gauges {
             logged_in: 0,
             max_clients: 0,
             pooled_bytes: 0,
+            buffered_bytes: 0,
+            max_buffer_memory: 0,
+            open_fds: 0,
+            resident_bytes: None,
             health: Ok(()),
         }
     }
@@ -85,14 +98,25 @@ impl MetricsConn {
     }
 
     /// Reads what arrived, answers once the request is complete, and
-    /// writes as much of the answer as the socket takes. `gauges` says what
-    /// the reactor knows; `stats` and `gauges` are read only when asked for.
-    pub fn on_event(&mut self, stats: &Stats, gauges: impl FnOnce() -> Gauges) -> Next {
+    /// writes as much of the answer as the socket takes. `health` is what
+    /// `/healthz` reports; `metrics` gives the `/metrics` body, called only
+    /// when asked for.
+    pub fn on_event(
+        &mut self,
+        health: Result<(), &'static str>,
+        metrics: impl FnOnce() -> String,
+    ) -> Next {
         if self.out.is_empty() {
             let mut buf = [0; 1024];
+            let mut ended = false;
             loop {
                 match self.stream.read(&mut buf) {
-                    Ok(0) => return Next::Close, // gave up before asking
+                    // A scraper may half-close right after its request
+                    // (`nc -N`): a complete request is still answered.
+                    Ok(0) => {
+                        ended = true;
+                        break;
+                    }
                     Ok(n) => {
                         let room = MAX_REQUEST - self.request.len();
                         self.request.extend_from_slice(&buf[..n.min(room)]);
@@ -105,8 +129,9 @@ impl MetricsConn {
                     Err(_) => return Next::Close,
                 }
             }
-            match respond(&self.request, stats, gauges) {
+            match respond(&self.request, health, metrics) {
                 Some(response) => self.out = response,
+                None if ended => return Next::Close, // gave up before asking
                 None => return Next::Wait,
             }
         }
@@ -129,7 +154,11 @@ impl MetricsConn {
 /// large, 404 to an unknown path and 405 to a method other than GET or HEAD.
 /// `/healthz` answers 200 `ok` while the server takes new clients, and 503
 /// with the reason while it does not (out of descriptors, full, stopping).
-pub fn respond(request: &[u8], stats: &Stats, gauges: impl FnOnce() -> Gauges) -> Option<Vec<u8>> {
+pub fn respond(
+    request: &[u8],
+    health: Result<(), &'static str>,
+    metrics: impl FnOnce() -> String,
+) -> Option<Vec<u8>> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     let (method, path) = match req.parse(request) {
@@ -161,10 +190,10 @@ pub fn respond(request: &[u8], stats: &Stats, gauges: impl FnOnce() -> Gauges) -
             200,
             "OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            &render(stats, &gauges()),
+            &metrics(),
             with_body,
         ),
-        ("GET" | "HEAD", "/healthz") => match gauges().health {
+        ("GET" | "HEAD", "/healthz") => match health {
             Ok(()) => response(200, "OK", "text/plain", "ok\n", with_body),
             Err(why) => {
                 let body = format!("unavailable: {why}\n");
@@ -190,8 +219,9 @@ fn response(code: u16, reason: &str, content_type: &str, body: &str, with_body: 
     out.into_bytes()
 }
 
-/// The `/metrics` body: every counter of [`Stats`], the gauges, and the
-/// process's resident memory and descriptors (read from /proc).
+/// The `/metrics` body: every counter of [`Stats`] and the gauges. Reads
+/// nothing but the open-file limit (one system call): what costs more is
+/// gathered by the caller, rarely.
 pub fn render(stats: &Stats, gauges: &Gauges) -> String {
     let mut out = String::with_capacity(4096);
     let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
@@ -269,8 +299,26 @@ pub fn render(stats: &Stats, gauges: &Gauges) -> String {
     metric(
         "chatd_slow_consumers_total",
         "counter",
-        "Clients closed because their outbound buffer was full.",
+        "Clients closed as slow consumers (--max-outbound or --max-buffer-memory).",
         stats.slow_consumers,
+    );
+    metric(
+        "chatd_memory_evictions_total",
+        "counter",
+        "Clients closed because all buffers together reached --max-buffer-memory.",
+        stats.memory_evictions,
+    );
+    metric(
+        "chatd_buffered_bytes",
+        "gauge",
+        "Buffer memory all clients' queued output and kept input hold together.",
+        gauges.buffered_bytes as u64,
+    );
+    metric(
+        "chatd_max_buffer_memory_bytes",
+        "gauge",
+        "The --max-buffer-memory limit in force.",
+        gauges.max_buffer_memory as u64,
     );
     metric(
         "chatd_up",
@@ -284,7 +332,7 @@ pub fn render(stats: &Stats, gauges: &Gauges) -> String {
         "Bytes held by free pooled buffers.",
         gauges.pooled_bytes as u64,
     );
-    if let Some(rss) = resident_bytes() {
+    if let Some(rss) = gauges.resident_bytes {
         metric(
             "process_resident_memory_bytes",
             "gauge",
@@ -292,14 +340,12 @@ pub fn render(stats: &Stats, gauges: &Gauges) -> String {
             rss,
         );
     }
-    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-        metric(
-            "process_open_fds",
-            "gauge",
-            "Number of open file descriptors.",
-            dir.count() as u64,
-        );
-    }
+    metric(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        gauges.open_fds as u64,
+    );
     if let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
         metric(
             "process_max_fds",
@@ -326,7 +372,7 @@ pub fn render(stats: &Stats, gauges: &Gauges) -> String {
 
 /// Resident memory, from `VmRSS` in `/proc/self/status` (in KiB there,
 /// whatever the page size).
-fn resident_bytes() -> Option<u64> {
+pub fn resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -338,7 +384,7 @@ mod tests {
     use super::*;
 
     fn status(request: &[u8]) -> Option<String> {
-        respond(request, &Stats::default(), Gauges::default).map(|r| {
+        respond(request, Ok(()), || "m 1\n".into()).map(|r| {
             let text = String::from_utf8(r).unwrap();
             text.lines().next().unwrap().to_string()
         })
@@ -390,10 +436,9 @@ mod tests {
 
     #[test]
     fn healthz_body_and_head_without_body() {
-        let stats = Stats::default();
-        let get = respond(b"GET /healthz HTTP/1.1\r\n\r\n", &stats, Gauges::default).unwrap();
+        let get = respond(b"GET /healthz HTTP/1.1\r\n\r\n", Ok(()), String::new).unwrap();
         assert!(get.ends_with(b"\r\n\r\nok\n"));
-        let head = respond(b"HEAD /healthz HTTP/1.1\r\n\r\n", &stats, Gauges::default).unwrap();
+        let head = respond(b"HEAD /healthz HTTP/1.1\r\n\r\n", Ok(()), String::new).unwrap();
         assert!(head.ends_with(b"Content-Length: 3\r\nConnection: close\r\n\r\n"));
     }
 
@@ -404,7 +449,8 @@ mod tests {
             health: Err("out of file descriptors: accepting paused"),
             ..Gauges::default()
         };
-        let get = respond(b"GET /healthz HTTP/1.1\r\n\r\n", &Stats::default(), paused).unwrap();
+        let why = paused().health;
+        let get = respond(b"GET /healthz HTTP/1.1\r\n\r\n", why, String::new).unwrap();
         let text = String::from_utf8(get).unwrap();
         assert!(
             text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),

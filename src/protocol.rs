@@ -228,6 +228,19 @@ pub fn write_delivery(out: &mut Vec<u8>, sender: &str, body: &str) {
     out.push(b'\n');
 }
 
+/// The longest delivery line (`from <sender>: <body>\n`) that a line of
+/// `max_line` bytes can produce: `--max-outbound` must hold at least one.
+pub fn longest_delivery(max_line: usize) -> usize {
+    "from ".len() + NAME_MAX + ": ".len() + max_line + 1
+}
+
+/// Bytes of names a `not-online` line lists at the most (fewer when
+/// `--max-line` is smaller); the rest are counted as `(and N more)`, so the
+/// line always fits in `--max-outbound` (which holds [`longest_delivery`]).
+pub fn not_online_budget(max_line: usize) -> usize {
+    (max_line + 20).min(1024)
+}
+
 /// Every kind of `error:` line the server sends; the discriminant indexes the
 /// per-kind counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,11 +255,12 @@ pub enum ErrorKind {
     IdleTimeout,
     ServerFull,
     ShuttingDown,
+    SlowConsumer,
 }
 
 impl ErrorKind {
     /// Every kind, in discriminant order.
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::InvalidName,
         ErrorKind::NameTaken,
         ErrorKind::LineTooLong,
@@ -257,6 +271,7 @@ impl ErrorKind {
         ErrorKind::IdleTimeout,
         ErrorKind::ServerFull,
         ErrorKind::ShuttingDown,
+        ErrorKind::SlowConsumer,
     ];
 
     /// The word after `error: ` on the wire.
@@ -272,6 +287,7 @@ impl ErrorKind {
             ErrorKind::IdleTimeout => "idle-timeout",
             ErrorKind::ServerFull => "server-full",
             ErrorKind::ShuttingDown => "shutting-down",
+            ErrorKind::SlowConsumer => "slow-consumer",
         }
     }
 

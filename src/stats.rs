@@ -25,8 +25,13 @@ pub struct Stats {
     pub bytes_in: u64,
     /// Bytes written to clients.
     pub bytes_out: u64,
-    /// Recipients closed because their outbound buffer was full.
+    /// Clients closed as slow consumers: their outbound buffer passed
+    /// `--max-outbound`, or they held the most when all buffers together
+    /// reached `--max-buffer-memory`.
     pub slow_consumers: u64,
+    /// Of those, the ones closed to keep all buffers under
+    /// `--max-buffer-memory`.
+    pub memory_evictions: u64,
     /// `error:` lines sent, indexed by `ErrorKind as usize`.
     pub errors: [u64; ErrorKind::ALL.len()],
 }
@@ -50,7 +55,7 @@ impl fmt::Display for Stats {
         write!(
             f,
             "connections={} peak={} accepted={} rejected={} logins={} messages_in={} \
-             deliveries={} bytes_in={} bytes_out={} slow_consumers={}",
+             deliveries={} bytes_in={} bytes_out={} slow_consumers={} memory_evictions={}",
             self.connections,
             self.peak_connections,
             self.accepted,
@@ -61,6 +66,7 @@ impl fmt::Display for Stats {
             self.bytes_in,
             self.bytes_out,
             self.slow_consumers,
+            self.memory_evictions,
         )?;
         for kind in ErrorKind::ALL {
             write!(

@@ -335,3 +335,64 @@ fn metrics_scrapers_have_their_own_descriptors() {
     let with = max_clients(&["--metrics-addr", "127.0.0.1:0"]);
     assert_eq!(without - with, 17, "16 scrapers and the metrics listener");
 }
+
+/// A recipient closed as a slow consumer is told: after what was queued for
+/// it within `--max-outbound`, its last line is `error: slow-consumer`.
+#[test]
+fn slow_consumer_gets_error_line_last() {
+    let mut server = Server::start(&["--max-outbound", "65536"]);
+    let mut alice = server.login("alice");
+    let bob = server.login("bob"); // reads only once it is closed
+    let mut replies = alice.stream().try_clone().unwrap();
+    let drain = thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = replies.read_to_end(&mut sink);
+    });
+    let chunk = format!("bob: {}\n", "z".repeat(1024)).repeat(256);
+    let mut chunks = 0;
+    while !server.log().contains("closing slow consumer \"bob\"") {
+        assert!(chunks < 400, "bob was never closed");
+        alice.send(&chunk);
+        chunks += 1;
+    }
+    let mut received = Vec::new();
+    let mut stream = bob.stream().try_clone().unwrap();
+    stream.read_to_end(&mut received).expect("bob reads to EOF");
+    let text = String::from_utf8(received).unwrap();
+    assert!(
+        text.ends_with(&format!(
+            "from alice: {}\nerror: slow-consumer\n",
+            "z".repeat(1024)
+        )),
+        "bob's last lines: {:?}",
+        &text[text.len().saturating_sub(80)..]
+    );
+    assert_eq!(server.stat("errors.slow-consumer"), 1);
+    assert_eq!(server.stat("slow_consumers"), 1);
+    alice.shutdown_write();
+    drop(alice);
+    drop(drain);
+}
+
+/// `not-online` names the first offline recipients and counts the others,
+/// so a line naming a multitude of strangers gets a short error line (a
+/// long one could pass `--max-outbound` and close the sender).
+#[test]
+fn not_online_names_the_first_and_counts_the_rest() {
+    let server = Server::start(&["--max-line", "1000000", "--max-outbound", "2000000"]);
+    let mut alice = server.login("alice");
+    let names: Vec<String> = (0..100_000).map(|i| format!("s{i}")).collect();
+    alice.send(&format!("{},alice,s0: hi\n", names.join(",")));
+    alice.expect("from alice: hi");
+    let line = alice.line();
+    let list = line
+        .strip_prefix("error: not-online: ")
+        .and_then(|rest| rest.strip_suffix(" more)\n"))
+        .unwrap_or_else(|| panic!("unexpected line {:?}", &line[..line.len().min(200)]));
+    let (listed, more) = list.split_once(" (and ").expect("a count of the rest");
+    let listed: Vec<&str> = listed.split(", ").collect();
+    assert!(line.len() < 1100, "{} bytes", line.len());
+    assert_eq!(listed[..3], ["s0", "s1", "s2"], "the first, in order");
+    assert_eq!(listed.len() + more.parse::<usize>().unwrap(), 100_000);
+    alice.sync("alice"); // the sender stays connected
+}

@@ -63,6 +63,10 @@ fn bad_flags_exit_2_with_one_line() {
         (&["--max-line"], &[], "--max-line"),
         (&["stray"], &[], "stray"),
         (&[], &[("CHATD_MAX_CLIENTS", "many")], "CHATD_MAX_CLIENTS"),
+        // --max-outbound must hold the longest delivery --max-line allows.
+        (&["--max-outbound", "1000"], &[], "--max-outbound"),
+        (&["--max-line", "2000000"], &[], "--max-line"),
+        (&["--max-buffer-memory", "1000"], &[], "--max-buffer-memory"),
     ];
     for (args, env, names) in cases {
         let out = chatd(args, env);
@@ -72,6 +76,25 @@ fn bad_flags_exit_2_with_one_line() {
         assert!(stderr.starts_with("chatd: "), "{stderr}");
         assert!(stderr.contains(names), "{args:?}: {stderr}");
     }
+}
+
+/// A `CHATD_*` value that is not UTF-8 is refused like the same bytes as a
+/// flag value (exit 2, one line naming the variable), not silently ignored.
+#[test]
+fn non_utf8_environment_value_exits_2() {
+    use std::os::unix::ffi::OsStrExt;
+    let out = Command::new(env!("CARGO_BIN_EXE_chatd"))
+        .env("CHATD_MAX_CLIENTS", std::ffi::OsStr::from_bytes(b"\xff"))
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run chatd");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr,
+        "chatd: invalid value for CHATD_MAX_CLIENTS: not valid UTF-8\n"
+    );
 }
 
 /// Flags can come from `CHATD_*` variables; the command line wins.
@@ -171,6 +194,21 @@ fn sigterm_flushes_queued_messages_then_exits_0() {
 fn sigint_with_no_clients_exits_0() {
     let mut server = Server::start(&[]);
     server.signal("INT");
+    assert_eq!(server.wait_exit().code(), Some(0));
+}
+
+/// SIGHUP (the terminal that started the daemon closed) does not stop it:
+/// it is logged and ignored, and chat goes on.
+#[test]
+fn sighup_is_logged_and_ignored() {
+    let mut server = Server::start(&[]);
+    let mut alice = server.login("alice");
+    server.signal("HUP");
+    server.wait_log("hang-up signal ignored");
+    alice.sync("alice");
+    server.signal("TERM");
+    alice.expect("error: shutting-down");
+    drop(alice);
     assert_eq!(server.wait_exit().code(), Some(0));
 }
 

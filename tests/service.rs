@@ -12,7 +12,11 @@ use std::time::Duration;
 use common::{Server, poll_until};
 
 fn with_metrics() -> (Server, SocketAddr) {
-    let mut server = Server::start(&["--metrics-addr", "127.0.0.1:0"]);
+    with_metrics_and(&[])
+}
+
+fn with_metrics_and(args: &[&str]) -> (Server, SocketAddr) {
+    let mut server = Server::start(&[&["--metrics-addr", "127.0.0.1:0"], args].concat());
     let line = server.wait_log("metrics on http://");
     let addr = line
         .split("http://")
@@ -117,6 +121,62 @@ fn metrics_status_codes() {
     );
 }
 
+/// A scraper that half-closes right after its request (`nc -N`) still
+/// gets its response; one that half-closes before a complete request is
+/// closed without one.
+#[test]
+fn half_closed_scraper_gets_its_response() {
+    let (_server, addr) = with_metrics();
+    let exchange = |request: &[u8]| {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+        stream.write_all(request).unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    };
+    let response = exchange(b"GET /healthz HTTP/1.0\r\n\r\n");
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response:?}");
+    assert!(response.ends_with("\r\n\r\nok\n"), "{response:?}");
+    assert_eq!(exchange(b"GET /healthz HTTP/1.0\r\n"), "");
+}
+
+/// Scrapers that connect while the process has no descriptor left are
+/// answered once descriptors free up, without another scraper having to
+/// connect to wake the (edge-triggered) listener.
+#[test]
+fn scrapers_waiting_out_descriptor_exhaustion_are_answered() {
+    let (mut server, addr) = with_metrics_and(&["--log-level", "debug"]);
+    let pid = server.pid().to_string();
+    let set_soft_limit = |soft: usize| {
+        let status = Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={soft}:20000")])
+            .status()
+            .expect("run prlimit");
+        assert!(status.success());
+    };
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    set_soft_limit(open);
+    let waiting: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+            stream.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+            stream
+        })
+        .collect();
+    server.wait_log("metrics accept: ");
+    set_soft_limit(20000);
+    for mut stream in waiting {
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.ends_with("\r\n\r\nok\n"), "{response:?}");
+    }
+}
+
 /// Hostile scrapers (silent, dribbling, too many) do not delay chat
 /// traffic, and scraping works again once they are gone.
 #[test]
@@ -209,4 +269,37 @@ fn pool_keeps_a_busy_turns_buffers_then_lets_them_go() {
         decayed.is_some(),
         "the pool did not let its spare buffers go"
     );
+}
+
+/// Scrapes cost the loop little however many descriptors it holds: the
+/// render counts descriptors instead of listing `/proc/self/fd`, reads
+/// `/proc` at most once a second and renders at most ten times a second.
+/// (Listing 5,000 descriptors took milliseconds per scrape.)
+#[test]
+fn scrapes_cost_little_at_many_descriptors() {
+    let (mut server, addr) = with_metrics();
+    let idle: Vec<TcpStream> = (0..5000)
+        .map(|_| TcpStream::connect(server.addr).unwrap())
+        .collect();
+    let all_in = poll_until(|| (server.connections() == 5000).then_some(()));
+    assert!(all_in.is_some(), "the idle clients were not all accepted");
+    let cpu_before = server.cpu_time();
+    for _ in 0..300 {
+        let (status, _) = http(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+    }
+    let cpu = server.cpu_time() - cpu_before;
+    assert!(
+        cpu < Duration::from_millis(300),
+        "300 scrapes cost the server {cpu:?} of CPU"
+    );
+    let fds = scrape(addr)["process_open_fds"];
+    let listed = std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+        .unwrap()
+        .count() as f64;
+    assert!(
+        (fds - listed).abs() <= 2.0,
+        "counted {fds}, listed {listed}"
+    );
+    drop(idle);
 }

@@ -62,7 +62,7 @@ impl Broker {
         let mut line = std::mem::take(&mut self.delivery);
         line.clear();
         protocol::write_delivery(&mut line, &clients.conn(key).name, msg.body);
-        let mut offline = Offline::default();
+        let mut offline = Offline::new(protocol::not_online_budget(clients.limits.max_line));
         for name in protocol::recipients(msg.names) {
             let Some(to) = clients.lookup(name) else {
                 offline.add(name);
@@ -73,7 +73,7 @@ impl Broker {
                 continue; // named twice
             }
             recipient.route_mark = seq;
-            if clients.enqueue(to, &line) {
+            if clients.enqueue(to, &line, Some(key), deadlines) {
                 clients.stats.deliveries += 1;
             }
         }
@@ -124,10 +124,12 @@ fn login(clients: &mut Clients, deadlines: &mut Deadlines, key: usize, text: &st
 }
 
 /// Offline recipients of one message, each once, in the order given.
-#[derive(Default)]
 struct Offline<'a> {
     /// The names, in order.
     names: Vec<&'a str>,
+    /// Bytes of names the error line lists at the most; the others are
+    /// counted (see `protocol::not_online_budget`).
+    budget: usize,
     /// The same names for O(1) lookups once the list is long, so a line
     /// naming thousands of strangers costs linear time, not quadratic.
     seen: HashSet<&'a str>,
@@ -135,6 +137,14 @@ struct Offline<'a> {
 
 impl<'a> Offline<'a> {
     const LINEAR_MAX: usize = 8;
+
+    fn new(budget: usize) -> Offline<'a> {
+        Offline {
+            names: Vec::new(),
+            budget,
+            seen: HashSet::new(),
+        }
+    }
 
     fn add(&mut self, name: &'a str) {
         if self.names.len() < Self::LINEAR_MAX {
@@ -153,13 +163,45 @@ impl<'a> Offline<'a> {
 }
 
 impl fmt::Display for Offline<'_> {
+    /// `a, b, c`, or `a, b (and 7 more)` past the budget.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut used = 0;
         for (i, name) in self.names.iter().enumerate() {
-            if i > 0 {
-                f.write_str(", ")?;
+            let separator = if i > 0 { ", " } else { "" };
+            used += separator.len() + name.len();
+            if used > self.budget && i > 0 {
+                return write!(f, " (and {} more)", self.names.len() - i);
             }
+            f.write_str(separator)?;
             f.write_str(name)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(budget: usize, names: &[&'static str]) -> String {
+        let mut offline = Offline::new(budget);
+        for name in names {
+            offline.add(name);
+        }
+        offline.to_string()
+    }
+
+    #[test]
+    fn offline_names_each_once_in_order_within_the_budget() {
+        assert_eq!(listed(100, &["a", "b", "a", "c"]), "a, b, c");
+        let many: Vec<&'static str> = (0..20)
+            .map(|i| &*format!("n{i:02}").leak())
+            .chain(["n00", "n01"])
+            .collect();
+        // Each name costs 3 bytes, 5 with its separator: 3 + 5 + 5 = 13.
+        assert_eq!(listed(13, &many), "n00, n01, n02 (and 17 more)");
+        assert_eq!(listed(12, &many), "n00, n01 (and 18 more)");
+        assert_eq!(listed(1, &many), "n00 (and 19 more)", "the first always");
+        assert_eq!(listed(1000, &many).matches(", ").count(), 19);
     }
 }

@@ -21,6 +21,7 @@ use super::Source;
 use crate::conn::{Conn, Phase};
 use crate::deadlines::{Deadline, Deadlines, Slot};
 use crate::pool::{BufPool, PoolLimits};
+
 use crate::protocol::{self, ErrorKind};
 use crate::registry::Registry;
 use crate::stats::Stats;
@@ -31,7 +32,7 @@ pub(super) const REJECT_SLOTS: usize = 8;
 /// Descriptors kept free besides those open at start and the reject slots.
 const SPARE_FDS: usize = 8;
 /// How long accepting pauses after the process runs out of descriptors.
-const ACCEPT_BACKOFF_MS: u64 = 100;
+pub(super) const ACCEPT_BACKOFF_MS: u64 = 100;
 /// The most time a connection closed with an error gets to flush and linger.
 const CLOSE_GRACE_MS: u64 = 2000;
 /// What the buffer pool may hold: 256 buffers for good, up to 8,192 (and
@@ -53,6 +54,8 @@ pub(super) struct Limits {
     pub login_timeout_ms: u64,
     /// `--idle-timeout` in ms; zero = off.
     pub idle_timeout_ms: u64,
+    /// `--max-buffer-memory`.
+    pub max_buffer_memory: usize,
 }
 
 /// Every client connection and what is shared by them.
@@ -92,6 +95,9 @@ pub(super) struct Clients {
     /// Whether shutdown has begun (closing connections then share the
     /// shutdown deadline instead of each having a grace).
     shutting_down: bool,
+    /// Bytes of buffer memory all connections hold together (the sum of
+    /// their `Conn::footprint`), bounded by `--max-buffer-memory`.
+    pub(super) buffered: usize,
     /// The counters.
     pub stats: Stats,
 }
@@ -120,6 +126,7 @@ impl Clients {
             accept_paused: false,
             exhaustion_logged: false,
             shutting_down: false,
+            buffered: 0,
             stats: Stats::default(),
         }
     }
@@ -278,7 +285,7 @@ impl Clients {
         if !kind.closes() {
             if reading {
                 let line = self.format_error(kind, detail);
-                self.enqueue(key, &line);
+                self.enqueue(key, &line, Some(key), deadlines);
                 self.error_line = line;
             }
             return;
@@ -288,15 +295,83 @@ impl Clients {
         }
         self.enter(key, Phase::Closing);
         let line = self.format_error(kind, detail);
-        let conn = &mut self.conns[key];
-        self.pool.give(&mut conn.partial);
-        // The final line may go past --max-outbound: it is small and last.
-        conn.queue(&line, &mut self.pool);
+        self.with_buffers(key, |conn, pool| {
+            pool.give(&mut conn.partial);
+            // The final line may go past --max-outbound: it is small and last.
+            conn.queue(&line, pool);
+        });
         self.error_line = line;
         self.mark_pending(key);
         if !self.shutting_down {
             self.set_deadline(key, deadlines, CLOSE_GRACE_MS, Deadline::Close);
         }
+    }
+
+    /// Changes the buffers of `key` with `change`, keeping the total of
+    /// buffer memory (`buffered`) true. Every change to a connection's
+    /// buffers goes through here.
+    pub fn with_buffers<R>(
+        &mut self,
+        key: usize,
+        change: impl FnOnce(&mut Conn, &mut BufPool) -> R,
+    ) -> R {
+        let conn = &mut self.conns[key];
+        let before = conn.footprint();
+        let result = change(conn, &mut self.pool);
+        self.buffered = self.buffered + conn.footprint() - before;
+        result
+    }
+
+    /// Whether all connections' buffers together are over
+    /// `--max-buffer-memory`.
+    pub fn is_over_memory(&self) -> bool {
+        self.buffered > self.limits.max_buffer_memory
+    }
+
+    /// Closes the connections holding the most buffer memory, as slow
+    /// consumers, until `incoming` more bytes fit well under
+    /// `--max-buffer-memory` (an eighth of it is kept free, so that an
+    /// attack costs a scan per eighth of the bound, not per line).
+    /// `exempt`, the sender of the line being handled, is never closed for
+    /// another connection's queue. O(connections); runs only at the bound.
+    pub fn make_room(&mut self, incoming: usize, exempt: Option<usize>, deadlines: &mut Deadlines) {
+        let limit = self.limits.max_buffer_memory;
+        let target = limit - limit / 8;
+        let mut holders: Vec<(usize, usize)> = self
+            .conns
+            .iter()
+            .filter(|&(key, conn)| Some(key) != exempt && !conn.is_dead())
+            .map(|(key, conn)| (conn.footprint(), key))
+            .filter(|&(footprint, _)| footprint > 0)
+            .collect();
+        holders.sort_unstable_by(|a, b| b.cmp(a));
+        for (footprint, key) in holders {
+            if self.buffered + incoming <= target {
+                break;
+            }
+            let conn = &self.conns[key];
+            warn!(
+                "closing {:?} ({}) as a slow consumer: it holds {footprint} bytes and all \
+                 clients' buffers reached --max-buffer-memory {limit}",
+                conn.name,
+                peer(conn)
+            );
+            self.stats.memory_evictions += 1;
+            // Its queue and kept input go now, so the memory is free now.
+            self.with_buffers(key, Conn::release_buffers);
+            if self.conns[key].phase() == Phase::Closing {
+                self.kill(key);
+            } else {
+                self.close_slow_consumer(key, deadlines);
+            }
+        }
+    }
+
+    /// Closes `key` as a slow consumer: `error: slow-consumer` is queued
+    /// after what it has not read yet, and it closes the usual way.
+    pub fn close_slow_consumer(&mut self, key: usize, deadlines: &mut Deadlines) {
+        self.stats.slow_consumers += 1;
+        self.error(key, ErrorKind::SlowConsumer, format_args!(""), deadlines);
     }
 
     /// Formats an `error:` line into the shared buffer (taken; give it back
@@ -327,13 +402,13 @@ impl Clients {
         let mut dead = std::mem::take(&mut self.dead);
         let reaped = dead.len();
         for &key in &dead {
-            let mut conn = self.conns.remove(key);
+            self.with_buffers(key, Conn::release_buffers);
+            let conn = self.conns.remove(key);
             if conn.is_rejected() {
                 self.rejecting -= 1;
             } else {
                 self.stats.connections -= 1;
             }
-            conn.release_buffers(&mut self.pool);
             debug!("#{} closed", conn.id);
         }
         dead.clear();
@@ -455,6 +530,25 @@ impl Clients {
             );
         }
     }
+}
+
+/// The peer address of a connection, for log lines.
+pub(super) fn peer(conn: &Conn) -> String {
+    conn.stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string())
+}
+
+/// The default `--max-buffer-memory`: a quarter of the machine's memory
+/// (`MemTotal` in `/proc/meminfo`), or 1 GiB where that cannot be read.
+pub(super) fn default_buffer_memory() -> usize {
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<usize>().ok()
+        });
+    total_kib.map_or(1 << 30, |kib| kib.saturating_mul(1024) / 4)
 }
 
 /// Fits `wanted` clients into the current soft open-file limit, after the

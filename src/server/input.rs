@@ -99,15 +99,27 @@ impl Server {
                 }
                 break;
             };
-            let Clients { conns, pool, .. } = &mut self.clients;
-            let conn = &mut conns[key];
-            if tail.is_empty() {
-                pool.give(&mut conn.partial);
-            } else {
-                let partial = conn.partial.get_or_insert_with(|| pool.take(tail.len()));
-                partial.data.clear();
-                partial.data.extend_from_slice(tail);
+            self.clients.with_buffers(key, |conn, pool| {
+                if tail.is_empty() {
+                    pool.give(&mut conn.partial);
+                } else {
+                    let partial = conn.partial.get_or_insert_with(|| pool.take(tail.len()));
+                    partial.data.clear();
+                    partial.data.extend_from_slice(tail);
+                }
+            });
+            if self.clients.is_over_memory() {
+                self.clients.make_room(0, None, &mut self.deadlines);
+                let conn = self.clients.conn(key);
+                if !conn.reads_lines() {
+                    // Closed to make room: drain as on any closing error.
+                    if !conn.is_dead() {
+                        self.clients.discard_input(key, &mut scratch);
+                    }
+                    break;
+                }
             }
+            let conn = self.clients.conn(key);
             budget = budget.saturating_sub(n);
             if budget == 0 {
                 if conn.defer_input() {
@@ -151,7 +163,9 @@ impl Server {
     /// The client sent EOF: its last unterminated line counts, its name is
     /// released, and it closes once what is queued for it is written.
     fn on_eof(&mut self, key: usize) {
-        let mut tail = self.clients.conn(key).partial.take();
+        let mut tail = self
+            .clients
+            .with_buffers(key, |conn, _| conn.partial.take());
         if let Some(line) = &tail {
             let Server {
                 clients,

@@ -39,7 +39,7 @@ mod output;
 mod scrapers;
 
 use broker::Broker;
-use clients::{Clients, Limits, fit_max_clients};
+use clients::{Clients, Limits, default_buffer_memory, fit_max_clients};
 use housekeeping::Housekeeping;
 use input::{Drain, READ_CHUNK};
 use scrapers::Scrapers;
@@ -149,6 +149,10 @@ struct Server {
     shutting_down: bool,
     /// Whether the shutdown deadline passed with clients still draining.
     gave_up: bool,
+    /// Descriptors open once the loop was set up (standard streams, the
+    /// poller, the waker, the listeners), to which the metrics add the
+    /// connections it holds instead of listing `/proc/self/fd`.
+    base_fds: usize,
 }
 
 impl Server {
@@ -178,13 +182,17 @@ impl Server {
             0
         };
         let max_clients = fit_max_clients(config.max_clients, reserve);
+        let max_buffer_memory = config
+            .max_buffer_memory
+            .unwrap_or_else(default_buffer_memory);
         info!(
             "chatd listening on {} (max-clients {}, max-line {}, max-outbound {}, \
-             login-timeout {}, idle-timeout {})",
+             max-buffer-memory {}, login-timeout {}, idle-timeout {})",
             listener.local_addr()?,
             max_clients,
             config.max_line,
             config.max_outbound,
+            max_buffer_memory,
             Seconds(config.login_timeout),
             Seconds(config.idle_timeout),
         );
@@ -193,6 +201,7 @@ impl Server {
             max_outbound: config.max_outbound,
             login_timeout_ms: millis(config.login_timeout),
             idle_timeout_ms: millis(config.idle_timeout),
+            max_buffer_memory,
         };
         let mut deadlines = Deadlines::default();
         let notifier = extras.notifier.unwrap_or_else(|| Box::new(Silent));
@@ -211,6 +220,7 @@ impl Server {
             seen: Requests::default(),
             shutting_down: false,
             gave_up: false,
+            base_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count()),
         })
     }
 
@@ -312,13 +322,21 @@ impl Server {
             return;
         };
         let clients = &self.clients;
+        let health = clients.health();
+        let open_fds = self.base_fds + clients.len() + scrapers.len();
         let gauges = || Gauges {
             logged_in: clients.logged_in(),
             max_clients: clients.max_clients,
             pooled_bytes: clients.pool.pooled_bytes(),
-            health: clients.health(),
+            buffered_bytes: clients.buffered,
+            max_buffer_memory: clients.limits.max_buffer_memory,
+            open_fds,
+            resident_bytes: None,
+            health,
         };
-        scrapers.on_event(key, self.poll.registry(), &clients.stats, gauges);
+        let now = self.deadlines.now_ms();
+        let registry = self.poll.registry();
+        scrapers.on_event(key, registry, now, health, &clients.stats, gauges);
     }
 
     /// Handles every deadline that is due.
@@ -336,6 +354,11 @@ impl Server {
                     }
                 }
                 Deadline::AcceptResume => self.clients.resume_accepting(registry, deadlines),
+                Deadline::ScrapersResume => {
+                    if let Some(scrapers) = &mut self.scrapers {
+                        scrapers.resume_accepting(registry, deadlines);
+                    }
+                }
                 Deadline::PoolDecay => self.housekeeping.decay_pool(&mut self.clients, deadlines),
                 Deadline::StatsLine => self.housekeeping.stats_line(&self.clients, deadlines),
                 Deadline::Status => self.housekeeping.status(&self.clients, deadlines),

@@ -6,7 +6,7 @@ use log::{debug, warn};
 use mio::{Interest, Registry as PollRegistry};
 
 use super::Source;
-use super::clients::Clients;
+use super::clients::{Clients, peer};
 use crate::conn::Phase;
 use crate::deadlines::{Deadline, Deadlines};
 
@@ -16,25 +16,36 @@ const LINGER_MS: u64 = 1000;
 
 impl Clients {
     /// Queues `bytes` for `key` within `--max-outbound`; over it, the
-    /// connection is closed as a slow consumer. Returns whether it was queued.
-    pub fn enqueue(&mut self, key: usize, bytes: &[u8]) -> bool {
+    /// connection is closed as a slow consumer. At `--max-buffer-memory`,
+    /// the largest holders other than `sender` are closed first (which may
+    /// be `key`). Returns whether the bytes were queued.
+    pub fn enqueue(
+        &mut self,
+        key: usize,
+        bytes: &[u8],
+        sender: Option<usize>,
+        deadlines: &mut Deadlines,
+    ) -> bool {
         let max = self.limits.max_outbound;
         let conn = self.conn(key);
         let queued = conn.pending_out();
         if queued + bytes.len() > max {
-            let addr = conn
-                .stream
-                .peer_addr()
-                .map_or_else(|_| "?".to_string(), |a| a.to_string());
             warn!(
-                "closing slow consumer {:?} ({addr}): {queued} bytes queued, limit {max}",
-                conn.name
+                "closing slow consumer {:?} ({}): {queued} bytes queued, limit {max}",
+                conn.name,
+                peer(conn)
             );
-            self.stats.slow_consumers += 1;
-            self.kill(key);
+            self.close_slow_consumer(key, deadlines);
             return false;
         }
-        self.conns[key].queue(bytes, &mut self.pool);
+        if self.buffered + bytes.len() > self.limits.max_buffer_memory {
+            self.make_room(bytes.len(), sender, deadlines);
+            let conn = self.conn(key);
+            if conn.is_dead() || conn.phase() == Phase::Closing {
+                return false; // closed to make room
+            }
+        }
+        self.with_buffers(key, |conn, pool| conn.queue(bytes, pool));
         self.mark_pending(key);
         true
     }
@@ -62,8 +73,9 @@ impl Clients {
     /// Writes what is queued for `key`. A socket that fills up gets writable
     /// interest (armed once, kept after) and waits for its event.
     fn flush(&mut self, key: usize, registry: &PollRegistry, deadlines: &mut Deadlines) {
+        let result = self.with_buffers(key, |conn, pool| conn.flush(pool));
         let conn = &mut self.conns[key];
-        match conn.flush(&mut self.pool) {
+        match result {
             Ok((n, drained)) => {
                 self.stats.bytes_out += n as u64;
                 if drained {

@@ -167,14 +167,21 @@ impl Server {
     /// The server's current connection count, from a stats line it logs
     /// on SIGUSR1.
     pub fn connections(&mut self) -> usize {
+        self.stat("connections") as usize
+    }
+
+    /// A counter (`deliveries`, `errors.not-online`, ...) from a fresh
+    /// stats line, which the server logs on SIGUSR1.
+    pub fn stat(&mut self, key: &str) -> u64 {
         let before = self.log().matches("stats: ").count();
         self.signal("USR1");
         let line = self.wait_log_count("stats: ", before + 1);
-        line.split("connections=")
+        line.split(&format!(" {key}="))
             .nth(1)
+            .or_else(|| line.split(&format!("stats: {key}=")).nth(1))
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|n| n.parse().ok())
-            .expect("connections= in the stats line")
+            .unwrap_or_else(|| panic!("{key}= in the stats line: {line}"))
     }
 
     /// Sockets of the server's port in CLOSE_WAIT: the client closed and
@@ -243,6 +250,22 @@ impl Client {
     /// Connects with a read timeout of [`TIMEOUT`].
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).expect("connect to chatd");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Client {
+            reader: BufReader::new(stream),
+        }
+    }
+
+    /// Connects with a small receive buffer (4 KiB asked for, so the kernel
+    /// does not autotune it to megabytes): a client that does not read
+    /// makes the server queue what it sends in user space at once.
+    pub fn connect_small(addr: SocketAddr) -> Client {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        socket.connect(&addr.into()).expect("connect to chatd");
+        let stream = TcpStream::from(socket);
         stream.set_read_timeout(Some(TIMEOUT)).unwrap();
         stream.set_nodelay(true).unwrap();
         Client {
