@@ -142,8 +142,8 @@ fn silent_connections_give_their_slots_back() {
     for client in &mut silent {
         client.expect("error: login-timeout");
     }
-    // Closed connections linger (up to a second) for their client's EOF,
-    // holding their descriptor; then the slots are free.
+    // Closed connections linger (1 s after the flush, 2 s at most) for
+    // their client's EOF, holding their descriptor; then the slots are free.
     let clients: Vec<_> = (0..4)
         .map(|i| {
             let name = format!("n{i}");

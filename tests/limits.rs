@@ -396,3 +396,25 @@ fn not_online_names_the_first_and_counts_the_rest() {
     assert_eq!(listed.len() + more.parse::<usize>().unwrap(), 100_000);
     alice.sync("alice"); // the sender stays connected
 }
+
+/// A recipient that reads promptly is not a slow consumer because one
+/// turn's input grew into more than `--max-outbound` of deliveries: 64 KiB
+/// of `b:` lines from a 64-byte name become 1.5 MiB for b in one turn.
+#[test]
+fn a_burst_of_short_lines_does_not_close_a_prompt_reader() {
+    let server = Server::start(&[]);
+    let long = "s".repeat(64);
+    let mut sender = server.login(&long);
+    let mut b = server.login("b");
+    let lines = 65536 / 3;
+    sender.send(&"b:\n".repeat(lines));
+    let want = format!("from {long}: \n");
+    let mut received = vec![0; want.len() * lines];
+    b.stream()
+        .try_clone()
+        .unwrap()
+        .read_exact(&mut received)
+        .unwrap();
+    assert!(received.chunks(want.len()).all(|l| l == want.as_bytes()));
+    b.sync("b"); // still connected
+}

@@ -24,7 +24,7 @@ fn name(i: usize) -> String {
     format!("u{i}")
 }
 
-/// The lines each online client must receive, in order, per the spec.
+/// The lines each online client must receive, in order, per docs/PROTOCOL.md.
 fn model(online: &[usize], messages: &[Message]) -> BTreeMap<usize, Vec<String>> {
     let mut inbox: BTreeMap<usize, Vec<String>> = online.iter().map(|&i| (i, Vec::new())).collect();
     for (k, m) in messages.iter().enumerate() {

@@ -1,4 +1,4 @@
-//! The wire protocol as SPEC.md states it, over real sockets to the binary.
+//! The wire protocol as docs/PROTOCOL.md states it, over real sockets to the binary.
 
 mod common;
 
@@ -33,7 +33,7 @@ fn trims_splits_collapses_and_self_delivers() {
     alice.sync("alice");
 }
 
-/// An empty message is delivered as such (as the seed server does).
+/// An empty message is delivered as such (as the tutorial chat server does).
 #[test]
 fn delivers_an_empty_message() {
     let server = Server::start(&[]);

@@ -27,6 +27,18 @@ impl Clients {
         deadlines: &mut Deadlines,
     ) -> bool {
         let max = self.limits.max_outbound;
+        if self.conn(key).pending_out() + bytes.len() > max {
+            // Before calling it slow, let its socket take what it can: one
+            // turn's 64 KiB of short lines can grow into more than the
+            // bound of deliveries for a recipient that reads promptly.
+            match self.with_buffers(key, |conn, pool| conn.flush(pool)) {
+                Ok((n, _)) => self.stats.bytes_out += n as u64,
+                Err(_) => {
+                    self.kill(key);
+                    return false;
+                }
+            }
+        }
         let conn = self.conn(key);
         let queued = conn.pending_out();
         if queued + bytes.len() > max {
