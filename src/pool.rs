@@ -27,6 +27,16 @@ impl Buf {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Keeps only the live bytes up to and including the first `\n`, in a
+    /// buffer of their size: what a connection needs to end the line it may
+    /// be in the middle of writing, so that what follows starts a line.
+    pub fn keep_first_line(&mut self) {
+        let live = &self.data[self.pos..];
+        let end = memchr::memchr(b'\n', live).map_or(live.len(), |i| i + 1);
+        self.data = live[..end].to_vec();
+        self.pos = 0;
+    }
 }
 
 /// The capacity a fresh buffer starts with.
@@ -149,6 +159,23 @@ impl BufPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keep_first_line_ends_the_line_being_written() {
+        let mut buf = Buf {
+            data: b"from a: hello\nfrom b: more\n".to_vec(),
+            pos: 10,
+        };
+        buf.keep_first_line();
+        assert_eq!(buf.data, b"llo\n");
+        assert_eq!((buf.pos, buf.data.capacity()), (0, 4));
+        let mut unended = Buf {
+            data: b"abc".to_vec(),
+            pos: 1,
+        };
+        unended.keep_first_line();
+        assert_eq!(unended.data, b"bc");
+    }
 
     fn limits(keep: usize, max_free: usize) -> PoolLimits {
         PoolLimits {

@@ -357,8 +357,15 @@ impl Clients {
                 peer(conn)
             );
             self.stats.memory_evictions += 1;
-            // Its queue and kept input go now, so the memory is free now.
-            self.with_buffers(key, Conn::release_buffers);
+            // Its kept input and queue go now, so the memory is free now;
+            // only the end of a line it may be writing stays, so that its
+            // error line starts a line.
+            self.with_buffers(key, |conn, pool| {
+                pool.give(&mut conn.partial);
+                if let Some(out) = &mut conn.out {
+                    out.keep_first_line();
+                }
+            });
             if self.conns[key].phase() == Phase::Closing {
                 self.kill(key);
             } else {
