@@ -229,6 +229,52 @@ fn second_signal_exits_at_once() {
     server.wait_log("second shutdown request");
 }
 
+/// Two stop signals are two, even when both arrive while the loop is busy
+/// with one long turn (they used to be merged into one, and the server
+/// flushed for the whole `--shutdown-timeout`): it exits at once with 130.
+#[test]
+fn two_signals_during_a_busy_turn_exit_at_once() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let server = Server::start(&[
+        "--shutdown-timeout",
+        "60",
+        "--max-line",
+        "8000000",
+        "--max-outbound",
+        "16000000",
+    ]);
+    let mut alice = server.login("alice");
+    let mut bob = common::Client::connect_small(server.addr);
+    bob.send("bob\n"); // never reads: shutdown cannot finish
+    alice.send(&format!("bob: {}\n", "w".repeat(10_000)).repeat(800));
+    alice.sync("alice");
+    // Lines naming a million strangers keep each turn busy for a while.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = Arc::clone(&stop);
+        let mut stream = server.connect().stream().try_clone().unwrap();
+        let names: Vec<String> = (0..1_000_000).map(|i| format!("x{i}")).collect();
+        let line = format!("{}: hi\n", names.join(","));
+        std::thread::spawn(move || {
+            stream.write_all(b"flooder\n").unwrap();
+            let mut replies = stream.try_clone().unwrap();
+            std::thread::spawn(move || std::io::copy(&mut replies, &mut std::io::sink()));
+            while !stop.load(Ordering::Relaxed) && stream.write_all(line.as_bytes()).is_ok() {}
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300)); // the flood is under way
+    server.signal("TERM");
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    server.signal("TERM");
+    let mut server = server;
+    let status = server.wait_exit();
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(status.code(), Some(130), "{}", server.log());
+    drop(flood);
+}
+
 /// `--backlog` sets the listen backlog (`ss` shows it as a listening
 /// socket's Send-Q).
 #[test]
