@@ -16,7 +16,8 @@ target/release/chatd --addr "127.0.0.1:$port" --log-level warn &
 pid=$!
 trap 'kill -INT $pid 2>/dev/null || true' EXIT
 until ss -ltnH "sport = :$port" | grep -q .; do sleep 0.01; done
-rss() { awk '{print $2 * 4}' "/proc/$pid/statm"; }
+page_kib=$(( $(getconf PAGESIZE) / 1024 ))
+rss() { awk -v k="$page_kib" '{print $2 * k}' "/proc/$pid/statm"; }
 echo "cycle rss_kb (before any connection: $(rss) kB)"
 for cycle in $(seq 1 "$cycles"); do
     target/release/chatd-bench --addr "127.0.0.1:$port" --clients "$clients" >/dev/null 2>&1 \

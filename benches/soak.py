@@ -46,15 +46,20 @@ def free_port():
 
 def rss_kb(pid):
     with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * 4
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def connect(port):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+def connect(port, small_receive_buffer=False):
+    s = socket.socket()
+    if small_receive_buffer:
+        # No autotuning to megabytes: what it does not read waits in chatd.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
 
@@ -145,7 +150,7 @@ class Churner(threading.Thread):
         s.close()
 
     def slow(self, name):
-        victim = connect(self.port)
+        victim = connect(self.port, small_receive_buffer=True)
         victim.sendall(f"{name}\n{name}: ready\n".encode())
         victim.settimeout(5)
         victim.recv(100)
@@ -153,7 +158,9 @@ class Churner(threading.Thread):
         sender.sendall(f"{name}s\n".encode())
         line = f"{name}: {'s' * 1000}\n".encode()
         try:
-            for _ in range(3000):  # 3 MB to a reader that never reads
+            # 6 MB to a reader that never reads: more than the kernel's
+            # socket buffers take (4 MB), so the rest waits in chatd.
+            for _ in range(6000):
                 sender.sendall(line)
         except OSError:
             pass
@@ -168,6 +175,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--churners", type=int, default=8)
+    ap.add_argument("--max-buffer-memory", type=int, default=1 << 20,
+                    help="chatd's bound on all buffers together: tight by default, so that "
+                         "the slow consumers reach it and the bound is exercised")
     args = ap.parse_args()
     seconds = args.minutes * 60
 
@@ -176,7 +186,8 @@ def main():
     port = free_port()
     server = subprocess.Popen(
         [f"{ROOT}/target/release/chatd", "--addr", f"127.0.0.1:{port}",
-         "--login-timeout", "2", "--max-outbound", "262144", "--log-level", "warn"],
+         "--login-timeout", "2", "--max-outbound", "262144", "--log-level", "warn",
+         "--max-buffer-memory", str(args.max_buffer_memory)],
         stderr=open(f"{ROOT}/target/soak-chatd.log", "w"))
     try:
         for _ in range(500):
@@ -229,6 +240,13 @@ def main():
         print(f"descriptors: idle {fds_idle}, at the end {fds_end} -> {'ok' if ok_fds else 'FAILED'}")
         print(f"rss: peak of the first half after {warm_up:.0f} s {peak_first_half} kB, last sample {last} kB, "
               f"after everyone left {rss_end} kB -> {'ok' if ok_rss else 'FAILED'}")
+        # chatd logs at warn here: count its slow-consumer warnings.
+        with open(f"{ROOT}/target/soak-chatd.log") as log:
+            text = log.read()
+        at_outbound = text.count("closing slow consumer")
+        at_memory = text.count("buffers reached --max-buffer-memory")
+        print(f"server: --max-buffer-memory {args.max_buffer_memory}, closed as slow "
+              f"consumers: {at_outbound} at --max-outbound, {at_memory} at --max-buffer-memory")
         ok = ok_bench and ok_fds and ok_rss
         print("soak:", "ok" if ok else "FAILED")
         return 0 if ok else 1

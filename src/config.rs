@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::cluster::ClusterConfig;
+
 /// Everything [`crate::run`] needs besides the listener.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -25,6 +27,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Interval of the stats log line; zero = off.
     pub stats_interval: Duration,
+    /// Cluster mode (`--cluster`): the Redis to share names through.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for Config {
@@ -38,6 +42,7 @@ impl Default for Config {
             idle_timeout: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(5),
             stats_interval: Duration::ZERO,
+            cluster: None,
         }
     }
 }

@@ -19,6 +19,9 @@ use crate::pool::{Buf, BufPool};
 pub enum Phase {
     /// Accepted; the first non-empty line will be its name.
     Login,
+    /// Cluster mode: its name is reserved here and being claimed in Redis.
+    /// Its input waits (unread, or kept) until the claim is answered.
+    Claiming,
     /// Logged in and registered under its name.
     Chat,
     /// The client sent EOF: its input is done, its name released, and what is
@@ -106,10 +109,11 @@ impl Conn {
 
     /// Moves to `phase`. Returns whether the connection held a name until
     /// now, which the caller must release: a name is registered exactly
-    /// while its connection is in [`Phase::Chat`].
+    /// while its connection is in [`Phase::Claiming`] or [`Phase::Chat`].
     #[must_use = "a name held until now must be released"]
     pub fn enter(&mut self, phase: Phase) -> bool {
-        let held = self.phase == Phase::Chat && phase != Phase::Chat;
+        let holds = |phase| matches!(phase, Phase::Claiming | Phase::Chat);
+        let held = holds(self.phase) && !holds(phase);
         self.phase = phase;
         held
     }
@@ -142,7 +146,7 @@ impl Conn {
         !self.is_dead()
             && matches!(
                 (deadline, self.phase),
-                (Deadline::Login(_), Phase::Login)
+                (Deadline::Login(_), Phase::Login | Phase::Claiming)
                     | (Deadline::Idle(_), Phase::Chat | Phase::Draining)
                     | (Deadline::Close(_), Phase::Closing)
             )

@@ -31,6 +31,9 @@ pub enum Deadline {
     AcceptResume,
     /// Accepting scrapers resumes after the process ran out of descriptors.
     ScrapersResume,
+    /// The cluster link's own timer (connect, lease renewal, fencing,
+    /// reply timeout); it says itself what is due.
+    Cluster,
     /// The buffer pool frees what it held unused.
     PoolDecay,
     /// The `--stats-interval` log line.
@@ -68,6 +71,7 @@ impl Deadline {
             Deadline::Status => (7, none),
             Deadline::ShutdownGiveUp => (8, none),
             Deadline::ScrapersResume => (9, none),
+            Deadline::Cluster => (10, none),
         }
     }
 
@@ -82,7 +86,8 @@ impl Deadline {
             6 => Deadline::StatsLine,
             7 => Deadline::Status,
             8 => Deadline::ShutdownGiveUp,
-            _ => Deadline::ScrapersResume,
+            9 => Deadline::ScrapersResume,
+            _ => Deadline::Cluster,
         }
     }
 }
@@ -254,6 +259,7 @@ mod tests {
             Deadline::Status,
             Deadline::ShutdownGiveUp,
             Deadline::ScrapersResume,
+            Deadline::Cluster,
         ];
         let mut d = at(1000);
         for (i, &kind) in kinds.iter().enumerate() {

@@ -48,6 +48,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod control;
@@ -69,9 +70,22 @@ use std::net::SocketAddr;
 /// Binds a listening socket on `addr` with SO_REUSEADDR and a listen backlog
 /// of `backlog` (the kernel caps it at `net.core.somaxconn`).
 pub fn bind(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    bind_with(addr, backlog, false)
+}
+
+/// [`bind`], with SO_REUSEPORT when `reuse_port`: then several processes
+/// can listen on one port and the kernel spreads connections over them.
+pub fn bind_with(
+    addr: SocketAddr,
+    backlog: i32,
+    reuse_port: bool,
+) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     Ok(socket.into())

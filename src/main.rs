@@ -87,6 +87,32 @@ const FLAGS: &[Flag] = &[
         help: "off, error, warn, info, debug or trace (else RUST_LOG, if a single level)",
     },
     Flag {
+        name: "cluster",
+        value: "redis://HOST:PORT",
+        default: "off",
+        help: "join the cluster of nodes sharing this Redis: one name space across nodes",
+    },
+    Flag {
+        name: "cluster-prefix",
+        value: "PREFIX",
+        default: "chatd",
+        help: "prefix of the cluster's keys and channels in Redis",
+    },
+    Flag {
+        name: "cluster-lease",
+        value: "SECS",
+        default: "10",
+        help: "a node that cannot renew its lease in Redis for this long closes its clients; \
+               a dead node's names are free after it",
+    },
+    Flag {
+        name: "reuse-port",
+        value: "",
+        default: "off",
+        help: "set SO_REUSEPORT, so several nodes on one host share one port \
+               (CHATD_REUSE_PORT=true)",
+    },
+    Flag {
         name: "metrics-addr",
         value: "HOST:PORT",
         default: "off",
@@ -122,7 +148,7 @@ impl<T: std::fmt::Display> From<T> for UsageError {
 
 /// What the command line asked for.
 enum Command {
-    Run(Settings),
+    Run(Box<Settings>),
     Help,
     Version,
 }
@@ -130,6 +156,7 @@ enum Command {
 /// Everything the binary needs to start.
 struct Settings {
     addr: SocketAddr,
+    reuse_port: bool,
     metrics_addr: Option<SocketAddr>,
     backlog: i32,
     log_level: LevelFilter,
@@ -157,9 +184,14 @@ fn raw_values(values: &mut [RawValue]) -> Result<Option<Command>, UsageError> {
                     )));
                 };
                 let name = format!("--{name}");
-                let value = parser.value()?.into_string().map_err(|_| {
-                    UsageError(format!("invalid value for {name}: not valid UTF-8"))
-                })?;
+                // A flag without a value word is a switch: present = on.
+                let value = if FLAGS[i].value.is_empty() {
+                    "true".to_string()
+                } else {
+                    parser.value()?.into_string().map_err(|_| {
+                        UsageError(format!("invalid value for {name}: not valid UTF-8"))
+                    })?
+                };
                 values[i] = Some((name, value));
             }
             _ => return Err(UsageError(format!("{} (see --help)", arg.unexpected()))),
@@ -249,17 +281,61 @@ fn parse_args() -> Result<Command, UsageError> {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(LevelFilter::Info),
     };
+    let prefix = match get("cluster-prefix") {
+        Some((source, value)) => {
+            let ok = !value.is_empty()
+                && value.len() <= 64
+                && value.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+            if !ok {
+                return Err(UsageError(format!(
+                    "invalid value for {source}: '{value}' (1 to 64 printable characters, no ':')"
+                )));
+            }
+            value.to_string()
+        }
+        None => "chatd".to_string(),
+    };
+    let lease = match get("cluster-lease") {
+        Some(v) => seconds(v)?,
+        None => Duration::from_secs(10),
+    };
+    if let Some((source, value)) = get("cluster") {
+        let redis = chatd::cluster::ClusterConfig::parse_url(value)
+            .map_err(|why| UsageError(format!("invalid value for {source}: '{value}' ({why})")))?;
+        let lease_ms = lease.as_millis() as u64;
+        if lease_ms < 1000 {
+            return Err(UsageError(format!(
+                "invalid value for --cluster-lease: '{}' (at least 1 second)",
+                lease.as_secs_f64()
+            )));
+        }
+        config.cluster = Some(chatd::cluster::ClusterConfig {
+            redis,
+            prefix,
+            lease_ms,
+        });
+    }
+    let reuse_port = match get("reuse-port") {
+        Some((_, "true" | "1" | "yes")) => true,
+        Some((_, "false" | "0" | "no")) | None => false,
+        Some((source, value)) => {
+            return Err(UsageError(format!(
+                "invalid value for {source}: '{value}' (expected true or false)"
+            )));
+        }
+    };
     let metrics_addr = match get("metrics-addr") {
         Some((source, value)) => Some(resolve(source, value)?),
         None => None,
     };
-    Ok(Command::Run(Settings {
+    Ok(Command::Run(Box::new(Settings {
         addr,
+        reuse_port,
         metrics_addr,
         backlog,
         log_level,
         config,
-    }))
+    })))
 }
 
 /// A whole number in `min..=max`.
@@ -391,7 +467,7 @@ fn main() -> ExitCode {
         log::error!("cannot handle signals: {e}");
         return ExitCode::FAILURE;
     }
-    let listener = match chatd::bind(settings.addr, settings.backlog) {
+    let listener = match chatd::bind_with(settings.addr, settings.backlog, settings.reuse_port) {
         Ok(listener) => listener,
         Err(e) => {
             log::error!("cannot listen on {}: {e}", settings.addr);

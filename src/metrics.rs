@@ -363,7 +363,7 @@ pub fn render(stats: &Stats, gauges: &Gauges) -> String {
         let _ = writeln!(
             out,
             "chatd_errors_sent_total{{kind=\"{}\"}} {}",
-            kind.as_str(),
+            kind.label(),
             stats.errors[kind as usize]
         );
     }

@@ -50,8 +50,9 @@ pub enum Split<'a> {
     /// Every complete line was handled; this unterminated tail remains (to
     /// be kept and put in front of the next read).
     Tail(&'a [u8]),
-    /// The callback asked to stop.
-    Stopped,
+    /// The callback asked to stop; these bytes after the last line handled
+    /// were not looked at.
+    Stopped(&'a [u8]),
     /// A line passed the limit; the lines before it were handled.
     TooLong,
 }
@@ -69,7 +70,7 @@ pub fn split_lines<'a>(
             Frame::Line { line, consumed } => {
                 data = &data[consumed..];
                 if !on_line(line) {
-                    return Split::Stopped;
+                    return Split::Stopped(data);
                 }
             }
             Frame::Partial => return Split::Tail(data),
@@ -104,7 +105,7 @@ impl Framer {
             true
         }) {
             Split::Tail(tail) => self.tail = tail.to_vec(),
-            Split::Stopped | Split::TooLong => self.failed = true,
+            Split::Stopped(_) | Split::TooLong => self.failed = true,
         }
         !self.failed
     }
@@ -256,11 +257,17 @@ pub enum ErrorKind {
     ServerFull,
     ShuttingDown,
     SlowConsumer,
+    /// Cluster mode: Redis cannot be reached, or the node's lease could not
+    /// be renewed: the connection is closed (`error: unavailable`).
+    Unavailable,
+    /// Cluster mode: these recipients could not be reached through Redis
+    /// (`error: unavailable: <names>`); the connection stays.
+    UnavailableTo,
 }
 
 impl ErrorKind {
     /// Every kind, in discriminant order.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::InvalidName,
         ErrorKind::NameTaken,
         ErrorKind::LineTooLong,
@@ -272,6 +279,8 @@ impl ErrorKind {
         ErrorKind::ServerFull,
         ErrorKind::ShuttingDown,
         ErrorKind::SlowConsumer,
+        ErrorKind::Unavailable,
+        ErrorKind::UnavailableTo,
     ];
 
     /// The word after `error: ` on the wire.
@@ -288,14 +297,47 @@ impl ErrorKind {
             ErrorKind::ServerFull => "server-full",
             ErrorKind::ShuttingDown => "shutting-down",
             ErrorKind::SlowConsumer => "slow-consumer",
+            ErrorKind::Unavailable | ErrorKind::UnavailableTo => "unavailable",
         }
+    }
+
+    /// A name for counting, unique per kind (the two `unavailable` lines
+    /// share their word on the wire).
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::UnavailableTo => "unavailable-recipients",
+            other => other.as_str(),
+        }
+    }
+
+    /// The kind of a received `error:` line, given what follows `error: `.
+    /// The two `unavailable` lines differ by their detail: the one that
+    /// closes has none.
+    pub fn of_line(rest: &[u8]) -> Option<ErrorKind> {
+        let rest = rest.strip_suffix(b"\n").unwrap_or(rest);
+        let rest = rest.strip_suffix(b"\r").unwrap_or(rest);
+        ErrorKind::ALL.into_iter().find(|kind| {
+            let word = kind.as_str().as_bytes();
+            let detail = rest
+                .strip_prefix(word)
+                .map(|after| after.starts_with(b": "));
+            match (kind, detail) {
+                (ErrorKind::Unavailable, Some(has)) => !has && rest == word,
+                (ErrorKind::UnavailableTo, Some(has)) => has,
+                (_, Some(has)) => has || rest == word,
+                (_, None) => false,
+            }
+        })
     }
 
     /// Whether the server closes the connection after sending this error.
     pub fn closes(self) -> bool {
         !matches!(
             self,
-            ErrorKind::InvalidUtf8 | ErrorKind::NotOnline | ErrorKind::NoRecipients
+            ErrorKind::InvalidUtf8
+                | ErrorKind::NotOnline
+                | ErrorKind::NoRecipients
+                | ErrorKind::UnavailableTo
         )
     }
 }

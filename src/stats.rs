@@ -69,12 +69,7 @@ impl fmt::Display for Stats {
             self.memory_evictions,
         )?;
         for kind in ErrorKind::ALL {
-            write!(
-                f,
-                " errors.{}={}",
-                kind.as_str(),
-                self.errors[kind as usize]
-            )?;
+            write!(f, " errors.{}={}", kind.label(), self.errors[kind as usize])?;
         }
         Ok(())
     }

@@ -129,15 +129,14 @@ fn spreads_over_source_addresses() {
     }
 }
 
-/// A server that drops lines (recipients closed as slow consumers by a tiny
-/// `--max-outbound`) is caught: losses and closes are reported, exit 1.
+/// A server that drops lines (recipients closed mid-traffic, here by a
+/// short `--idle-timeout`: the recipients that never send fall silent) is
+/// caught: losses and closes are reported, exit 1. (A tiny
+/// `--max-outbound` no longer does it: chatd writes what a recipient's
+/// socket takes before it calls the recipient slow.)
 #[test]
 fn detects_a_lossy_server() {
-    // chatd refuses a `--max-outbound` that cannot hold one delivery of the
-    // longest line (`--max-line` + 72 bytes): 200 + 72 fits in 300. A bench
-    // line here is about 22 bytes plus the payload, so 150 fits in 200 and
-    // the losses come from slow consumers, not from lines too long.
-    let server = Server::start(&["--max-outbound", "300", "--max-line", "200"]);
+    let server = Server::start(&["--idle-timeout", "0.3"]);
     let out = bench(
         &server,
         &[
@@ -150,7 +149,7 @@ fn detects_a_lossy_server() {
             "--payload",
             "150",
             "--duration",
-            "0.5",
+            "1",
             "--settle-timeout",
             "1",
         ],

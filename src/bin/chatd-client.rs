@@ -247,11 +247,7 @@ fn ends_connection(line: &[u8]) -> bool {
     let Some(rest) = line.strip_prefix(b"error: ") else {
         return false;
     };
-    ErrorKind::ALL.iter().any(|kind| {
-        kind.closes()
-            && rest.starts_with(kind.as_str().as_bytes())
-            && matches!(rest.get(kind.as_str().len()), Some(b':' | b'\n' | b'\r'))
-    })
+    ErrorKind::of_line(rest).is_some_and(ErrorKind::closes)
 }
 
 /// A received line made safe for a terminal: control characters, escape
@@ -332,5 +328,8 @@ mod tests {
         assert!(!ends_connection(b"error: invalid-utf8\n"));
         assert!(!ends_connection(b"from error: name-taken: x\n"));
         assert!(!ends_connection(b"error: name-takenx\n"));
+        assert!(ends_connection(b"error: unavailable\n"));
+        assert!(ends_connection(b"error: unavailable\r\n"));
+        assert!(!ends_connection(b"error: unavailable: bob, carol\n"));
     }
 }

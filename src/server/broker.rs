@@ -7,6 +7,7 @@ use std::fmt;
 use std::rc::Rc;
 
 use super::clients::Clients;
+use crate::cluster::Cluster;
 use crate::conn::Phase;
 use crate::deadlines::Deadlines;
 use crate::protocol::{self, ErrorKind};
@@ -21,11 +22,13 @@ pub(super) struct Broker {
 }
 
 impl Broker {
-    /// Handles one line from a connection that is reading lines.
+    /// Handles one line from a connection that is reading lines. In
+    /// cluster mode, `cluster` claims names and routes to other nodes.
     pub fn handle_line(
         &mut self,
         clients: &mut Clients,
         deadlines: &mut Deadlines,
+        mut cluster: Option<&mut Cluster>,
         key: usize,
         raw: &[u8],
     ) {
@@ -33,28 +36,48 @@ impl Broker {
             Ok(Some(text)) => text,
             Ok(None) => return, // blank lines are ignored
             Err(protocol::InvalidUtf8) => {
-                clients.error(key, ErrorKind::InvalidUtf8, format_args!(""), deadlines);
+                let args = format_args!("");
+                say(
+                    clients,
+                    deadlines,
+                    &mut cluster,
+                    key,
+                    ErrorKind::InvalidUtf8,
+                    args,
+                );
                 return;
             }
         };
         match clients.conn(key).phase() {
-            Phase::Login => login(clients, deadlines, key, text),
-            Phase::Chat => self.route(clients, deadlines, key, text),
-            Phase::Draining | Phase::Closing => {}
+            Phase::Login => login(clients, deadlines, cluster, key, text),
+            Phase::Chat => self.route(clients, deadlines, cluster, key, text),
+            Phase::Claiming | Phase::Draining | Phase::Closing => {}
         }
     }
 
     /// Routes one message line: formats `from <sender>: <body>` once and
-    /// appends it to every online recipient named, once each.
-    fn route(&mut self, clients: &mut Clients, deadlines: &mut Deadlines, key: usize, text: &str) {
+    /// appends it to every recipient named who is logged in here, once
+    /// each. The others are `not-online`, or in cluster mode are routed
+    /// through Redis, which answers which of them are online nowhere.
+    fn route(
+        &mut self,
+        clients: &mut Clients,
+        deadlines: &mut Deadlines,
+        mut cluster: Option<&mut Cluster>,
+        key: usize,
+        text: &str,
+    ) {
         clients.stats.messages_in += 1;
         let Ok(msg) = protocol::parse_message(text) else {
             let detail = protocol::NO_RECIPIENTS_DETAIL;
-            clients.error(
+            let args = format_args!("{detail}");
+            say(
+                clients,
+                deadlines,
+                &mut cluster,
                 key,
                 ErrorKind::NoRecipients,
-                format_args!("{detail}"),
-                deadlines,
+                args,
             );
             return;
         };
@@ -62,30 +85,62 @@ impl Broker {
         let mut line = std::mem::take(&mut self.delivery);
         line.clear();
         protocol::write_delivery(&mut line, &clients.conn(key).name, msg.body);
-        let mut offline = Offline::new(protocol::not_online_budget(clients.limits.max_line));
+        let mut elsewhere = Offline::new(protocol::not_online_budget(clients.limits.max_line));
         for name in protocol::recipients(msg.names) {
             let Some(to) = clients.lookup(name) else {
-                offline.add(name);
+                elsewhere.add(name);
                 continue;
             };
             let recipient = clients.conn(to);
+            if recipient.phase() != Phase::Chat {
+                elsewhere.add(name); // claiming here: Redis knows when it holds
+                continue;
+            }
             if recipient.route_mark == seq {
                 continue; // named twice
             }
             recipient.route_mark = seq;
+            if to == key {
+                if let Some(link) = cluster.as_deref_mut() {
+                    let slot = clients.slot(key);
+                    if link.has_waiting(slot) {
+                        // Its own copy keeps its place behind the answers
+                        // its earlier lines wait for.
+                        link.defer(slot, line.clone());
+                        clients.stats.deliveries += 1;
+                        continue;
+                    }
+                }
+            }
             if clients.enqueue(to, &line, Some(key), deadlines) {
                 clients.stats.deliveries += 1;
             }
         }
-        self.delivery = line;
-        if !offline.names.is_empty() {
-            clients.error(
-                key,
-                ErrorKind::NotOnline,
-                format_args!("{offline}"),
-                deadlines,
-            );
+        if !elsewhere.names.is_empty() {
+            let routed = match cluster.as_deref_mut() {
+                None => {
+                    let args = format_args!("{elsewhere}");
+                    clients.error(key, ErrorKind::NotOnline, args, deadlines);
+                    true
+                }
+                Some(link) => {
+                    let names = elsewhere.names.iter().map(|n| n.to_string()).collect();
+                    link.route(clients.slot(key), names, &line, deadlines.now_ms())
+                }
+            };
+            if !routed {
+                let args = format_args!("{elsewhere}");
+                say(
+                    clients,
+                    deadlines,
+                    &mut cluster,
+                    key,
+                    ErrorKind::UnavailableTo,
+                    args,
+                );
+            }
         }
+        self.delivery = line;
     }
 
     /// The next message's sequence number. When the `u32` wraps, every mark
@@ -101,10 +156,40 @@ impl Broker {
     }
 }
 
+/// Sends a non-closing `error:` line to `key`. In cluster mode, a line for
+/// a connection with answers from Redis outstanding waits behind them, so
+/// that its `error:` lines keep the order of the lines that caused them.
+fn say(
+    clients: &mut Clients,
+    deadlines: &mut Deadlines,
+    cluster: &mut Option<&mut Cluster>,
+    key: usize,
+    kind: ErrorKind,
+    detail: fmt::Arguments<'_>,
+) {
+    if let Some(link) = cluster {
+        let slot = clients.slot(key);
+        if link.has_waiting(slot) {
+            let line = clients.error_bytes(kind, detail);
+            link.defer(slot, line);
+            return;
+        }
+    }
+    clients.error(key, kind, detail, deadlines);
+}
+
 /// Handles the first non-blank line: a valid, free name logs the
 /// connection in (no reply, as in the tutorial server); anything else
-/// closes it with `invalid-name` or `name-taken`.
-fn login(clients: &mut Clients, deadlines: &mut Deadlines, key: usize, text: &str) {
+/// closes it with `invalid-name` or `name-taken`. In cluster mode the name
+/// is reserved here and claimed in Redis; the connection waits in
+/// `Phase::Claiming`, its further input kept, until the answer.
+fn login(
+    clients: &mut Clients,
+    deadlines: &mut Deadlines,
+    cluster: Option<&mut Cluster>,
+    key: usize,
+    text: &str,
+) {
     let name = match protocol::parse_name(text) {
         Ok(name) => name,
         Err(why) => {
@@ -118,13 +203,36 @@ fn login(clients: &mut Clients, deadlines: &mut Deadlines, key: usize, text: &st
         }
     };
     let name: Rc<str> = Rc::from(name);
-    if !clients.log_in(key, Rc::clone(&name), deadlines) {
+    let taken_here = match cluster {
+        None => !clients.log_in(key, Rc::clone(&name), deadlines),
+        Some(link) => {
+            let reserved = clients.reserve(key, Rc::clone(&name));
+            if reserved {
+                // Releases first: a name freed here a moment ago must be
+                // freed in Redis before it is claimed again.
+                release_in_cluster(clients, link);
+                link.claim(clients.slot(key), name.clone(), false, deadlines.now_ms());
+            }
+            !reserved
+        }
+    };
+    if taken_here {
         clients.error(key, ErrorKind::NameTaken, format_args!("{name}"), deadlines);
     }
 }
 
-/// Offline recipients of one message, each once, in the order given.
-struct Offline<'a> {
+/// Hands the names released here since the last call to the cluster.
+pub(super) fn release_in_cluster(clients: &mut Clients, cluster: &mut Cluster) {
+    if let Some(released) = &mut clients.released {
+        for name in released.drain(..) {
+            cluster.release(&name);
+        }
+    }
+}
+
+/// Recipients of one message not logged in here, each once, in the order
+/// given: `not-online` on one node, routed through Redis in a cluster.
+pub(super) struct Offline<'a> {
     /// The names, in order.
     names: Vec<&'a str>,
     /// Bytes of names the error line lists at the most; the others are
@@ -138,7 +246,7 @@ struct Offline<'a> {
 impl<'a> Offline<'a> {
     const LINEAR_MAX: usize = 8;
 
-    fn new(budget: usize) -> Offline<'a> {
+    pub fn new(budget: usize) -> Offline<'a> {
         Offline {
             names: Vec::new(),
             budget,
@@ -146,7 +254,7 @@ impl<'a> Offline<'a> {
         }
     }
 
-    fn add(&mut self, name: &'a str) {
+    pub fn add(&mut self, name: &'a str) {
         if self.names.len() < Self::LINEAR_MAX {
             if !self.names.contains(&name) {
                 self.names.push(name);

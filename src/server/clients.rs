@@ -95,6 +95,9 @@ pub(super) struct Clients {
     /// Whether shutdown has begun (closing connections then share the
     /// shutdown deadline instead of each having a grace).
     shutting_down: bool,
+    /// Cluster mode: names released here since the cluster last took them
+    /// (to release in Redis, in order with the claims that follow).
+    pub(super) released: Option<Vec<Rc<str>>>,
     /// Bytes of buffer memory all connections hold together (the sum of
     /// their `Conn::footprint`), bounded by `--max-buffer-memory`.
     pub(super) buffered: usize,
@@ -126,6 +129,7 @@ impl Clients {
             accept_paused: false,
             exhaustion_logged: false,
             shutting_down: false,
+            released: None,
             buffered: 0,
             stats: Stats::default(),
         }
@@ -175,25 +179,102 @@ impl Clients {
     /// Logs `key` in as `name`: false (and nothing changes) if another
     /// connection holds it.
     pub fn log_in(&mut self, key: usize, name: Rc<str>, deadlines: &mut Deadlines) -> bool {
+        if !self.reserve(key, name) {
+            return false;
+        }
+        self.finish_login(key, deadlines);
+        true
+    }
+
+    /// Reserves `name` for `key`, which waits in [`Phase::Claiming`]: false
+    /// (and nothing changes) if another connection here holds it.
+    pub fn reserve(&mut self, key: usize, name: Rc<str>) -> bool {
         if !self.names.claim(&name, key) {
             return false;
         }
         let conn = &mut self.conns[key];
-        debug!("#{} logged in as {name}", conn.id);
         conn.name = name;
-        let _ = conn.enter(Phase::Chat); // held nothing before
+        let _ = conn.enter(Phase::Claiming); // held nothing before
+        true
+    }
+
+    /// The name reserved for `key` is its own: it is logged in.
+    pub fn finish_login(&mut self, key: usize, deadlines: &mut Deadlines) {
+        let conn = &mut self.conns[key];
+        debug!("#{} logged in as {}", conn.id, conn.name);
+        let _ = conn.enter(Phase::Chat); // keeps the name
         self.stats.logins += 1;
         if self.limits.idle_timeout_ms > 0 {
             self.set_deadline(key, deadlines, self.limits.idle_timeout_ms, Deadline::Idle);
         }
-        true
     }
 
     /// Moves `key` to `phase`, releasing its name if it held one.
     pub fn enter(&mut self, key: usize, phase: Phase) {
-        let conn = &mut self.conns[key];
-        if conn.enter(phase) {
-            self.names.release(&conn.name);
+        if self.conns[key].enter(phase) {
+            self.forget_name(key);
+        }
+    }
+
+    /// Frees the name of `key`, which stopped holding it.
+    fn forget_name(&mut self, key: usize) {
+        let name = &self.conns[key].name;
+        self.names.release(name);
+        if let Some(released) = &mut self.released {
+            released.push(Rc::clone(name));
+        }
+    }
+
+    /// The connection as deadlines and the cluster remember it.
+    pub fn slot(&self, key: usize) -> Slot {
+        Slot {
+            // Slab keys stay far below 2^32: each is an open descriptor.
+            key: key as u32,
+            id: self.conns[key].id,
+        }
+    }
+
+    /// The connection `slot` names, if it is still there.
+    pub fn find(&self, slot: Slot) -> Option<usize> {
+        let key = slot.key as usize;
+        self.conns
+            .get(key)
+            .is_some_and(|conn| conn.id == slot.id)
+            .then_some(key)
+    }
+
+    /// Every logged-in name and its connection.
+    pub fn logged_in_names(&self) -> Vec<(Rc<str>, usize)> {
+        self.conns
+            .iter()
+            .filter(|(_, conn)| conn.phase() == Phase::Chat && !conn.is_dead())
+            .map(|(key, conn)| (Rc::clone(&conn.name), key))
+            .collect()
+    }
+
+    /// Every connection that holds or claims a name.
+    pub fn holders(&self) -> Vec<usize> {
+        self.conns
+            .iter()
+            .filter(|(_, conn)| matches!(conn.phase(), Phase::Claiming | Phase::Chat))
+            .map(|(key, _)| key)
+            .collect()
+    }
+
+    /// An `error:` line as bytes of its own (to hold back behind answers
+    /// from the cluster), counted as sent.
+    pub fn error_bytes(&mut self, kind: ErrorKind, detail: fmt::Arguments<'_>) -> Vec<u8> {
+        let line = self.format_error(kind, detail);
+        let owned = line.clone();
+        self.error_line = line;
+        owned
+    }
+
+    /// Queues a non-closing `error:` line made earlier, if `key` still
+    /// reads lines.
+    pub fn send_line(&mut self, key: usize, line: &[u8], deadlines: &mut Deadlines) {
+        if self.conns[key].reads_lines() {
+            self.enqueue(key, line, Some(key), deadlines);
         }
     }
 
@@ -212,12 +293,7 @@ impl Clients {
         after_ms: u64,
         kind: fn(Slot) -> Deadline,
     ) {
-        let slot = Slot {
-            // Slab keys stay far below 2^32: each is an open descriptor.
-            key: key as u32,
-            id: self.conns[key].id,
-        };
-        deadlines.set(after_ms, kind(slot));
+        deadlines.set(after_ms, kind(self.slot(key)));
     }
 
     /// The connection a deadline was set for, if it is still there and the
@@ -258,10 +334,9 @@ impl Clients {
     /// Marks a connection dead: its name is released now, the connection is
     /// removed by [`Clients::reap`] at the end of the turn.
     pub fn kill(&mut self, key: usize) {
-        let conn = &mut self.conns[key];
-        let (was_alive, held_name) = conn.mark_dead();
+        let (was_alive, held_name) = self.conns[key].mark_dead();
         if held_name {
-            self.names.release(&conn.name);
+            self.forget_name(key);
         }
         if was_alive {
             self.dead.push(key);

@@ -6,7 +6,8 @@ use log::debug;
 
 use super::Server;
 use super::clients::Clients;
-use crate::conn::Phase;
+use crate::conn::{Conn, Phase};
+use crate::pool::BufPool;
 use crate::protocol::{self, ErrorKind, Split};
 
 /// When a read loop may stop without seeing `WouldBlock`.
@@ -56,6 +57,7 @@ impl Server {
     pub(super) fn on_readable(&mut self, key: usize, drain: Drain) {
         match self.clients.conn(key).phase() {
             Phase::Login | Phase::Chat => self.read_lines(key, drain),
+            Phase::Claiming => {} // its input waits for the claim's answer
             Phase::Closing => self.clients.discard_input(key, &mut self.scratch),
             Phase::Draining => {} // input ended; only output is left
         }
@@ -90,24 +92,27 @@ impl Server {
             let start = head - tail.len();
             scratch[start..head].copy_from_slice(tail);
             self.clients.stats.bytes_in += n as u64;
-            let Some(tail) = self.handle_lines(key, &scratch[start..head + n]) else {
-                // Closing now: drain what is left, or no new event would come
-                // for input that already arrived, and closing a socket with
-                // unread input resets it, which can destroy the error line.
-                if !self.clients.conn(key).is_dead() {
-                    self.clients.discard_input(key, &mut scratch);
+            let tail = match self.handle_lines(key, &scratch[start..head + n]) {
+                Lines::Tail(tail) => tail,
+                Lines::Paused(rest) => {
+                    // Waiting for its claim: keep what was read, read no more.
+                    self.clients
+                        .with_buffers(key, |conn, pool| keep(conn, pool, rest));
+                    break;
                 }
-                break;
+                Lines::Closed => {
+                    // Closing now: drain what is left, or no new event would
+                    // come for input that already arrived, and closing a
+                    // socket with unread input resets it, which can destroy
+                    // the error line.
+                    if !self.clients.conn(key).is_dead() {
+                        self.clients.discard_input(key, &mut scratch);
+                    }
+                    break;
+                }
             };
-            self.clients.with_buffers(key, |conn, pool| {
-                if tail.is_empty() {
-                    pool.give(&mut conn.partial);
-                } else {
-                    let partial = conn.partial.get_or_insert_with(|| pool.take(tail.len()));
-                    partial.data.clear();
-                    partial.data.extend_from_slice(tail);
-                }
-            });
+            self.clients
+                .with_buffers(key, |conn, pool| keep(conn, pool, tail));
             if self.clients.is_over_memory() {
                 self.clients.make_room(0, None, &mut self.deadlines);
                 let conn = self.clients.conn(key);
@@ -134,29 +139,63 @@ impl Server {
         self.scratch = scratch;
     }
 
-    /// Handles every complete line in `data` in order. Returns the
-    /// unterminated tail to keep, or `None` when the connection stopped
-    /// reading lines (closing or dead).
-    fn handle_lines<'a>(&mut self, key: usize, data: &'a [u8]) -> Option<&'a [u8]> {
+    /// Handles every complete line in `data` in order, and says what is
+    /// left: a tail to keep, the input to keep while a claim is answered,
+    /// or nothing when the connection stopped reading lines.
+    fn handle_lines<'a>(&mut self, key: usize, data: &'a [u8]) -> Lines<'a> {
         let max = self.clients.limits.max_line;
         let Server {
             clients,
             broker,
             deadlines,
+            cluster,
             ..
         } = self;
         let split = protocol::split_lines(data, max, |line| {
-            broker.handle_line(clients, deadlines, key, line);
+            broker.handle_line(clients, deadlines, cluster.as_mut(), key, line);
             clients.conn(key).reads_lines()
         });
         match split {
-            Split::Tail(tail) => Some(tail),
-            Split::Stopped => None,
+            Split::Tail(tail) => Lines::Tail(tail),
+            Split::Stopped(rest) if clients.conn(key).phase() == Phase::Claiming => {
+                Lines::Paused(rest)
+            }
+            Split::Stopped(_) => Lines::Closed,
             Split::TooLong => {
                 let detail = format_args!("max {max} bytes");
                 clients.error(key, ErrorKind::LineTooLong, detail, deadlines);
-                None
+                Lines::Closed
             }
+        }
+    }
+
+    /// A claim was answered and `key` is logged in: the input it kept while
+    /// waiting is handled, and its socket is read again next turn.
+    pub(super) fn resume_input(&mut self, key: usize) {
+        let kept = self
+            .clients
+            .with_buffers(key, |conn, _| conn.partial.take());
+        if let Some(mut kept) = kept {
+            let data = std::mem::take(&mut kept.data);
+            match self.handle_lines(key, &data[kept.pos..]) {
+                Lines::Tail(tail) | Lines::Paused(tail) => {
+                    self.clients
+                        .with_buffers(key, |conn, pool| keep(conn, pool, tail));
+                }
+                Lines::Closed => {
+                    if !self.clients.conn(key).is_dead() {
+                        let mut scratch = std::mem::take(&mut self.scratch);
+                        self.clients.discard_input(key, &mut scratch);
+                        self.scratch = scratch;
+                    }
+                }
+            }
+            kept.data = data;
+            self.clients.pool.give(&mut Some(kept));
+        }
+        let conn = self.clients.conn(key);
+        if conn.reads_lines() && conn.defer_input() {
+            self.clients.more_input.push(key);
         }
     }
 
@@ -171,9 +210,10 @@ impl Server {
                 clients,
                 broker,
                 deadlines,
+                cluster,
                 ..
             } = self;
-            broker.handle_line(clients, deadlines, key, &line.data);
+            broker.handle_line(clients, deadlines, cluster.as_mut(), key, &line.data);
         }
         self.clients.pool.give(&mut tail);
         if !self.clients.conn(key).reads_lines() {
@@ -186,6 +226,30 @@ impl Server {
         if self.clients.conn(key).pending_out() == 0 {
             self.clients.kill(key);
         }
+    }
+}
+
+/// What is left of a read once its lines are handled.
+enum Lines<'a> {
+    /// An unterminated tail, kept for the next read.
+    Tail(&'a [u8]),
+    /// The connection waits for its claim: everything after the login line
+    /// is kept, unread, until the answer.
+    Paused(&'a [u8]),
+    /// The connection stopped reading lines (closing or dead).
+    Closed,
+}
+
+/// Keeps `bytes` as the connection's unread input (none: its buffer goes
+/// back to the pool).
+fn keep(conn: &mut Conn, pool: &mut BufPool, bytes: &[u8]) {
+    if bytes.is_empty() {
+        pool.give(&mut conn.partial);
+    } else {
+        let partial = conn.partial.get_or_insert_with(|| pool.take(bytes.len()));
+        partial.data.clear();
+        partial.pos = 0;
+        partial.data.extend_from_slice(bytes);
     }
 }
 

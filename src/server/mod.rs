@@ -26,10 +26,13 @@ use log::{info, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::cluster::{Answer, Claimed, Cluster};
 use crate::config::Config;
+use crate::conn::Phase;
 use crate::control::{Control, Exit, Notifier, Requests, Silent};
 use crate::deadlines::{Deadline, Deadlines};
 use crate::metrics::{self, Gauges};
+use crate::protocol::ErrorKind;
 
 mod broker;
 mod clients;
@@ -62,6 +65,8 @@ pub(crate) enum Source {
     MetricsListener,
     /// The [`Control`]'s waker.
     Waker,
+    /// Cluster mode: the link to Redis.
+    Redis,
 }
 
 impl Source {
@@ -76,6 +81,7 @@ impl Source {
             Source::Listener => 2,
             Source::MetricsListener => 3,
             Source::Waker => 4,
+            Source::Redis => 5,
         })
     }
 
@@ -89,6 +95,7 @@ impl Source {
             2 => Source::Listener,
             3 => Source::MetricsListener,
             4 => Source::Waker,
+            5 => Source::Redis,
             _ => return None,
         })
     }
@@ -149,6 +156,13 @@ struct Server {
     shutting_down: bool,
     /// Whether the shutdown deadline passed with clients still draining.
     gave_up: bool,
+    /// Cluster mode: the link to Redis and the lease.
+    cluster: Option<Cluster>,
+    /// When the `Deadline::Cluster` set last is due (`u64::MAX`: none).
+    cluster_tick_at: u64,
+    /// Cluster mode: whether the farewell (names and lease dropped) is
+    /// answered, or cannot be sent; shutdown waits for it.
+    farewell_done: bool,
     /// Descriptors open once the loop was set up (standard streams, the
     /// poller, the waker, the listeners), to which the metrics add the
     /// connections it holds instead of listing `/proc/self/fd`.
@@ -204,12 +218,22 @@ impl Server {
             max_buffer_memory,
         };
         let mut deadlines = Deadlines::default();
+        let mut clients = Clients::new(listener, limits, max_clients);
+        let cluster = config.cluster.clone().map(|cluster| {
+            clients.released = Some(Vec::new());
+            let node = crate::cluster::new_node_id();
+            info!(
+                "cluster: node {node}, Redis at {}, prefix {:?}, lease {} ms",
+                cluster.redis, cluster.prefix, cluster.lease_ms
+            );
+            Cluster::new(cluster, node)
+        });
         let notifier = extras.notifier.unwrap_or_else(|| Box::new(Silent));
         let housekeeping =
             Housekeeping::start(millis(config.stats_interval), notifier, &mut deadlines);
         Ok(Server {
             poll,
-            clients: Clients::new(listener, limits, max_clients),
+            clients,
             broker: Broker::default(),
             deadlines,
             housekeeping,
@@ -220,6 +244,9 @@ impl Server {
             seen: Requests::default(),
             shutting_down: false,
             gave_up: false,
+            cluster,
+            cluster_tick_at: u64::MAX,
+            farewell_done: false,
             base_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count()),
         })
     }
@@ -232,7 +259,10 @@ impl Server {
             return Ok(exit);
         }
         loop {
-            if self.shutting_down && (self.clients.len() == 0 || self.gave_up) {
+            self.schedule_cluster();
+            if self.shutting_down
+                && ((self.clients.len() == 0 && self.farewell_done) || self.gave_up)
+            {
                 info!(
                     "shutdown complete; {} connection(s) closed before draining; {}",
                     self.clients.len(),
@@ -246,6 +276,9 @@ impl Server {
                 Err(e) => return Err(e),
             }
             self.deadlines.tick();
+            // Before any input: a node that could not renew its lease in
+            // time (or slept through it) closes its clients first.
+            self.fence_if_needed();
             let spare = std::mem::take(&mut self.clients.more_input_spare);
             let carried = std::mem::replace(&mut self.clients.more_input, spare);
             for event in events.iter() {
@@ -269,12 +302,22 @@ impl Server {
                         }
                     }
                     Source::Scraper(key) => self.on_scraper_event(key),
+                    Source::Redis => {
+                        if let Some(cluster) = &mut self.cluster {
+                            cluster.on_event(event, self.deadlines.now_ms());
+                        }
+                    }
                 }
             }
             self.serve_more_input(carried);
             self.fire_deadlines();
+            self.apply_cluster_answers();
             let registry = self.poll.registry();
             self.clients.flush_pending(registry, &mut self.deadlines);
+            if let Some(cluster) = &mut self.cluster {
+                broker::release_in_cluster(&mut self.clients, cluster);
+                cluster.flush(self.deadlines.now_ms());
+            }
             self.housekeeping
                 .end_turn(&mut self.clients, &mut self.deadlines);
         }
@@ -316,13 +359,22 @@ impl Server {
         }
     }
 
+    /// Whether new clients are served, and if not, why (for `/healthz`).
+    fn health(&self) -> Result<(), &'static str> {
+        self.clients.health()?;
+        match &self.cluster {
+            Some(cluster) if !cluster.is_ready() => Err("cluster: Redis unreachable"),
+            _ => Ok(()),
+        }
+    }
+
     /// Dispatches one poll event for a metrics scraper.
     fn on_scraper_event(&mut self, key: usize) {
+        let health = self.health();
         let Some(scrapers) = &mut self.scrapers else {
             return;
         };
         let clients = &self.clients;
-        let health = clients.health();
         let open_fds = self.base_fds + clients.len() + scrapers.len();
         let gauges = || Gauges {
             logged_in: clients.logged_in(),
@@ -363,6 +415,13 @@ impl Server {
                 Deadline::StatsLine => self.housekeeping.stats_line(&self.clients, deadlines),
                 Deadline::Status => self.housekeeping.status(&self.clients, deadlines),
                 Deadline::ShutdownGiveUp => self.gave_up = true,
+                Deadline::Cluster => {
+                    self.cluster_tick_at = u64::MAX;
+                    if let Some(cluster) = &mut self.cluster {
+                        let now = deadlines.now_ms();
+                        cluster.on_timer(registry, Source::Redis.token(), now);
+                    }
+                }
             }
         }
     }
@@ -405,6 +464,150 @@ impl Server {
         self.housekeeping.stopping();
         self.clients
             .begin_shutdown(self.poll.registry(), &mut self.deadlines);
+        self.farewell_done = match &mut self.cluster {
+            Some(cluster) => {
+                // The names were released as their clients closed; now the
+                // rest, and the lease, so that no key stays behind.
+                broker::release_in_cluster(&mut self.clients, cluster);
+                !cluster.farewell()
+            }
+            None => true,
+        };
+    }
+
+    /// Sets the cluster link's deadline when it wants to be woken earlier
+    /// than the one already set.
+    fn schedule_cluster(&mut self) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let at = cluster.next_deadline();
+        if at < self.cluster_tick_at {
+            self.cluster_tick_at = at;
+            let now = self.deadlines.now_ms();
+            self.deadlines
+                .set(at.saturating_sub(now), Deadline::Cluster);
+        }
+    }
+
+    /// Closes every client that holds or claims a name with
+    /// `error: unavailable` when the lease can no longer be trusted.
+    fn fence_if_needed(&mut self) {
+        let now = self.deadlines.now_ms();
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        if !cluster.must_fence(now) {
+            return;
+        }
+        cluster.fenced(now);
+        for key in self.clients.holders() {
+            let args = format_args!("");
+            self.clients
+                .error(key, ErrorKind::Unavailable, args, &mut self.deadlines);
+        }
+        // Their names are not released in Redis: the lease is gone or
+        // going, and a new lease starts with none.
+        if let Some(released) = &mut self.clients.released {
+            released.clear();
+        }
+    }
+
+    /// Applies what the cluster link learned, in order.
+    fn apply_cluster_answers(&mut self) {
+        loop {
+            let answers = match &mut self.cluster {
+                Some(cluster) if cluster.has_answers() => cluster.take_answers(),
+                _ => return,
+            };
+            for answer in answers {
+                self.apply_answer(answer);
+            }
+        }
+    }
+
+    fn apply_answer(&mut self, answer: Answer) {
+        let clients = &mut self.clients;
+        let deadlines = &mut self.deadlines;
+        match answer {
+            Answer::Claimed {
+                slot,
+                name,
+                again,
+                outcome,
+            } => {
+                let Some(key) = clients.find(slot) else {
+                    return; // gone: its leaving already queued a release
+                };
+                let claiming = clients.conn(key).phase() == Phase::Claiming;
+                match (again, outcome) {
+                    (false, Claimed::Held) if claiming => {
+                        clients.finish_login(key, deadlines);
+                        self.resume_input(key);
+                    }
+                    (_, Claimed::Taken) if claiming || again => {
+                        let args = format_args!("{name}");
+                        clients.error(key, ErrorKind::NameTaken, args, deadlines);
+                    }
+                    (false, Claimed::Unavailable) if claiming => {
+                        clients.error(key, ErrorKind::Unavailable, format_args!(""), deadlines);
+                    }
+                    _ => {}
+                }
+            }
+            Answer::Routed { slot, offline } => {
+                if let (Some(key), false) = (clients.find(slot), offline.is_empty()) {
+                    let budget = crate::protocol::not_online_budget(clients.limits.max_line);
+                    let mut list = broker::Offline::new(budget);
+                    offline.iter().for_each(|name| list.add(name));
+                    let line = clients.error_bytes(ErrorKind::NotOnline, format_args!("{list}"));
+                    clients.send_line(key, &line, deadlines);
+                }
+            }
+            Answer::Unroutable { slot, names } => {
+                if let Some(key) = clients.find(slot) {
+                    let budget = crate::protocol::not_online_budget(clients.limits.max_line);
+                    let mut list = broker::Offline::new(budget);
+                    names.iter().for_each(|name| list.add(name));
+                    let args = format_args!("{list}");
+                    let line = clients.error_bytes(ErrorKind::UnavailableTo, args);
+                    clients.send_line(key, &line, deadlines);
+                }
+            }
+            Answer::Deferred { slot, line } => {
+                if let Some(key) = clients.find(slot) {
+                    clients.send_line(key, &line, deadlines);
+                }
+            }
+            Answer::Deliver { names, line } => {
+                let Some(cluster) = &mut self.cluster else {
+                    return;
+                };
+                for name in &names {
+                    let to = clients
+                        .lookup(name)
+                        .filter(|&to| clients.conn(to).phase() == Phase::Chat);
+                    match to {
+                        Some(to) if clients.enqueue(to, &line, None, deadlines) => {
+                            clients.stats.deliveries += 1;
+                            cluster.stats.deliveries_in += 1;
+                        }
+                        Some(_) => {}
+                        None => cluster.stats.deliveries_missed += 1,
+                    }
+                }
+            }
+            Answer::ClaimAgain => {
+                let Some(cluster) = &mut self.cluster else {
+                    return;
+                };
+                let now = deadlines.now_ms();
+                for (name, key) in clients.logged_in_names() {
+                    cluster.claim(clients.slot(key), name, true, now);
+                }
+            }
+            Answer::FarewellDone => self.farewell_done = true,
+        }
     }
 }
 
@@ -441,6 +644,7 @@ mod tests {
             Source::Listener,
             Source::MetricsListener,
             Source::Waker,
+            Source::Redis,
         ];
         let mut tokens = std::collections::HashSet::new();
         for source in sources {

@@ -122,7 +122,7 @@ impl Clients {
                     self.set_deadline(key, deadlines, LINGER_MS, Deadline::Close);
                 }
             }
-            Phase::Login | Phase::Chat => {}
+            Phase::Login | Phase::Claiming | Phase::Chat => {}
         }
     }
 }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test file uses a different part of it
 
+pub mod redis;
+
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -277,13 +277,15 @@ struct Usage {
 }
 
 fn usage_of(pid: &str) -> Option<Usage> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // VmRSS is in KiB whatever the page size (statm counts pages).
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let rss_kib: u64 = rss_line.split_whitespace().nth(1)?.parse().ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     Some(Usage {
-        rss_bytes: pages * 4096,
+        rss_bytes: rss_kib * 1024,
         // USER_HZ is 100 on Linux.
         cpu: Duration::from_millis(ticks * 10),
     })

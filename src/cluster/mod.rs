@@ -1,0 +1,982 @@
+//! Cluster mode: this node's link to Redis, one more source in the poll
+//! loop (`--cluster redis://HOST:PORT`).
+//!
+//! One non-blocking TCP connection speaks RESP3 (`HELLO 3`), so the same
+//! connection carries commands and the pushes of the node's own channel.
+//! Commands are pipelined: each is appended to `out` (written at the end of
+//! the loop turn) and to the FIFO `pending`, and Redis answers in order, so
+//! each reply pops the FIFO's head. Pushes (`message`) are not replies and
+//! never pop it. Nothing here blocks and nothing touches a client socket:
+//! what the link learns becomes [`Answer`]s that the reactor applies.
+//!
+//! Life of the link: `Down` (waiting for the back-off) → `Connecting` →
+//! `Handshaking` (HELLO, scripts, lease, subscription, all pipelined) →
+//! `Ready`. Any failure (connect error, EOF, a reply slower than the
+//! reply timeout, malformed bytes, too much output queued) resets it to
+//! `Down`, fails what was pending (as `unavailable`), and backs off
+//! exponentially up to [`MAX_BACKOFF_MS`].
+//!
+//! The lease (docs/CLUSTER.md has the timeline): renewed every third of
+//! `--cluster-lease`. A renewal sent at `t` that succeeds makes the lease
+//! valid until `t + lease` at the earliest, in Redis's clock as in ours.
+//! If no renewal succeeds, the node fences at that time less a margin:
+//! [`Cluster::must_fence`] says so, and the reactor closes every logged-in
+//! client with `error: unavailable` before reading any more input.
+
+pub mod codec;
+pub mod scripts;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+
+use log::{debug, info, warn};
+use mio::net::TcpStream;
+use mio::{Interest, Registry as PollRegistry, Token};
+
+use crate::deadlines::Slot;
+use codec::{Reply, decode_reply, encode_command};
+use scripts::Script;
+
+/// The longest wait between reconnection attempts.
+pub const MAX_BACKOFF_MS: u64 = 5000;
+/// The first wait after a failure; doubled after each further failure.
+const FIRST_BACKOFF_MS: u64 = 100;
+/// Commands in flight at most; past it, new work is refused (`unavailable`).
+const MAX_PENDING: usize = 100_000;
+/// Bytes of commands queued for Redis at most; past it, Redis is treated as
+/// unreachable (it does not read fast enough).
+const MAX_OUT: usize = 32 << 20;
+/// Bytes read from Redis per turn at most, so a flood of pushes cannot
+/// starve the clients.
+const READ_BUDGET: usize = 1 << 20;
+
+/// `--cluster`, `--cluster-prefix`, `--cluster-lease`.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Where Redis listens (from `redis://HOST:PORT`).
+    pub redis: SocketAddr,
+    /// The prefix of every key and channel.
+    pub prefix: String,
+    /// How long a lease lasts without renewal, in ms.
+    pub lease_ms: u64,
+}
+
+impl ClusterConfig {
+    /// Parses `redis://HOST:PORT` (the port defaults to 6379).
+    pub fn parse_url(url: &str) -> Result<SocketAddr, String> {
+        let rest = url
+            .strip_prefix("redis://")
+            .ok_or("expected redis://HOST:PORT")?;
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('@') || rest.contains('/') || rest.is_empty() {
+            return Err("expected redis://HOST:PORT (no user, password or database)".into());
+        }
+        let with_port = if rest
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            rest.to_string()
+        } else {
+            format!("{rest}:6379")
+        };
+        with_port
+            .to_socket_addrs()
+            .map_err(|e| e.to_string())?
+            .next()
+            .ok_or_else(|| "no address found".into())
+    }
+}
+
+/// Where the link is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// No connection; the next attempt is at `retry_at` (ms).
+    Down { retry_at: u64 },
+    /// A non-blocking connect is under way.
+    Connecting,
+    /// Connected; the handshake's answers are awaited.
+    Handshaking,
+    /// Serving: logins are claimed and messages routed through Redis.
+    Ready,
+}
+
+/// What one command in flight was for, and what to do with its answer.
+#[derive(Debug)]
+enum Pending {
+    /// `HELLO 3`.
+    Hello,
+    /// `SCRIPT LOAD` of one script.
+    Load(Script),
+    /// A lease renewal (`SET ... XX`) sent at `sent_ms`.
+    Renew { sent_ms: u64 },
+    /// A new lease (`SET ... NX`) sent at `sent_ms`.
+    Acquire { sent_ms: u64 },
+    /// A command whose answer only has to be an error or not.
+    Plain,
+    /// A claim of `name` for the connection `slot`; `again` when the node
+    /// claims a name it held before its lease was lost.
+    Claim {
+        slot: Slot,
+        name: Rc<str>,
+        again: bool,
+        sent_ms: u64,
+    },
+    /// A message routed from `slot` to `names` (the remote ones).
+    Route {
+        slot: Slot,
+        names: Vec<String>,
+        sent_ms: u64,
+    },
+    /// An `error:` line for `slot` that must follow the answers before it.
+    Deferred { slot: Slot, line: Vec<u8> },
+    /// Shutdown: the node's names and lease are dropped.
+    Farewell,
+}
+
+impl Pending {
+    /// The connection the entry speaks for, if any.
+    fn slot(&self) -> Option<Slot> {
+        match self {
+            Pending::Claim { slot, .. }
+            | Pending::Route { slot, .. }
+            | Pending::Deferred { slot, .. } => Some(*slot),
+            _ => None,
+        }
+    }
+
+    /// When it was sent, for the reply timeout (`None`: not timed).
+    fn sent_ms(&self) -> Option<u64> {
+        match self {
+            Pending::Renew { sent_ms }
+            | Pending::Acquire { sent_ms }
+            | Pending::Claim { sent_ms, .. }
+            | Pending::Route { sent_ms, .. } => Some(*sent_ms),
+            _ => None,
+        }
+    }
+}
+
+/// How a claim ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimed {
+    /// The name is this node's.
+    Held,
+    /// A live node holds it.
+    Taken,
+    /// Redis could not be asked, or this node's lease is gone.
+    Unavailable,
+}
+
+/// What the link learned, for the reactor to apply in this order.
+#[derive(Debug)]
+pub enum Answer {
+    /// A claim ended.
+    Claimed {
+        slot: Slot,
+        name: Rc<str>,
+        again: bool,
+        outcome: Claimed,
+    },
+    /// A routed message reached every live holder; `offline` are the names
+    /// nobody holds (for `not-online`).
+    Routed { slot: Slot, offline: Vec<String> },
+    /// A message could not be routed to `names` (for `unavailable`).
+    Unroutable { slot: Slot, names: Vec<String> },
+    /// An `error:` line held back behind earlier answers: send it now.
+    Deferred { slot: Slot, line: Vec<u8> },
+    /// Another node sent `line` to the local clients `names`.
+    Deliver { names: Vec<String>, line: Vec<u8> },
+    /// The lease was lost and taken anew: every name still held here must
+    /// be claimed again (`Cluster::claim` with `again`).
+    ClaimAgain,
+    /// The farewell (shutdown) was answered.
+    FarewellDone,
+}
+
+/// The cluster's counters, for the stats line and the metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClusterStats {
+    /// Messages published to other nodes (one per routed line).
+    pub routed_out: u64,
+    /// Deliveries to local clients of lines from other nodes.
+    pub deliveries_in: u64,
+    /// Lines from other nodes for names no longer here (lost in a race
+    /// with a disconnect).
+    pub deliveries_missed: u64,
+    /// Connections to Redis made after the first.
+    pub reconnects: u64,
+    /// Times the node fenced (closed its clients for want of a lease).
+    pub fences: u64,
+    /// Times the lease was found lost and taken anew.
+    pub leases_lost: u64,
+    /// The last lease renewal's round trip, in microseconds.
+    pub rtt_us: u64,
+}
+
+/// The link to Redis and the lease.
+pub struct Cluster {
+    /// The flags.
+    config: ClusterConfig,
+    /// This node's id (random, fixed for the process's life).
+    node: String,
+    /// The channel other nodes publish this node's messages on.
+    channel: Vec<u8>,
+    /// The socket, while connecting or connected.
+    stream: Option<TcpStream>,
+    /// Where the link is.
+    state: State,
+    /// Commands not yet written (`out[out_pos..]`).
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Bytes read and not yet decoded.
+    input: Vec<u8>,
+    /// Commands in flight, in the order Redis answers them.
+    pending: VecDeque<Pending>,
+    /// Entries in `pending` per connection slab key, so that an `error:`
+    /// line for a connection with answers outstanding waits behind them.
+    waiting: HashMap<u32, u32>,
+    /// The loaded scripts' SHA1s, by `Script as usize`.
+    shas: [Vec<u8>; 5],
+    /// When the lease stops being certain (ms); `None`: no lease.
+    lease_until: Option<u64>,
+    /// When the next renewal is due (ms).
+    renew_at: u64,
+    /// The wait before the next reconnection attempt.
+    backoff_ms: u64,
+    /// Whether the link was ever ready (reconnects are counted after).
+    was_ready: bool,
+    /// What the link learned, drained by the reactor.
+    answers: Vec<Answer>,
+    /// The counters.
+    pub stats: ClusterStats,
+}
+
+impl Cluster {
+    /// A link that will connect at once, for node id `node`.
+    pub fn new(config: ClusterConfig, node: String) -> Cluster {
+        let channel = format!("{}:node:{node}", config.prefix).into_bytes();
+        Cluster {
+            config,
+            node,
+            channel,
+            stream: None,
+            state: State::Down { retry_at: 0 },
+            out: Vec::new(),
+            out_pos: 0,
+            input: Vec::new(),
+            pending: VecDeque::new(),
+            waiting: HashMap::new(),
+            shas: Default::default(),
+            lease_until: None,
+            renew_at: 0,
+            backoff_ms: FIRST_BACKOFF_MS,
+            was_ready: false,
+            answers: Vec::new(),
+            stats: ClusterStats::default(),
+        }
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Where the link is.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Whether logins can be claimed and messages routed now.
+    pub fn is_ready(&self) -> bool {
+        self.state == State::Ready && self.pending.len() < MAX_PENDING
+    }
+
+    /// How old the lease is, in ms (time since the last renewal that
+    /// succeeded was sent); `None` without a lease.
+    pub fn lease_age_ms(&self, now_ms: u64) -> Option<u64> {
+        self.lease_until
+            .map(|until| (now_ms + self.config.lease_ms).saturating_sub(until))
+    }
+
+    /// The safety margin before the lease's certain end at which the node
+    /// fences: a tenth of the lease, at least 100 ms.
+    fn fence_margin_ms(&self) -> u64 {
+        (self.config.lease_ms / 10).max(100)
+    }
+
+    /// Whether the node must fence now: it has a lease it could not renew
+    /// in time. The reactor checks this before it reads any input, so a
+    /// node woken from a pause longer than its lease routes nothing first.
+    pub fn must_fence(&self, now_ms: u64) -> bool {
+        self.lease_until
+            .is_some_and(|until| now_ms + self.fence_margin_ms() >= until)
+    }
+
+    /// The node fenced: the lease is given up (a new one is taken once
+    /// Redis answers again). The reactor closes the clients.
+    pub fn fenced(&mut self, now_ms: u64) {
+        warn!(
+            "cluster: lease not renewed in time: closing every logged-in client with \
+             `error: unavailable` before another node can take their names"
+        );
+        self.stats.fences += 1;
+        self.lease_until = None;
+        if self.state == State::Ready {
+            // Redis answers but too slowly, or the lease is gone: start over.
+            self.reset(now_ms, "lease expired");
+        }
+    }
+
+    /// The earliest time the link wants to be woken (connect, renewal,
+    /// fencing, a reply timeout).
+    pub fn next_deadline(&self) -> u64 {
+        let mut next = u64::MAX;
+        match self.state {
+            State::Down { retry_at } => next = next.min(retry_at),
+            State::Ready => next = next.min(self.renew_at),
+            State::Connecting | State::Handshaking => {}
+        }
+        if let Some(until) = self.lease_until {
+            next = next.min(until.saturating_sub(self.fence_margin_ms()));
+        }
+        if let Some(sent) = self.pending.iter().find_map(Pending::sent_ms) {
+            next = next.min(sent + self.reply_timeout_ms());
+        }
+        next
+    }
+
+    /// How long a reply may take before Redis counts as unreachable: a
+    /// quarter of the lease (so a slow Redis is noticed in time to renew
+    /// elsewhere... or to fence), at least 200 ms.
+    fn reply_timeout_ms(&self) -> u64 {
+        (self.config.lease_ms / 4).max(200)
+    }
+
+    /// Time-driven work: connect, renew, time out a silent Redis.
+    pub fn on_timer(&mut self, registry: &PollRegistry, token: Token, now_ms: u64) {
+        if let State::Down { retry_at } = self.state {
+            if now_ms >= retry_at {
+                self.connect(registry, token, now_ms);
+            }
+            return;
+        }
+        if let Some(sent) = self.pending.iter().find_map(Pending::sent_ms) {
+            if now_ms >= sent + self.reply_timeout_ms() {
+                self.reset(now_ms, "Redis did not answer in time");
+                return;
+            }
+        }
+        if self.state == State::Ready && now_ms >= self.renew_at {
+            self.renew(now_ms);
+        }
+    }
+
+    /// Starts a non-blocking connect and queues the handshake.
+    fn connect(&mut self, registry: &PollRegistry, token: Token, now_ms: u64) {
+        let mut stream = match TcpStream::connect(self.config.redis) {
+            Ok(stream) => stream,
+            Err(e) => {
+                self.fail_connect(now_ms, &e.to_string());
+                return;
+            }
+        };
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = registry.register(&mut stream, token, interest) {
+            self.fail_connect(now_ms, &e.to_string());
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        self.stream = Some(stream);
+        self.state = State::Connecting;
+        self.handshake(now_ms);
+    }
+
+    fn fail_connect(&mut self, now_ms: u64, why: &str) {
+        debug!(
+            "cluster: cannot connect to Redis at {}: {why}",
+            self.config.redis
+        );
+        self.state = State::Down {
+            retry_at: now_ms + self.backoff_ms,
+        };
+        self.backoff_ms = (self.backoff_ms * 2).min(MAX_BACKOFF_MS);
+    }
+
+    /// Queues the handshake: RESP3, the scripts, the lease (renewed if it
+    /// survived, else taken anew), the node's channel.
+    fn handshake(&mut self, now_ms: u64) {
+        self.command(&[b"HELLO", b"3"], Pending::Hello);
+        for (i, script) in scripts::ALL.iter().enumerate() {
+            let which = [
+                Script::Claim,
+                Script::Release,
+                Script::Route,
+                Script::DropNames,
+                Script::Sweep,
+            ][i];
+            self.command(
+                &[b"SCRIPT", b"LOAD", script.as_bytes()],
+                Pending::Load(which),
+            );
+        }
+        let client_name = format!("chatd-{}", self.node);
+        self.command(
+            &[b"CLIENT", b"SETNAME", client_name.as_bytes()],
+            Pending::Plain,
+        );
+        self.send_renew(now_ms);
+        let channel = self.channel.clone();
+        // Under RESP3 the confirmation is a push, not a reply: no entry.
+        encode_command(&mut self.out, &[b"SUBSCRIBE", &channel]);
+        let nodes = format!("{}:nodes", self.config.prefix);
+        let node = self.node.clone();
+        self.command(
+            &[b"SADD", nodes.as_bytes(), node.as_bytes()],
+            Pending::Plain,
+        );
+    }
+
+    /// Queues a lease renewal (which only extends a lease that exists).
+    fn send_renew(&mut self, now_ms: u64) {
+        let key = self.lease_key();
+        let ms = self.config.lease_ms.to_string();
+        self.command(
+            &[b"SET", key.as_bytes(), b"1", b"PX", ms.as_bytes(), b"XX"],
+            Pending::Renew { sent_ms: now_ms },
+        );
+        self.renew_at = now_ms + self.config.lease_ms / 3;
+    }
+
+    /// Renews the lease and sweeps dead nodes away.
+    fn renew(&mut self, now_ms: u64) {
+        self.send_renew(now_ms);
+        let prefix = self.config.prefix.clone();
+        self.script(Script::Sweep, &[prefix.as_bytes()], Pending::Plain);
+    }
+
+    fn lease_key(&self) -> String {
+        format!("{}:lease:{}", self.config.prefix, self.node)
+    }
+
+    /// Appends a command and its entry.
+    fn command(&mut self, args: &[&[u8]], pending: Pending) {
+        if let Some(slot) = pending.slot() {
+            *self.waiting.entry(slot.key).or_default() += 1;
+        }
+        encode_command(&mut self.out, args);
+        self.pending.push_back(pending);
+    }
+
+    /// Appends an `EVALSHA` of a loaded script with `args` after the
+    /// prefix-free arguments the script takes.
+    fn script(&mut self, script: Script, args: &[&[u8]], pending: Pending) {
+        let sha = self.shas[script as usize].clone();
+        let mut all: Vec<&[u8]> = vec![b"EVALSHA", &sha, b"0"];
+        all.extend_from_slice(args);
+        self.command(&all, pending);
+    }
+
+    /// Claims `name` for the connection `slot`. Without a ready link the
+    /// claim fails at once (as an answer, in order).
+    pub fn claim(&mut self, slot: Slot, name: Rc<str>, again: bool, now_ms: u64) {
+        if !self.is_ready() {
+            self.answers.push(Answer::Claimed {
+                slot,
+                name,
+                again,
+                outcome: Claimed::Unavailable,
+            });
+            return;
+        }
+        let prefix = self.config.prefix.clone();
+        let node = self.node.clone();
+        self.script(
+            Script::Claim,
+            &[prefix.as_bytes(), node.as_bytes(), name.as_bytes()],
+            Pending::Claim {
+                slot,
+                name: Rc::clone(&name),
+                again,
+                sent_ms: now_ms,
+            },
+        );
+    }
+
+    /// Frees `name` in Redis. Without a link nothing is sent: the name is
+    /// dropped with the others when a new lease is taken, or frees itself
+    /// when this node's lease expires.
+    pub fn release(&mut self, name: &str) {
+        if self.state != State::Ready {
+            return;
+        }
+        let prefix = self.config.prefix.clone();
+        let node = self.node.clone();
+        self.script(
+            Script::Release,
+            &[prefix.as_bytes(), node.as_bytes(), name.as_bytes()],
+            Pending::Plain,
+        );
+    }
+
+    /// Routes `line` (a formatted delivery) from `slot` to `names`, none of
+    /// them held here. Returns false (and sends nothing) when Redis cannot
+    /// be asked now: the caller reports the names as `unavailable`.
+    pub fn route(&mut self, slot: Slot, names: Vec<String>, line: &[u8], now_ms: u64) -> bool {
+        if !self.is_ready() {
+            return false;
+        }
+        let prefix = self.config.prefix.clone();
+        let node = self.node.clone();
+        let mut args: Vec<&[u8]> = vec![prefix.as_bytes(), node.as_bytes(), line];
+        args.extend(names.iter().map(|n| n.as_bytes()));
+        let sha = self.shas[Script::Route as usize].clone();
+        let mut all: Vec<&[u8]> = vec![b"EVALSHA", &sha, b"0"];
+        all.extend_from_slice(&args);
+        *self.waiting.entry(slot.key).or_default() += 1;
+        encode_command(&mut self.out, &all);
+        self.pending.push_back(Pending::Route {
+            slot,
+            names,
+            sent_ms: now_ms,
+        });
+        self.stats.routed_out += 1;
+        true
+    }
+
+    /// Whether the connection `slot` has answers outstanding: its next
+    /// `error:` line must then wait behind them ([`Cluster::defer`]).
+    pub fn has_waiting(&self, slot: Slot) -> bool {
+        self.waiting.get(&slot.key).is_some_and(|&n| n > 0)
+    }
+
+    /// Holds `line` (an `error:` line for `slot`) until the answers before
+    /// it are in.
+    pub fn defer(&mut self, slot: Slot, line: Vec<u8>) {
+        *self.waiting.entry(slot.key).or_default() += 1;
+        self.pending.push_back(Pending::Deferred { slot, line });
+        self.pop_deferred();
+    }
+
+    /// Shutdown: drops every name of this node and its lease. Returns
+    /// whether a farewell was sent (its answer is `Answer::FarewellDone`).
+    pub fn farewell(&mut self) -> bool {
+        if self.state != State::Ready {
+            return false;
+        }
+        let prefix = self.config.prefix.clone();
+        let node = self.node.clone();
+        self.script(
+            Script::DropNames,
+            &[prefix.as_bytes(), node.as_bytes()],
+            Pending::Plain,
+        );
+        let lease = self.lease_key();
+        let nodes = format!("{}:nodes", self.config.prefix);
+        self.command(
+            &[b"SREM", nodes.as_bytes(), node.as_bytes()],
+            Pending::Plain,
+        );
+        self.command(&[b"DEL", lease.as_bytes()], Pending::Farewell);
+        true
+    }
+
+    /// The answers learned since the last call.
+    pub fn take_answers(&mut self) -> Vec<Answer> {
+        std::mem::take(&mut self.answers)
+    }
+
+    /// Whether answers wait to be applied.
+    pub fn has_answers(&self) -> bool {
+        !self.answers.is_empty()
+    }
+
+    /// A readiness event on the link's socket.
+    pub fn on_event(&mut self, event: &mio::event::Event, now_ms: u64) {
+        if self.stream.is_none() {
+            return;
+        }
+        if self.state == State::Connecting {
+            if event.is_error() || event.is_write_closed() || event.is_read_closed() {
+                self.reset(now_ms, "connection refused");
+                return;
+            }
+            if !event.is_writable() {
+                return;
+            }
+            // Connected once writable without error.
+            match self.stream.as_ref().map(|s| s.peer_addr()) {
+                Some(Ok(_)) => {
+                    self.state = State::Handshaking;
+                    debug!("cluster: connected to Redis at {}", self.config.redis);
+                }
+                _ => {
+                    self.reset(now_ms, "connection refused");
+                    return;
+                }
+            }
+        }
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            self.read(now_ms);
+        }
+        if self.stream.is_some() && event.is_writable() {
+            self.flush(now_ms);
+        }
+    }
+
+    /// Reads and handles what Redis sent, up to the read budget.
+    fn read(&mut self, now_ms: u64) {
+        let mut buf = [0; 64 * 1024];
+        let mut budget = READ_BUDGET;
+        loop {
+            let Some(stream) = &mut self.stream else {
+                return;
+            };
+            match stream.read(&mut buf) {
+                Ok(0) => {
+                    self.reset(now_ms, "Redis closed the connection");
+                    return;
+                }
+                Ok(n) => {
+                    self.input.extend_from_slice(&buf[..n]);
+                    if let Err(why) = self.decode_all(now_ms) {
+                        self.reset(now_ms, &why);
+                        return;
+                    }
+                    budget = budget.saturating_sub(n);
+                    if budget == 0 {
+                        return; // the rest next turn (it stays readable)
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.reset(now_ms, &e.to_string());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether input waits that the read budget left for the next turn.
+    pub fn wants_read(&self) -> bool {
+        self.stream.is_some() && self.state != State::Connecting
+    }
+
+    /// Reads again (the come-back path, when the budget stopped a read).
+    pub fn read_more(&mut self, now_ms: u64) {
+        if self.wants_read() {
+            self.read(now_ms);
+        }
+    }
+
+    /// Decodes and handles every complete frame in `input`.
+    fn decode_all(&mut self, now_ms: u64) -> Result<(), String> {
+        let mut at = 0;
+        let result = loop {
+            match decode_reply(&self.input[at..]) {
+                Ok(Some((reply, used))) => {
+                    at += used;
+                    if let Err(why) = self.on_reply(reply, now_ms) {
+                        break Err(why);
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(format!("malformed reply from Redis: {}", e.0)),
+            }
+        };
+        self.input.drain(..at);
+        result
+    }
+
+    /// Handles one frame: a push, or the answer to the oldest command.
+    fn on_reply(&mut self, reply: Reply, now_ms: u64) -> Result<(), String> {
+        match reply {
+            Reply::Message { channel, payload } => {
+                if channel == self.channel {
+                    self.on_message(payload);
+                }
+                return Ok(());
+            }
+            Reply::OtherPush => return Ok(()),
+            _ => {}
+        }
+        let Some(entry) = self.pending.pop_front() else {
+            return Err("a reply nobody asked for".into());
+        };
+        self.unwait(&entry);
+        let result = self.on_answer(entry, reply, now_ms);
+        self.pop_deferred();
+        result
+    }
+
+    /// Counts an entry out of `waiting`.
+    fn unwait(&mut self, entry: &Pending) {
+        if let Some(slot) = entry.slot() {
+            if let Some(n) = self.waiting.get_mut(&slot.key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.waiting.remove(&slot.key);
+                }
+            }
+        }
+    }
+
+    /// Releases the deferred lines that have reached the head.
+    fn pop_deferred(&mut self) {
+        while matches!(self.pending.front(), Some(Pending::Deferred { .. })) {
+            if let Some(entry) = self.pending.pop_front() {
+                self.unwait(&entry);
+                if let Pending::Deferred { slot, line } = entry {
+                    self.answers.push(Answer::Deferred { slot, line });
+                }
+            }
+        }
+    }
+
+    fn on_answer(&mut self, entry: Pending, reply: Reply, now_ms: u64) -> Result<(), String> {
+        if let Reply::Error(e) = &reply {
+            return match entry {
+                // A script cache flushed under us, or a Redis that refuses:
+                // start over rather than guess.
+                Pending::Claim { .. }
+                | Pending::Route { .. }
+                | Pending::Load(_)
+                | Pending::Hello => Err(format!("Redis refused a command: {e}")),
+                _ => {
+                    warn!("cluster: Redis answered an error: {e}");
+                    Ok(())
+                }
+            };
+        }
+        match entry {
+            Pending::Hello | Pending::Plain => {}
+            Pending::Load(script) => match reply {
+                Reply::Bulk(sha) => self.shas[script as usize] = sha,
+                Reply::Status(sha) => self.shas[script as usize] = sha.into_bytes(),
+                _ => return Err("unexpected SCRIPT LOAD reply".into()),
+            },
+            Pending::Renew { sent_ms } => {
+                self.stats.rtt_us = now_ms.saturating_sub(sent_ms) * 1000;
+                if reply == Reply::Nil {
+                    // The lease is gone: Redis lost its data, or it expired.
+                    self.take_new_lease(now_ms);
+                } else {
+                    self.lease_until = Some(sent_ms + self.config.lease_ms);
+                    self.become_ready();
+                }
+            }
+            Pending::Acquire { sent_ms } => {
+                if reply == Reply::Nil {
+                    return Err("another process holds this node's lease".into());
+                }
+                self.lease_until = Some(sent_ms + self.config.lease_ms);
+                self.become_ready();
+                self.answers.push(Answer::ClaimAgain);
+            }
+            Pending::Claim {
+                slot, name, again, ..
+            } => {
+                let outcome = match reply {
+                    Reply::Int(1) => Claimed::Held,
+                    Reply::Int(0) => Claimed::Taken,
+                    _ => Claimed::Unavailable,
+                };
+                self.answers.push(Answer::Claimed {
+                    slot,
+                    name,
+                    again,
+                    outcome,
+                });
+            }
+            Pending::Route { slot, .. } => {
+                let offline = match reply {
+                    Reply::Array(names) => names
+                        .into_iter()
+                        .filter_map(|n| match n {
+                            Reply::Bulk(b) => String::from_utf8(b).ok(),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                self.answers.push(Answer::Routed { slot, offline });
+            }
+            Pending::Deferred { .. } => {} // handled by pop_deferred
+            Pending::Farewell => self.answers.push(Answer::FarewellDone),
+        }
+        Ok(())
+    }
+
+    /// The lease was not found: take a new one, drop whatever names Redis
+    /// still lists for this node, and have the reactor claim again the
+    /// names its clients still hold.
+    fn take_new_lease(&mut self, now_ms: u64) {
+        if self.lease_until.is_some() {
+            warn!("cluster: the lease is gone from Redis (restarted or flushed): taking a new one");
+            self.stats.leases_lost += 1;
+        }
+        let prefix = self.config.prefix.clone();
+        let node = self.node.clone();
+        self.script(
+            Script::DropNames,
+            &[prefix.as_bytes(), node.as_bytes()],
+            Pending::Plain,
+        );
+        let key = self.lease_key();
+        let ms = self.config.lease_ms.to_string();
+        self.command(
+            &[b"SET", key.as_bytes(), b"1", b"PX", ms.as_bytes(), b"NX"],
+            Pending::Acquire { sent_ms: now_ms },
+        );
+    }
+
+    fn become_ready(&mut self) {
+        if self.state != State::Ready {
+            if self.was_ready {
+                info!("cluster: Redis at {} reachable again", self.config.redis);
+            } else {
+                info!(
+                    "cluster: node {} ready (Redis at {})",
+                    self.node, self.config.redis
+                );
+            }
+            self.state = State::Ready;
+            self.was_ready = true;
+            self.backoff_ms = FIRST_BACKOFF_MS;
+        }
+    }
+
+    /// A message from another node: `<names>\n<line>`.
+    fn on_message(&mut self, payload: Vec<u8>) {
+        let Some(split) = payload.iter().position(|&b| b == b'\n') else {
+            return;
+        };
+        let names = String::from_utf8_lossy(&payload[..split])
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        let line = payload[split + 1..].to_vec();
+        self.answers.push(Answer::Deliver { names, line });
+    }
+
+    /// Writes what is queued for Redis; past [`MAX_OUT`] Redis counts as
+    /// unreachable.
+    pub fn flush(&mut self, now_ms: u64) {
+        if self.out.len() - self.out_pos > MAX_OUT {
+            self.reset(now_ms, "Redis does not read fast enough");
+            return;
+        }
+        if !matches!(self.state, State::Handshaking | State::Ready) {
+            return;
+        }
+        let Some(stream) = &mut self.stream else {
+            return;
+        };
+        while self.out_pos < self.out.len() {
+            match stream.write(&self.out[self.out_pos..]) {
+                Ok(0) => break,
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let why = e.to_string();
+                    self.reset(now_ms, &why);
+                    return;
+                }
+            }
+        }
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+        }
+    }
+
+    /// Drops the connection: what was pending fails (claims and routes as
+    /// unavailable, deferred lines are released in order), and the link
+    /// waits for its back-off. The lease stays until it must be fenced.
+    pub fn reset(&mut self, now_ms: u64, why: &str) {
+        if self.state == State::Ready {
+            warn!(
+                "cluster: lost Redis at {} ({why}); logins get `error: unavailable` until it is back",
+                self.config.redis
+            );
+        } else {
+            debug!("cluster: Redis at {}: {why}", self.config.redis);
+        }
+        if self.stream.take().is_some() && self.was_ready {
+            self.stats.reconnects += 1;
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        self.input.clear();
+        self.waiting.clear();
+        for entry in std::mem::take(&mut self.pending) {
+            match entry {
+                Pending::Claim {
+                    slot, name, again, ..
+                } => self.answers.push(Answer::Claimed {
+                    slot,
+                    name,
+                    again,
+                    outcome: Claimed::Unavailable,
+                }),
+                Pending::Route { slot, names, .. } => {
+                    self.answers.push(Answer::Unroutable { slot, names });
+                }
+                Pending::Deferred { slot, line } => {
+                    self.answers.push(Answer::Deferred { slot, line });
+                }
+                Pending::Farewell => self.answers.push(Answer::FarewellDone),
+                _ => {}
+            }
+        }
+        self.state = State::Down {
+            retry_at: now_ms + self.backoff_ms,
+        };
+        self.backoff_ms = (self.backoff_ms * 2).min(MAX_BACKOFF_MS);
+    }
+}
+
+/// A random node id: 16 hex digits from the standard library's keyed hasher
+/// (seeded from the OS), the process id and the clock.
+pub fn new_node_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("{:016x}", hasher.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_redis_urls() {
+        let ok = |url: &str| ClusterConfig::parse_url(url).unwrap().to_string();
+        assert_eq!(ok("redis://127.0.0.1:7000"), "127.0.0.1:7000");
+        assert_eq!(ok("redis://127.0.0.1"), "127.0.0.1:6379");
+        assert_eq!(ok("redis://127.0.0.1:7000/"), "127.0.0.1:7000");
+        for bad in [
+            "127.0.0.1:7000",
+            "redis://",
+            "redis://u:p@h:1",
+            "redis://h:1/2",
+            "http://x",
+        ] {
+            assert!(ClusterConfig::parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_ids_differ() {
+        assert_ne!(new_node_id(), new_node_id());
+        assert_eq!(new_node_id().len(), 16);
+    }
+}

@@ -1,0 +1,369 @@
+//! Cluster mode: several chatd nodes on one real `redis-server` serve one
+//! name space. Each test starts its own Redis (tests/common/redis.rs) and
+//! its own nodes, and stops them all, also when it fails.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::redis::{Proxy, Redis, node};
+use common::{Client, Server, TIMEOUT, poll_until};
+
+/// Messages go from a client on one node to a client on another, both
+/// ways; self-delivery and local delivery work as on one node.
+#[test]
+fn routes_between_nodes_both_ways() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    let mut carol = a.login("carol");
+    alice.send("bob, alice, carol: hi\n");
+    bob.expect("from alice: hi");
+    alice.expect("from alice: hi");
+    carol.expect("from alice: hi");
+    bob.send("alice: back\n");
+    alice.expect("from bob: back");
+}
+
+/// One line fans out over three nodes; `not-online` names exactly the
+/// recipients online nowhere, each once, in the order given.
+#[test]
+fn fan_out_over_three_nodes_and_exact_not_online() {
+    let redis = Redis::start();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&redis.url(), "10", &[])).collect();
+    let mut sender = nodes[0].login("sender");
+    let mut readers: Vec<Client> = (0..6)
+        .map(|i| nodes[i % 3].login(&format!("r{i}")))
+        .collect();
+    sender.send("r0, x1, r1, r2, x2, r3, x1, r4, r5, r0: wide\n");
+    for reader in &mut readers {
+        reader.expect("from sender: wide");
+    }
+    sender.expect("error: not-online: x1, x2");
+    sender.sync("sender");
+}
+
+/// A name held on any node gets `name-taken` on every other node, and is
+/// free everywhere once its holder disconnects.
+#[test]
+fn names_are_unique_across_nodes_and_freed_at_disconnect() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
+    let alice = a.login("alice");
+    let mut again = b.connect();
+    again.send("alice\n");
+    again.expect("error: name-taken: alice");
+    assert!(again.is_closed_by_server());
+    drop(alice);
+    let free = poll_until(|| {
+        let mut c = b.connect();
+        c.send("alice\nalice: mine\n");
+        let mut line = String::new();
+        let mut reader = std::io::BufReader::new(c.stream().try_clone().unwrap());
+        std::io::BufRead::read_line(&mut reader, &mut line).ok()?;
+        (line == "from alice: mine\n").then_some(())
+    });
+    assert!(free.is_some(), "alice never became free on the other node");
+}
+
+/// 5,000 lines from a client on one node to a client on another arrive
+/// all, in order.
+#[test]
+fn five_thousand_lines_in_order_across_nodes() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    let batch: String = (0..5000).map(|i| format!("bob: {i}\n")).collect();
+    alice.send(&batch);
+    for i in 0..5000 {
+        bob.expect(&format!("from alice: {i}"));
+    }
+}
+
+/// Lines pipelined right after the name wait for the claim and are then
+/// handled in order; `error:` lines keep the order of the lines that
+/// caused them (an immediate `no-recipients` does not overtake a
+/// `not-online` that waits for Redis).
+#[test]
+fn pipelined_lines_wait_for_the_claim_in_order() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
+    let mut bob = b.login("bob");
+    let mut alice = a.connect();
+    alice.send("alice\nbob: one\nnobody: two\nno colon\nbob: three\nalice: four\n");
+    bob.expect("from alice: one");
+    bob.expect("from alice: three");
+    // Its own copy of line 6 too keeps its place behind line 2's answer.
+    alice.expect("error: not-online: nobody");
+    alice.expect("error: no-recipients: expected \"name1, name2: message\"");
+    alice.expect("from alice: four");
+}
+
+/// SIGTERM releases every name of the node and its lease: no key stays in
+/// Redis, and the names are free on the other node at once.
+#[test]
+fn sigterm_leaves_no_keys_behind() {
+    let redis = Redis::start();
+    let mut a = node(&redis.url(), "10", &[]);
+    let mut b = node(&redis.url(), "10", &[]);
+    let alice = a.login("alice");
+    let _carol = a.login("carol");
+    a.signal("TERM");
+    drop(alice);
+    assert_eq!(a.wait_exit().code(), Some(0));
+    let mut alice = b.login("alice"); // free at once, no lease to wait for
+    alice.sync("alice");
+    b.signal("TERM");
+    drop(alice);
+    assert_eq!(b.wait_exit().code(), Some(0));
+    let keys = poll_until(|| redis.keys().is_empty().then_some(()));
+    assert!(keys.is_some(), "keys left: {:?}", redis.keys());
+}
+
+/// A node killed with SIGKILL leaves its names behind, bound to its lease:
+/// they are free on another node within one lease.
+#[test]
+fn names_of_a_killed_node_free_within_a_lease() {
+    let redis = Redis::start();
+    let a = node(&redis.url(), "2", &[]);
+    let b = node(&redis.url(), "2", &[]);
+    let _alice = a.login("alice");
+    a.signal("KILL");
+    let killed = Instant::now();
+    let mut taken = b.connect();
+    taken.send("alice\n");
+    taken.expect("error: name-taken: alice"); // its lease still runs
+    let free = poll_until(|| {
+        let mut c = b.connect();
+        c.send("alice\nalice: mine\n");
+        let mut buf = [0; 64];
+        let n = c.stream().try_clone().unwrap().read(&mut buf).ok()?;
+        (&buf[..n] == b"from alice: mine\n").then_some(())
+    });
+    assert!(free.is_some(), "alice never became free");
+    assert!(
+        killed.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        killed.elapsed()
+    );
+}
+
+/// While Redis is down, chat on one node goes on, recipients elsewhere are
+/// reported as `unavailable`, logins are refused with `error: unavailable`
+/// and `/healthz` says 503. Redis restarted empty: the lease and the names
+/// are taken again and routing comes back, without duplicate names.
+#[test]
+fn redis_down_then_back_empty() {
+    let mut redis = Redis::start();
+    let mut a = node(&redis.url(), "2", &["--metrics-addr", "127.0.0.1:0"]);
+    let b = node(&redis.url(), "2", &[]);
+    let metrics = a.wait_log("metrics on http://");
+    let metrics = metrics
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut alice = a.login("alice");
+    let mut carol = a.login("carol");
+    let mut bob = b.login("bob");
+    redis.kill();
+    a.wait_log("cluster: lost Redis");
+    alice.send("carol, bob: while down\n");
+    carol.expect("from alice: while down");
+    alice.expect("error: unavailable: bob");
+    let mut late = a.connect();
+    late.send("dave\n");
+    late.expect("error: unavailable");
+    assert!(late.is_closed_by_server());
+    let health = http_get(&metrics, "/healthz");
+    assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+    redis.restart();
+    // The lease was 2 s: the nodes fence unless Redis is back in time.
+    // Either way, after it is back, logins and routing work again.
+    let back = poll_until(|| {
+        let mut c = b.connect();
+        c.send("erin\nerin: ok\n");
+        let mut buf = [0; 64];
+        let n = c.stream().try_clone().unwrap().read(&mut buf).ok()?;
+        (&buf[..n] == b"from erin: ok\n").then_some(())
+    });
+    assert!(back.is_some(), "logins never came back");
+    let _ = (&mut alice, &mut bob);
+    let health = poll_until(|| {
+        http_get(&metrics, "/healthz")
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    });
+    assert!(health.is_some(), "healthz never came back");
+}
+
+/// A node cut from Redis without its connection closing (a partition)
+/// closes its clients with `error: unavailable` before its lease can
+/// expire, so the other node can take the name only after: never two
+/// holders at once.
+#[test]
+fn a_partitioned_node_fences_before_its_names_can_move() {
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.addr());
+    let a = node(&proxy.url(), "2", &[]);
+    let b = node(&redis.url(), "2", &[]);
+    let alice = a.login("alice");
+    proxy.freeze();
+    let frozen = Instant::now();
+    // Until alice is closed on a, b must not give the name away.
+    let mut closed_at = None;
+    let mut taken_at = None;
+    while (closed_at.is_none() || taken_at.is_none()) && frozen.elapsed() < TIMEOUT {
+        if closed_at.is_none() {
+            alice
+                .stream()
+                .set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
+            let mut buf = [0; 64];
+            if let Ok(n) = alice.stream().try_clone().unwrap().read(&mut buf) {
+                assert_eq!(&buf[..n], b"error: unavailable\n");
+                closed_at = Some(frozen.elapsed());
+            }
+        }
+        if taken_at.is_none() {
+            let mut c = b.connect();
+            c.send("alice\nalice: mine\n");
+            let mut buf = [0; 64];
+            if let Ok(n) = c.stream().try_clone().unwrap().read(&mut buf) {
+                if &buf[..n] == b"from alice: mine\n" {
+                    taken_at = Some(frozen.elapsed());
+                }
+            }
+        }
+    }
+    let (closed, taken) = (
+        closed_at.expect("never fenced"),
+        taken_at.expect("never freed"),
+    );
+    assert!(
+        closed < taken,
+        "fenced at {closed:?}, taken elsewhere at {taken:?}"
+    );
+}
+
+/// A node paused (SIGSTOP) longer than its lease, while another node takes
+/// its client's name, fences on waking before it routes anything as that
+/// name: the client gets `error: unavailable` and nothing it sent is
+/// delivered.
+#[test]
+fn a_node_woken_after_its_lease_routes_nothing() {
+    let redis = Redis::start();
+    let a = node(&redis.url(), "1", &[]);
+    let b = node(&redis.url(), "1", &[]);
+    let mut alice = a.login("alice");
+    let mut watcher = b.login("watcher");
+    a.signal("STOP");
+    // The pause outlives the lease: b may take the name.
+    let mut thief = None;
+    let taken = poll_until(|| {
+        let mut c = b.connect();
+        c.send("alice\nalice: mine\n");
+        let mut buf = [0; 64];
+        let n = c.stream().try_clone().unwrap().read(&mut buf).ok()?;
+        let ok = &buf[..n] == b"from alice: mine\n";
+        if ok {
+            thief = Some(c);
+        }
+        ok.then_some(())
+    });
+    assert!(taken.is_some(), "the name never moved");
+    // Input waiting for the paused node when it wakes.
+    alice.send("watcher: as alice from a paused node\n");
+    a.signal("CONT");
+    alice.expect("error: unavailable");
+    watcher.send("watcher: sync\n");
+    watcher.expect("from watcher: sync"); // nothing from the woken node before
+}
+
+/// Redis cuts the node's link (`CLIENT KILL TYPE pubsub`): the node
+/// reconnects, keeps its lease and names, and routing goes on.
+#[test]
+fn client_kill_of_the_link_is_survived() {
+    let redis = Redis::start();
+    let mut a = node(&redis.url(), "10", &[]);
+    let b = node(&redis.url(), "10", &[]);
+    let mut alice = a.login("alice");
+    let bob = b.login("bob");
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    a.wait_log("cluster: lost Redis");
+    let back = poll_until(|| {
+        alice.send("bob: after kill\n");
+        bob.stream()
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0; 64];
+        let n = bob.stream().try_clone().unwrap().read(&mut buf).ok()?;
+        String::from_utf8_lossy(&buf[..n])
+            .contains("from alice: after kill")
+            .then_some(())
+    });
+    assert!(back.is_some(), "routing never came back");
+    let mut again = b.connect();
+    again.send("alice\n");
+    again.expect("error: name-taken: alice");
+}
+
+/// A node that reads its channel too slowly is cut by Redis's pub/sub
+/// output-buffer limit; it reconnects and routing comes back.
+#[test]
+fn output_buffer_limit_disconnect_is_survived() {
+    let redis = Redis::start();
+    redis.cli(&[
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 64kb 0 0",
+    ]);
+    let a = node(&redis.url(), "10", &[]);
+    let mut b = node(&redis.url(), "10", &[]);
+    let mut alice = a.login("alice");
+    let bob = b.login("bob");
+    let big = format!("bob: {}\n", "x".repeat(8000));
+    // b reads nothing while stopped: once the socket buffers are full,
+    // Redis's output buffer for b passes 64 KiB and Redis cuts it.
+    b.signal("STOP");
+    for _ in 0..1500 {
+        alice.send(&big);
+    }
+    alice.sync("alice");
+    b.signal("CONT");
+    b.wait_log("cluster: lost Redis");
+    let mut alice2 = a.login("alice2");
+    let back = poll_until(|| {
+        let mut bob2 = b.connect();
+        bob2.send("bob2\nbob2: ready\n");
+        let mut buf = [0; 64];
+        let n = bob2.stream().try_clone().unwrap().read(&mut buf).ok()?;
+        if &buf[..n] != b"from bob2: ready\n" {
+            return None;
+        }
+        alice2.send("bob2: again\n");
+        bob2.expect("from alice2: again");
+        Some(())
+    });
+    assert!(back.is_some(), "routing never came back");
+    drop(bob);
+}
+
+/// One GET to the metrics endpoint at `addr`: the whole response.
+fn http_get(addr: &str, path: &str) -> String {
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let _ = stream.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes());
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+}
