@@ -44,6 +44,19 @@ pub struct Gauges {
     pub resident_bytes: Option<u64>,
     /// Whether the server takes new clients, and if not, why.
     pub health: Result<(), &'static str>,
+    /// Cluster mode: the link's state and counters.
+    pub cluster: Option<ClusterGauges>,
+}
+
+/// What the metrics say of the cluster link.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterGauges {
+    /// Whether logins are claimed and messages routed through Redis now.
+    pub ready: bool,
+    /// Time since the last lease renewal that succeeded was sent.
+    pub lease_age_ms: Option<u64>,
+    /// The link's counters.
+    pub stats: crate::cluster::ClusterStats,
 }
 
 impl Default for Gauges {
@@ -57,6 +70,7 @@ impl Default for Gauges {
             open_fds: 0,
             resident_bytes: None,
             health: Ok(()),
+            cluster: None,
         }
     }
 }
@@ -352,6 +366,69 @@ pub fn render(stats: &Stats, gauges: &Gauges) -> String {
             "gauge",
             "Maximum number of open file descriptors.",
             soft,
+        );
+    }
+    if let Some(cluster) = &gauges.cluster {
+        let stats = &cluster.stats;
+        metric(
+            "chatd_cluster_up",
+            "gauge",
+            "1 while logins are claimed and messages routed through Redis, else 0.",
+            u64::from(cluster.ready),
+        );
+        if let Some(age) = cluster.lease_age_ms {
+            metric(
+                "chatd_cluster_lease_age_milliseconds",
+                "gauge",
+                "Time since the last lease renewal that succeeded was sent.",
+                age,
+            );
+        }
+        let counters = [
+            (
+                "routed_out",
+                "Messages published to other nodes.",
+                stats.routed_out,
+            ),
+            (
+                "deliveries_in",
+                "Deliveries of lines from other nodes.",
+                stats.deliveries_in,
+            ),
+            (
+                "deliveries_missed",
+                "Lines from other nodes for names no longer here.",
+                stats.deliveries_missed,
+            ),
+            (
+                "reconnects",
+                "Connections to Redis made again.",
+                stats.reconnects,
+            ),
+            (
+                "fences",
+                "Times the node closed its clients for want of a lease.",
+                stats.fences,
+            ),
+            (
+                "leases_lost",
+                "Times the lease was found gone and taken anew.",
+                stats.leases_lost,
+            ),
+        ];
+        for (name, help, value) in counters {
+            metric(
+                &format!("chatd_cluster_{name}_total"),
+                "counter",
+                help,
+                value,
+            );
+        }
+        metric(
+            "chatd_cluster_redis_rtt_microseconds",
+            "gauge",
+            "Round trip of the last lease renewal.",
+            stats.rtt_us,
         );
     }
     let _ = write!(

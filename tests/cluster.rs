@@ -356,6 +356,48 @@ fn output_buffer_limit_disconnect_is_survived() {
     drop(bob);
 }
 
+/// The stats line and the metrics carry the cluster's state, the lease's
+/// age and the cross-node counters.
+#[test]
+fn stats_and_metrics_carry_the_cluster_state() {
+    let redis = Redis::start();
+    let mut a = node(&redis.url(), "10", &["--metrics-addr", "127.0.0.1:0"]);
+    let mut b = node(&redis.url(), "10", &[]);
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    alice.send("bob: one\nbob: two\n");
+    bob.expect("from alice: one");
+    bob.expect("from alice: two");
+    assert_eq!(a.stat("routed_out"), 2);
+    assert_eq!(b.stat("deliveries_in"), 2);
+    assert!(a.stat("lease_age_ms") < 10_000);
+    let line = a.wait_log("cluster=");
+    assert!(line.contains(" cluster=ready "), "{line}");
+    let metrics = a.wait_log("metrics on http://");
+    let addr = metrics
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let body = http_get(addr, "/metrics");
+    for sample in [
+        "\nchatd_cluster_up 1\n",
+        "\nchatd_cluster_routed_out_total 2\n",
+    ] {
+        assert!(body.contains(sample), "{sample:?} missing:\n{body}");
+    }
+    assert!(
+        body.contains("\nchatd_cluster_lease_age_milliseconds "),
+        "{body}"
+    );
+    assert!(
+        body.contains("\nchatd_cluster_redis_rtt_microseconds "),
+        "{body}"
+    );
+}
+
 /// One GET to the metrics endpoint at `addr`: the whole response.
 fn http_get(addr: &str, path: &str) -> String {
     let Ok(mut stream) = std::net::TcpStream::connect(addr) else {

@@ -288,6 +288,16 @@ impl Cluster {
         self.state
     }
 
+    /// The state as a word for the stats line.
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            State::Down { .. } => "down",
+            State::Connecting => "connecting",
+            State::Handshaking => "handshaking",
+            State::Ready => "ready",
+        }
+    }
+
     /// Whether logins can be claimed and messages routed now.
     pub fn is_ready(&self) -> bool {
         self.state == State::Ready && self.pending.len() < MAX_PENDING

@@ -105,8 +105,8 @@ impl Housekeeping {
     }
 
     /// `Deadline::StatsLine`: logs the counters and sets the next line.
-    pub fn stats_line(&mut self, clients: &Clients, deadlines: &mut Deadlines) {
-        info!("stats: {}", clients.stats);
+    pub fn stats_line(&mut self, counters: &str, deadlines: &mut Deadlines) {
+        info!("stats: {counters}");
         deadlines.set(self.stats_interval_ms, Deadline::StatsLine);
     }
 

@@ -266,7 +266,7 @@ impl Server {
                 info!(
                     "shutdown complete; {} connection(s) closed before draining; {}",
                     self.clients.len(),
-                    self.clients.stats
+                    self.counters()
                 );
                 return Ok(Exit::Graceful);
             }
@@ -359,6 +359,15 @@ impl Server {
         }
     }
 
+    /// The counters as one `key=value` line (see [`counters`]).
+    fn counters(&self) -> String {
+        counters(
+            &self.clients,
+            self.cluster.as_ref(),
+            self.deadlines.now_ms(),
+        )
+    }
+
     /// Whether new clients are served, and if not, why (for `/healthz`).
     fn health(&self) -> Result<(), &'static str> {
         self.clients.health()?;
@@ -375,6 +384,8 @@ impl Server {
             return;
         };
         let clients = &self.clients;
+        let cluster = self.cluster.as_ref();
+        let now = self.deadlines.now_ms();
         let open_fds = self.base_fds + clients.len() + scrapers.len();
         let gauges = || Gauges {
             logged_in: clients.logged_in(),
@@ -385,8 +396,12 @@ impl Server {
             open_fds,
             resident_bytes: None,
             health,
+            cluster: cluster.map(|c| metrics::ClusterGauges {
+                ready: c.is_ready(),
+                lease_age_ms: c.lease_age_ms(now),
+                stats: c.stats,
+            }),
         };
-        let now = self.deadlines.now_ms();
         let registry = self.poll.registry();
         scrapers.on_event(key, registry, now, health, &clients.stats, gauges);
     }
@@ -412,7 +427,10 @@ impl Server {
                     }
                 }
                 Deadline::PoolDecay => self.housekeeping.decay_pool(&mut self.clients, deadlines),
-                Deadline::StatsLine => self.housekeeping.stats_line(&self.clients, deadlines),
+                Deadline::StatsLine => {
+                    let line = counters(&self.clients, self.cluster.as_ref(), deadlines.now_ms());
+                    self.housekeeping.stats_line(&line, deadlines);
+                }
                 Deadline::Status => self.housekeeping.status(&self.clients, deadlines),
                 Deadline::ShutdownGiveUp => self.gave_up = true,
                 Deadline::Cluster => {
@@ -432,7 +450,7 @@ impl Server {
         let now = self.control.requests();
         let seen = std::mem::replace(&mut self.seen, now);
         for _ in seen.stats..now.stats {
-            info!("stats: {}", self.clients.stats);
+            info!("stats: {}", self.counters());
         }
         if now.hangups > seen.hangups {
             info!("hang-up signal ignored (chatd keeps running; stop it with SIGTERM)");
@@ -441,7 +459,7 @@ impl Server {
             if now.stops >= 2 {
                 warn!(
                     "second shutdown request: exiting at once; {}",
-                    self.clients.stats
+                    self.counters()
                 );
                 return Some(Exit::Forced);
             }
@@ -609,6 +627,31 @@ impl Server {
             Answer::FarewellDone => self.farewell_done = true,
         }
     }
+}
+
+/// The stats line: every counter, and in cluster mode the link's state,
+/// the lease's age and the cluster's counters.
+fn counters(clients: &Clients, cluster: Option<&Cluster>, now_ms: u64) -> String {
+    let mut line = clients.stats.to_string();
+    if let Some(cluster) = cluster {
+        let stats = &cluster.stats;
+        let lease = cluster
+            .lease_age_ms(now_ms)
+            .map_or_else(|| "none".to_string(), |ms| ms.to_string());
+        line += &format!(
+            " cluster={} lease_age_ms={lease} routed_out={} deliveries_in={} \
+             deliveries_missed={} reconnects={} fences={} leases_lost={} redis_rtt_us={}",
+            cluster.state_name(),
+            stats.routed_out,
+            stats.deliveries_in,
+            stats.deliveries_missed,
+            stats.reconnects,
+            stats.fences,
+            stats.leases_lost,
+            stats.rtt_us,
+        );
+    }
+    line
 }
 
 /// Displays a timeout as `off` or in seconds.
