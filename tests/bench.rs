@@ -2,23 +2,34 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::thread;
 
-use common::Server;
+use common::{Server, poll_until};
 
 fn bench(server: &Server, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_chatd-bench"))
-        .args([
-            "--addr",
-            &server.addr.to_string(),
-            "--json",
-            "--settle-timeout",
-            "5",
-        ])
-        .args(["--server-pid", &server.pid().to_string()])
-        .args(args)
+    bench_command(&[server], args)
         .output()
         .expect("run chatd-bench")
+}
+
+/// `chatd-bench --json` against `servers` (`--addr` and `--server-pid`
+/// lists in that order), with `args` after.
+fn bench_command(servers: &[&Server], args: &[&str]) -> Command {
+    let list = |item: fn(&Server) -> String| {
+        servers
+            .iter()
+            .map(|s| item(s))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd-bench"));
+    cmd.args(["--addr", &list(|s| s.addr.to_string())])
+        .args(["--json", "--settle-timeout", "5"])
+        .args(["--server-pid", &list(|s| s.pid().to_string())])
+        .args(args)
+        .stdin(Stdio::null());
+    cmd
 }
 
 /// A number field of the bench's JSON result.
@@ -244,4 +255,106 @@ fn slowest_rate_runs() {
     assert!(out.status.success(), "{json}");
     assert_eq!(field(&out, "lines_sent"), 1.0, "{json}");
     assert_eq!(field(&out, "deliveries"), 1.0, "{json}");
+}
+
+/// With several `--addr`, client i connects to the (i mod n)-th server:
+/// ten clients over two servers hold five connections on each, and the
+/// report lists both addresses. With several `--server-pid`, the RSS is
+/// the sum over the servers.
+#[test]
+fn spreads_clients_round_robin_over_servers() {
+    let mut a = Server::start(&[]);
+    let mut b = Server::start(&[]);
+    let rss_before = a.status_kb("VmRSS") + b.status_kb("VmRSS");
+    let run = bench_command(&[&a, &b], &["--clients", "10", "--idle", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run chatd-bench");
+    let mut seen = (0, 0);
+    let both = poll_until(|| {
+        seen = (a.connections(), b.connections());
+        (seen == (5, 5)).then_some(())
+    });
+    let out = run.wait_with_output().unwrap();
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        both.is_some(),
+        "not 5 + 5 connections, last seen {seen:?}; {json}"
+    );
+    assert!(out.status.success(), "{json}");
+    assert_eq!(text_field(&json, "result"), "ok");
+    assert_eq!(field(&out, "logged_in"), 10.0);
+    assert_eq!(text_field(&json, "addr"), format!("{},{}", a.addr, b.addr));
+    // Two idle servers of about the same size: one alone would be half.
+    let summed = field(&out, "server_rss_before_kb");
+    assert!(
+        summed >= 0.9 * rss_before as f64,
+        "server_rss_before_kb {summed} < 0.9 * {rss_before} (both servers)"
+    );
+}
+
+/// Two generators share one server under different `--name-prefix`es:
+/// their names (which would collide, `name-taken`, without the prefixes)
+/// are apart, and each counts its own deliveries, none lost.
+#[test]
+fn two_generators_share_a_server_by_name_prefix() {
+    let server = Server::start(&[]);
+    let traffic = [
+        "--clients",
+        "12",
+        "--senders",
+        "4",
+        "--fanout",
+        "3",
+        "--window",
+        "4",
+        "--idle",
+        "0.5",
+        "--duration",
+        "0.5",
+    ];
+    let runs: Vec<_> = ["x", "y"]
+        .map(|prefix| {
+            let args = [&traffic[..], &["--name-prefix", prefix]].concat();
+            let mut cmd = bench_command(&[&server], &args);
+            thread::spawn(move || cmd.output().expect("run chatd-bench"))
+        })
+        .into_iter()
+        .collect();
+    for run in runs {
+        let out = run.join().unwrap();
+        let json = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{json}\n{stderr}");
+        assert_eq!(field(&out, "logged_in"), 12.0, "{json}");
+        let sent = field(&out, "lines_sent");
+        assert!(sent > 0.0, "{json}");
+        assert_eq!(field(&out, "deliveries"), sent * 3.0, "{json}");
+        assert_eq!(field(&out, "lost"), 0.0, "{json}");
+        assert_eq!(field(&out, "unexpected"), 0.0, "{json}");
+        assert_eq!(text_field(&json, "error_lines"), "", "{json}");
+    }
+}
+
+/// A prefix that cannot start a chatd name (or is too long) is a usage
+/// error: one line naming --name-prefix, exit 2.
+#[test]
+fn bad_name_prefix_is_a_usage_error() {
+    let too_long = "p".repeat(33);
+    for prefix in ["a:b", "a,b", "a b", "caf\u{e9}", "a.b", &too_long] {
+        let out = Command::new(env!("CARGO_BIN_EXE_chatd-bench"))
+            .args(["--clients", "2", "--name-prefix", prefix])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{prefix:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{prefix:?}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!(
+                "chatd-bench: invalid value for --name-prefix: '{prefix}'"
+            )),
+            "{stderr}"
+        );
+    }
 }

@@ -1,9 +1,12 @@
 //! The load driver: one mio poll loop over every client connection.
 //!
-//! Client `i` logs in as `b<i>`. Senders are clients `0..senders`; sender `s`
-//! addresses the `fanout` clients after it (`s+1 .. s+fanout`, wrapping), so
-//! a recipient can tell from a delivery which (sender, recipient) pair it
-//! belongs to. Each message body is `<seq> <ts_ns> <padding>`: `seq` counts
+//! Client `i` logs in as `<prefix>b<i>` (`b<i>` with the default empty
+//! `--name-prefix`; another prefix lets several generators share one name
+//! space), and connects to server `i mod n` of the `n` given (the nodes of
+//! a cluster, round-robin). Senders are clients `0..senders`; sender `s`
+//! addresses the `fanout` clients after it (`s+1 .. s+fanout`, wrapping),
+//! which with several servers are on the other nodes, so a recipient can
+//! tell from a delivery which (sender, recipient) pair it belongs to. Each message body is `<seq> <ts_ns> <padding>`: `seq` counts
 //! the sender's lines, `ts_ns` is when the line was meant to be sent (ns
 //! since the run started), so latency includes any queueing in the
 //! generator itself and coordinated omission cannot hide it.
@@ -31,7 +34,10 @@ const PACER: Token = Token(usize::MAX);
 /// What the run is told to do.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    pub addr: SocketAddr,
+    /// The servers; client `i` connects to `addrs[i % addrs.len()]`.
+    pub addrs: Vec<SocketAddr>,
+    /// What every client name starts with, before `b<i>`.
+    pub name_prefix: String,
     pub clients: usize,
     /// New connections per second; 0 = as fast as possible.
     pub connect_rate: f64,
@@ -131,10 +137,10 @@ pub struct Load {
     dirty: Vec<usize>,
     scratch: Vec<u8>,
     padding: Vec<u8>,
-}
-
-fn name_of(i: usize) -> String {
-    format!("b{i}")
+    /// What a client name is before its number: the prefix and `b`.
+    name_head: Vec<u8>,
+    /// `from <name_head>`, what a delivery starts with.
+    from_head: Vec<u8>,
 }
 
 impl Load {
@@ -182,6 +188,8 @@ impl Load {
             dirty: Vec::new(),
             scratch: vec![0; 1 << 16],
             padding: vec![b'p'; plan.payload],
+            name_head: format!("{}b", plan.name_prefix).into_bytes(),
+            from_head: format!("from {}b", plan.name_prefix).into_bytes(),
             plan,
         })
     }
@@ -247,12 +255,15 @@ impl Load {
 
     fn start_connect(&mut self, i: usize) -> io::Result<()> {
         use socket2::{Domain, Protocol, Socket, Type};
-        let addr = self.plan.addr;
+        let servers = self.plan.addrs.len();
+        let addr = self.plan.addrs[i % servers];
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         if !self.plan.source_ips.is_empty() {
-            let ip = self.plan.source_ips[i % self.plan.source_ips.len()];
+            // Counted per server, so each server sees every source address
+            // (and the clients of an address are spread over the servers).
+            let ip = self.plan.source_ips[(i / servers) % self.plan.source_ips.len()];
             if ip.is_ipv4() {
                 bind_address_no_port(&socket)?;
             }
@@ -269,12 +280,13 @@ impl Load {
             Token(i),
             Interest::READABLE | Interest::WRITABLE,
         )?;
-        let name = name_of(i);
+        let mut name = self.name_head.clone();
+        name.extend_from_slice(itoa(i as u64, &mut [0; 20]));
         let client = &mut self.clients[i];
         client.stream = Some(stream);
         client.state = State::Connecting;
         client.started = Instant::now();
-        client.out = format!("{name}\n{name}: l\n").into_bytes();
+        client.out = [&name[..], b"\n", &name, b": l\n"].concat();
         Ok(())
     }
 
@@ -355,7 +367,7 @@ impl Load {
             if k > 0 {
                 client.out.push(b',');
             }
-            client.out.push(b'b');
+            client.out.extend_from_slice(&self.name_head);
             client
                 .out
                 .extend_from_slice(itoa(((s + 1 + k) % n) as u64, &mut [0; 20]));
@@ -507,7 +519,7 @@ impl Load {
             bump(&mut self.counts.error_lines, &String::from_utf8_lossy(kind));
             return;
         }
-        let Some(rest) = line.strip_prefix(b"from b") else {
+        let Some(rest) = line.strip_prefix(&self.from_head[..]) else {
             self.counts.unexpected += 1;
             return;
         };

@@ -22,15 +22,22 @@ chatd-bench: load generator for chatd (or any server of the same protocol)
 Usage: chatd-bench [OPTIONS]
 
 Connection phase:
-  --addr HOST:PORT       server [default: 127.0.0.1:8080, or CHATD_ADDR]
+  --addr HOST:PORT,...   server, or a comma list of the nodes of a cluster:
+                         client i connects to the (i mod n)-th, round-robin,
+                         so a sender's recipients are on the other nodes
+                         [default: 127.0.0.1:8080, or CHATD_ADDR]
   --clients N            connections to open and log in, up to 10,000,000
                          [default: 1000]
   --connect-rate R       new connections per second, 1e-7 to 1e9, or 0 = as
                          fast as possible (a connect storm) [default: 0]
   --source-ips A-B       spread client sockets over these source addresses
                          (127.0.0.1-127.0.0.8, or a comma list) [default:
-                         for a 127.x server, one address from 127.0.0.1 up
-                         per 10,000 clients; else chosen by the kernel]
+                         for 127.x servers only, one address from 127.0.0.1
+                         up per 10,000 clients; else chosen by the kernel]
+  --name-prefix P        client i logs in as <P>b<i> instead of b<i>, so that
+                         several generators can share one server or cluster
+                         (give each its own prefix); up to 32 ASCII letters,
+                         digits, '-' or '_' [default: empty]
   --idle SECS            hold the connections idle after login [default: 0]
 Traffic phase:
   --senders S            clients that send [default: 0 = no traffic]
@@ -49,7 +56,8 @@ Traffic phase:
   --settle-timeout SECS  longest wait for logins and last deliveries
                          [default: 30]
 Measuring:
-  --server-pid PID       read the server's RSS and CPU time from /proc
+  --server-pid PID,...   read the server's RSS and CPU time from /proc; with
+                         several (the nodes of a cluster), their sum
   --json                 print the result as one JSON object
   -h, --help             print this help
 
@@ -65,6 +73,7 @@ stderr once a second. Exit status 1 if anything was lost or went wrong.
 /// The flags that take a value.
 const VALUE_FLAGS: &[&str] = &[
     "addr",
+    "name-prefix",
     "clients",
     "connect-rate",
     "source-ips",
@@ -94,12 +103,16 @@ const MAX_PAYLOAD: usize = 16 << 20;
 const MAX_WINDOW: usize = 1_000_000;
 /// The most (sender, recipient) pairs, whose order is checked per pair.
 const MAX_PAIRS: usize = 100_000_000;
+/// The longest `--name-prefix`: with `b` and the client number it stays
+/// well within chatd's 64-byte names.
+const MAX_PREFIX: usize = 32;
 
 /// What the command line asked for.
 struct Args {
     plan: Plan,
     idle: Duration,
-    server_pid: Option<u32>,
+    /// The server processes to measure (several for a cluster's nodes).
+    server_pids: Vec<u32>,
     json: bool,
 }
 
@@ -107,7 +120,8 @@ fn parse_args() -> Result<Option<Args>, String> {
     use lexopt::prelude::*;
     let mut addr = std::env::var("CHATD_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let mut plan = Plan {
-        addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        addrs: Vec::new(),
+        name_prefix: String::new(),
         clients: 1000,
         connect_rate: 0.0,
         source_ips: Vec::new(),
@@ -120,7 +134,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         settle_timeout: Duration::from_secs(30),
     };
     let mut idle = Duration::ZERO;
-    let mut server_pid = None;
+    let mut server_pids = Vec::new();
     let mut json = false;
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
@@ -174,6 +188,14 @@ fn parse_args() -> Result<Option<Args>, String> {
         };
         match flag.as_str() {
             "addr" => addr = value.clone(),
+            "name-prefix" => {
+                if !valid_prefix(&value) {
+                    return Err(bad(&format!(
+                        "up to {MAX_PREFIX} ASCII letters, digits, '-' or '_'"
+                    )));
+                }
+                plan.name_prefix = value.clone();
+            }
             "clients" => plan.clients = count(MAX_CLIENTS)?,
             "connect-rate" => plan.connect_rate = per_sec()?,
             "source-ips" => {
@@ -188,15 +210,17 @@ fn parse_args() -> Result<Option<Args>, String> {
             "rate" => plan.rate = per_sec()?,
             "duration" => plan.duration = secs()?,
             "settle-timeout" => plan.settle_timeout = secs()?,
-            "server-pid" => server_pid = Some(value.parse().map_err(|_| bad("a process id"))?),
+            "server-pid" => {
+                server_pids = value
+                    .split(',')
+                    .map(|pid| pid.trim().parse().ok())
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| bad("a process id, or a comma list of them"))?
+            }
             _ => unreachable!("every flag of VALUE_FLAGS has an arm"),
         }
     }
-    plan.addr = addr
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| format!("invalid value for --addr: '{addr}'"))?;
+    plan.addrs = parse_addrs(&addr).ok_or_else(|| format!("invalid value for --addr: '{addr}'"))?;
     if plan.clients == 0 {
         return Err("--clients must be at least 1".into());
     }
@@ -210,7 +234,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         ));
     }
     if plan.source_ips.is_empty() {
-        plan.source_ips = default_source_ips(plan.addr, plan.clients);
+        plan.source_ips = default_source_ips(&plan.addrs, plan.clients);
     }
     if plan.senders > plan.clients {
         return Err("--senders cannot exceed --clients".into());
@@ -230,30 +254,49 @@ fn parse_args() -> Result<Option<Args>, String> {
     Ok(Some(Args {
         plan,
         idle,
-        server_pid,
+        server_pids,
         json,
     }))
 }
 
-/// Source addresses for `clients` connections to `server` when none are
+/// Source addresses for `clients` connections to `servers` when none are
 /// given. One address gives about 28,000 ports, but Linux `connect` tries
 /// the even half first and scans all of it for every connect once those are
 /// taken: past about 14,000 connections to one server from one address,
 /// connecting slows down to a few hundred a second and the generator, not
-/// the server, sets the pace. So a loopback server gets one address per
-/// 10,000 clients; a remote one gets what the kernel chooses.
-fn default_source_ips(server: SocketAddr, clients: usize) -> Vec<IpAddr> {
+/// the server, sets the pace. So loopback servers (127.x, every one of
+/// them: a 127.x source cannot reach another host) get one address per
+/// 10,000 clients, counted over all servers as the ports are taken from
+/// one range; otherwise the kernel chooses.
+fn default_source_ips(servers: &[SocketAddr], clients: usize) -> Vec<IpAddr> {
     const CLIENTS_PER_ADDRESS: usize = 10_000;
-    match server.ip() {
-        IpAddr::V4(ip) if ip.is_loopback() && clients > CLIENTS_PER_ADDRESS => {
-            let first = u32::from(Ipv4Addr::new(127, 0, 0, 1));
-            let count = clients.div_ceil(CLIENTS_PER_ADDRESS) as u32;
-            (first..first + count)
-                .map(|ip| IpAddr::V4(ip.into()))
-                .collect()
-        }
-        _ => Vec::new(),
+    let loopback = |server: &SocketAddr| matches!(server.ip(), IpAddr::V4(ip) if ip.is_loopback());
+    if servers.is_empty() || !servers.iter().all(loopback) || clients <= CLIENTS_PER_ADDRESS {
+        return Vec::new();
     }
+    let first = u32::from(Ipv4Addr::new(127, 0, 0, 1));
+    let count = clients.div_ceil(CLIENTS_PER_ADDRESS) as u32;
+    (first..first + count)
+        .map(|ip| IpAddr::V4(ip.into()))
+        .collect()
+}
+
+/// `HOST:PORT` or a comma list of them, each resolved to its first address,
+/// in the order given.
+fn parse_addrs(text: &str) -> Option<Vec<SocketAddr>> {
+    text.split(',')
+        .map(|one| one.trim().to_socket_addrs().ok()?.next())
+        .collect()
+}
+
+/// Whether `prefix` can start a chatd name in every generator's hands: at
+/// most [`MAX_PREFIX`] bytes of ASCII letters, digits, `-` or `_` (empty is
+/// fine).
+fn valid_prefix(prefix: &str) -> bool {
+    prefix.len() <= MAX_PREFIX
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// `127.0.0.1-127.0.0.8` or `127.0.0.1,127.0.0.2`.
@@ -378,12 +421,26 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> std::io::Result<(Report, bool)> {
     let plan = &args.plan;
-    let pid = args.server_pid.map(|p| p.to_string());
-    let server = || pid.as_deref().and_then(usage_of);
+    let pids: Vec<String> = args.server_pids.iter().map(u32::to_string).collect();
+    // Summed over every server process; none if any cannot be read (a sum
+    // over part of them would be wrong).
+    let server = || {
+        if pids.is_empty() {
+            return None;
+        }
+        pids.iter().try_fold(Usage::default(), |sum, pid| {
+            let one = usage_of(pid)?;
+            Some(Usage {
+                rss_bytes: sum.rss_bytes + one.rss_bytes,
+                cpu: sum.cpu + one.cpu,
+            })
+        })
+    };
     let me = || usage_of("self").unwrap_or_default();
     let mut load = Load::new(plan.clone())?;
     let mut report = Report { fields: Vec::new() };
-    report.text("addr", plan.addr.to_string());
+    let addrs: Vec<String> = plan.addrs.iter().map(SocketAddr::to_string).collect();
+    report.text("addr", addrs.join(","));
     report.int("clients", plan.clients as u64);
 
     // Connect and log in.
@@ -544,17 +601,57 @@ mod tests {
     fn spreads_many_loopback_clients_over_source_addresses() {
         let local = SocketAddr::from(([127, 0, 0, 1], 8080));
         assert!(
-            default_source_ips(local, 10_000).is_empty(),
+            default_source_ips(&[local], 10_000).is_empty(),
             "one address is enough"
         );
-        let ips = default_source_ips(local, 19_000);
+        let ips = default_source_ips(&[local], 19_000);
         assert_eq!(ips, parse_ips("127.0.0.1-127.0.0.2").unwrap());
-        assert_eq!(default_source_ips(local, 100_000).len(), 10);
+        assert_eq!(default_source_ips(&[local], 100_000).len(), 10);
         let remote = SocketAddr::from(([192, 0, 2, 1], 8080));
         assert!(
-            default_source_ips(remote, 100_000).is_empty(),
+            default_source_ips(&[remote], 100_000).is_empty(),
             "the kernel picks"
         );
+    }
+
+    #[test]
+    fn spreads_only_when_every_server_is_loopback() {
+        let a = SocketAddr::from(([127, 0, 0, 1], 8080));
+        let b = SocketAddr::from(([127, 0, 0, 2], 8081));
+        let remote = SocketAddr::from(([192, 0, 2, 1], 8080));
+        assert_eq!(default_source_ips(&[a, b], 100_000).len(), 10);
+        assert!(default_source_ips(&[a, remote], 100_000).is_empty());
+        assert!(default_source_ips(&[remote, a], 100_000).is_empty());
+        let v6 = SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 8080));
+        assert!(default_source_ips(&[v6], 100_000).is_empty());
+    }
+
+    #[test]
+    fn parses_address_lists() {
+        let addrs = parse_addrs("127.0.0.1:1,127.0.0.2:2, 127.0.0.3:3").unwrap();
+        assert_eq!(
+            addrs,
+            [
+                SocketAddr::from(([127, 0, 0, 1], 1)),
+                SocketAddr::from(([127, 0, 0, 2], 2)),
+                SocketAddr::from(([127, 0, 0, 3], 3)),
+            ]
+        );
+        assert_eq!(parse_addrs("127.0.0.1:9").unwrap().len(), 1);
+        assert!(parse_addrs("127.0.0.1:1,").is_none());
+        assert!(parse_addrs("127.0.0.1:1,nope").is_none());
+    }
+
+    #[test]
+    fn checks_name_prefixes() {
+        assert!(valid_prefix(""));
+        assert!(valid_prefix("x"));
+        assert!(valid_prefix("Gen-2_a"));
+        assert!(valid_prefix(&"p".repeat(MAX_PREFIX)));
+        assert!(!valid_prefix(&"p".repeat(MAX_PREFIX + 1)));
+        for bad in ["a b", "a,b", "a:b", "é", "a\tb", "a.b"] {
+            assert!(!valid_prefix(bad), "{bad:?}");
+        }
     }
 
     #[test]
