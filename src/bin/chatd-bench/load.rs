@@ -6,10 +6,11 @@
 //! a cluster, round-robin). Senders are clients `0..senders`; sender `s`
 //! addresses the `fanout` clients after it (`s+1 .. s+fanout`, wrapping),
 //! which with several servers are on the other nodes, so a recipient can
-//! tell from a delivery which (sender, recipient) pair it belongs to. Each message body is `<seq> <ts_ns> <padding>`: `seq` counts
-//! the sender's lines, `ts_ns` is when the line was meant to be sent (ns
-//! since the run started), so latency includes any queueing in the
-//! generator itself and coordinated omission cannot hide it.
+//! tell from a delivery which (sender, recipient) pair it belongs to. Each
+//! message body is `<seq> <ts_ns> <padding>`: `seq` counts the sender's
+//! lines, `ts_ns` is when the line was meant to be sent (ns since the run
+//! started), so latency includes any queueing in the generator itself and
+//! coordinated omission cannot hide it.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
