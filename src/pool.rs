@@ -31,10 +31,18 @@ impl Buf {
     /// Keeps only the live bytes up to and including the first `\n`, in a
     /// buffer of their size: what a connection needs to end the line it may
     /// be in the middle of writing, so that what follows starts a line.
-    pub fn keep_first_line(&mut self) {
+    /// With `and_last`, the last line stays too (a closing connection's
+    /// `error:` line).
+    pub fn keep_first_line(&mut self, and_last: bool) {
         let live = &self.data[self.pos..];
         let end = memchr::memchr(b'\n', live).map_or(live.len(), |i| i + 1);
-        self.data = live[..end].to_vec();
+        let mut kept = live[..end].to_vec();
+        if and_last && end < live.len() {
+            let body = &live[end..live.len() - 1];
+            let start = memchr::memrchr(b'\n', body).map_or(0, |i| i + 1);
+            kept.extend_from_slice(&live[end + start..]);
+        }
+        self.data = kept;
         self.pos = 0;
     }
 }
@@ -166,15 +174,27 @@ mod tests {
             data: b"from a: hello\nfrom b: more\n".to_vec(),
             pos: 10,
         };
-        buf.keep_first_line();
+        buf.keep_first_line(false);
         assert_eq!(buf.data, b"llo\n");
         assert_eq!((buf.pos, buf.data.capacity()), (0, 4));
         let mut unended = Buf {
             data: b"abc".to_vec(),
             pos: 1,
         };
-        unended.keep_first_line();
+        unended.keep_first_line(false);
         assert_eq!(unended.data, b"bc");
+        let mut closing = Buf {
+            data: b"from a: x\nfrom a: y\nfrom a: z\nerror: slow-consumer\n".to_vec(),
+            pos: 3,
+        };
+        closing.keep_first_line(true);
+        assert_eq!(closing.data, b"m a: x\nerror: slow-consumer\n");
+        let mut two = Buf {
+            data: b"ab\nerror: x\n".to_vec(),
+            pos: 0,
+        };
+        two.keep_first_line(true);
+        assert_eq!(two.data, b"ab\nerror: x\n");
     }
 
     fn limits(keep: usize, max_free: usize) -> PoolLimits {

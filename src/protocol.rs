@@ -236,7 +236,7 @@ pub fn longest_delivery(max_line: usize) -> usize {
 }
 
 /// Bytes of names a `not-online` line lists at the most (fewer when
-/// `--max-line` is smaller); the rest are counted as `(and N more)`, so the
+/// `--max-line` is smaller); the rest are counted as `: and N more`, so the
 /// line always fits in `--max-outbound` (which holds [`longest_delivery`]).
 pub fn not_online_budget(max_line: usize) -> usize {
     (max_line + 20).min(1024)

@@ -29,8 +29,9 @@ pub struct Stats {
     /// `--max-outbound`, or they held the most when all buffers together
     /// reached `--max-buffer-memory`.
     pub slow_consumers: u64,
-    /// Of those, the ones closed to keep all buffers under
-    /// `--max-buffer-memory`.
+    /// Connections whose queue was dropped to keep all buffers under
+    /// `--max-buffer-memory`: closed as slow consumers (counted in
+    /// `slow_consumers` too), or closing already.
     pub memory_evictions: u64,
     /// `error:` lines sent, indexed by `ErrorKind as usize`.
     pub errors: [u64; ErrorKind::ALL.len()],

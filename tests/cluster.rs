@@ -333,10 +333,13 @@ fn output_buffer_limit_disconnect_is_survived() {
     // b reads nothing while stopped: once the socket buffers are full,
     // Redis's output buffer for b passes 64 KiB and Redis cuts it.
     b.signal("STOP");
+    // Once Redis has cut b, lines to bob get `unavailable: bob` (nobody
+    // listens on b's channel): drain alice's replies.
+    let mut replies = alice.stream().try_clone().unwrap();
+    std::thread::spawn(move || std::io::copy(&mut replies, &mut std::io::sink()));
     for _ in 0..1500 {
         alice.send(&big);
     }
-    alice.sync("alice");
     b.signal("CONT");
     b.wait_log("cluster: lost Redis");
     let mut alice2 = a.login("alice2");
@@ -354,6 +357,24 @@ fn output_buffer_limit_disconnect_is_survived() {
     });
     assert!(back.is_some(), "routing never came back");
     drop(bob);
+}
+
+/// A message to a client whose node has lost its link to Redis (its lease
+/// still running) is not dropped silently: nobody listens on that node's
+/// channel, so the sender gets `error: unavailable: <name>`.
+#[test]
+fn a_recipient_whose_node_is_not_listening_is_reported() {
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.addr());
+    let a = node(&redis.url(), "10", &[]);
+    let mut b = node(&proxy.url(), "10", &[]);
+    let mut alice = a.login("alice");
+    let _bob = b.login("bob");
+    drop(proxy); // b's link to Redis breaks; its lease runs on
+    b.wait_log("cluster: lost Redis");
+    alice.send("bob, nobody: are you there\n");
+    alice.expect("error: not-online: nobody");
+    alice.expect("error: unavailable: bob");
 }
 
 /// The stats line and the metrics carry the cluster's state, the lease's

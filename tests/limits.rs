@@ -387,9 +387,9 @@ fn not_online_names_the_first_and_counts_the_rest() {
     let line = alice.line();
     let list = line
         .strip_prefix("error: not-online: ")
-        .and_then(|rest| rest.strip_suffix(" more)\n"))
+        .and_then(|rest| rest.strip_suffix(" more\n"))
         .unwrap_or_else(|| panic!("unexpected line {:?}", &line[..line.len().min(200)]));
-    let (listed, more) = list.split_once(" (and ").expect("a count of the rest");
+    let (listed, more) = list.split_once(": and ").expect("a count of the rest");
     let listed: Vec<&str> = listed.split(", ").collect();
     assert!(line.len() < 1100, "{} bytes", line.len());
     assert_eq!(listed[..3], ["s0", "s1", "s2"], "the first, in order");

@@ -303,3 +303,17 @@ fn scrapes_cost_little_at_many_descriptors() {
     );
     drop(idle);
 }
+
+/// While a graceful shutdown drains its clients, the metrics endpoint
+/// stays and `/healthz` answers 503 `shutting down`, so a load balancer
+/// stops sending new clients.
+#[test]
+fn healthz_says_shutting_down_while_clients_drain() {
+    let (mut server, addr) = with_metrics_and(&["--shutdown-timeout", "30"]);
+    let _stays = server.login("stays"); // never reads nor closes
+    server.signal("TERM");
+    server.wait_log("shutdown requested");
+    let (status, body) = http(addr, "GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    assert_eq!(body, "unavailable: shutting down\n");
+}

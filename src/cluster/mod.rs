@@ -179,9 +179,15 @@ pub enum Answer {
         again: bool,
         outcome: Claimed,
     },
-    /// A routed message reached every live holder; `offline` are the names
-    /// nobody holds (for `not-online`).
-    Routed { slot: Slot, offline: Vec<String> },
+    /// A routed message was handed to every node holding a recipient and
+    /// listening; `offline` are the names nobody holds (for `not-online`),
+    /// `unreachable` those whose node is not listening (for
+    /// `unavailable`).
+    Routed {
+        slot: Slot,
+        offline: Vec<String>,
+        unreachable: Vec<String>,
+    },
     /// A message could not be routed to `names` (for `unavailable`).
     Unroutable { slot: Slot, names: Vec<String> },
     /// An `error:` line held back behind earlier answers: send it now.
@@ -801,17 +807,29 @@ impl Cluster {
                 });
             }
             Pending::Route { slot, .. } => {
-                let offline = match reply {
-                    Reply::Array(names) => names
-                        .into_iter()
-                        .filter_map(|n| match n {
-                            Reply::Bulk(b) => String::from_utf8(b).ok(),
-                            _ => None,
-                        })
-                        .collect(),
-                    _ => Vec::new(),
+                let names = |reply: Option<Reply>| -> Vec<String> {
+                    match reply {
+                        Some(Reply::Array(names)) => names
+                            .into_iter()
+                            .filter_map(|n| match n {
+                                Reply::Bulk(b) => String::from_utf8(b).ok(),
+                                _ => None,
+                            })
+                            .collect(),
+                        _ => Vec::new(),
+                    }
                 };
-                self.answers.push(Answer::Routed { slot, offline });
+                let Reply::Array(lists) = reply else {
+                    return Err("unexpected route reply".into());
+                };
+                let mut lists = lists.into_iter();
+                let offline = names(lists.next());
+                let unreachable = names(lists.next());
+                self.answers.push(Answer::Routed {
+                    slot,
+                    offline,
+                    unreachable,
+                });
             }
             Pending::Deferred { .. } => {} // handled by pop_deferred
             Pending::Farewell => self.answers.push(Answer::FarewellDone),

@@ -44,11 +44,13 @@ return 1
 
 /// `route(prefix, node, payload, name...)`: publishes
 /// `<names>\n<payload>` once to each live node holding some of the names
-/// (`<names>` being those it holds, comma-separated), and returns the
-/// names nobody holds, in the order given.
+/// (`<names>` being those it holds, comma-separated), and returns two lists
+/// in the order given: the names nobody holds, and the names whose node
+/// is not subscribed to its channel right now (its link to Redis is down:
+/// the message could not be handed to it).
 pub const ROUTE: &str = r"
 local prefix, payload = ARGV[1], ARGV[3]
-local offline, by_node, order = {}, {}, {}
+local holder, by_node, order = {}, {}, {}
 for i = 4, #ARGV do
   local name = ARGV[i]
   local owner = redis.call('GET', prefix .. ':name:' .. name)
@@ -59,14 +61,25 @@ for i = 4, #ARGV do
     end
     local names = by_node[owner]
     names[#names + 1] = name
-  else
-    offline[#offline + 1] = name
+    holder[i] = owner
   end
 end
+local unreached = {}
 for _, node in ipairs(order) do
-  redis.call('PUBLISH', prefix .. ':node:' .. node, table.concat(by_node[node], ',') .. '\n' .. payload)
+  local channel = prefix .. ':node:' .. node
+  local message = table.concat(by_node[node], ',') .. '\n' .. payload
+  if redis.call('PUBLISH', channel, message) == 0 then unreached[node] = true end
 end
-return offline
+local offline, unreachable = {}, {}
+for i = 4, #ARGV do
+  local node = holder[i]
+  if not node then
+    offline[#offline + 1] = ARGV[i]
+  elseif unreached[node] then
+    unreachable[#unreachable + 1] = ARGV[i]
+  end
+end
+return {offline, unreachable}
 ";
 
 /// `drop_names(prefix, node)`: frees every name `node` holds (shutdown, or

@@ -271,14 +271,16 @@ impl<'a> Offline<'a> {
 }
 
 impl fmt::Display for Offline<'_> {
-    /// `a, b, c`, or `a, b (and 7 more)` past the budget.
+    /// `a, b, c`, or `a, b: and 7 more` past the budget. A recipient name
+    /// never holds a `:` (a message line splits at its first one), so the
+    /// count cannot be read as a name.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut used = 0;
         for (i, name) in self.names.iter().enumerate() {
             let separator = if i > 0 { ", " } else { "" };
             used += separator.len() + name.len();
             if used > self.budget && i > 0 {
-                return write!(f, " (and {} more)", self.names.len() - i);
+                return write!(f, ": and {} more", self.names.len() - i);
             }
             f.write_str(separator)?;
             f.write_str(name)?;
@@ -307,9 +309,9 @@ mod tests {
             .chain(["n00", "n01"])
             .collect();
         // Each name costs 3 bytes, 5 with its separator: 3 + 5 + 5 = 13.
-        assert_eq!(listed(13, &many), "n00, n01, n02 (and 17 more)");
-        assert_eq!(listed(12, &many), "n00, n01 (and 18 more)");
-        assert_eq!(listed(1, &many), "n00 (and 19 more)", "the first always");
+        assert_eq!(listed(13, &many), "n00, n01, n02: and 17 more");
+        assert_eq!(listed(12, &many), "n00, n01: and 18 more");
+        assert_eq!(listed(1, &many), "n00: and 19 more", "the first always");
         assert_eq!(listed(1000, &many).matches(", ").count(), 19);
     }
 }

@@ -425,25 +425,30 @@ impl Clients {
                 break;
             }
             let conn = &self.conns[key];
+            let closing = conn.phase() == Phase::Closing;
             warn!(
-                "closing {:?} ({}) as a slow consumer: it holds {footprint} bytes and all \
+                "{} {:?} ({}) as a slow consumer: it holds {footprint} bytes and all \
                  clients' buffers reached --max-buffer-memory {limit}",
+                if closing {
+                    "dropping the queue of closing"
+                } else {
+                    "closing"
+                },
                 conn.name,
                 peer(conn)
             );
             self.stats.memory_evictions += 1;
             // Its kept input and queue go now, so the memory is free now;
             // only the end of a line it may be writing stays, so that its
-            // error line starts a line.
+            // error line starts a line, and the error line of a connection
+            // closing already.
             self.with_buffers(key, |conn, pool| {
                 pool.give(&mut conn.partial);
                 if let Some(out) = &mut conn.out {
-                    out.keep_first_line();
+                    out.keep_first_line(closing);
                 }
             });
-            if self.conns[key].phase() == Phase::Closing {
-                self.kill(key);
-            } else {
+            if !closing {
                 self.close_slow_consumer(key, deadlines);
             }
         }

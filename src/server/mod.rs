@@ -478,7 +478,8 @@ impl Server {
         self.shutting_down = true;
         let timeout = millis(self.config.shutdown_timeout);
         self.deadlines.set(timeout, Deadline::ShutdownGiveUp);
-        self.scrapers = None;
+        // The metrics endpoint stays while the clients drain: /healthz
+        // then answers 503 `shutting down`, which load balancers want.
         self.housekeeping.stopping();
         self.clients
             .begin_shutdown(self.poll.registry(), &mut self.deadlines);
@@ -573,24 +574,22 @@ impl Server {
                     _ => {}
                 }
             }
-            Answer::Routed { slot, offline } => {
-                if let (Some(key), false) = (clients.find(slot), offline.is_empty()) {
-                    let budget = crate::protocol::not_online_budget(clients.limits.max_line);
-                    let mut list = broker::Offline::new(budget);
-                    offline.iter().for_each(|name| list.add(name));
-                    let line = clients.error_bytes(ErrorKind::NotOnline, format_args!("{list}"));
-                    clients.send_line(key, &line, deadlines);
-                }
+            Answer::Routed {
+                slot,
+                offline,
+                unreachable,
+            } => {
+                report(clients, deadlines, slot, ErrorKind::NotOnline, &offline);
+                report(
+                    clients,
+                    deadlines,
+                    slot,
+                    ErrorKind::UnavailableTo,
+                    &unreachable,
+                );
             }
             Answer::Unroutable { slot, names } => {
-                if let Some(key) = clients.find(slot) {
-                    let budget = crate::protocol::not_online_budget(clients.limits.max_line);
-                    let mut list = broker::Offline::new(budget);
-                    names.iter().for_each(|name| list.add(name));
-                    let args = format_args!("{list}");
-                    let line = clients.error_bytes(ErrorKind::UnavailableTo, args);
-                    clients.send_line(key, &line, deadlines);
-                }
+                report(clients, deadlines, slot, ErrorKind::UnavailableTo, &names);
             }
             Answer::Deferred { slot, line } => {
                 if let Some(key) = clients.find(slot) {
@@ -627,6 +626,25 @@ impl Server {
             Answer::FarewellDone => self.farewell_done = true,
         }
     }
+}
+
+/// Sends `error: <kind>: <names>` (bounded like `not-online`) to the
+/// connection `slot`, if there are names and it is still there.
+fn report(
+    clients: &mut Clients,
+    deadlines: &mut Deadlines,
+    slot: crate::deadlines::Slot,
+    kind: ErrorKind,
+    names: &[String],
+) {
+    let Some(key) = clients.find(slot).filter(|_| !names.is_empty()) else {
+        return;
+    };
+    let budget = crate::protocol::not_online_budget(clients.limits.max_line);
+    let mut list = broker::Offline::new(budget);
+    names.iter().for_each(|name| list.add(name));
+    let line = clients.error_bytes(kind, format_args!("{list}"));
+    clients.send_line(key, &line, deadlines);
 }
 
 /// The stats line: every counter, and in cluster mode the link's state,
