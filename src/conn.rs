@@ -98,6 +98,31 @@ impl Conn {
         }
     }
 
+    /// A connection handed over by a live upgrade, in `phase`, with the
+    /// flags it had (see `crate::upgrade`).
+    pub fn restore(
+        stream: TcpStream,
+        id: u32,
+        last_input_ms: u32,
+        phase: Phase,
+        write_shut: bool,
+        input_done: bool,
+        rejected: bool,
+    ) -> Conn {
+        let mut conn = Conn::new(stream, id, last_input_ms);
+        conn.phase = phase;
+        for (set, flag) in [
+            (write_shut, WRITE_SHUT),
+            (input_done, INPUT_DONE),
+            (rejected, REJECTED),
+        ] {
+            if set {
+                conn.flags |= flag;
+            }
+        }
+        conn
+    }
+
     fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0
     }

@@ -31,6 +31,8 @@ struct Shared {
     stats: AtomicU32,
     /// Hang-ups (SIGHUP) so far: logged and otherwise ignored.
     hangups: AtomicU32,
+    /// Upgrade requests (SIGUSR2) so far.
+    upgrades: AtomicU32,
     /// Wakes the loop; set once the loop runs.
     waker: OnceLock<mio::Waker>,
 }
@@ -44,6 +46,8 @@ pub(crate) struct Requests {
     pub stats: u32,
     /// Hang-ups in total.
     pub hangups: u32,
+    /// Upgrade requests in total.
+    pub upgrades: u32,
 }
 
 impl Control {
@@ -67,6 +71,12 @@ impl Control {
     /// it. Safe to call from a signal handler.
     pub fn hang_up(&self) {
         self.request(&self.shared.hangups);
+    }
+
+    /// Asks the server to hand every connection to the binary now at its
+    /// path (see `crate::upgrade`). Safe to call from a signal handler.
+    pub fn upgrade(&self) {
+        self.request(&self.shared.upgrades);
     }
 
     fn request(&self, counter: &AtomicU32) {
@@ -93,6 +103,7 @@ impl Control {
             stops: self.shared.stops.load(Ordering::SeqCst),
             stats: self.shared.stats.load(Ordering::SeqCst),
             hangups: self.shared.hangups.load(Ordering::SeqCst),
+            upgrades: self.shared.upgrades.load(Ordering::SeqCst),
         }
     }
 }
@@ -126,4 +137,7 @@ pub enum Exit {
     Graceful,
     /// A second stop request arrived during shutdown: stopped at once.
     Forced,
+    /// A new process took over every connection (a live upgrade): this one
+    /// exits without closing any of them.
+    Upgraded,
 }

@@ -34,6 +34,8 @@ pub enum Deadline {
     /// The cluster link's own timer (connect, lease renewal, fencing,
     /// reply timeout); it says itself what is due.
     Cluster,
+    /// A live upgrade's new process was not ready in time.
+    UpgradeGiveUp,
     /// The buffer pool frees what it held unused.
     PoolDecay,
     /// The `--stats-interval` log line.
@@ -72,6 +74,7 @@ impl Deadline {
             Deadline::ShutdownGiveUp => (8, none),
             Deadline::ScrapersResume => (9, none),
             Deadline::Cluster => (10, none),
+            Deadline::UpgradeGiveUp => (11, none),
         }
     }
 
@@ -87,7 +90,8 @@ impl Deadline {
             7 => Deadline::Status,
             8 => Deadline::ShutdownGiveUp,
             9 => Deadline::ScrapersResume,
-            _ => Deadline::Cluster,
+            10 => Deadline::Cluster,
+            _ => Deadline::UpgradeGiveUp,
         }
     }
 }
@@ -189,6 +193,11 @@ impl Deadlines {
         self.heap.retain(|Reverse(e)| is_live(e.deadline()));
     }
 
+    /// Every pending deadline and when it is due, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = (Deadline, u64)> + '_ {
+        self.heap.iter().map(|Reverse(e)| (e.deadline(), e.at_ms()))
+    }
+
     /// Frees the heap's spare room (after a burst has gone).
     pub fn shrink(&mut self) {
         self.heap.shrink_to_fit();
@@ -260,6 +269,7 @@ mod tests {
             Deadline::ShutdownGiveUp,
             Deadline::ScrapersResume,
             Deadline::Cluster,
+            Deadline::UpgradeGiveUp,
         ];
         let mut d = at(1000);
         for (i, &kind) in kinds.iter().enumerate() {

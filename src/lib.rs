@@ -59,6 +59,7 @@ pub mod protocol;
 pub mod registry;
 pub mod server;
 pub mod stats;
+pub mod upgrade;
 
 pub use config::Config;
 pub use control::{Control, Exit, Notifier};

@@ -381,15 +381,18 @@ fn raise_open_file_limit() {
 }
 
 /// Turns signals into requests on `control`: SIGINT and SIGTERM stop (a
-/// second one at once), SIGUSR1 logs the counters, SIGHUP is logged and
-/// ignored, so a daemon started from a terminal survives its closing.
+/// second one at once), SIGUSR1 logs the counters, SIGUSR2 upgrades in
+/// place (the binary now at this one's path takes over every connection),
+/// SIGHUP is logged and ignored, so a daemon started from a terminal
+/// survives its closing.
 fn handle_signals(control: &chatd::Control) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
     type Action = fn(&chatd::Control);
-    let actions: [(i32, Action); 4] = [
+    let actions: [(i32, Action); 5] = [
         (SIGINT, chatd::Control::stop),
         (SIGTERM, chatd::Control::stop),
         (SIGUSR1, chatd::Control::log_stats),
+        (SIGUSR2, chatd::Control::upgrade),
         (SIGHUP, chatd::Control::hang_up),
     ];
     for (signal, action) in actions {
@@ -407,7 +410,11 @@ fn handle_signals(control: &chatd::Control) -> std::io::Result<()> {
 
 /// Passes the server's state on to systemd when it listens (`Type=notify`
 /// sets `NOTIFY_SOCKET`): READY, a STATUS line every few seconds, STOPPING.
-struct Systemd;
+/// After a live upgrade it also says this process is the service's main
+/// one now (`MAINPID=`, which needs `NotifyAccess=all` in the unit).
+struct Systemd {
+    upgraded: bool,
+}
 
 impl Systemd {
     fn notify(states: &[sd_notify::NotifyState]) {
@@ -419,10 +426,15 @@ impl Systemd {
 
 impl chatd::Notifier for Systemd {
     fn ready(&mut self, status: &str) {
-        Systemd::notify(&[
+        let pid = sd_notify::NotifyState::MainPid(std::process::id());
+        let mut states = vec![
             sd_notify::NotifyState::Ready,
             sd_notify::NotifyState::Status(status),
-        ]);
+        ];
+        if self.upgraded {
+            states.insert(0, pid);
+        }
+        Systemd::notify(&states);
     }
 
     fn status_interval_ms(&self) -> Option<u64> {
@@ -467,31 +479,59 @@ fn main() -> ExitCode {
         log::error!("cannot handle signals: {e}");
         return ExitCode::FAILURE;
     }
-    let listener = match chatd::bind_with(settings.addr, settings.backlog, settings.reuse_port) {
-        Ok(listener) => listener,
-        Err(e) => {
-            log::error!("cannot listen on {}: {e}", settings.addr);
-            return ExitCode::FAILURE;
-        }
-    };
-    let metrics = match settings
-        .metrics_addr
-        .map(|addr| (addr, chatd::bind(addr, 128)))
-    {
+    // Started by a live upgrade: the listeners and connections come from
+    // the old process, which goes on serving if this one gives up here.
+    let inherited = match chatd::upgrade::Inherited::take() {
         None => None,
-        Some((_, Ok(listener))) => Some(listener),
-        Some((addr, Err(e))) => {
-            log::error!("cannot serve metrics on {addr}: {e}");
+        Some(Ok(inherited)) => Some(inherited),
+        Some(Err(why)) => {
+            log::error!("upgrade refused: {why}; the old process serves on");
             return ExitCode::FAILURE;
         }
     };
+    let take = |fd| std::net::TcpListener::from(chatd::upgrade::take_fd(fd));
+    let listener = match &inherited {
+        Some(inherited) => take(inherited.state.listener),
+        None => match chatd::bind_with(settings.addr, settings.backlog, settings.reuse_port) {
+            Ok(listener) => listener,
+            Err(e) => {
+                log::error!("cannot listen on {}: {e}", settings.addr);
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let metrics = match (&inherited, settings.metrics_addr) {
+        (Some(inherited), _) => inherited.state.metrics.map(take),
+        (None, None) => None,
+        (None, Some(addr)) => match chatd::bind(addr, 128) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                log::error!("cannot serve metrics on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let upgraded = inherited.is_some();
     let notifier: Option<Box<dyn chatd::Notifier>> = std::env::var_os("NOTIFY_SOCKET")
         .is_some()
-        .then(|| Box::new(Systemd) as Box<dyn chatd::Notifier>);
-    let extras = chatd::Extras { metrics, notifier };
+        .then(|| Box::new(Systemd { upgraded }) as Box<dyn chatd::Notifier>);
+    let successor = match chatd::upgrade::Successor::this_process() {
+        Ok(successor) => Some(successor),
+        Err(e) => {
+            log::warn!("live upgrades are off: cannot find this binary's path: {e}");
+            None
+        }
+    };
+    let extras = chatd::Extras {
+        metrics,
+        notifier,
+        successor,
+        inherited,
+    };
     match chatd::run_with(listener, settings.config, control, extras) {
         Ok(chatd::Exit::Graceful) => ExitCode::SUCCESS,
         Ok(chatd::Exit::Forced) => ExitCode::from(130),
+        Ok(chatd::Exit::Upgraded) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("fatal: {e}");
             ExitCode::FAILURE

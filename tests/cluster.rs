@@ -377,6 +377,45 @@ fn a_recipient_whose_node_is_not_listening_is_reported() {
     alice.expect("error: unavailable: bob");
 }
 
+/// A live upgrade of a node keeps its lease and its names: after it, the
+/// names are still taken elsewhere and messages flow both ways.
+#[test]
+fn a_node_upgraded_in_place_keeps_its_names() {
+    let redis = Redis::start();
+    let mut a = node(&redis.url(), "10", &[]);
+    let b = node(&redis.url(), "10", &[]);
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    let keys = redis.keys();
+    a.upgrade(1);
+    a.wait_log("cluster: node ");
+    let ready = poll_until(|| {
+        alice.send("bob: after upgrade\n");
+        bob.stream()
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0; 64];
+        let n = bob.stream().try_clone().unwrap().read(&mut buf).ok()?;
+        String::from_utf8_lossy(&buf[..n])
+            .contains("from alice: after upgrade")
+            .then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "routing from the upgraded node never worked"
+    );
+    bob.stream().set_read_timeout(Some(TIMEOUT)).unwrap();
+    bob.send("alice: back\n");
+    let mut line = String::new();
+    while line != "from bob: back\n" {
+        line = alice.line(); // skip the probes' own copies, if any
+    }
+    let mut taken = b.connect();
+    taken.send("alice\n");
+    taken.expect("error: name-taken: alice");
+    assert_eq!(redis.keys(), keys, "the same lease and names");
+}
+
 /// The stats line and the metrics carry the cluster's state, the lease's
 /// age and the cross-node counters.
 #[test]

@@ -135,6 +135,32 @@ impl Clients {
         }
     }
 
+    /// The listening socket, until shutdown begins.
+    pub fn listener(&self) -> Option<&TcpListener> {
+        self.listener.as_ref()
+    }
+
+    /// The id the next connection gets.
+    pub fn next_id(&self) -> u32 {
+        self.next_id
+    }
+
+    /// Sets the id the next connection gets (a live upgrade carries it on).
+    pub fn set_next_id(&mut self, id: u32) {
+        self.next_id = id;
+    }
+
+    /// Counts an adopted connection that was turned away with `server-full`.
+    pub(super) fn adopt_rejected(&mut self) {
+        self.rejecting += 1;
+    }
+
+    /// Registers the name of an adopted logged-in connection.
+    pub(super) fn adopt_name(&mut self, key: usize) -> bool {
+        let name = Rc::clone(&self.conns[key].name);
+        self.names.claim(&name, key)
+    }
+
     /// The connection at `key`. Panics if there is none: callers hold a key
     /// they got this turn.
     pub fn conn(&mut self, key: usize) -> &mut Conn {
@@ -639,13 +665,15 @@ pub(super) fn default_buffer_memory() -> usize {
 }
 
 /// Fits `wanted` clients into the current soft open-file limit, after the
-/// descriptors open now, a small reserve, and `extra` more (the metrics
+/// descriptors open now (less `clients_open`, client connections handed
+/// over by a live upgrade), a small reserve, and `extra` more (the metrics
 /// connections, when the endpoint is on). Raising the limit is the calling
 /// program's business (the `chatd` binary raises it to the hard limit).
-pub(super) fn fit_max_clients(wanted: Option<usize>, extra: usize) -> usize {
+pub(super) fn fit_max_clients(wanted: Option<usize>, extra: usize, clients_open: usize) -> usize {
     let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let open = std::fs::read_dir("/proc/self/fd").map_or(16, |dir| dir.count());
+    let open = open.saturating_sub(clients_open);
     let fit = limit.saturating_sub(open + REJECT_SLOTS + SPARE_FDS + extra);
     match wanted {
         Some(wanted) if wanted > fit => {

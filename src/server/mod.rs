@@ -33,9 +33,11 @@ use crate::control::{Control, Exit, Notifier, Requests, Silent};
 use crate::deadlines::{Deadline, Deadlines};
 use crate::metrics::{self, Gauges};
 use crate::protocol::ErrorKind;
+use crate::upgrade::{Inherited, Successor};
 
 mod broker;
 mod clients;
+mod handover;
 mod housekeeping;
 mod input;
 mod output;
@@ -43,6 +45,7 @@ mod scrapers;
 
 use broker::Broker;
 use clients::{Clients, Limits, default_buffer_memory, fit_max_clients};
+use handover::Upgrading;
 use housekeeping::Housekeeping;
 use input::{Drain, READ_CHUNK};
 use scrapers::Scrapers;
@@ -67,6 +70,8 @@ pub(crate) enum Source {
     Waker,
     /// Cluster mode: the link to Redis.
     Redis,
+    /// A live upgrade's readiness pipe.
+    Upgrade,
 }
 
 impl Source {
@@ -82,6 +87,7 @@ impl Source {
             Source::MetricsListener => 3,
             Source::Waker => 4,
             Source::Redis => 5,
+            Source::Upgrade => 6,
         })
     }
 
@@ -96,6 +102,7 @@ impl Source {
             3 => Source::MetricsListener,
             4 => Source::Waker,
             5 => Source::Redis,
+            6 => Source::Upgrade,
             _ => return None,
         })
     }
@@ -109,6 +116,13 @@ pub struct Extras {
     /// Told when the server is ready, its status, and when it stops; by
     /// default nobody is.
     pub notifier: Option<Box<dyn Notifier>>,
+    /// The binary and arguments a live upgrade starts (the `chatd` binary
+    /// passes its own); `None`: upgrade requests are refused.
+    pub successor: Option<Successor>,
+    /// What a live upgrade handed to this process: its connections are
+    /// adopted instead of starting empty, and the old process is told once
+    /// they are.
+    pub inherited: Option<Inherited>,
 }
 
 /// Serves `listener` until `control` stops it (see [`Exit`]). The listener
@@ -163,6 +177,16 @@ struct Server {
     /// Cluster mode: whether the farewell (names and lease dropped) is
     /// answered, or cannot be sent; shutdown waits for it.
     farewell_done: bool,
+    /// What a live upgrade starts.
+    successor: Option<Successor>,
+    /// A live upgrade under way (this process is the old one).
+    upgrade: Option<Upgrading>,
+    /// A live upgrade was asked for: it starts at the end of the turn.
+    upgrade_asked: bool,
+    /// The old process to tell, once this one serves what it handed over.
+    inherited: Option<Inherited>,
+    /// Adopted connections whose kept input holds whole lines to handle.
+    adopted_input: Vec<usize>,
     /// Descriptors open once the loop was set up (standard streams, the
     /// poller, the waker, the listeners), to which the metrics add the
     /// connections it holds instead of listing `/proc/self/fd`.
@@ -195,7 +219,8 @@ impl Server {
         } else {
             0
         };
-        let max_clients = fit_max_clients(config.max_clients, reserve);
+        let handed_over = extras.inherited.as_ref().map_or(0, |i| i.state.conns.len());
+        let max_clients = fit_max_clients(config.max_clients, reserve, handed_over);
         let max_buffer_memory = config
             .max_buffer_memory
             .unwrap_or_else(default_buffer_memory);
@@ -219,15 +244,35 @@ impl Server {
         };
         let mut deadlines = Deadlines::default();
         let mut clients = Clients::new(listener, limits, max_clients);
+        let inherited_node = extras.inherited.as_ref().and_then(|i| i.state.node.clone());
         let cluster = config.cluster.clone().map(|cluster| {
             clients.released = Some(Vec::new());
-            let node = crate::cluster::new_node_id();
+            // After a live upgrade, the same node: its lease and names stay.
+            let node = inherited_node.unwrap_or_else(crate::cluster::new_node_id);
             info!(
                 "cluster: node {node}, Redis at {}, prefix {:?}, lease {} ms",
                 cluster.redis, cluster.prefix, cluster.lease_ms
             );
             Cluster::new(cluster, node)
         });
+        let mut inherited = extras.inherited;
+        let mut adopted_input = Vec::new();
+        if let Some(inherited) = &mut inherited {
+            let state = &mut inherited.state;
+            clients.stats = crate::upgrade::stats_of(&state.counters);
+            clients.stats.connections = 0;
+            clients.set_next_id(state.next_id);
+            let registry = poll.registry();
+            let head_room = config.max_line + 1;
+            for conn in std::mem::take(&mut state.conns) {
+                let whole_lines = conn.input.len() > head_room || conn.input.contains(&b'\n');
+                if let Some(key) = clients.adopt(conn, registry, &mut deadlines) {
+                    if whole_lines {
+                        adopted_input.push(key);
+                    }
+                }
+            }
+        }
         let notifier = extras.notifier.unwrap_or_else(|| Box::new(Silent));
         let housekeeping =
             Housekeeping::start(millis(config.stats_interval), notifier, &mut deadlines);
@@ -244,6 +289,11 @@ impl Server {
             seen: Requests::default(),
             shutting_down: false,
             gave_up: false,
+            successor: extras.successor,
+            upgrade: None,
+            upgrade_asked: false,
+            inherited,
+            adopted_input,
             cluster,
             cluster_tick_at: u64::MAX,
             farewell_done: false,
@@ -254,11 +304,39 @@ impl Server {
     /// The loop. Returns when shutdown completes or is forced.
     fn run(mut self) -> io::Result<Exit> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        if let Some(inherited) = self.inherited.take() {
+            // Every socket is registered: the old process may go. Input is
+            // read only from now on, so nothing is lost if this process
+            // fails before this point.
+            let adopted = self.clients.len();
+            match inherited.signal_ready() {
+                Ok(()) => info!("upgrade: took over {adopted} connection(s)"),
+                Err(e) => warn!("upgrade: cannot tell the old process it may go: {e}"),
+            }
+            for key in std::mem::take(&mut self.adopted_input) {
+                if self.clients.get(key).is_some() {
+                    self.resume_input(key);
+                }
+            }
+        }
         // A request made before the loop attached its waker woke nobody.
         if let Some(exit) = self.on_requests() {
             return Ok(exit);
         }
         loop {
+            if self.upgrade.is_some() {
+                let wait = Duration::from_millis(50);
+                match self.poll.poll(&mut events, Some(wait)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+                self.deadlines.tick();
+                if let Some(exit) = self.upgrade_turn(&events) {
+                    return Ok(exit);
+                }
+                continue;
+            }
             self.schedule_cluster();
             if self.shutting_down
                 && ((self.clients.len() == 0 && self.farewell_done) || self.gave_up)
@@ -302,6 +380,7 @@ impl Server {
                         }
                     }
                     Source::Scraper(key) => self.on_scraper_event(key),
+                    Source::Upgrade => {} // only while upgrading (upgrade_turn)
                     Source::Redis => {
                         if let Some(cluster) = &mut self.cluster {
                             cluster.on_event(event, self.deadlines.now_ms());
@@ -320,6 +399,9 @@ impl Server {
             }
             self.housekeeping
                 .end_turn(&mut self.clients, &mut self.deadlines);
+            if std::mem::take(&mut self.upgrade_asked) {
+                self.begin_upgrade();
+            }
         }
     }
 
@@ -433,6 +515,7 @@ impl Server {
                 }
                 Deadline::Status => self.housekeeping.status(&self.clients, deadlines),
                 Deadline::ShutdownGiveUp => self.gave_up = true,
+                Deadline::UpgradeGiveUp => {} // an upgrade watches its own time
                 Deadline::Cluster => {
                     self.cluster_tick_at = u64::MAX;
                     if let Some(cluster) = &mut self.cluster {
@@ -448,12 +531,32 @@ impl Server {
     /// on a second stop request.
     fn on_requests(&mut self) -> Option<Exit> {
         let now = self.control.requests();
+        let upgrading = self.upgrade.is_some();
         let seen = std::mem::replace(&mut self.seen, now);
+        if upgrading {
+            // A stop waits until the upgrade has ended (if it succeeds,
+            // this process exits anyway).
+            self.seen.stops = seen.stops;
+        }
         for _ in seen.stats..now.stats {
             info!("stats: {}", self.counters());
         }
         if now.hangups > seen.hangups {
             info!("hang-up signal ignored (chatd keeps running; stop it with SIGTERM)");
+        }
+        if now.upgrades > seen.upgrades {
+            if upgrading {
+                info!("upgrade refused: one is under way");
+            } else if self.shutting_down {
+                info!("upgrade refused: shutting down");
+            } else if self.successor.is_none() {
+                info!("upgrade refused: no binary to start (an embedded server)");
+            } else {
+                self.upgrade_asked = true;
+            }
+        }
+        if upgrading {
+            return None;
         }
         if now.stops > seen.stops {
             if now.stops >= 2 {
@@ -463,6 +566,7 @@ impl Server {
                 );
                 return Some(Exit::Forced);
             }
+            self.upgrade_asked = false;
             info!(
                 "shutdown requested: closing {} connection(s)",
                 self.clients.len()
@@ -706,6 +810,7 @@ mod tests {
             Source::MetricsListener,
             Source::Waker,
             Source::Redis,
+            Source::Upgrade,
         ];
         let mut tokens = std::collections::HashSet::new();
         for source in sources {

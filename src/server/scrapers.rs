@@ -141,6 +141,11 @@ impl Scrapers {
         }
     }
 
+    /// The metrics listener.
+    pub fn listener(&self) -> &TcpListener {
+        &self.listener
+    }
+
     /// Open scraper connections.
     pub fn len(&self) -> usize {
         self.conns.len()

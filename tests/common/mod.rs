@@ -22,8 +22,12 @@ pub struct Server {
     child: Child,
     /// The address it logged as bound.
     pub addr: SocketAddr,
-    /// Everything it wrote to stderr so far.
+    /// Everything it wrote to stderr so far (a process that took over by
+    /// a live upgrade writes to the same pipe).
     log: Arc<Mutex<String>>,
+    /// The process serving now, after live upgrades (not our child: it is
+    /// killed by pid when the test ends).
+    upgraded: Option<u32>,
 }
 
 impl Server {
@@ -38,14 +42,23 @@ impl Server {
         if !cmd.get_envs().any(|(key, _)| key == "RUST_LOG") {
             cmd.env_remove("RUST_LOG"); // the test's own, unless set on purpose
         }
-        let mut child = cmd
-            .args(["--addr", "127.0.0.1:0"])
+        cmd.args(["--addr", "127.0.0.1:0"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn chatd");
+            .stderr(Stdio::piped());
+        // A binary just copied by another test thread can be "busy" for a
+        // moment (a fork elsewhere briefly holds the copy's write end).
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(26) && tries < 50 => {
+                    tries += 1;
+                    thread::sleep(Duration::from_millis(10));
+                }
+                other => break other.expect("spawn chatd"),
+            }
+        };
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("stderr");
         let sink = Arc::clone(&log);
@@ -61,6 +74,7 @@ impl Server {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log,
+            upgraded: None,
         };
         let line = server.wait_log("listening on ");
         let addr = line
@@ -113,7 +127,39 @@ impl Server {
 
     /// The child's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.upgraded.unwrap_or_else(|| self.child.id())
+    }
+
+    /// Sends SIGUSR2 and waits for the `n`-th `upgrade complete` line
+    /// (counting from the start); from then on the new process is the one
+    /// this value speaks for. Returns its pid.
+    pub fn upgrade(&mut self, n: usize) -> u32 {
+        self.signal("USR2");
+        let line = self.wait_log_count("upgrade complete: pid ", n);
+        let pid: u32 = line
+            .split("upgrade complete: pid ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|pid| pid.parse().ok())
+            .expect("a pid after 'upgrade complete: pid'");
+        let old = self.pid();
+        // The old process exits: wait until it is gone (or reaped).
+        let gone = poll_until(|| {
+            if old == self.child.id() {
+                self.child.try_wait().ok().flatten().map(|_| ())
+            } else {
+                // Gone, or a zombie waiting for init to reap it.
+                let stat = std::fs::read_to_string(format!("/proc/{old}/stat")).unwrap_or_default();
+                let state = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next());
+                matches!(state, None | Some("Z")).then_some(())
+            }
+        });
+        assert!(gone.is_some(), "the old process {old} did not exit");
+        self.upgraded = Some(pid);
+        pid
     }
 
     /// Sends a signal (`TERM`, `INT`, `USR1`) to the server.
@@ -226,6 +272,11 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(pid) = self.upgraded {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
     }
 }
 

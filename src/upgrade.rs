@@ -1,0 +1,512 @@
+//! Live upgrade: handing every established connection, with its state, to
+//! a new chatd binary (SIGUSR2, `systemctl reload`).
+//!
+//! The running chatd (the old process) stops serving, writes its [`State`]
+//! (the listeners, every connection's descriptor number, name, phase,
+//! unterminated input, queued output and deadlines, the counters, the
+//! cluster node id) to a memfd, clears close-on-exec on the descriptors it
+//! hands over, and starts the binary now at its path with the same
+//! arguments and two variables: `CHATD_UPGRADE_STATE` (the memfd) and
+//! `CHATD_UPGRADE_READY` (the write end of a pipe). The new process checks
+//! the state's version (an incompatible state is refused, not guessed),
+//! registers everything with its own poller, writes `ready` to the pipe and
+//! serves. The old process then exits without closing or shutting down any
+//! socket: the new one holds them. If the new process fails (cannot start,
+//! refuses the state, exits, or is not ready in time), the old one reads
+//! EOF or times out, and goes on serving as if nothing happened.
+//!
+//! This module is the format and the descriptor plumbing; the reactor does
+//! the rest (`server/mod.rs`).
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::{Child, Command};
+
+use crate::stats::Stats;
+
+/// The first line of every state, with its version: a new binary that
+/// does not know the version refuses the state.
+const MAGIC: &[u8] = b"chatd-state 1\n";
+/// The variable naming the state's descriptor.
+pub const STATE_VAR: &str = "CHATD_UPGRADE_STATE";
+/// The variable naming the readiness pipe's descriptor.
+pub const READY_VAR: &str = "CHATD_UPGRADE_READY";
+
+/// One connection as the old process hands it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnState {
+    /// Its descriptor number (inherited as is).
+    pub fd: RawFd,
+    /// `Conn::id`.
+    pub id: u32,
+    /// `Phase` as a number: 0 login, 1 chat, 2 draining, 3 closing.
+    pub phase: u8,
+    /// Its name (empty before login).
+    pub name: String,
+    /// Time since its last input, in ms.
+    pub silent_ms: u32,
+    /// Time left of its login or close deadline, in ms, if it has one.
+    pub deadline_ms: Option<u64>,
+    /// Its sending side is shut down (a lingering close).
+    pub write_shut: bool,
+    /// EOF was read.
+    pub input_done: bool,
+    /// It was turned away with `server-full`.
+    pub rejected: bool,
+    /// Bytes discarded while lingering.
+    pub discarded: u32,
+    /// Its unterminated input (or, claiming in a cluster, all it sent
+    /// after its name: then the name line is put back in front).
+    pub input: Vec<u8>,
+    /// Output queued and not yet written.
+    pub output: Vec<u8>,
+}
+
+/// Everything the old process hands over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct State {
+    /// The chat listener's descriptor.
+    pub listener: RawFd,
+    /// The metrics listener's descriptor, if any.
+    pub metrics: Option<RawFd>,
+    /// The counters.
+    pub counters: Vec<u64>,
+    /// The id the next connection gets.
+    pub next_id: u32,
+    /// The cluster node id, in cluster mode (the new process keeps the
+    /// lease and the names).
+    pub node: Option<String>,
+    /// Every connection.
+    pub conns: Vec<ConnState>,
+}
+
+impl State {
+    /// The state as bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        put_i64(&mut out, i64::from(self.listener));
+        put_i64(&mut out, self.metrics.map_or(-1, i64::from));
+        put_u64(&mut out, self.counters.len() as u64);
+        for &c in &self.counters {
+            put_u64(&mut out, c);
+        }
+        put_u64(&mut out, u64::from(self.next_id));
+        put_bytes(&mut out, self.node.as_deref().unwrap_or("").as_bytes());
+        put_u64(&mut out, self.conns.len() as u64);
+        for c in &self.conns {
+            put_i64(&mut out, i64::from(c.fd));
+            put_u64(&mut out, u64::from(c.id));
+            out.push(c.phase);
+            put_bytes(&mut out, c.name.as_bytes());
+            put_u64(&mut out, u64::from(c.silent_ms));
+            put_i64(&mut out, c.deadline_ms.map_or(-1, |ms| ms as i64));
+            out.push(
+                u8::from(c.write_shut) | u8::from(c.input_done) << 1 | u8::from(c.rejected) << 2,
+            );
+            put_u64(&mut out, u64::from(c.discarded));
+            put_bytes(&mut out, &c.input);
+            put_bytes(&mut out, &c.output);
+        }
+        out
+    }
+
+    /// Reads a state; an unknown version or malformed bytes are refused.
+    pub fn decode(bytes: &[u8]) -> Result<State, String> {
+        let rest = bytes.strip_prefix(MAGIC).ok_or_else(|| {
+            let first = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+            format!(
+                "unknown state format {:?} (this binary reads {:?})",
+                String::from_utf8_lossy(first),
+                String::from_utf8_lossy(&MAGIC[..MAGIC.len() - 1])
+            )
+        })?;
+        let mut r = Reader(rest);
+        let listener = r.fd()?.ok_or("no listener")?;
+        let metrics = r.fd()?;
+        let counters = (0..r.count()?).map(|_| r.u64()).collect::<Result<_, _>>()?;
+        let next_id = r.u32()?;
+        let node = String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad node id")?;
+        let node = (!node.is_empty()).then_some(node);
+        let mut conns = Vec::new();
+        for _ in 0..r.count()? {
+            let fd = r.fd()?.ok_or("no descriptor")?;
+            let id = r.u32()?;
+            let phase = r.byte()?;
+            let name = String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad name")?;
+            let silent_ms = r.u32()?;
+            let deadline = r.i64()?;
+            let flags = r.byte()?;
+            let discarded = r.u32()?;
+            let input = r.bytes()?.to_vec();
+            let output = r.bytes()?.to_vec();
+            if phase > 3 {
+                return Err(format!("bad phase {phase}"));
+            }
+            conns.push(ConnState {
+                fd,
+                id,
+                phase,
+                name,
+                silent_ms,
+                deadline_ms: u64::try_from(deadline).ok(),
+                write_shut: flags & 1 != 0,
+                input_done: flags & 2 != 0,
+                rejected: flags & 4 != 0,
+                discarded,
+                input,
+                output,
+            });
+        }
+        if !r.0.is_empty() {
+            return Err("trailing bytes".into());
+        }
+        Ok(State {
+            listener,
+            metrics,
+            counters,
+            next_id,
+            node,
+            conns,
+        })
+    }
+}
+
+fn put_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(&n.to_le_bytes());
+}
+
+fn put_i64(out: &mut Vec<u8>, n: i64) {
+    out.extend_from_slice(&n.to_le_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_u64(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// A cursor over the state's bytes.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        if self.0.len() < n {
+            return Err("truncated state".into());
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        let bytes = self.take(8)?;
+        Ok(u64::from_le_bytes(bytes.try_into().unwrap_or_default()))
+    }
+
+    fn i64(&mut self) -> Result<i64, String> {
+        Ok(self.u64()? as i64)
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        u32::try_from(self.u64()?).map_err(|_| "number out of range".into())
+    }
+
+    fn count(&mut self) -> Result<usize, String> {
+        let n = self.u64()?;
+        // A count can never exceed the bytes left (each item takes some).
+        if n > self.0.len() as u64 {
+            return Err("count past the end".into());
+        }
+        Ok(n as usize)
+    }
+
+    fn byte(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn fd(&mut self) -> Result<Option<RawFd>, String> {
+        match self.i64()? {
+            -1 => Ok(None),
+            n => RawFd::try_from(n)
+                .map(Some)
+                .map_err(|_| "bad descriptor".into()),
+        }
+    }
+
+    fn bytes(&mut self) -> Result<&[u8], String> {
+        let n = self.count()?;
+        self.take(n)
+    }
+}
+
+/// What a process needs to start its successor: the binary's path as it
+/// was at start (the file now at that path is what runs next) and the
+/// arguments.
+#[derive(Debug, Clone)]
+pub struct Successor {
+    /// The binary's path.
+    pub exe: PathBuf,
+    /// The arguments, without the program name.
+    pub args: Vec<OsString>,
+}
+
+impl Successor {
+    /// This process's own binary and arguments.
+    pub fn this_process() -> io::Result<Successor> {
+        Ok(Successor {
+            exe: std::env::current_exe()?,
+            args: std::env::args_os().skip(1).collect(),
+        })
+    }
+}
+
+/// An upgrade under way, from the old process's side.
+#[derive(Debug)]
+pub struct Handoff {
+    /// The new process.
+    pub child: Child,
+    /// The read end of the readiness pipe (non-blocking).
+    pub ready: File,
+}
+
+/// Starts `successor` with `state` and the descriptors `fds` inherited.
+pub fn hand_over(
+    successor: &Successor,
+    state: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<Handoff> {
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let memfd = memfd_create(c"chatd-state", MFdFlags::MFD_CLOEXEC)?;
+    let mut file = File::from(memfd);
+    file.write_all(state)?;
+    file.rewind()?;
+    let (ready_read, ready_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let passed: Vec<BorrowedFd<'_>> = fds
+        .iter()
+        .copied()
+        .chain([file.as_fd(), ready_write.as_fd()])
+        .collect();
+    set_inherited(&passed, true)?;
+    let mut command = Command::new(&successor.exe);
+    command
+        .args(&successor.args)
+        .env(STATE_VAR, file.as_raw_fd().to_string())
+        .env(READY_VAR, ready_write.as_raw_fd().to_string());
+    // A binary written a moment ago can be busy (ETXTBSY) while a process
+    // that forked meanwhile still holds its write end: try a few times.
+    let mut spawned = command.spawn();
+    for _ in 0..5 {
+        match &spawned {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                spawned = command.spawn();
+            }
+            _ => break,
+        }
+    }
+    // Whatever happened, this process's descriptors close on exec again.
+    set_inherited(&passed, false)?;
+    let child = spawned?;
+    drop(ready_write); // the child's copy is the only writer now
+    let ready = File::from(ready_read);
+    nix::fcntl::fcntl(
+        ready.as_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )?;
+    Ok(Handoff { child, ready })
+}
+
+/// Clears (or sets again) close-on-exec on `fds`.
+fn set_inherited(fds: &[BorrowedFd<'_>], inherited: bool) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    let flags = if inherited {
+        FdFlag::empty()
+    } else {
+        FdFlag::FD_CLOEXEC
+    };
+    for &fd in fds {
+        fcntl(fd, FcntlArg::F_SETFD(flags))?;
+    }
+    Ok(())
+}
+
+/// What a new process inherited from the old one.
+#[derive(Debug)]
+pub struct Inherited {
+    /// The state.
+    pub state: State,
+    /// Where to say `ready`.
+    ready: File,
+}
+
+impl Inherited {
+    /// The state and pipe this process inherited, if it was started by an
+    /// upgrade (`Some(Err)`: it was, but the state cannot be used; the old
+    /// process goes on serving when this one exits).
+    pub fn take() -> Option<Result<Inherited, String>> {
+        let state_fd = std::env::var(STATE_VAR).ok()?;
+        let ready_fd = std::env::var(READY_VAR).ok();
+        // SAFETY (both): not changed while other threads read the
+        // environment: this runs at start, before any thread.
+        unsafe_env_remove(STATE_VAR);
+        unsafe_env_remove(READY_VAR);
+        Some((|| {
+            let parse = |v: &str| {
+                v.parse::<RawFd>()
+                    .map_err(|_| format!("bad descriptor {v:?}"))
+            };
+            let mut state_file = File::from(take_fd(parse(&state_fd)?));
+            let ready = File::from(take_fd(parse(ready_fd.as_deref().unwrap_or(""))?));
+            let mut bytes = Vec::new();
+            state_file
+                .read_to_end(&mut bytes)
+                .map_err(|e| format!("cannot read the state: {e}"))?;
+            let state = State::decode(&bytes)?;
+            Ok(Inherited { state, ready })
+        })())
+    }
+
+    /// Tells the old process this one serves now.
+    pub fn signal_ready(mut self) -> io::Result<()> {
+        self.ready.write_all(b"ready\n")
+    }
+}
+
+/// Takes ownership of a descriptor inherited from the old process.
+pub fn take_fd(fd: RawFd) -> OwnedFd {
+    #[allow(unsafe_code)]
+    // SAFETY: `fd` was listed in the state by the old process, which
+    // cleared close-on-exec on it for this process to inherit; nothing in
+    // this process opened or owns it, and each number is taken once.
+    unsafe {
+        OwnedFd::from_raw_fd(fd)
+    }
+}
+
+fn unsafe_env_remove(var: &str) {
+    #[allow(unsafe_code)]
+    // SAFETY: called at start, before the process has other threads.
+    unsafe {
+        std::env::remove_var(var);
+    }
+}
+
+/// The counters of [`Stats`] as a list, in a fixed order, and back: what
+/// the state carries (a new binary with new counters takes what it knows).
+pub fn counters_of(stats: &Stats) -> Vec<u64> {
+    let mut list = vec![
+        stats.connections,
+        stats.peak_connections,
+        stats.accepted,
+        stats.rejected,
+        stats.logins,
+        stats.messages_in,
+        stats.deliveries,
+        stats.bytes_in,
+        stats.bytes_out,
+        stats.slow_consumers,
+        stats.memory_evictions,
+    ];
+    list.extend_from_slice(&stats.errors);
+    list
+}
+
+/// See [`counters_of`].
+pub fn stats_of(counters: &[u64]) -> Stats {
+    let mut stats = Stats::default();
+    let mut it = counters.iter().copied();
+    let mut next = || it.next().unwrap_or(0);
+    stats.connections = next();
+    stats.peak_connections = next();
+    stats.accepted = next();
+    stats.rejected = next();
+    stats.logins = next();
+    stats.messages_in = next();
+    stats.deliveries = next();
+    stats.bytes_in = next();
+    stats.bytes_out = next();
+    stats.slow_consumers = next();
+    stats.memory_evictions = next();
+    for slot in stats.errors.iter_mut() {
+        *slot = next();
+    }
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> State {
+        State {
+            listener: 3,
+            metrics: Some(4),
+            counters: vec![1, 2, u64::MAX],
+            next_id: 77,
+            node: Some("abcdef0123456789".into()),
+            conns: vec![
+                ConnState {
+                    fd: 9,
+                    id: 5,
+                    phase: 1,
+                    name: "alice".into(),
+                    silent_ms: 1234,
+                    deadline_ms: None,
+                    write_shut: false,
+                    input_done: false,
+                    rejected: false,
+                    discarded: 0,
+                    input: b"bob: hal".to_vec(),
+                    output: b"from carol: hi\n".to_vec(),
+                },
+                ConnState {
+                    fd: 10,
+                    id: 6,
+                    phase: 3,
+                    name: String::new(),
+                    silent_ms: 0,
+                    deadline_ms: Some(800),
+                    write_shut: true,
+                    input_done: true,
+                    rejected: true,
+                    discarded: 12,
+                    input: Vec::new(),
+                    output: b"error: server-full\n".to_vec(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let state = sample();
+        assert_eq!(State::decode(&state.encode()), Ok(state));
+        let empty = State::default();
+        assert_eq!(State::decode(&empty.encode()), Ok(empty));
+    }
+
+    #[test]
+    fn refuses_other_versions_and_damage() {
+        let bytes = sample().encode();
+        let mut other = bytes.clone();
+        other[12] = b'2'; // "chatd-state 2"
+        assert!(
+            State::decode(&other)
+                .unwrap_err()
+                .contains("unknown state format")
+        );
+        for cut in [0, 20, bytes.len() / 2, bytes.len() - 1] {
+            assert!(State::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(State::decode(&longer).is_err());
+        let mut huge = MAGIC.to_vec();
+        huge.extend_from_slice(&3i64.to_le_bytes());
+        huge.extend_from_slice(&(-1i64).to_le_bytes());
+        huge.extend_from_slice(&u64::MAX.to_le_bytes()); // a count past the end
+        assert!(State::decode(&huge).is_err());
+    }
+}
