@@ -16,7 +16,12 @@
 //!   `input.rs` and its write path in `output.rs`; `broker.rs` is what a
 //!   line means (login, routing, `error:` lines); `housekeeping.rs` keeps
 //!   memory and stale deadlines bounded and reports stats and status;
-//!   `scrapers.rs` serves the metrics endpoint's connections.
+//!   `scrapers.rs` serves the metrics endpoint's connections;
+//!   `handover.rs` is a live upgrade's side of the loop.
+//! - [`cluster`]: cluster mode: the link to Redis (one more source in the
+//!   loop), the lease and fencing; `codec.rs` adapts the RESP3 crate,
+//!   `scripts.rs` holds the Lua scripts. `docs/CLUSTER.md` is the design.
+//! - [`upgrade`]: a live upgrade's state format and descriptor plumbing.
 //! - [`control`]: steering a running server from outside its loop: the
 //!   [`Control`] stop handle, the [`Notifier`] it reports to, [`Exit`].
 //! - [`conn`]: one connection: its socket, buffers, phase and flags, and
