@@ -889,7 +889,7 @@ impl Cluster {
         self.answers.push(Answer::Deliver { names, line });
     }
 
-    /// Writes what is queued for Redis; past [`MAX_OUT`] Redis counts as
+    /// Writes what is queued for Redis; past `MAX_OUT` Redis counts as
     /// unreachable.
     pub fn flush(&mut self, now_ms: u64) {
         if self.out.len() - self.out_pos > MAX_OUT {

@@ -1,7 +1,7 @@
 //! The reactor: one `mio::Poll` loop that owns every connection.
 //!
 //! One loop turn: wait for events (at most until the next deadline),
-//! dispatch each by its [`Source`] (accept, read and route, where routing
+//! dispatch each by its `Source` (accept, read and route, where routing
 //! only appends to outbound buffers; scrapers; requests from the
 //! [`Control`]), serve connections that had input left over from the last
 //! turn, fire due deadlines, write every connection on the pending-write
