@@ -76,6 +76,10 @@ pub struct State {
     pub counters: Vec<u64>,
     /// The id the next connection gets.
     pub next_id: u32,
+    /// Descriptors the old process held that were not clients: the new one
+    /// holds as many, and need not list `/proc/self/fd` (milliseconds at
+    /// ten thousand connections) while nothing is served.
+    pub base_fds: u64,
     /// The cluster node id, in cluster mode (the new process keeps the
     /// lease and the names).
     pub node: Option<String>,
@@ -94,6 +98,7 @@ impl State {
             put_u64(&mut out, c);
         }
         put_u64(&mut out, u64::from(self.next_id));
+        put_u64(&mut out, self.base_fds);
         put_bytes(&mut out, self.node.as_deref().unwrap_or("").as_bytes());
         put_u64(&mut out, self.conns.len() as u64);
         for c in &self.conns {
@@ -128,6 +133,7 @@ impl State {
         let metrics = r.fd()?;
         let counters = (0..r.count()?).map(|_| r.u64()).collect::<Result<_, _>>()?;
         let next_id = r.u32()?;
+        let base_fds = r.u64()?;
         let node = String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad node id")?;
         let node = (!node.is_empty()).then_some(node);
         let mut conns = Vec::new();
@@ -168,6 +174,7 @@ impl State {
             metrics,
             counters,
             next_id,
+            base_fds,
             node,
             conns,
         })
@@ -306,9 +313,14 @@ pub fn hand_over(
             _ => break,
         }
     }
-    // Whatever happened, this process's descriptors close on exec again.
-    set_inherited(&passed, false)?;
-    let child = spawned?;
+    let Ok(child) = spawned else {
+        set_inherited(&passed, false)?;
+        return Err(spawned.unwrap_err());
+    };
+    // On success the old process keeps its descriptors inheritable: it
+    // exits soon, and setting close-on-exec again would cost a system call
+    // per connection while nothing is served. If the upgrade fails, the
+    // caller sets it again (`keep_private`).
     drop(ready_write); // the child's copy is the only writer now
     let ready = File::from(ready_read);
     nix::fcntl::fcntl(
@@ -316,6 +328,12 @@ pub fn hand_over(
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
     )?;
     Ok(Handoff { child, ready })
+}
+
+/// Sets close-on-exec again on descriptors handed to a new process that
+/// failed, so that no later child inherits them.
+pub fn keep_private(fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    set_inherited(fds, false)
 }
 
 /// Clears (or sets again) close-on-exec on `fds`.
@@ -445,6 +463,7 @@ mod tests {
             metrics: Some(4),
             counters: vec![1, 2, u64::MAX],
             next_id: 77,
+            base_fds: 8,
             node: Some("abcdef0123456789".into()),
             conns: vec![
                 ConnState {

@@ -665,15 +665,12 @@ pub(super) fn default_buffer_memory() -> usize {
 }
 
 /// Fits `wanted` clients into the current soft open-file limit, after the
-/// descriptors open now (less `clients_open`, client connections handed
-/// over by a live upgrade), a small reserve, and `extra` more (the metrics
-/// connections, when the endpoint is on). Raising the limit is the calling
+/// `open` descriptors that are not clients, a small reserve, and `extra`
+/// more (the metrics connections, when the endpoint is on). Raising the limit is the calling
 /// program's business (the `chatd` binary raises it to the hard limit).
-pub(super) fn fit_max_clients(wanted: Option<usize>, extra: usize, clients_open: usize) -> usize {
+pub(super) fn fit_max_clients(wanted: Option<usize>, extra: usize, open: usize) -> usize {
     let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let open = std::fs::read_dir("/proc/self/fd").map_or(16, |dir| dir.count());
-    let open = open.saturating_sub(clients_open);
     let fit = limit.saturating_sub(open + REJECT_SLOTS + SPARE_FDS + extra);
     match wanted {
         Some(wanted) if wanted > fit => {

@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::rc::Rc;
 use std::time::Instant;
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use mio::Interest;
 use mio::net::TcpStream;
 
@@ -49,6 +49,7 @@ impl Server {
         let started = Instant::now();
         let state = self.snapshot();
         let bytes = state.encode();
+        let snapshot_time = started.elapsed();
         let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(self.clients.len() + 2);
         if let Some(listener) = self.clients.listener() {
             fds.push(listener.as_fd());
@@ -87,6 +88,10 @@ impl Server {
             state.conns.len(),
             bytes.len(),
             handoff.child.id()
+        );
+        debug!(
+            "upgrade: state written in {snapshot_time:?}, new process started after {:?}",
+            started.elapsed()
         );
         self.deadlines
             .set(READY_TIMEOUT_MS, Deadline::UpgradeGiveUp);
@@ -178,6 +183,22 @@ impl Server {
             "upgrade failed: {why}{status}; this process serves on after a pause of {:?}",
             upgrading.started.elapsed()
         );
+        let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(self.clients.len() + 2);
+        if let Some(listener) = self.clients.listener() {
+            fds.push(listener.as_fd());
+        }
+        if let Some(scrapers) = &self.scrapers {
+            fds.push(scrapers.listener().as_fd());
+        }
+        fds.extend(
+            self.clients
+                .conns
+                .iter()
+                .map(|(_, conn)| conn.stream.as_fd()),
+        );
+        if let Err(e) = upgrade::keep_private(&fds) {
+            warn!("upgrade: cannot set close-on-exec again: {e}");
+        }
         let keys: Vec<usize> = self.clients.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
             let conn = self.clients.conn(key);
@@ -228,6 +249,7 @@ impl Server {
                 .map(|s| raw(Some(s.listener().as_fd()))),
             counters: upgrade::counters_of(&self.clients.stats),
             next_id: self.clients.next_id(),
+            base_fds: self.base_fds as u64,
             node: self.cluster.as_ref().map(|c| c.node().to_string()),
             conns,
         }

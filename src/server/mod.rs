@@ -22,7 +22,7 @@ use std::fmt;
 use std::io;
 use std::time::Duration;
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 
@@ -219,8 +219,14 @@ impl Server {
         } else {
             0
         };
-        let handed_over = extras.inherited.as_ref().map_or(0, |i| i.state.conns.len());
-        let max_clients = fit_max_clients(config.max_clients, reserve, handed_over);
+        // Descriptors that are not clients (standard streams, the poller,
+        // the waker, the listeners), listed once: at ten thousand inherited
+        // connections the listing costs milliseconds.
+        let base_fds = match &extras.inherited {
+            Some(inherited) => inherited.state.base_fds as usize,
+            None => std::fs::read_dir("/proc/self/fd").map_or(16, |dir| dir.count()),
+        };
+        let max_clients = fit_max_clients(config.max_clients, reserve, base_fds);
         let max_buffer_memory = config
             .max_buffer_memory
             .unwrap_or_else(default_buffer_memory);
@@ -258,6 +264,7 @@ impl Server {
         let mut inherited = extras.inherited;
         let mut adopted_input = Vec::new();
         if let Some(inherited) = &mut inherited {
+            let adopting = std::time::Instant::now();
             let state = &mut inherited.state;
             clients.stats = crate::upgrade::stats_of(&state.counters);
             clients.stats.connections = 0;
@@ -272,6 +279,11 @@ impl Server {
                     }
                 }
             }
+            debug!(
+                "upgrade: {} connection(s) adopted in {:?}",
+                clients.len(),
+                adopting.elapsed()
+            );
         }
         let notifier = extras.notifier.unwrap_or_else(|| Box::new(Silent));
         let housekeeping =
@@ -297,7 +309,7 @@ impl Server {
             cluster,
             cluster_tick_at: u64::MAX,
             farewell_done: false,
-            base_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count()),
+            base_fds,
         })
     }
 
