@@ -14,7 +14,6 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::time::Instant;
 
 /// What a deadline is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,12 +122,17 @@ impl Entry {
 
 /// The pending deadlines and the time of the current loop turn, in
 /// milliseconds since the loop started.
+///
+/// The clock is `CLOCK_BOOTTIME`: monotonic, and it goes on while the
+/// machine is suspended (`CLOCK_MONOTONIC`, behind `Instant`, stops). A
+/// cluster node's lease runs on in Redis while this machine sleeps, so the
+/// node must see that time pass to fence in time.
 #[derive(Debug)]
 pub struct Deadlines {
     /// Min-heap by time.
     heap: BinaryHeap<Reverse<Entry>>,
-    /// When the loop started: time zero.
-    started: Instant,
+    /// When the loop started, on the clock: time zero.
+    started_ms: u64,
     /// The time of the current turn.
     now_ms: u64,
 }
@@ -137,16 +141,24 @@ impl Default for Deadlines {
     fn default() -> Deadlines {
         Deadlines {
             heap: BinaryHeap::new(),
-            started: Instant::now(),
+            started_ms: boot_ms(),
             now_ms: 0,
         }
     }
 }
 
+/// `CLOCK_BOOTTIME` in milliseconds.
+fn boot_ms() -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
+        (t.tv_sec() as u64).saturating_mul(1000) + t.tv_nsec() as u64 / 1_000_000
+    })
+}
+
 impl Deadlines {
     /// Reads the clock: the time of the turn that begins.
     pub fn tick(&mut self) {
-        self.now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.now_ms = boot_ms().saturating_sub(self.started_ms);
     }
 
     /// The time of the current turn, in ms since the loop started.

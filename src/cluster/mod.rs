@@ -49,8 +49,20 @@ const MAX_PENDING: usize = 100_000;
 /// unreachable (it does not read fast enough).
 const MAX_OUT: usize = 32 << 20;
 /// Bytes read from Redis per turn at most, so a flood of pushes cannot
-/// starve the clients.
+/// starve the clients (the rest is read next turn).
 const READ_BUDGET: usize = 1 << 20;
+/// Recipient names in routed messages awaiting Redis at most: past it, new
+/// messages to other nodes get `unavailable` at once instead of making the
+/// lease's renewal wait behind them.
+const MAX_INFLIGHT_NAMES: usize = 100_000;
+/// Answers one connection may wait for at once: past it, its input is not
+/// read until they are in (a client cannot queue without bound behind a
+/// slow Redis).
+const MAX_WAITING_PER_CONN: u32 = 256;
+/// Names whose state in Redis is uncertain (released or claimed while the
+/// link was down) that are remembered one by one; past it, the node drops
+/// all its names and claims again those it holds.
+const MAX_UNCERTAIN: usize = 100_000;
 
 /// `--cluster`, `--cluster-prefix`, `--cluster-lease`.
 #[derive(Debug, Clone)]
@@ -115,6 +127,10 @@ enum Pending {
     Acquire { sent_ms: u64 },
     /// A command whose answer only has to be an error or not.
     Plain,
+    /// A release of `name` (its outcome is uncertain if the link breaks).
+    Release { name: String },
+    /// `CONFIG GET maxmemory-policy`.
+    Policy,
     /// A claim of `name` for the connection `slot`; `again` when the node
     /// claims a name it held before its lease was lost.
     Claim {
@@ -197,6 +213,13 @@ pub enum Answer {
     /// The lease was lost and taken anew: every name still held here must
     /// be claimed again (`Cluster::claim` with `again`).
     ClaimAgain,
+    /// Back after an outage: these names were claimed or released while
+    /// the outcome could not be known. Each held here is claimed again
+    /// (`again`), each not held here is released.
+    Reconcile(Vec<String>),
+    /// The connection `slot` waits for no more answers: its input, held
+    /// back meanwhile, can be read again.
+    Resume { slot: Slot },
     /// The farewell (shutdown) was answered.
     FarewellDone,
 }
@@ -255,6 +278,21 @@ pub struct Cluster {
     was_ready: bool,
     /// What the link learned, drained by the reactor.
     answers: Vec<Answer>,
+    /// Recipient names in routes awaiting Redis.
+    inflight_names: usize,
+    /// Connections whose input is held back until their answers are in.
+    throttled: HashMap<u32, Slot>,
+    /// Names whose state in Redis is uncertain (see [`Answer::Reconcile`]).
+    uncertain: std::collections::HashSet<String>,
+    /// Whether `uncertain` overflowed: all names are dropped and claimed
+    /// again instead.
+    uncertain_overflow: bool,
+    /// Whether the read budget left bytes from Redis unread.
+    read_pending: bool,
+    /// Whether the failure to reach Redis was logged (once per outage).
+    down_logged: bool,
+    /// Whether the node is leaving (shutdown): no more renewals.
+    leaving: bool,
     /// The counters.
     pub stats: ClusterStats,
 }
@@ -280,6 +318,13 @@ impl Cluster {
             backoff_ms: FIRST_BACKOFF_MS,
             was_ready: false,
             answers: Vec::new(),
+            inflight_names: 0,
+            throttled: Default::default(),
+            uncertain: Default::default(),
+            uncertain_overflow: false,
+            read_pending: false,
+            down_logged: false,
+            leaving: false,
             stats: ClusterStats::default(),
         }
     }
@@ -384,7 +429,7 @@ impl Cluster {
                 return;
             }
         }
-        if self.state == State::Ready && now_ms >= self.renew_at {
+        if self.state == State::Ready && now_ms >= self.renew_at && !self.leaving {
             self.renew(now_ms);
         }
     }
@@ -410,10 +455,7 @@ impl Cluster {
     }
 
     fn fail_connect(&mut self, now_ms: u64, why: &str) {
-        debug!(
-            "cluster: cannot connect to Redis at {}: {why}",
-            self.config.redis
-        );
+        self.log_down(why);
         self.state = State::Down {
             retry_at: now_ms + self.backoff_ms,
         };
@@ -437,6 +479,9 @@ impl Cluster {
                 Pending::Load(which),
             );
         }
+        // A policy that evicts keys with a time to live could evict leases
+        // (and free names too early): warned about, not refused.
+        self.command(&[b"CONFIG", b"GET", b"maxmemory-policy"], Pending::Policy);
         let client_name = format!("chatd-{}", self.node);
         self.command(
             &[b"CLIENT", b"SETNAME", client_name.as_bytes()],
@@ -497,7 +542,14 @@ impl Cluster {
     /// Claims `name` for the connection `slot`. Without a ready link the
     /// claim fails at once (as an answer, in order).
     pub fn claim(&mut self, slot: Slot, name: Rc<str>, again: bool, now_ms: u64) {
-        if !self.is_ready() {
+        // Claims again (after a lost lease or an outage) are bounded by the
+        // names held here, and must not fail for want of room.
+        let ready = if again {
+            self.state == State::Ready
+        } else {
+            self.is_ready()
+        };
+        if !ready {
             self.answers.push(Answer::Claimed {
                 slot,
                 name,
@@ -525,6 +577,7 @@ impl Cluster {
     /// when this node's lease expires.
     pub fn release(&mut self, name: &str) {
         if self.state != State::Ready {
+            self.uncertain_name(name);
             return;
         }
         let prefix = self.config.prefix.clone();
@@ -532,17 +585,29 @@ impl Cluster {
         self.script(
             Script::Release,
             &[prefix.as_bytes(), node.as_bytes(), name.as_bytes()],
-            Pending::Plain,
+            Pending::Release {
+                name: name.to_string(),
+            },
         );
+    }
+
+    /// Remembers that `name`'s state in Redis is uncertain.
+    fn uncertain_name(&mut self, name: &str) {
+        if self.uncertain.len() < MAX_UNCERTAIN {
+            self.uncertain.insert(name.to_string());
+        } else {
+            self.uncertain_overflow = true;
+        }
     }
 
     /// Routes `line` (a formatted delivery) from `slot` to `names`, none of
     /// them held here. Returns false (and sends nothing) when Redis cannot
     /// be asked now: the caller reports the names as `unavailable`.
     pub fn route(&mut self, slot: Slot, names: Vec<String>, line: &[u8], now_ms: u64) -> bool {
-        if !self.is_ready() {
+        if !self.is_ready() || self.inflight_names + names.len() > MAX_INFLIGHT_NAMES {
             return false;
         }
+        self.inflight_names += names.len();
         let prefix = self.config.prefix.clone();
         let node = self.node.clone();
         let mut args: Vec<&[u8]> = vec![prefix.as_bytes(), node.as_bytes(), line];
@@ -567,6 +632,27 @@ impl Cluster {
         self.waiting.get(&slot.key).is_some_and(|&n| n > 0)
     }
 
+    /// Whether the connection `slot` waits for so many answers (or Redis
+    /// for so many commands) that its input must not be read until they
+    /// are in. Then the reactor holds its input back and calls
+    /// [`Cluster::throttle`]; an [`Answer::Resume`] follows.
+    pub fn is_backlogged(&self, slot: Slot) -> bool {
+        let waiting = self.waiting.get(&slot.key).copied().unwrap_or(0);
+        waiting >= MAX_WAITING_PER_CONN || (waiting > 0 && self.pending.len() >= MAX_PENDING)
+    }
+
+    /// Whether the input of `slot` is held back (see
+    /// [`Cluster::is_backlogged`]).
+    pub fn is_throttled(&self, slot: Slot) -> bool {
+        self.throttled.get(&slot.key) == Some(&slot)
+    }
+
+    /// Notes that the input of `slot` is held back (see
+    /// [`Cluster::is_backlogged`]).
+    pub fn throttle(&mut self, slot: Slot) {
+        self.throttled.insert(slot.key, slot);
+    }
+
     /// Holds `line` (an `error:` line for `slot`) until the answers before
     /// it are in.
     pub fn defer(&mut self, slot: Slot, line: Vec<u8>) {
@@ -578,6 +664,7 @@ impl Cluster {
     /// Shutdown: drops every name of this node and its lease. Returns
     /// whether a farewell was sent (its answer is `Answer::FarewellDone`).
     pub fn farewell(&mut self) -> bool {
+        self.leaving = true;
         if self.state != State::Ready {
             return false;
         }
@@ -643,6 +730,7 @@ impl Cluster {
 
     /// Reads and handles what Redis sent, up to the read budget.
     fn read(&mut self, now_ms: u64) {
+        self.read_pending = false;
         let mut buf = [0; 64 * 1024];
         let mut budget = READ_BUDGET;
         loop {
@@ -662,7 +750,9 @@ impl Cluster {
                     }
                     budget = budget.saturating_sub(n);
                     if budget == 0 {
-                        return; // the rest next turn (it stays readable)
+                        // The rest next turn: no new edge will say so.
+                        self.read_pending = true;
+                        return;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -729,11 +819,17 @@ impl Cluster {
 
     /// Counts an entry out of `waiting`.
     fn unwait(&mut self, entry: &Pending) {
+        if let Pending::Route { names, .. } = entry {
+            self.inflight_names -= names.len();
+        }
         if let Some(slot) = entry.slot() {
             if let Some(n) = self.waiting.get_mut(&slot.key) {
                 *n -= 1;
                 if *n == 0 {
                     self.waiting.remove(&slot.key);
+                    if let Some(slot) = self.throttled.remove(&slot.key) {
+                        self.answers.push(Answer::Resume { slot });
+                    }
                 }
             }
         }
@@ -753,21 +849,44 @@ impl Cluster {
 
     fn on_answer(&mut self, entry: Pending, reply: Reply, now_ms: u64) -> Result<(), String> {
         if let Reply::Error(e) = &reply {
-            return match entry {
-                // A script cache flushed under us, or a Redis that refuses:
-                // start over rather than guess.
-                Pending::Claim { .. }
-                | Pending::Route { .. }
-                | Pending::Load(_)
-                | Pending::Hello => Err(format!("Redis refused a command: {e}")),
-                _ => {
-                    warn!("cluster: Redis answered an error: {e}");
-                    Ok(())
+            // A script cache flushed under us (NOSCRIPT), a read-only or
+            // busy Redis: the entry fails like any other in flight, and
+            // the link starts over rather than guess what Redis did.
+            match entry {
+                Pending::Claim {
+                    slot, name, again, ..
+                } => self.answers.push(Answer::Claimed {
+                    slot,
+                    name,
+                    again,
+                    outcome: Claimed::Unavailable,
+                }),
+                Pending::Route { slot, names, .. } => {
+                    self.answers.push(Answer::Unroutable { slot, names });
                 }
-            };
+                Pending::Release { name } => self.uncertain_name(&name),
+                Pending::Policy => return Ok(()), // CONFIG may be disabled
+                Pending::Farewell => self.answers.push(Answer::FarewellDone),
+                _ => {}
+            }
+            return Err(format!("Redis refused a command: {e}"));
         }
         match entry {
-            Pending::Hello | Pending::Plain => {}
+            Pending::Hello | Pending::Plain | Pending::Release { .. } => {}
+            Pending::Policy => {
+                if let Reply::Array(pair) = &reply {
+                    if let Some(Reply::Bulk(policy)) = pair.get(1) {
+                        let policy = String::from_utf8_lossy(policy);
+                        if policy != "noeviction" {
+                            warn!(
+                                "cluster: Redis evicts keys (maxmemory-policy {policy}): it could \
+                                 evict a lease and free names early; set maxmemory-policy \
+                                 noeviction"
+                            );
+                        }
+                    }
+                }
+            }
             Pending::Load(script) => match reply {
                 Reply::Bulk(sha) => self.shas[script as usize] = sha,
                 Reply::Status(sha) => self.shas[script as usize] = sha.into_bytes(),
@@ -775,12 +894,17 @@ impl Cluster {
             },
             Pending::Renew { sent_ms } => {
                 self.stats.rtt_us = now_ms.saturating_sub(sent_ms) * 1000;
-                if reply == Reply::Nil {
+                if self.leaving {
+                    // Shutting down: the farewell drops the lease.
+                } else if reply == Reply::Nil {
                     // The lease is gone: Redis lost its data, or it expired.
                     self.take_new_lease(now_ms);
                 } else {
                     self.lease_until = Some(sent_ms + self.config.lease_ms);
-                    self.become_ready();
+                    if self.state != State::Ready {
+                        self.become_ready();
+                        self.reconcile();
+                    }
                 }
             }
             Pending::Acquire { sent_ms } => {
@@ -789,6 +913,10 @@ impl Cluster {
                 }
                 self.lease_until = Some(sent_ms + self.config.lease_ms);
                 self.become_ready();
+                // DropNames went before: every name held here is claimed
+                // again, and nothing else is uncertain any more.
+                self.uncertain.clear();
+                self.uncertain_overflow = false;
                 self.answers.push(Answer::ClaimAgain);
             }
             Pending::Claim {
@@ -805,6 +933,12 @@ impl Cluster {
                     again,
                     outcome,
                 });
+            }
+            Pending::Route { slot, names, .. } if reply == Reply::Int(-1) => {
+                // This node's lease is gone from Redis (it lost its data):
+                // nothing routed as its clients until the lease is back.
+                self.answers.push(Answer::Unroutable { slot, names });
+                self.take_new_lease(now_ms);
             }
             Pending::Route { slot, .. } => {
                 let names = |reply: Option<Reply>| -> Vec<String> {
@@ -858,6 +992,51 @@ impl Cluster {
             &[b"SET", key.as_bytes(), b"1", b"PX", ms.as_bytes(), b"NX"],
             Pending::Acquire { sent_ms: now_ms },
         );
+        let nodes = format!("{}:nodes", self.config.prefix);
+        let node = self.node.clone();
+        self.command(
+            &[b"SADD", nodes.as_bytes(), node.as_bytes()],
+            Pending::Plain,
+        );
+    }
+
+    /// Back after an outage with the lease intact: the names whose state
+    /// is uncertain are settled (claimed again if held here, released if
+    /// not); had too many piled up, every name is dropped and claimed again.
+    fn reconcile(&mut self) {
+        if self.uncertain_overflow {
+            self.uncertain_overflow = false;
+            self.uncertain.clear();
+            let prefix = self.config.prefix.clone();
+            let node = self.node.clone();
+            self.script(
+                Script::DropNames,
+                &[prefix.as_bytes(), node.as_bytes()],
+                Pending::Plain,
+            );
+            self.answers.push(Answer::ClaimAgain);
+        } else if !self.uncertain.is_empty() {
+            let names = self.uncertain.drain().collect();
+            self.answers.push(Answer::Reconcile(names));
+        }
+    }
+
+    /// Whether bytes from Redis wait that the read budget left unread.
+    pub fn has_unread(&self) -> bool {
+        self.read_pending
+    }
+
+    /// Logs once per outage why Redis cannot be reached.
+    fn log_down(&mut self, why: &str) {
+        if !self.down_logged {
+            self.down_logged = true;
+            warn!(
+                "cluster: cannot reach Redis at {}: {why}; retrying with back-off",
+                self.config.redis
+            );
+        } else {
+            debug!("cluster: Redis at {}: {why}", self.config.redis);
+        }
     }
 
     fn become_ready(&mut self) {
@@ -872,6 +1051,7 @@ impl Cluster {
             }
             self.state = State::Ready;
             self.was_ready = true;
+            self.down_logged = false;
             self.backoff_ms = FIRST_BACKOFF_MS;
         }
     }
@@ -930,8 +1110,14 @@ impl Cluster {
                 "cluster: lost Redis at {} ({why}); logins get `error: unavailable` until it is back",
                 self.config.redis
             );
+            self.down_logged = true;
         } else {
-            debug!("cluster: Redis at {}: {why}", self.config.redis);
+            self.log_down(why);
+        }
+        self.read_pending = false;
+        self.inflight_names = 0;
+        for (_, slot) in std::mem::take(&mut self.throttled) {
+            self.answers.push(Answer::Resume { slot });
         }
         if self.stream.take().is_some() && self.was_ready {
             self.stats.reconnects += 1;
@@ -944,12 +1130,17 @@ impl Cluster {
             match entry {
                 Pending::Claim {
                     slot, name, again, ..
-                } => self.answers.push(Answer::Claimed {
-                    slot,
-                    name,
-                    again,
-                    outcome: Claimed::Unavailable,
-                }),
+                } => {
+                    // It may have run in Redis before the link broke.
+                    self.uncertain_name(&name);
+                    self.answers.push(Answer::Claimed {
+                        slot,
+                        name,
+                        again,
+                        outcome: Claimed::Unavailable,
+                    });
+                }
+                Pending::Release { name } => self.uncertain_name(&name),
                 Pending::Route { slot, names, .. } => {
                     self.answers.push(Answer::Unroutable { slot, names });
                 }

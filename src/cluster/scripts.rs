@@ -47,9 +47,11 @@ return 1
 /// (`<names>` being those it holds, comma-separated), and returns two lists
 /// in the order given: the names nobody holds, and the names whose node
 /// is not subscribed to its channel right now (its link to Redis is down:
-/// the message could not be handed to it).
+/// the message could not be handed to it). -1 when `node`'s own lease is
+/// gone: a node without a lease routes nothing as its clients.
 pub const ROUTE: &str = r"
 local prefix, payload = ARGV[1], ARGV[3]
+if redis.call('EXISTS', prefix .. ':lease:' .. ARGV[2]) == 0 then return -1 end
 local holder, by_node, order = {}, {}, {}
 for i = 4, #ARGV do
   local name = ARGV[i]

@@ -92,8 +92,20 @@ impl Broker {
                 continue;
             };
             let recipient = clients.conn(to);
+            if recipient.phase() == Phase::Claiming && recipient.route_mark != seq {
+                if let Some(link) = cluster.as_deref_mut() {
+                    // Claiming here: delivered once its claim is answered,
+                    // before anything sent to it after.
+                    recipient.route_mark = seq;
+                    link.defer(clients.slot(to), line.clone());
+                    clients.stats.deliveries += 1;
+                    continue;
+                }
+            }
             if recipient.phase() != Phase::Chat {
-                elsewhere.add(name); // claiming here: Redis knows when it holds
+                if recipient.route_mark != seq {
+                    elsewhere.add(name);
+                }
                 continue;
             }
             if recipient.route_mark == seq {

@@ -55,6 +55,11 @@ impl Server {
     /// Input is (or may be) waiting: lines are read while the connection
     /// reads lines, dropped while it closes, and ignored after its EOF.
     pub(super) fn on_readable(&mut self, key: usize, drain: Drain) {
+        if let Some(cluster) = &self.cluster {
+            if cluster.is_throttled(self.clients.slot(key)) {
+                return; // read again when its answers are in
+            }
+        }
         match self.clients.conn(key).phase() {
             Phase::Login | Phase::Chat => self.read_lines(key, drain),
             Phase::Claiming => {} // its input waits for the claim's answer
@@ -67,8 +72,17 @@ impl Server {
     /// EOF, an error, or the per-turn budget (then the connection goes on
     /// the come-back list).
     fn read_lines(&mut self, key: usize, drain: Drain) {
-        let mut scratch = std::mem::take(&mut self.scratch);
         let head = self.clients.limits.max_line + 2;
+        let kept = self
+            .clients
+            .conn(key)
+            .partial
+            .as_ref()
+            .map_or(0, |p| p.len());
+        if kept > head {
+            return; // input held back while waiting: handled on resume
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
         let mut budget = READ_CHUNK;
         loop {
             let conn = self.clients.conn(key);
@@ -151,13 +165,28 @@ impl Server {
             cluster,
             ..
         } = self;
+        let mut backlogged = false;
         let split = protocol::split_lines(data, max, |line| {
             broker.handle_line(clients, deadlines, cluster.as_mut(), key, line);
-            clients.conn(key).reads_lines()
+            let conn = clients.conn(key);
+            if !conn.reads_lines() {
+                return false;
+            }
+            // In a cluster, a client that waits for too many answers from
+            // Redis is not read further until they are in.
+            if let Some(link) = cluster.as_mut() {
+                let slot = clients.slot(key);
+                if link.is_backlogged(slot) {
+                    link.throttle(slot);
+                    backlogged = true;
+                    return false;
+                }
+            }
+            true
         });
         match split {
             Split::Tail(tail) => Lines::Tail(tail),
-            Split::Stopped(rest) if clients.conn(key).phase() == Phase::Claiming => {
+            Split::Stopped(rest) if clients.conn(key).phase() == Phase::Claiming || backlogged => {
                 Lines::Paused(rest)
             }
             Split::Stopped(_) => Lines::Closed,
@@ -175,12 +204,19 @@ impl Server {
         let kept = self
             .clients
             .with_buffers(key, |conn, _| conn.partial.take());
+        let mut paused = false;
         if let Some(mut kept) = kept {
             let data = std::mem::take(&mut kept.data);
             match self.handle_lines(key, &data[kept.pos..]) {
-                Lines::Tail(tail) | Lines::Paused(tail) => {
+                Lines::Tail(tail) => {
                     self.clients
                         .with_buffers(key, |conn, pool| keep(conn, pool, tail));
+                }
+                Lines::Paused(rest) => {
+                    // Held back again: the rest waits for the next resume.
+                    paused = true;
+                    self.clients
+                        .with_buffers(key, |conn, pool| keep(conn, pool, rest));
                 }
                 Lines::Closed => {
                     if !self.clients.conn(key).is_dead() {
@@ -194,7 +230,7 @@ impl Server {
             self.clients.pool.give(&mut Some(kept));
         }
         let conn = self.clients.conn(key);
-        if conn.reads_lines() && conn.defer_input() {
+        if !paused && conn.reads_lines() && conn.defer_input() {
             self.clients.more_input.push(key);
         }
     }

@@ -20,6 +20,7 @@
 
 use std::fmt;
 use std::io;
+use std::rc::Rc;
 use std::time::Duration;
 
 use log::{debug, info, warn};
@@ -401,6 +402,11 @@ impl Server {
                 }
             }
             self.serve_more_input(carried);
+            if let Some(cluster) = &mut self.cluster {
+                if cluster.has_unread() {
+                    cluster.read_more(self.deadlines.now_ms());
+                }
+            }
             self.fire_deadlines();
             self.apply_cluster_answers();
             let registry = self.poll.registry();
@@ -419,7 +425,8 @@ impl Server {
 
     /// Zero while input is left over; else until the earliest deadline.
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.clients.more_input.is_empty() {
+        let redis_unread = self.cluster.as_ref().is_some_and(Cluster::has_unread);
+        if !self.clients.more_input.is_empty() || redis_unread {
             return Some(Duration::ZERO);
         }
         let now = self.deadlines.now_ms();
@@ -641,11 +648,6 @@ impl Server {
             self.clients
                 .error(key, ErrorKind::Unavailable, args, &mut self.deadlines);
         }
-        // Their names are not released in Redis: the lease is gone or
-        // going, and a new lease starts with none.
-        if let Some(released) = &mut self.clients.released {
-            released.clear();
-        }
     }
 
     /// Applies what the cluster link learned, in order.
@@ -675,16 +677,20 @@ impl Server {
                     return; // gone: its leaving already queued a release
                 };
                 let claiming = clients.conn(key).phase() == Phase::Claiming;
+                // A claim again is for a client logged in here: it loses
+                // the name if another node took it, and is closed if its
+                // claim cannot be confirmed (it could not be unique).
+                let holder = again && clients.conn(key).phase() == Phase::Chat;
                 match (again, outcome) {
                     (false, Claimed::Held) if claiming => {
                         clients.finish_login(key, deadlines);
                         self.resume_input(key);
                     }
-                    (_, Claimed::Taken) if claiming || again => {
+                    (_, Claimed::Taken) if claiming || holder => {
                         let args = format_args!("{name}");
                         clients.error(key, ErrorKind::NameTaken, args, deadlines);
                     }
-                    (false, Claimed::Unavailable) if claiming => {
+                    (_, Claimed::Unavailable) if claiming || holder => {
                         clients.error(key, ErrorKind::Unavailable, format_args!(""), deadlines);
                     }
                     _ => {}
@@ -737,6 +743,28 @@ impl Server {
                 let now = deadlines.now_ms();
                 for (name, key) in clients.logged_in_names() {
                     cluster.claim(clients.slot(key), name, true, now);
+                }
+            }
+            Answer::Reconcile(names) => {
+                let Some(cluster) = &mut self.cluster else {
+                    return;
+                };
+                let now = deadlines.now_ms();
+                for name in names {
+                    let held = clients
+                        .lookup(&name)
+                        .filter(|&key| clients.conn(key).phase() == Phase::Chat);
+                    match held {
+                        Some(key) => cluster.claim(clients.slot(key), Rc::from(name), true, now),
+                        None => cluster.release(&name),
+                    }
+                }
+            }
+            Answer::Resume { slot } => {
+                if let Some(key) = clients.find(slot) {
+                    if clients.conn(key).reads_lines() {
+                        self.resume_input(key);
+                    }
                 }
             }
             Answer::FarewellDone => self.farewell_done = true,
