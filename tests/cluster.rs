@@ -140,13 +140,7 @@ fn names_of_a_killed_node_free_within_a_lease() {
     let mut taken = b.connect();
     taken.send("alice\n");
     taken.expect("error: name-taken: alice"); // its lease still runs
-    let free = poll_until(|| {
-        let mut c = b.connect();
-        c.send("alice\nalice: mine\n");
-        let mut buf = [0; 64];
-        let n = c.stream().try_clone().unwrap().read(&mut buf).ok()?;
-        (&buf[..n] == b"from alice: mine\n").then_some(())
-    });
+    let free = poll_until(|| logs_in(&b, "alice"));
     assert!(free.is_some(), "alice never became free");
     assert!(
         killed.elapsed() < Duration::from_secs(4),
@@ -190,13 +184,7 @@ fn redis_down_then_back_empty() {
     redis.restart();
     // The lease was 2 s: the nodes fence unless Redis is back in time.
     // Either way, after it is back, logins and routing work again.
-    let back = poll_until(|| {
-        let mut c = b.connect();
-        c.send("erin\nerin: ok\n");
-        let mut buf = [0; 64];
-        let n = c.stream().try_clone().unwrap().read(&mut buf).ok()?;
-        (&buf[..n] == b"from erin: ok\n").then_some(())
-    });
+    let back = poll_until(|| logs_in(&b, "erin"));
     assert!(back.is_some(), "logins never came back");
     let _ = (&mut alice, &mut bob);
     let health = poll_until(|| {
@@ -482,13 +470,7 @@ fn a_name_released_while_the_link_is_down_is_freed_after() {
     redis.cli(&["CLIENT", "KILL", "ID", &id]);
     drop(alice); // released while the link is down
     a.wait_log("cluster: lost Redis");
-    let free = poll_until(|| {
-        let mut c = b.connect();
-        c.send("alice\nalice: mine\n");
-        let mut buf = [0; 64];
-        let n = c.stream().try_clone().unwrap().read(&mut buf).ok()?;
-        (&buf[..n] == b"from alice: mine\n").then_some(())
-    });
+    let free = poll_until(|| logs_in(&b, "alice"));
     assert!(
         free.is_some(),
         "alice stayed held by a node that has no alice"
@@ -506,13 +488,7 @@ fn an_error_reply_fails_the_claim_at_once() {
     let mut bob = a.connect();
     bob.send("bob\n");
     bob.expect("error: unavailable");
-    let back = poll_until(|| {
-        let mut c = a.connect();
-        c.send("carol\ncarol: in\n");
-        let mut buf = [0; 64];
-        let n = c.stream().try_clone().unwrap().read(&mut buf).ok()?;
-        (&buf[..n] == b"from carol: in\n").then_some(())
-    });
+    let back = poll_until(|| logs_in(&a, "carol"));
     assert!(back.is_some(), "logins never worked again");
 }
 
@@ -544,6 +520,17 @@ fn a_client_waiting_for_redis_is_not_read_without_bound() {
     assert!(rss < 30 * 1024, "node RSS {rss} kB while a client waits");
     drop(proxy);
     drop(writer);
+}
+
+/// Whether `name` can log in on `server` now: it logs in, sends itself a
+/// line and gets it back (`Some`), or is refused (`None`). The connection
+/// closes after.
+fn logs_in(server: &Server, name: &str) -> Option<()> {
+    let mut c = server.connect();
+    c.send(&format!("{name}\n{name}: probe\n"));
+    let mut buf = [0; 64];
+    let n = c.stream().try_clone().unwrap().read(&mut buf).ok()?;
+    (buf[..n] == *format!("from {name}: probe\n").as_bytes()).then_some(())
 }
 
 /// One GET to the metrics endpoint at `addr`: the whole response.

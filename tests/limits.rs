@@ -283,18 +283,8 @@ fn max_clients_is_fitted_to_the_open_file_limit() {
 fn descriptor_exhaustion_pauses_accepting_without_spinning() {
     let mut server = Server::start(&[]);
     let mut alice = server.login("alice");
-    let pid = server.pid().to_string();
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    let set_soft_limit = |soft: usize| {
-        let status = Command::new("prlimit")
-            .args(["--pid", &pid, &format!("--nofile={soft}:20000")])
-            .status()
-            .expect("run prlimit");
-        assert!(status.success());
-    };
-    set_soft_limit(open);
+    let open = server.open_fds();
+    server.set_nofile_soft(open);
     let waiting: Vec<_> = (0..5).map(|_| server.connect()).collect();
     server.wait_log("pausing accepts");
     let cpu_before = server.cpu_time();
@@ -305,7 +295,7 @@ fn descriptor_exhaustion_pauses_accepting_without_spinning() {
         "server used {cpu:?} of CPU in 500 ms: spinning"
     );
     alice.sync("alice"); // still serving the connections it has
-    set_soft_limit(20000);
+    server.set_nofile_soft(20000);
     for (i, mut client) in waiting.into_iter().enumerate() {
         let name = format!("w{i}");
         client.send(&format!("{name}\n"));

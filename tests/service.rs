@@ -148,18 +148,8 @@ fn half_closed_scraper_gets_its_response() {
 #[test]
 fn scrapers_waiting_out_descriptor_exhaustion_are_answered() {
     let (mut server, addr) = with_metrics_and(&["--log-level", "debug"]);
-    let pid = server.pid().to_string();
-    let set_soft_limit = |soft: usize| {
-        let status = Command::new("prlimit")
-            .args(["--pid", &pid, &format!("--nofile={soft}:20000")])
-            .status()
-            .expect("run prlimit");
-        assert!(status.success());
-    };
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    set_soft_limit(open);
+    let open = server.open_fds();
+    server.set_nofile_soft(open);
     let waiting: Vec<TcpStream> = (0..3)
         .map(|_| {
             let mut stream = TcpStream::connect(addr).unwrap();
@@ -169,7 +159,7 @@ fn scrapers_waiting_out_descriptor_exhaustion_are_answered() {
         })
         .collect();
     server.wait_log("metrics accept: ");
-    set_soft_limit(20000);
+    server.set_nofile_soft(20000);
     for mut stream in waiting {
         let mut response = String::new();
         stream.read_to_string(&mut response).unwrap();

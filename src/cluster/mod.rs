@@ -523,20 +523,44 @@ impl Cluster {
 
     /// Appends a command and its entry.
     fn command(&mut self, args: &[&[u8]], pending: Pending) {
+        encode_command(&mut self.out, args);
+        self.expect(pending);
+    }
+
+    /// Records what the command just appended is for.
+    fn expect(&mut self, pending: Pending) {
         if let Some(slot) = pending.slot() {
             *self.waiting.entry(slot.key).or_default() += 1;
         }
-        encode_command(&mut self.out, args);
         self.pending.push_back(pending);
     }
 
     /// Appends an `EVALSHA` of a loaded script with `args` after the
     /// prefix-free arguments the script takes.
     fn script(&mut self, script: Script, args: &[&[u8]], pending: Pending) {
-        let sha = self.shas[script as usize].clone();
-        let mut all: Vec<&[u8]> = vec![b"EVALSHA", &sha, b"0"];
-        all.extend_from_slice(args);
-        self.command(&all, pending);
+        self.encode_script(script, &[], args);
+        self.expect(pending);
+    }
+
+    /// Appends an `EVALSHA` of `script` whose arguments are the prefix,
+    /// this node's id and `extra`.
+    fn node_script(&mut self, script: Script, extra: &[&[u8]], pending: Pending) {
+        let prefix = self.config.prefix.clone();
+        let node = self.node.clone();
+        self.encode_script(script, &[prefix.as_bytes(), node.as_bytes()], extra);
+        self.expect(pending);
+    }
+
+    /// Appends `EVALSHA <sha> 0 <first...> <rest...>` (the caller records
+    /// what it is for with [`Cluster::expect`]).
+    fn encode_script(&mut self, script: Script, first: &[&[u8]], rest: &[&[u8]]) {
+        let sha = std::mem::take(&mut self.shas[script as usize]);
+        let mut all: Vec<&[u8]> = Vec::with_capacity(3 + first.len() + rest.len());
+        all.extend_from_slice(&[b"EVALSHA", &sha, b"0"]);
+        all.extend_from_slice(first);
+        all.extend_from_slice(rest);
+        encode_command(&mut self.out, &all);
+        self.shas[script as usize] = sha;
     }
 
     /// Claims `name` for the connection `slot`. Without a ready link the
@@ -558,11 +582,9 @@ impl Cluster {
             });
             return;
         }
-        let prefix = self.config.prefix.clone();
-        let node = self.node.clone();
-        self.script(
+        self.node_script(
             Script::Claim,
-            &[prefix.as_bytes(), node.as_bytes(), name.as_bytes()],
+            &[name.as_bytes()],
             Pending::Claim {
                 slot,
                 name: Rc::clone(&name),
@@ -573,18 +595,16 @@ impl Cluster {
     }
 
     /// Frees `name` in Redis. Without a link nothing is sent: the name is
-    /// dropped with the others when a new lease is taken, or frees itself
-    /// when this node's lease expires.
+    /// remembered as uncertain and settled when the link is back (see
+    /// [`Answer::Reconcile`]).
     pub fn release(&mut self, name: &str) {
         if self.state != State::Ready {
             self.uncertain_name(name);
             return;
         }
-        let prefix = self.config.prefix.clone();
-        let node = self.node.clone();
-        self.script(
+        self.node_script(
             Script::Release,
-            &[prefix.as_bytes(), node.as_bytes(), name.as_bytes()],
+            &[name.as_bytes()],
             Pending::Release {
                 name: name.to_string(),
             },
@@ -608,16 +628,14 @@ impl Cluster {
             return false;
         }
         self.inflight_names += names.len();
-        let prefix = self.config.prefix.clone();
-        let node = self.node.clone();
-        let mut args: Vec<&[u8]> = vec![prefix.as_bytes(), node.as_bytes(), line];
-        args.extend(names.iter().map(|n| n.as_bytes()));
-        let sha = self.shas[Script::Route as usize].clone();
-        let mut all: Vec<&[u8]> = vec![b"EVALSHA", &sha, b"0"];
-        all.extend_from_slice(&args);
-        *self.waiting.entry(slot.key).or_default() += 1;
+        // Encoded in place (the names move into the entry after).
+        let sha = &self.shas[Script::Route as usize];
+        let mut all: Vec<&[u8]> = Vec::with_capacity(6 + names.len());
+        all.extend_from_slice(&[b"EVALSHA", sha, b"0"]);
+        all.extend_from_slice(&[self.config.prefix.as_bytes(), self.node.as_bytes(), line]);
+        all.extend(names.iter().map(|n| n.as_bytes()));
         encode_command(&mut self.out, &all);
-        self.pending.push_back(Pending::Route {
+        self.expect(Pending::Route {
             slot,
             names,
             sent_ms: now_ms,
@@ -668,15 +686,10 @@ impl Cluster {
         if self.state != State::Ready {
             return false;
         }
-        let prefix = self.config.prefix.clone();
-        let node = self.node.clone();
-        self.script(
-            Script::DropNames,
-            &[prefix.as_bytes(), node.as_bytes()],
-            Pending::Plain,
-        );
+        self.node_script(Script::DropNames, &[], Pending::Plain);
         let lease = self.lease_key();
         let nodes = format!("{}:nodes", self.config.prefix);
+        let node = self.node.clone();
         self.command(
             &[b"SREM", nodes.as_bytes(), node.as_bytes()],
             Pending::Plain,
@@ -979,13 +992,7 @@ impl Cluster {
             warn!("cluster: the lease is gone from Redis (restarted or flushed): taking a new one");
             self.stats.leases_lost += 1;
         }
-        let prefix = self.config.prefix.clone();
-        let node = self.node.clone();
-        self.script(
-            Script::DropNames,
-            &[prefix.as_bytes(), node.as_bytes()],
-            Pending::Plain,
-        );
+        self.node_script(Script::DropNames, &[], Pending::Plain);
         let key = self.lease_key();
         let ms = self.config.lease_ms.to_string();
         self.command(
@@ -1007,13 +1014,7 @@ impl Cluster {
         if self.uncertain_overflow {
             self.uncertain_overflow = false;
             self.uncertain.clear();
-            let prefix = self.config.prefix.clone();
-            let node = self.node.clone();
-            self.script(
-                Script::DropNames,
-                &[prefix.as_bytes(), node.as_bytes()],
-                Pending::Plain,
-            );
+            self.node_script(Script::DropNames, &[], Pending::Plain);
             self.answers.push(Answer::ClaimAgain);
         } else if !self.uncertain.is_empty() {
             let names = self.uncertain.drain().collect();

@@ -50,20 +50,7 @@ impl Server {
         let state = self.snapshot();
         let bytes = state.encode();
         let snapshot_time = started.elapsed();
-        let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(self.clients.len() + 2);
-        if let Some(listener) = self.clients.listener() {
-            fds.push(listener.as_fd());
-        }
-        if let Some(scrapers) = &self.scrapers {
-            fds.push(scrapers.listener().as_fd());
-        }
-        fds.extend(
-            self.clients
-                .conns
-                .iter()
-                .map(|(_, conn)| conn.stream.as_fd()),
-        );
-        let handoff = match upgrade::hand_over(successor, &bytes, &fds) {
+        let handoff = match upgrade::hand_over(successor, &bytes, &self.handed_fds()) {
             Ok(handoff) => handoff,
             Err(e) => {
                 warn!(
@@ -183,20 +170,7 @@ impl Server {
             "upgrade failed: {why}{status}; this process serves on after a pause of {:?}",
             upgrading.started.elapsed()
         );
-        let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(self.clients.len() + 2);
-        if let Some(listener) = self.clients.listener() {
-            fds.push(listener.as_fd());
-        }
-        if let Some(scrapers) = &self.scrapers {
-            fds.push(scrapers.listener().as_fd());
-        }
-        fds.extend(
-            self.clients
-                .conns
-                .iter()
-                .map(|(_, conn)| conn.stream.as_fd()),
-        );
-        if let Err(e) = upgrade::keep_private(&fds) {
+        if let Err(e) = upgrade::keep_private(&self.handed_fds()) {
             warn!("upgrade: cannot set close-on-exec again: {e}");
         }
         let keys: Vec<usize> = self.clients.conns.iter().map(|(key, _)| key).collect();
@@ -220,6 +194,21 @@ impl Server {
         if let Some(cluster) = &mut self.cluster {
             cluster.read_more(self.deadlines.now_ms());
         }
+    }
+
+    /// The descriptors a new process inherits: the listeners and every
+    /// connection.
+    fn handed_fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(self.clients.len() + 2);
+        if let Some(listener) = self.clients.listener() {
+            fds.push(listener.as_fd());
+        }
+        if let Some(scrapers) = &self.scrapers {
+            fds.push(scrapers.listener().as_fd());
+        }
+        let conns = self.clients.conns.iter();
+        fds.extend(conns.map(|(_, conn)| conn.stream.as_fd()));
+        fds
     }
 
     /// Everything a new process needs to serve on.

@@ -179,6 +179,26 @@ impl Server {
             .unwrap_or_else(|| panic!("chatd did not exit; log:\n{}", self.log()))
     }
 
+    /// Sets the server's soft open-file limit (the hard one stays 20,000).
+    pub fn set_nofile_soft(&self, soft: usize) {
+        let status = Command::new("prlimit")
+            .args([
+                "--pid",
+                &self.pid().to_string(),
+                &format!("--nofile={soft}:20000"),
+            ])
+            .status()
+            .expect("run prlimit");
+        assert!(status.success());
+    }
+
+    /// Descriptors the server holds now.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
     /// A field of /proc/PID/status in kB, like `VmRSS`.
     pub fn status_kb(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
