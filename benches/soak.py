@@ -175,6 +175,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--churners", type=int, default=8)
+    ap.add_argument("--max-outbound", type=int, default=262144,
+                    help="chatd's --max-outbound (a larger one lets the slow consumers "
+                         "reach --max-buffer-memory first)")
     ap.add_argument("--max-buffer-memory", type=int, default=1 << 20,
                     help="chatd's bound on all buffers together: tight by default, so that "
                          "the slow consumers reach it and the bound is exercised")
@@ -186,7 +189,7 @@ def main():
     port = free_port()
     server = subprocess.Popen(
         [f"{ROOT}/target/release/chatd", "--addr", f"127.0.0.1:{port}",
-         "--login-timeout", "2", "--max-outbound", "262144", "--log-level", "warn",
+         "--login-timeout", "2", "--max-outbound", str(args.max_outbound), "--log-level", "warn",
          "--max-buffer-memory", str(args.max_buffer_memory)],
         stderr=open(f"{ROOT}/target/soak-chatd.log", "w"))
     try:
