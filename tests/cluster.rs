@@ -395,6 +395,23 @@ fn a_recipient_whose_node_is_not_listening_is_reported() {
     alice.expect("error: unavailable: bob");
 }
 
+/// A client that half-closes right after its last line (`nc -N`, a
+/// script) still gets the answers Redis gives for it, then the close.
+#[test]
+fn answers_reach_a_client_that_half_closed() {
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
+    let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
+    let mut bob = b.login("bob");
+    let mut alice = a.connect();
+    alice.send("alice\nbob, nobody: last words\n");
+    alice.shutdown_write();
+    bob.expect("from alice: last words");
+    alice.expect("error: not-online: nobody");
+    alice.expect_eof();
+}
+
 /// A live upgrade of a node keeps its lease and its names: after it, the
 /// names are still taken elsewhere and messages flow both ways.
 #[test]

@@ -224,6 +224,20 @@ pub enum Answer {
     FarewellDone,
 }
 
+impl Answer {
+    /// The connection the answer is for, if one.
+    pub fn slot(&self) -> Option<Slot> {
+        match self {
+            Answer::Claimed { slot, .. }
+            | Answer::Routed { slot, .. }
+            | Answer::Unroutable { slot, .. }
+            | Answer::Deferred { slot, .. }
+            | Answer::Resume { slot } => Some(*slot),
+            _ => None,
+        }
+    }
+}
+
 /// The cluster's counters, for the stats line and the metrics.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ClusterStats {

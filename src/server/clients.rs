@@ -296,10 +296,12 @@ impl Clients {
         owned
     }
 
-    /// Queues a non-closing `error:` line made earlier, if `key` still
-    /// reads lines.
+    /// Queues a line made earlier (an answer from the cluster for a line
+    /// the client sent), if `key` still takes output: reading lines, or
+    /// half-closed and draining what is queued for it.
     pub fn send_line(&mut self, key: usize, line: &[u8], deadlines: &mut Deadlines) {
-        if self.conns[key].reads_lines() {
+        let conn = &self.conns[key];
+        if conn.reads_lines() || (conn.phase() == Phase::Draining && !conn.is_dead()) {
             self.enqueue(key, line, Some(key), deadlines);
         }
     }

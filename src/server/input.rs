@@ -259,9 +259,22 @@ impl Server {
         debug!("#{} sent EOF", conn.id);
         conn.set_input_done();
         self.clients.enter(key, Phase::Draining);
-        if self.clients.conn(key).pending_out() == 0 {
-            self.clients.kill(key);
+        self.close_if_drained(key);
+    }
+
+    /// A half-closed connection closes once nothing is queued for it and,
+    /// in a cluster, no answer for its lines is still awaited (an answer
+    /// for a line read before the EOF is still sent).
+    pub(super) fn close_if_drained(&mut self, key: usize) {
+        let conn = self.clients.conn(key);
+        if conn.phase() != Phase::Draining || conn.is_dead() || conn.pending_out() > 0 {
+            return;
         }
+        let slot = self.clients.slot(key);
+        if self.cluster.as_ref().is_some_and(|c| c.has_waiting(slot)) {
+            return; // its answers come first
+        }
+        self.clients.kill(key);
     }
 }
 

@@ -664,6 +664,16 @@ impl Server {
     }
 
     fn apply_answer(&mut self, answer: Answer) {
+        // A half-closed client may have waited only for this answer.
+        if let Some(key) = answer.slot().and_then(|slot| self.clients.find(slot)) {
+            self.apply_answer_inner(answer);
+            self.close_if_drained(key);
+        } else {
+            self.apply_answer_inner(answer);
+        }
+    }
+
+    fn apply_answer_inner(&mut self, answer: Answer) {
         let clients = &mut self.clients;
         let deadlines = &mut self.deadlines;
         match answer {
