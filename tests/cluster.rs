@@ -395,6 +395,60 @@ fn a_recipient_whose_node_is_not_listening_is_reported() {
     alice.expect("error: unavailable: bob");
 }
 
+/// Messages between clients of the same node cost Redis nothing: no
+/// script runs for them.
+#[test]
+fn local_messages_cost_no_redis_command() {
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
+    let a = node(&redis.url(), "10", &[]);
+    let mut alice = a.login("alice");
+    let mut carol = a.login("carol");
+    let scripts = || {
+        let stats = redis.cli(&["INFO", "commandstats"]);
+        let line = stats.lines().find(|l| l.starts_with("cmdstat_evalsha:"));
+        line.and_then(|l| l.split("calls=").nth(1))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = scripts();
+    for i in 0..100 {
+        alice.send(&format!("carol, alice: {i}\n"));
+        carol.expect(&format!("from alice: {i}"));
+        alice.expect(&format!("from alice: {i}"));
+    }
+    assert_eq!(scripts(), before, "local messages ran scripts in Redis");
+}
+
+/// With `--reuse-port`, two nodes listen on one port: the kernel spreads
+/// the connections over both, and their clients talk as one server.
+#[test]
+fn two_nodes_share_one_port_with_reuse_port() {
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let args = ["--addr", addr.as_str(), "--reuse-port"];
+    let mut a = node(&redis.url(), "10", &args);
+    let mut b = node(&redis.url(), "10", &args);
+    let mut clients: Vec<Client> = (0..24).map(|i| a.login(&format!("u{i}"))).collect();
+    let (on_a, on_b) = (a.connections(), b.connections());
+    assert_eq!(on_a + on_b, 24);
+    assert!(on_a > 0 && on_b > 0, "all on one node: {on_a} and {on_b}");
+    for i in 0..24 {
+        let to = (i + 1) % 24;
+        clients[i].send(&format!("u{to}: hi {i}\n"));
+        clients[to].expect(&format!("from u{i}: hi {i}"));
+    }
+}
+
 /// A client that half-closes right after its last line (`nc -N`, a
 /// script) still gets the answers Redis gives for it, then the close.
 #[test]

@@ -673,6 +673,12 @@ impl Cluster {
         waiting >= MAX_WAITING_PER_CONN || (waiting > 0 && self.pending.len() >= MAX_PENDING)
     }
 
+    /// Whether an answer for `slot` is awaited from Redis or waits to be
+    /// applied.
+    pub fn owes(&self, slot: Slot) -> bool {
+        self.has_waiting(slot) || self.answers.iter().any(|a| a.slot() == Some(slot))
+    }
+
     /// Whether the input of `slot` is held back (see
     /// [`Cluster::is_backlogged`]).
     pub fn is_throttled(&self, slot: Slot) -> bool {

@@ -271,7 +271,7 @@ impl Server {
             return;
         }
         let slot = self.clients.slot(key);
-        if self.cluster.as_ref().is_some_and(|c| c.has_waiting(slot)) {
+        if self.cluster.as_ref().is_some_and(|c| c.owes(slot)) {
             return; // its answers come first
         }
         self.clients.kill(key);

@@ -398,6 +398,9 @@ impl Server {
                         if let Some(cluster) = &mut self.cluster {
                             cluster.on_event(event, self.deadlines.now_ms());
                         }
+                        // At once: a client's later events this turn must
+                        // see the answers for its earlier lines.
+                        self.apply_cluster_answers();
                     }
                 }
             }
