@@ -24,6 +24,7 @@
 //! client with `error: unavailable` before reading any more input.
 
 pub mod codec;
+mod pending;
 pub mod scripts;
 
 use std::collections::{HashMap, VecDeque};
@@ -37,6 +38,8 @@ use mio::{Interest, Registry as PollRegistry, Token};
 
 use crate::deadlines::Slot;
 use codec::{Reply, decode_reply, encode_command};
+use pending::Pending;
+pub use pending::{Answer, Claimed};
 use scripts::Script;
 
 /// The longest wait between reconnection attempts.
@@ -112,130 +115,6 @@ pub enum State {
     Handshaking,
     /// Serving: logins are claimed and messages routed through Redis.
     Ready,
-}
-
-/// What one command in flight was for, and what to do with its answer.
-#[derive(Debug)]
-enum Pending {
-    /// `HELLO 3`.
-    Hello,
-    /// `SCRIPT LOAD` of one script.
-    Load(Script),
-    /// A lease renewal (`SET ... XX`) sent at `sent_ms`.
-    Renew { sent_ms: u64 },
-    /// A new lease (`SET ... NX`) sent at `sent_ms`.
-    Acquire { sent_ms: u64 },
-    /// A command whose answer only has to be an error or not.
-    Plain,
-    /// A release of `name` (its outcome is uncertain if the link breaks).
-    Release { name: String },
-    /// `CONFIG GET maxmemory-policy`.
-    Policy,
-    /// A claim of `name` for the connection `slot`; `again` when the node
-    /// claims a name it held before its lease was lost.
-    Claim {
-        slot: Slot,
-        name: Rc<str>,
-        again: bool,
-        sent_ms: u64,
-    },
-    /// A message routed from `slot` to `names` (the remote ones).
-    Route {
-        slot: Slot,
-        names: Vec<String>,
-        sent_ms: u64,
-    },
-    /// An `error:` line for `slot` that must follow the answers before it.
-    Deferred { slot: Slot, line: Vec<u8> },
-    /// Shutdown: the node's names and lease are dropped.
-    Farewell,
-}
-
-impl Pending {
-    /// The connection the entry speaks for, if any.
-    fn slot(&self) -> Option<Slot> {
-        match self {
-            Pending::Claim { slot, .. }
-            | Pending::Route { slot, .. }
-            | Pending::Deferred { slot, .. } => Some(*slot),
-            _ => None,
-        }
-    }
-
-    /// When it was sent, for the reply timeout (`None`: not timed).
-    fn sent_ms(&self) -> Option<u64> {
-        match self {
-            Pending::Renew { sent_ms }
-            | Pending::Acquire { sent_ms }
-            | Pending::Claim { sent_ms, .. }
-            | Pending::Route { sent_ms, .. } => Some(*sent_ms),
-            _ => None,
-        }
-    }
-}
-
-/// How a claim ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claimed {
-    /// The name is this node's.
-    Held,
-    /// A live node holds it.
-    Taken,
-    /// Redis could not be asked, or this node's lease is gone.
-    Unavailable,
-}
-
-/// What the link learned, for the reactor to apply in this order.
-#[derive(Debug)]
-pub enum Answer {
-    /// A claim ended.
-    Claimed {
-        slot: Slot,
-        name: Rc<str>,
-        again: bool,
-        outcome: Claimed,
-    },
-    /// A routed message was handed to every node holding a recipient and
-    /// listening; `offline` are the names nobody holds (for `not-online`),
-    /// `unreachable` those whose node is not listening (for
-    /// `unavailable`).
-    Routed {
-        slot: Slot,
-        offline: Vec<String>,
-        unreachable: Vec<String>,
-    },
-    /// A message could not be routed to `names` (for `unavailable`).
-    Unroutable { slot: Slot, names: Vec<String> },
-    /// An `error:` line held back behind earlier answers: send it now.
-    Deferred { slot: Slot, line: Vec<u8> },
-    /// Another node sent `line` to the local clients `names`.
-    Deliver { names: Vec<String>, line: Vec<u8> },
-    /// The lease was lost and taken anew: every name still held here must
-    /// be claimed again (`Cluster::claim` with `again`).
-    ClaimAgain,
-    /// Back after an outage: these names were claimed or released while
-    /// the outcome could not be known. Each held here is claimed again
-    /// (`again`), each not held here is released.
-    Reconcile(Vec<String>),
-    /// The connection `slot` waits for no more answers: its input, held
-    /// back meanwhile, can be read again.
-    Resume { slot: Slot },
-    /// The farewell (shutdown) was answered.
-    FarewellDone,
-}
-
-impl Answer {
-    /// The connection the answer is for, if one.
-    pub fn slot(&self) -> Option<Slot> {
-        match self {
-            Answer::Claimed { slot, .. }
-            | Answer::Routed { slot, .. }
-            | Answer::Unroutable { slot, .. }
-            | Answer::Deferred { slot, .. }
-            | Answer::Resume { slot } => Some(*slot),
-            _ => None,
-        }
-    }
 }
 
 /// The cluster's counters, for the stats line and the metrics.

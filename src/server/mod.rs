@@ -20,20 +20,17 @@
 
 use std::fmt;
 use std::io;
-use std::rc::Rc;
 use std::time::Duration;
 
 use log::{debug, info, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::cluster::{Answer, Claimed, Cluster};
+use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::conn::Phase;
 use crate::control::{Control, Exit, Notifier, Requests, Silent};
 use crate::deadlines::{Deadline, Deadlines};
 use crate::metrics::{self, Gauges};
-use crate::protocol::ErrorKind;
 use crate::upgrade::{Inherited, Successor};
 
 mod broker;
@@ -42,6 +39,7 @@ mod handover;
 mod housekeeping;
 mod input;
 mod output;
+mod remote;
 mod scrapers;
 
 use broker::Broker;
@@ -619,189 +617,6 @@ impl Server {
             None => true,
         };
     }
-
-    /// Sets the cluster link's deadline when it wants to be woken earlier
-    /// than the one already set.
-    fn schedule_cluster(&mut self) {
-        let Some(cluster) = &self.cluster else {
-            return;
-        };
-        let at = cluster.next_deadline();
-        if at < self.cluster_tick_at {
-            self.cluster_tick_at = at;
-            let now = self.deadlines.now_ms();
-            self.deadlines
-                .set(at.saturating_sub(now), Deadline::Cluster);
-        }
-    }
-
-    /// Closes every client that holds or claims a name with
-    /// `error: unavailable` when the lease can no longer be trusted.
-    fn fence_if_needed(&mut self) {
-        let now = self.deadlines.now_ms();
-        let Some(cluster) = &mut self.cluster else {
-            return;
-        };
-        if !cluster.must_fence(now) {
-            return;
-        }
-        cluster.fenced(now);
-        for key in self.clients.holders() {
-            let args = format_args!("");
-            self.clients
-                .error(key, ErrorKind::Unavailable, args, &mut self.deadlines);
-        }
-    }
-
-    /// Applies what the cluster link learned, in order.
-    fn apply_cluster_answers(&mut self) {
-        loop {
-            let answers = match &mut self.cluster {
-                Some(cluster) if cluster.has_answers() => cluster.take_answers(),
-                _ => return,
-            };
-            for answer in answers {
-                self.apply_answer(answer);
-            }
-        }
-    }
-
-    fn apply_answer(&mut self, answer: Answer) {
-        // A half-closed client may have waited only for this answer.
-        if let Some(key) = answer.slot().and_then(|slot| self.clients.find(slot)) {
-            self.apply_answer_inner(answer);
-            self.close_if_drained(key);
-        } else {
-            self.apply_answer_inner(answer);
-        }
-    }
-
-    fn apply_answer_inner(&mut self, answer: Answer) {
-        let clients = &mut self.clients;
-        let deadlines = &mut self.deadlines;
-        match answer {
-            Answer::Claimed {
-                slot,
-                name,
-                again,
-                outcome,
-            } => {
-                let Some(key) = clients.find(slot) else {
-                    return; // gone: its leaving already queued a release
-                };
-                let claiming = clients.conn(key).phase() == Phase::Claiming;
-                // A claim again is for a client logged in here: it loses
-                // the name if another node took it, and is closed if its
-                // claim cannot be confirmed (it could not be unique).
-                let holder = again && clients.conn(key).phase() == Phase::Chat;
-                match (again, outcome) {
-                    (false, Claimed::Held) if claiming => {
-                        clients.finish_login(key, deadlines);
-                        self.resume_input(key);
-                    }
-                    (_, Claimed::Taken) if claiming || holder => {
-                        let args = format_args!("{name}");
-                        clients.error(key, ErrorKind::NameTaken, args, deadlines);
-                    }
-                    (_, Claimed::Unavailable) if claiming || holder => {
-                        clients.error(key, ErrorKind::Unavailable, format_args!(""), deadlines);
-                    }
-                    _ => {}
-                }
-            }
-            Answer::Routed {
-                slot,
-                offline,
-                unreachable,
-            } => {
-                report(clients, deadlines, slot, ErrorKind::NotOnline, &offline);
-                report(
-                    clients,
-                    deadlines,
-                    slot,
-                    ErrorKind::UnavailableTo,
-                    &unreachable,
-                );
-            }
-            Answer::Unroutable { slot, names } => {
-                report(clients, deadlines, slot, ErrorKind::UnavailableTo, &names);
-            }
-            Answer::Deferred { slot, line } => {
-                if let Some(key) = clients.find(slot) {
-                    clients.send_line(key, &line, deadlines);
-                }
-            }
-            Answer::Deliver { names, line } => {
-                let Some(cluster) = &mut self.cluster else {
-                    return;
-                };
-                for name in &names {
-                    let to = clients
-                        .lookup(name)
-                        .filter(|&to| clients.conn(to).phase() == Phase::Chat);
-                    match to {
-                        Some(to) if clients.enqueue(to, &line, None, deadlines) => {
-                            clients.stats.deliveries += 1;
-                            cluster.stats.deliveries_in += 1;
-                        }
-                        Some(_) => {}
-                        None => cluster.stats.deliveries_missed += 1,
-                    }
-                }
-            }
-            Answer::ClaimAgain => {
-                let Some(cluster) = &mut self.cluster else {
-                    return;
-                };
-                let now = deadlines.now_ms();
-                for (name, key) in clients.logged_in_names() {
-                    cluster.claim(clients.slot(key), name, true, now);
-                }
-            }
-            Answer::Reconcile(names) => {
-                let Some(cluster) = &mut self.cluster else {
-                    return;
-                };
-                let now = deadlines.now_ms();
-                for name in names {
-                    let held = clients
-                        .lookup(&name)
-                        .filter(|&key| clients.conn(key).phase() == Phase::Chat);
-                    match held {
-                        Some(key) => cluster.claim(clients.slot(key), Rc::from(name), true, now),
-                        None => cluster.release(&name),
-                    }
-                }
-            }
-            Answer::Resume { slot } => {
-                if let Some(key) = clients.find(slot) {
-                    if clients.conn(key).reads_lines() {
-                        self.resume_input(key);
-                    }
-                }
-            }
-            Answer::FarewellDone => self.farewell_done = true,
-        }
-    }
-}
-
-/// Sends `error: <kind>: <names>` (bounded like `not-online`) to the
-/// connection `slot`, if there are names and it is still there.
-fn report(
-    clients: &mut Clients,
-    deadlines: &mut Deadlines,
-    slot: crate::deadlines::Slot,
-    kind: ErrorKind,
-    names: &[String],
-) {
-    let Some(key) = clients.find(slot).filter(|_| !names.is_empty()) else {
-        return;
-    };
-    let budget = crate::protocol::not_online_budget(clients.limits.max_line);
-    let mut list = broker::Offline::new(budget);
-    names.iter().for_each(|name| list.add(name));
-    let line = clients.error_bytes(kind, format_args!("{list}"));
-    clients.send_line(key, &line, deadlines);
 }
 
 /// The stats line: every counter, and in cluster mode the link's state,
