@@ -17,10 +17,13 @@
 //!   line means (login, routing, `error:` lines); `housekeeping.rs` keeps
 //!   memory and stale deadlines bounded and reports stats and status;
 //!   `scrapers.rs` serves the metrics endpoint's connections;
+//!   `remote.rs` applies what the cluster link learned and fences;
 //!   `handover.rs` is a live upgrade's side of the loop.
 //! - [`cluster`]: cluster mode: the link to Redis (one more source in the
-//!   loop), the lease and fencing; `codec.rs` adapts the RESP3 crate,
-//!   `scripts.rs` holds the Lua scripts. `docs/CLUSTER.md` is the design.
+//!   loop), the lease and fencing; `link.rs` its I/O, `replies.rs` what
+//!   each reply does, `pending.rs` the FIFO's entries and the answers,
+//!   `codec.rs` adapts the RESP3 crate, `scripts.rs` holds the Lua
+//!   scripts. `docs/CLUSTER.md` is the design.
 //! - [`upgrade`]: a live upgrade's state format and descriptor plumbing.
 //! - [`control`]: steering a running server from outside its loop: the
 //!   [`Control`] stop handle, the [`Notifier`] it reports to, [`Exit`].

@@ -16,6 +16,10 @@
 //! - `broker.rs`: what a line means: login, routing, `error:` lines.
 //! - `housekeeping.rs`: pool decay, memory give-back, stats and status.
 //! - `scrapers.rs`: the metrics endpoint's listener and connections.
+//! - `remote.rs`: cluster mode: what the link to Redis learned, applied to
+//!   the clients; fencing.
+//! - `handover.rs`: a live upgrade: snapshot, hand over, wait or resume;
+//!   adopting connections in the new process.
 //! - `crate::deadlines`: every deadline, in one heap, and the loop's clock.
 
 use std::fmt;

@@ -1,0 +1,248 @@
+//! What each answer from Redis does: the FIFO's head is popped for every
+//! reply, and the entry says what the reply means (a claim held or taken,
+//! a route's offline and unreachable names, a lease renewed or lost); the
+//! results become `Answer`s for the reactor. Lost leases and outages end
+//! here too: a new lease, and the names to claim again or settle.
+
+use log::{info, warn};
+
+use super::codec::Reply;
+use super::scripts::Script;
+use super::{Answer, Claimed, Cluster, FIRST_BACKOFF_MS, Pending, State};
+
+impl Cluster {
+    /// Handles one frame: a push, or the answer to the oldest command.
+    pub(super) fn on_reply(&mut self, reply: Reply, now_ms: u64) -> Result<(), String> {
+        match reply {
+            Reply::Message { channel, payload } => {
+                if channel == self.channel {
+                    self.on_message(payload);
+                }
+                return Ok(());
+            }
+            Reply::OtherPush => return Ok(()),
+            _ => {}
+        }
+        let Some(entry) = self.pending.pop_front() else {
+            return Err("a reply nobody asked for".into());
+        };
+        self.unwait(&entry);
+        let result = self.on_answer(entry, reply, now_ms);
+        self.pop_deferred();
+        result
+    }
+
+    /// Counts an entry out of `waiting`.
+    pub(super) fn unwait(&mut self, entry: &Pending) {
+        if let Pending::Route { names, .. } = entry {
+            self.inflight_names -= names.len();
+        }
+        if let Some(slot) = entry.slot() {
+            if let Some(n) = self.waiting.get_mut(&slot.key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.waiting.remove(&slot.key);
+                    if let Some(slot) = self.throttled.remove(&slot.key) {
+                        self.answers.push(Answer::Resume { slot });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Releases the deferred lines that have reached the head.
+    pub(super) fn pop_deferred(&mut self) {
+        while matches!(self.pending.front(), Some(Pending::Deferred { .. })) {
+            if let Some(entry) = self.pending.pop_front() {
+                self.unwait(&entry);
+                if let Pending::Deferred { slot, line } = entry {
+                    self.answers.push(Answer::Deferred { slot, line });
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_answer(
+        &mut self,
+        entry: Pending,
+        reply: Reply,
+        now_ms: u64,
+    ) -> Result<(), String> {
+        if let Reply::Error(e) = &reply {
+            // A script cache flushed under us (NOSCRIPT), a read-only or
+            // busy Redis: the entry fails like any other in flight, and
+            // the link starts over rather than guess what Redis did.
+            match entry {
+                Pending::Claim {
+                    slot, name, again, ..
+                } => self.answers.push(Answer::Claimed {
+                    slot,
+                    name,
+                    again,
+                    outcome: Claimed::Unavailable,
+                }),
+                Pending::Route { slot, names, .. } => {
+                    self.answers.push(Answer::Unroutable { slot, names });
+                }
+                Pending::Release { name } => self.uncertain_name(&name),
+                Pending::Policy => return Ok(()), // CONFIG may be disabled
+                Pending::Farewell => self.answers.push(Answer::FarewellDone),
+                _ => {}
+            }
+            return Err(format!("Redis refused a command: {e}"));
+        }
+        match entry {
+            Pending::Hello | Pending::Plain | Pending::Release { .. } => {}
+            Pending::Policy => {
+                if let Reply::Array(pair) = &reply {
+                    if let Some(Reply::Bulk(policy)) = pair.get(1) {
+                        let policy = String::from_utf8_lossy(policy);
+                        if policy != "noeviction" {
+                            warn!(
+                                "cluster: Redis evicts keys (maxmemory-policy {policy}): it could \
+                                 evict a lease and free names early; set maxmemory-policy \
+                                 noeviction"
+                            );
+                        }
+                    }
+                }
+            }
+            Pending::Load(script) => match reply {
+                Reply::Bulk(sha) => self.shas[script as usize] = sha,
+                Reply::Status(sha) => self.shas[script as usize] = sha.into_bytes(),
+                _ => return Err("unexpected SCRIPT LOAD reply".into()),
+            },
+            Pending::Renew { sent_ms } => {
+                self.stats.rtt_us = now_ms.saturating_sub(sent_ms) * 1000;
+                if self.leaving {
+                    // Shutting down: the farewell drops the lease.
+                } else if reply == Reply::Nil {
+                    // The lease is gone: Redis lost its data, or it expired.
+                    self.take_new_lease(now_ms);
+                } else {
+                    self.lease_until = Some(sent_ms + self.config.lease_ms);
+                    if self.state != State::Ready {
+                        self.become_ready();
+                        self.reconcile();
+                    }
+                }
+            }
+            Pending::Acquire { sent_ms } => {
+                if reply == Reply::Nil {
+                    return Err("another process holds this node's lease".into());
+                }
+                self.lease_until = Some(sent_ms + self.config.lease_ms);
+                self.become_ready();
+                // DropNames went before: every name held here is claimed
+                // again, and nothing else is uncertain any more.
+                self.uncertain.clear();
+                self.uncertain_overflow = false;
+                self.answers.push(Answer::ClaimAgain);
+            }
+            Pending::Claim {
+                slot, name, again, ..
+            } => {
+                let outcome = match reply {
+                    Reply::Int(1) => Claimed::Held,
+                    Reply::Int(0) => Claimed::Taken,
+                    _ => Claimed::Unavailable,
+                };
+                self.answers.push(Answer::Claimed {
+                    slot,
+                    name,
+                    again,
+                    outcome,
+                });
+            }
+            Pending::Route { slot, names, .. } if reply == Reply::Int(-1) => {
+                // This node's lease is gone from Redis (it lost its data):
+                // nothing routed as its clients until the lease is back.
+                self.answers.push(Answer::Unroutable { slot, names });
+                self.take_new_lease(now_ms);
+            }
+            Pending::Route { slot, .. } => {
+                let names = |reply: Option<Reply>| -> Vec<String> {
+                    match reply {
+                        Some(Reply::Array(names)) => names
+                            .into_iter()
+                            .filter_map(|n| match n {
+                                Reply::Bulk(b) => String::from_utf8(b).ok(),
+                                _ => None,
+                            })
+                            .collect(),
+                        _ => Vec::new(),
+                    }
+                };
+                let Reply::Array(lists) = reply else {
+                    return Err("unexpected route reply".into());
+                };
+                let mut lists = lists.into_iter();
+                let offline = names(lists.next());
+                let unreachable = names(lists.next());
+                self.answers.push(Answer::Routed {
+                    slot,
+                    offline,
+                    unreachable,
+                });
+            }
+            Pending::Deferred { .. } => {} // handled by pop_deferred
+            Pending::Farewell => self.answers.push(Answer::FarewellDone),
+        }
+        Ok(())
+    }
+
+    /// The lease was not found: take a new one, drop whatever names Redis
+    /// still lists for this node, and have the reactor claim again the
+    /// names its clients still hold.
+    pub(super) fn take_new_lease(&mut self, now_ms: u64) {
+        if self.lease_until.is_some() {
+            warn!("cluster: the lease is gone from Redis (restarted or flushed): taking a new one");
+            self.stats.leases_lost += 1;
+        }
+        self.node_script(Script::DropNames, &[], Pending::Plain);
+        let key = self.lease_key();
+        let ms = self.config.lease_ms.to_string();
+        self.command(
+            &[b"SET", key.as_bytes(), b"1", b"PX", ms.as_bytes(), b"NX"],
+            Pending::Acquire { sent_ms: now_ms },
+        );
+        let nodes = format!("{}:nodes", self.config.prefix);
+        let node = self.node.clone();
+        self.command(
+            &[b"SADD", nodes.as_bytes(), node.as_bytes()],
+            Pending::Plain,
+        );
+    }
+
+    /// Back after an outage with the lease intact: the names whose state
+    /// is uncertain are settled (claimed again if held here, released if
+    /// not); had too many piled up, every name is dropped and claimed again.
+    pub(super) fn reconcile(&mut self) {
+        if self.uncertain_overflow {
+            self.uncertain_overflow = false;
+            self.uncertain.clear();
+            self.node_script(Script::DropNames, &[], Pending::Plain);
+            self.answers.push(Answer::ClaimAgain);
+        } else if !self.uncertain.is_empty() {
+            let names = self.uncertain.drain().collect();
+            self.answers.push(Answer::Reconcile(names));
+        }
+    }
+
+    pub(super) fn become_ready(&mut self) {
+        if self.state != State::Ready {
+            if self.was_ready {
+                info!("cluster: Redis at {} reachable again", self.config.redis);
+            } else {
+                info!(
+                    "cluster: node {} ready (Redis at {})",
+                    self.node, self.config.redis
+                );
+            }
+            self.state = State::Ready;
+            self.was_ready = true;
+            self.down_logged = false;
+            self.backoff_ms = FIRST_BACKOFF_MS;
+        }
+    }
+}
