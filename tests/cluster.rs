@@ -464,6 +464,18 @@ fn answers_reach_a_client_that_half_closed() {
     bob.expect("from alice: last words");
     alice.expect("error: not-online: nobody");
     alice.expect_eof();
+    // Many lines, then the FIN at once: every answer, in order, then EOF.
+    let mut carol = a.login("carol");
+    let lines: String = (0..150)
+        .map(|i| format!("bob: {i}\nnobody{i}: {i}\n"))
+        .collect();
+    carol.send(&lines);
+    carol.shutdown_write();
+    for i in 0..150 {
+        bob.expect(&format!("from carol: {i}"));
+        carol.expect(&format!("error: not-online: nobody{i}"));
+    }
+    carol.expect_eof();
 }
 
 /// A live upgrade of a node keeps its lease and its names: after it, the

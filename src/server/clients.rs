@@ -98,6 +98,9 @@ pub(super) struct Clients {
     /// Cluster mode: names released here since the cluster last took them
     /// (to release in Redis, in order with the claims that follow).
     pub(super) released: Option<Vec<Rc<str>>>,
+    /// Cluster mode: half-closed connections whose output was all written
+    /// this turn, closed at its end unless an answer is still owed.
+    pub(super) drained: Vec<usize>,
     /// Bytes of buffer memory all connections hold together (the sum of
     /// their `Conn::footprint`), bounded by `--max-buffer-memory`.
     pub(super) buffered: usize,
@@ -130,6 +133,7 @@ impl Clients {
             exhaustion_logged: false,
             shutting_down: false,
             released: None,
+            drained: Vec::new(),
             buffered: 0,
             stats: Stats::default(),
         }

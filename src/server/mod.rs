@@ -416,6 +416,11 @@ impl Server {
             self.apply_cluster_answers();
             let registry = self.poll.registry();
             self.clients.flush_pending(registry, &mut self.deadlines);
+            for key in std::mem::take(&mut self.clients.drained) {
+                if self.clients.get(key).is_some() {
+                    self.close_if_drained(key);
+                }
+            }
             if let Some(cluster) = &mut self.cluster {
                 broker::release_in_cluster(&mut self.clients, cluster);
                 cluster.flush(self.deadlines.now_ms());

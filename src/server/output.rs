@@ -113,8 +113,12 @@ impl Clients {
     /// Everything queued for `key` is written: a draining connection closes;
     /// a closing one shuts down its sending side and lingers for EOF.
     fn on_drained(&mut self, key: usize, deadlines: &mut Deadlines) {
+        let cluster = self.released.is_some();
         let conn = self.conn(key);
         match conn.phase() {
+            // In a cluster, answers for its last lines may still be owed:
+            // the reactor closes it once none is (`close_if_drained`).
+            Phase::Draining if cluster => self.drained.push(key),
             Phase::Draining => self.kill(key),
             Phase::Closing if conn.is_input_done() => self.kill(key),
             Phase::Closing => {

@@ -49,28 +49,29 @@ impl Server {
 
     /// Applies what the cluster link learned, in order.
     pub(super) fn apply_cluster_answers(&mut self) {
+        let mut touched = Vec::new();
         loop {
             let answers = match &mut self.cluster {
                 Some(cluster) if cluster.has_answers() => cluster.take_answers(),
-                _ => return,
+                _ => break,
             };
             for answer in answers {
+                if let Some(key) = answer.slot().and_then(|slot| self.clients.find(slot)) {
+                    touched.push(key);
+                }
                 self.apply_answer(answer);
+            }
+        }
+        // Once the whole batch is applied: a half-closed client may have
+        // waited only for these answers.
+        for key in touched {
+            if self.clients.get(key).is_some() {
+                self.close_if_drained(key);
             }
         }
     }
 
-    pub(super) fn apply_answer(&mut self, answer: Answer) {
-        // A half-closed client may have waited only for this answer.
-        if let Some(key) = answer.slot().and_then(|slot| self.clients.find(slot)) {
-            self.apply_answer_inner(answer);
-            self.close_if_drained(key);
-        } else {
-            self.apply_answer_inner(answer);
-        }
-    }
-
-    fn apply_answer_inner(&mut self, answer: Answer) {
+    fn apply_answer(&mut self, answer: Answer) {
         let clients = &mut self.clients;
         let deadlines = &mut self.deadlines;
         match answer {
