@@ -83,6 +83,14 @@ pub struct State {
     /// The cluster node id, in cluster mode (the new process keeps the
     /// lease and the names).
     pub node: Option<String>,
+    /// Cluster mode: the time left of the lease, in ms (the new process
+    /// fences on time even if it cannot reach Redis).
+    pub lease_left_ms: Option<u64>,
+    /// Cluster mode: names whose state in Redis is uncertain, settled by
+    /// the new process once its link is ready; and whether they overflowed.
+    pub uncertain: Vec<String>,
+    /// See `uncertain`.
+    pub uncertain_overflow: bool,
     /// Every connection.
     pub conns: Vec<ConnState>,
 }
@@ -100,6 +108,12 @@ impl State {
         put_u64(&mut out, u64::from(self.next_id));
         put_u64(&mut out, self.base_fds);
         put_bytes(&mut out, self.node.as_deref().unwrap_or("").as_bytes());
+        put_i64(&mut out, self.lease_left_ms.map_or(-1, |ms| ms as i64));
+        put_u64(&mut out, self.uncertain.len() as u64);
+        for name in &self.uncertain {
+            put_bytes(&mut out, name.as_bytes());
+        }
+        out.push(u8::from(self.uncertain_overflow));
         put_u64(&mut out, self.conns.len() as u64);
         for c in &self.conns {
             put_i64(&mut out, i64::from(c.fd));
@@ -136,6 +150,12 @@ impl State {
         let base_fds = r.u64()?;
         let node = String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad node id")?;
         let node = (!node.is_empty()).then_some(node);
+        let lease_left_ms = u64::try_from(r.i64()?).ok();
+        let mut uncertain = Vec::new();
+        for _ in 0..r.count()? {
+            uncertain.push(String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad name")?);
+        }
+        let uncertain_overflow = r.byte()? != 0;
         let mut conns = Vec::new();
         for _ in 0..r.count()? {
             let fd = r.fd()?.ok_or("no descriptor")?;
@@ -176,6 +196,9 @@ impl State {
             next_id,
             base_fds,
             node,
+            lease_left_ms,
+            uncertain,
+            uncertain_overflow,
             conns,
         })
     }
@@ -465,6 +488,9 @@ mod tests {
             next_id: 77,
             base_fds: 8,
             node: Some("abcdef0123456789".into()),
+            lease_left_ms: Some(7000),
+            uncertain: vec!["gone".into(), "maybe".into()],
+            uncertain_overflow: true,
             conns: vec![
                 ConnState {
                     fd: 9,

@@ -519,6 +519,114 @@ fn a_node_upgraded_in_place_keeps_its_names() {
     assert_eq!(redis.keys(), keys, "the same lease and names");
 }
 
+/// An upgrade while the node is cut from Redis does not stop its fencing:
+/// the new process takes the old one's lease as it was, and closes the
+/// client with `error: unavailable` before the lease can expire.
+#[test]
+fn an_upgrade_while_cut_from_redis_still_fences() {
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
+    let proxy = Proxy::start(redis.addr());
+    let mut a = node(&proxy.url(), "2", &[]);
+    let mut alice = a.login("alice");
+    proxy.freeze();
+    a.upgrade(1);
+    alice.expect("error: unavailable");
+}
+
+/// Names released while the link was down are settled by the new process
+/// after an upgrade: they are free on the other node once its link is back.
+#[test]
+fn names_left_uncertain_survive_an_upgrade() {
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
+    let mut a = node(&redis.url(), "10", &[]);
+    let b = node(&redis.url(), "10", &[]);
+    let leavers: Vec<Client> = (0..5).map(|i| a.login(&format!("gone{i}"))).collect();
+    let id = redis.cli(&["CLIENT", "LIST", "TYPE", "pubsub"]);
+    let id = id
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_start_matches("id=")
+        .to_string();
+    redis.cli(&["CLIENT", "KILL", "ID", &id]);
+    drop(leavers);
+    a.wait_log("cluster: lost Redis");
+    a.upgrade(1);
+    for i in 0..5 {
+        let name = format!("gone{i}");
+        let free = poll_until(|| logs_in(&b, &name));
+        assert!(free.is_some(), "{name} stayed held after the upgrade");
+    }
+}
+
+/// During an upgrade of the recipient's node, nothing sent to it is lost
+/// silently: every line arrives, or its sender is told `unavailable`.
+#[test]
+fn an_upgrade_loses_no_cross_node_line_silently() {
+    let Some(redis) = Redis::start_or_skip() else {
+        return;
+    };
+    let mut a = node(&redis.url(), "10", &[]);
+    let b = node(&redis.url(), "10", &[]);
+    let alice = a.login("alice");
+    let bob = b.login("bob");
+    let sent = 3000;
+    let sender = std::thread::spawn(move || {
+        let mut bob = bob;
+        for i in 0..sent {
+            bob.send(&format!("alice: {i}\n"));
+            if i % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        bob.send("bob: done\n");
+        let mut unavailable = 0;
+        loop {
+            let line = bob.line();
+            if line == "from bob: done\n" {
+                return unavailable;
+            }
+            assert_eq!(line, "error: unavailable: alice\n");
+            unavailable += 1;
+        }
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    a.upgrade(1);
+    let unavailable = sender.join().unwrap();
+    let mut received = 0;
+    let mut last = None;
+    alice
+        .stream()
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut reader = std::io::BufReader::new(alice.stream().try_clone().unwrap());
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut reader, &mut line).is_ok_and(|n| n > 0) {
+        let i: u32 = line
+            .trim_end()
+            .strip_prefix("from bob: ")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            last.is_none_or(|l| i > l),
+            "out of order: {i} after {last:?}"
+        );
+        last = Some(i);
+        received += 1;
+        line.clear();
+    }
+    assert_eq!(
+        received + unavailable,
+        sent,
+        "{received} received, {unavailable} unavailable"
+    );
+}
+
 /// The stats line and the metrics carry the cluster's state, the lease's
 /// age and the cross-node counters.
 #[test]

@@ -49,6 +49,9 @@ pub enum Reply {
         /// The payload, as published.
         payload: Vec<u8>,
     },
+    /// The confirmation of an `UNSUBSCRIBE`: every message published on the
+    /// channel before it has come.
+    Unsubscribed,
     /// Another push (`subscribe` confirmations and the like).
     OtherPush,
 }
@@ -98,6 +101,9 @@ fn push_of(data: Vec<OwnedFrame>) -> Reply {
     let kind = parts.next();
     let is_message =
         matches!(&kind, Some(OwnedFrame::BlobString { data, .. }) if data == b"message");
+    if matches!(&kind, Some(OwnedFrame::BlobString { data, .. }) if data == b"unsubscribe") {
+        return Reply::Unsubscribed;
+    }
     match (is_message, parts.next(), parts.next()) {
         (
             true,
@@ -156,6 +162,10 @@ mod tests {
             (
                 b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",
                 Some((Reply::OtherPush, 31)),
+            ),
+            (
+                b">3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:0\r\n",
+                Some((Reply::Unsubscribed, 34)),
             ),
             (b"$5\r\nab", None), // incomplete
             (b"", None),

@@ -192,6 +192,12 @@ pub struct Cluster {
     down_logged: bool,
     /// Whether the node is leaving (shutdown): no more renewals.
     leaving: bool,
+    /// A live upgrade stopped the node's subscription and this came back
+    /// from Redis: every message published for it before has arrived.
+    unsubscribed: bool,
+    /// After a live upgrade, the adopted clients' input is held back until
+    /// the link is ready, or until this time at the latest.
+    hold_until: Option<u64>,
     /// The counters.
     pub stats: ClusterStats,
 }
@@ -224,6 +230,8 @@ impl Cluster {
             read_pending: false,
             down_logged: false,
             leaving: false,
+            unsubscribed: false,
+            hold_until: None,
             stats: ClusterStats::default(),
         }
     }
@@ -301,6 +309,9 @@ impl Cluster {
         if let Some(until) = self.lease_until {
             next = next.min(until.saturating_sub(self.fence_margin_ms()));
         }
+        if let Some(at) = self.hold_until {
+            next = next.min(at);
+        }
         if let Some(sent) = self.pending.iter().find_map(Pending::sent_ms) {
             next = next.min(sent + self.reply_timeout_ms());
         }
@@ -316,6 +327,9 @@ impl Cluster {
 
     /// Time-driven work: connect, renew, time out a silent Redis.
     pub fn on_timer(&mut self, registry: &PollRegistry, token: Token, now_ms: u64) {
+        if self.hold_until.is_some_and(|at| now_ms >= at) {
+            self.release_holds();
+        }
         if let State::Down { retry_at } = self.state {
             if now_ms >= retry_at {
                 self.connect(registry, token, now_ms);
@@ -573,6 +587,79 @@ impl Cluster {
         );
         self.command(&[b"DEL", lease.as_bytes()], Pending::Farewell);
         true
+    }
+
+    /// A live upgrade begins: the node stops listening on its channel, so
+    /// that no message is pushed into a connection nobody will read;
+    /// [`Cluster::is_quiet`] says when the rest has come. Returns false
+    /// when the link is not ready (nothing to wait for).
+    pub fn quiesce(&mut self) -> bool {
+        if self.state != State::Ready {
+            return false;
+        }
+        self.unsubscribed = false;
+        let channel = self.channel.clone();
+        // The confirmation is a push, not a reply: no entry.
+        encode_command(&mut self.out, &[b"UNSUBSCRIBE", &channel]);
+        true
+    }
+
+    /// Whether everything asked of Redis is answered and no message for
+    /// this node can still come (see [`Cluster::quiesce`]).
+    pub fn is_quiet(&self) -> bool {
+        self.state != State::Ready || (self.unsubscribed && self.pending.is_empty())
+    }
+
+    /// The upgrade failed: the node listens on its channel again.
+    pub fn resubscribe(&mut self) {
+        if self.state == State::Ready {
+            let channel = self.channel.clone();
+            encode_command(&mut self.out, &[b"SUBSCRIBE", &channel]);
+        }
+    }
+
+    /// What a live upgrade hands over: the time left of the lease (ms) and
+    /// the names whose state in Redis is uncertain (commands still in
+    /// flight count as uncertain), and whether they overflowed.
+    pub fn handover_state(&self, now_ms: u64) -> (Option<u64>, Vec<String>, bool) {
+        let mut uncertain: Vec<String> = self.uncertain.iter().cloned().collect();
+        for entry in &self.pending {
+            if let Pending::Claim { name, .. } = entry {
+                uncertain.push(name.to_string());
+            } else if let Pending::Release { name } = entry {
+                uncertain.push(name.clone());
+            }
+        }
+        let left = self.lease_until.map(|until| until.saturating_sub(now_ms));
+        (left, uncertain, self.uncertain_overflow)
+    }
+
+    /// In the new process of a live upgrade: the lease as the old process
+    /// held it (so that the node fences in time even if Redis cannot be
+    /// reached), the uncertain names, and the adopted clients' input held
+    /// back until the link is ready (at most `hold_ms`).
+    pub fn adopt(
+        &mut self,
+        lease_left_ms: Option<u64>,
+        uncertain: Vec<String>,
+        overflow: bool,
+        now_ms: u64,
+        hold_ms: u64,
+    ) {
+        self.lease_until = lease_left_ms.map(|left| now_ms + left);
+        for name in uncertain {
+            self.uncertain_name(&name);
+        }
+        self.uncertain_overflow |= overflow;
+        self.hold_until = Some(now_ms + hold_ms);
+    }
+
+    /// Lets the held-back input of every throttled connection be read.
+    pub(super) fn release_holds(&mut self) {
+        self.hold_until = None;
+        for (_, slot) in std::mem::take(&mut self.throttled) {
+            self.answers.push(Answer::Resume { slot });
+        }
     }
 
     /// The answers learned since the last call.

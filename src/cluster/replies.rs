@@ -21,6 +21,10 @@ impl Cluster {
                 return Ok(());
             }
             Reply::OtherPush => return Ok(()),
+            Reply::Unsubscribed => {
+                self.unsubscribed = true;
+                return Ok(());
+            }
             _ => {}
         }
         let Some(entry) = self.pending.pop_front() else {
@@ -241,6 +245,9 @@ impl Cluster {
             }
             self.state = State::Ready;
             self.was_ready = true;
+            if self.hold_until.is_some() {
+                self.release_holds();
+            }
             self.down_logged = false;
             self.backoff_ms = FIRST_BACKOFF_MS;
         }

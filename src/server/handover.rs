@@ -25,6 +25,11 @@ use crate::upgrade::{self, ConnState, Handoff, State};
 /// A kind of connection deadline, as `Clients::set_deadline` takes it.
 type DeadlineKind = fn(crate::deadlines::Slot) -> Deadline;
 
+/// The longest a cluster node waits for Redis's answers before it hands
+/// over anyway (what is still in flight then is settled by the new
+/// process, or reported lost).
+const QUIESCE_MS: u64 = 1000;
+
 /// How long the new process has to say it serves.
 const READY_TIMEOUT_MS: u64 = 5000;
 
@@ -127,8 +132,12 @@ impl Server {
             .upgrade
             .as_ref()
             .is_some_and(|u| u.started.elapsed().as_millis() as u64 >= READY_TIMEOUT_MS);
+        let now = self.deadlines.now_ms();
         if due {
             self.abort_upgrade("the new process was not ready in time");
+        } else if self.cluster.as_ref().is_some_and(|c| c.must_fence(now)) {
+            // The lease cannot wait for a slow new process.
+            self.abort_upgrade("the lease would expire before the new process was ready");
         }
         None
     }
@@ -173,6 +182,15 @@ impl Server {
         if let Err(e) = upgrade::keep_private(&self.handed_fds()) {
             warn!("upgrade: cannot set close-on-exec again: {e}");
         }
+        self.resume_serving();
+    }
+
+    /// Serving again after an upgrade that did not happen: every
+    /// connection is read and flushed (their readiness events were not
+    /// acted on meanwhile), the listeners accept, and in a cluster the node
+    /// listens on its channel again.
+    pub(super) fn resume_serving(&mut self) {
+        self.quiescing = None;
         let keys: Vec<usize> = self.clients.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
             let conn = self.clients.conn(key);
@@ -180,6 +198,7 @@ impl Server {
                 self.clients.mark_pending(key);
             }
             let conn = self.clients.conn(key);
+            let _ = conn.take_deferred_input(); // it may be on no list now
             if matches!(conn.phase(), Phase::Login | Phase::Chat | Phase::Closing)
                 && conn.defer_input()
             {
@@ -192,7 +211,39 @@ impl Server {
             scrapers.accept_all(registry, &mut self.deadlines);
         }
         if let Some(cluster) = &mut self.cluster {
+            cluster.resubscribe();
             cluster.read_more(self.deadlines.now_ms());
+        }
+    }
+
+    /// In a cluster, an upgrade first quiesces: the node stops reading its
+    /// clients and listening on its channel, and waits (at most
+    /// [`QUIESCE_MS`]) for every answer it is owed, so that nothing is in
+    /// flight when the state is written. Called at the end of each turn
+    /// while quiescing; starts the handover when the link is quiet.
+    pub(super) fn quiesce_turn(&mut self) {
+        let Some(started) = self.quiescing else {
+            return;
+        };
+        let quiet = self.cluster.as_ref().is_none_or(|c| c.is_quiet());
+        let now = self.deadlines.now_ms();
+        if quiet || now >= started + QUIESCE_MS {
+            self.begin_upgrade();
+            if self.upgrade.is_none() {
+                self.resume_serving(); // it could not start
+            }
+        }
+    }
+
+    /// An upgrade was asked for: in a cluster whose link is ready, quiesce
+    /// first; else hand over at once.
+    pub(super) fn start_upgrade(&mut self) {
+        let quiescing = self.cluster.as_mut().is_some_and(|c| c.quiesce());
+        if quiescing {
+            info!("upgrade: waiting for Redis's answers before handing over");
+            self.quiescing = Some(self.deadlines.now_ms());
+        } else {
+            self.begin_upgrade();
         }
     }
 
@@ -214,6 +265,10 @@ impl Server {
     /// Everything a new process needs to serve on.
     fn snapshot(&self) -> State {
         let now = self.deadlines.now_ms();
+        let (lease_left_ms, uncertain, uncertain_overflow) = match &self.cluster {
+            Some(cluster) => cluster.handover_state(now),
+            None => (None, Vec::new(), false),
+        };
         // Login and close deadlines, by slab key (idle ones follow from
         // the time of the last input).
         let mut left: HashMap<u32, u64> = HashMap::new();
@@ -240,6 +295,9 @@ impl Server {
             next_id: self.clients.next_id(),
             base_fds: self.base_fds as u64,
             node: self.cluster.as_ref().map(|c| c.node().to_string()),
+            lease_left_ms,
+            uncertain,
+            uncertain_overflow,
             conns,
         }
     }

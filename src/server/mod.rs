@@ -186,6 +186,9 @@ struct Server {
     upgrade: Option<Upgrading>,
     /// A live upgrade was asked for: it starts at the end of the turn.
     upgrade_asked: bool,
+    /// In a cluster, since when the node waits for Redis's answers before
+    /// an upgrade hands over (clients are not read meanwhile).
+    quiescing: Option<u64>,
     /// The old process to tell, once this one serves what it handed over.
     inherited: Option<Inherited>,
     /// Adopted connections whose kept input holds whole lines to handle.
@@ -266,6 +269,7 @@ impl Server {
         });
         let mut inherited = extras.inherited;
         let mut adopted_input = Vec::new();
+        let mut cluster = cluster;
         if let Some(inherited) = &mut inherited {
             let adopting = std::time::Instant::now();
             let state = &mut inherited.state;
@@ -287,6 +291,24 @@ impl Server {
                 clients.len(),
                 adopting.elapsed()
             );
+            if let Some(cluster) = &mut cluster {
+                // The lease as the old process held it (fencing goes on),
+                // the names to settle, and the clients' input held back
+                // until the link is ready (at most a second): what they
+                // send then is routed, not refused as unavailable.
+                let uncertain = std::mem::take(&mut state.uncertain);
+                let now = deadlines.now_ms();
+                cluster.adopt(
+                    state.lease_left_ms,
+                    uncertain,
+                    state.uncertain_overflow,
+                    now,
+                    1000,
+                );
+                for (key, _) in clients.conns.iter() {
+                    cluster.throttle(clients.slot(key));
+                }
+            }
         }
         let notifier = extras.notifier.unwrap_or_else(|| Box::new(Silent));
         let housekeeping =
@@ -307,6 +329,7 @@ impl Server {
             successor: extras.successor,
             upgrade: None,
             upgrade_asked: false,
+            quiescing: None,
             inherited,
             adopted_input,
             cluster,
@@ -328,10 +351,16 @@ impl Server {
                 Ok(()) => info!("upgrade: took over {adopted} connection(s)"),
                 Err(e) => warn!("upgrade: cannot tell the old process it may go: {e}"),
             }
+            let held = self.cluster.is_some();
             for key in std::mem::take(&mut self.adopted_input) {
-                if self.clients.get(key).is_some() {
-                    self.resume_input(key);
+                if self.clients.get(key).is_some() && !held {
+                    self.resume_input(key); // in a cluster, once the link is ready
                 }
+            }
+            // A half-closed client with nothing left to write closes.
+            let keys: Vec<usize> = self.clients.conns.iter().map(|(key, _)| key).collect();
+            for key in keys {
+                self.close_if_drained(key);
             }
         }
         // A request made before the loop attached its waker woke nobody.
@@ -379,6 +408,9 @@ impl Server {
                     continue;
                 };
                 match source {
+                    // Quiescing for an upgrade: clients wait (the new
+                    // process, or the resumed old one, reads them).
+                    Source::Client(_) | Source::Listener if self.quiescing.is_some() => {}
                     Source::Client(key) => self.on_client_event(key, event),
                     Source::Listener => {
                         let registry = self.poll.registry();
@@ -406,7 +438,16 @@ impl Server {
                     }
                 }
             }
-            self.serve_more_input(carried);
+            if self.quiescing.is_some() {
+                // Read again when serving resumes, or by the new process.
+                for key in carried {
+                    if let Some(conn) = self.clients.get(key) {
+                        let _ = conn.take_deferred_input();
+                    }
+                }
+            } else {
+                self.serve_more_input(carried);
+            }
             if let Some(cluster) = &mut self.cluster {
                 if cluster.has_unread() {
                     cluster.read_more(self.deadlines.now_ms());
@@ -428,8 +469,9 @@ impl Server {
             self.housekeeping
                 .end_turn(&mut self.clients, &mut self.deadlines);
             if std::mem::take(&mut self.upgrade_asked) {
-                self.begin_upgrade();
+                self.start_upgrade();
             }
+            self.quiesce_turn();
         }
     }
 
@@ -523,6 +565,16 @@ impl Server {
         let deadlines = &mut self.deadlines;
         while let Some(deadline) = deadlines.pop_due() {
             match deadline {
+                Deadline::Idle(slot)
+                    if self.cluster.as_ref().is_some_and(|c| c.is_throttled(slot)) =>
+                {
+                    // Its input is held back, not missing: not idle.
+                    if let Some(key) = self.clients.applies(deadline, slot) {
+                        let idle = self.clients.limits.idle_timeout_ms;
+                        self.clients
+                            .set_deadline(key, deadlines, idle, Deadline::Idle);
+                    }
+                }
                 Deadline::Login(slot) | Deadline::Idle(slot) | Deadline::Close(slot) => {
                     self.clients.on_deadline(deadline, slot, deadlines);
                 }
