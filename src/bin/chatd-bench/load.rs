@@ -406,8 +406,14 @@ impl Load {
 
     /// Starts the traffic phase.
     pub fn start_traffic(&mut self) {
+        self.start_traffic_at(Instant::now());
+    }
+
+    /// Starts the traffic phase, its open-loop schedule counted from `at`
+    /// (with several threads, the same for all).
+    pub fn start_traffic_at(&mut self, at: Instant) {
         self.generating = true;
-        self.traffic_start = Instant::now();
+        self.traffic_start = at;
         if self.plan.rate == 0.0 {
             for s in 0..self.senders.len() {
                 for _ in 0..self.plan.window {
@@ -428,20 +434,32 @@ impl Load {
     pub fn traffic_step(&mut self, wait: Duration) -> io::Result<()> {
         let mut wait = wait;
         if self.generating && self.plan.rate > 0.0 && !self.senders.is_empty() {
-            // This thread's share of the lines, as its share of the senders.
-            let rate = self.plan.rate * self.senders.len() as f64 / self.plan.senders as f64;
+            let rate = self.plan.rate;
             let elapsed = self.traffic_start.elapsed().as_secs_f64();
             // Line k is due at k / rate: lines 0 ..= elapsed * rate are due.
             let due = (elapsed * rate) as u64 + 1;
             let base = self.traffic_start.duration_since(self.epoch).as_secs_f64();
             let now = self.epoch.elapsed();
+            let senders = self.plan.senders as u64;
             while self.scheduled < due {
                 let k = self.scheduled;
                 self.scheduled += 1;
+                // Line k is sender k mod senders's; with several threads,
+                // this thread sends those of its own senders, on the same
+                // schedule as the others.
+                let s = (k % senders) as usize;
+                if s % self.threads != self.thread {
+                    continue;
+                }
                 let intended = Duration::from_secs_f64(base + k as f64 / rate);
-                self.send_line((k % self.senders.len() as u64) as usize, intended);
+                self.send_line(s / self.threads, intended);
                 let lag = now.saturating_sub(intended).as_micros() as u64;
                 let _ = self.send_lag.record(lag.max(1));
+            }
+            // The next line of this thread's (within a turn of the senders,
+            // as it has one).
+            while (self.scheduled % senders) as usize % self.threads != self.thread {
+                self.scheduled += 1;
             }
             // Out at once, before this turn's events are handled.
             self.flush_dirty();

@@ -59,6 +59,8 @@ pub struct Totals {
 
 pub struct Pool {
     phase: Arc<AtomicU8>,
+    /// When the traffic phase started, for every thread's schedule.
+    traffic_start: Arc<Mutex<Instant>>,
     boards: Vec<Arc<Board>>,
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<Load>>,
@@ -79,6 +81,7 @@ impl Generator {
         });
         let phase = Arc::new(AtomicU8::new(WAIT));
         let epoch = Instant::now();
+        let traffic_start = Arc::new(Mutex::new(epoch));
         let mut boards = Vec::new();
         let mut workers = Vec::new();
         for (t, mut load) in loads.drain(..).enumerate() {
@@ -86,10 +89,11 @@ impl Generator {
             let board = Arc::new(Board::default());
             boards.push(board.clone());
             let phase = phase.clone();
+            let start = traffic_start.clone();
             let worker = std::thread::Builder::new()
                 .name(format!("bench-{t}"))
                 .spawn(move || {
-                    if let Err(e) = work(&mut load, &phase, &board) {
+                    if let Err(e) = work(&mut load, &phase, &start, &board) {
                         *board.error.lock().unwrap() = Some(e);
                         board.seen.store(DONE, Ordering::Release);
                     }
@@ -99,6 +103,7 @@ impl Generator {
         }
         Ok(Generator::Many(Pool {
             phase,
+            traffic_start,
             boards,
             shared,
             workers,
@@ -204,7 +209,10 @@ impl Generator {
                 load.start_traffic();
                 Ok(())
             }
-            Generator::Many(pool) => pool.enter(TRAFFIC),
+            Generator::Many(pool) => {
+                *pool.traffic_start.lock().unwrap() = Instant::now();
+                pool.enter(TRAFFIC)
+            }
         }
     }
 
@@ -302,7 +310,12 @@ impl Pool {
 }
 
 /// One worker: runs its [`Load`] through the phases the main thread sets.
-fn work(load: &mut Load, phase: &AtomicU8, board: &Board) -> io::Result<()> {
+fn work(
+    load: &mut Load,
+    phase: &AtomicU8,
+    traffic_start: &Mutex<Instant>,
+    board: &Board,
+) -> io::Result<()> {
     let mut seen = WAIT;
     let mut connect_start = Instant::now();
     loop {
@@ -315,7 +328,7 @@ fn work(load: &mut Load, phase: &AtomicU8, board: &Board) -> io::Result<()> {
                 IDLE => {
                     *board.login_latency.lock().unwrap() = Some(load.login_latency.clone());
                 }
-                TRAFFIC => load.start_traffic(),
+                TRAFFIC => load.start_traffic_at(*traffic_start.lock().unwrap()),
                 STOPPED => load.stop_traffic(),
                 _ => {}
             }
