@@ -271,8 +271,7 @@ impl Load {
         })
     }
 
-    /// Joins this thread's part to the others: returns the waker that
-    /// wakes it, for [`Shared::wakers`].
+    /// A waker of this thread's poll loop, for [`Shared::wakers`].
     pub fn waker(&self) -> io::Result<Arc<Waker>> {
         Ok(Arc::new(Waker::new(self.poll.registry(), WAKER)?))
     }
@@ -333,8 +332,13 @@ impl Load {
     /// One turn of the connect phase: starts the connects the rate allows,
     /// then handles events for up to `wait`.
     pub fn connect_step(&mut self, phase_start: Instant, wait: Duration) -> io::Result<()> {
-        // This thread's share of the rate, so all finish together.
-        let rate = self.plan.connect_rate * self.clients.len() as f64 / self.plan.clients as f64;
+        // With several threads, this one's share of the rate, so all finish
+        // together.
+        let rate = if self.threads == 1 {
+            self.plan.connect_rate
+        } else {
+            self.plan.connect_rate * self.clients.len() as f64 / self.plan.clients as f64
+        };
         let due = if rate > 0.0 {
             let allowed = phase_start.elapsed().as_secs_f64() * rate;
             (allowed as usize + 1).min(self.clients.len())
