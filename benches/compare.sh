@@ -11,6 +11,9 @@
 # scale19k, default 30), SCENARIOS (space separated subset of: idle10k
 # fanout1 fanout10 rate100k storm10k storm19k scale19k),
 # OUT (directory for the JSON results, default target/compare).
+# Each traffic scenario also leaves its latency histogram beside its JSON,
+# $OUT/<scenario>.<server>.hgrm (HdrHistogram percentile distribution, µs);
+# benches/charts.py draws them.
 # Traffic goes to 127.0.0.1 only. Each scenario gets a fresh server process:
 # the tutorial server never frees a name, and stops routing for good once a
 # message is sent to a client that has disconnected.
@@ -69,7 +72,8 @@ run_one() { # server-name scenario
     args=$(scenario_args "$2")
     echo "== $2 / $1: chatd-bench $args" >&2
     # shellcheck disable=SC2086
-    "$bench" --addr "127.0.0.1:$port" --server-pid "$pid" --json $args >"$out/$2.$1.json" || true
+    "$bench" --addr "127.0.0.1:$port" --server-pid "$pid" --json --hgrm "$out/$2.$1.hgrm" $args \
+        >"$out/$2.$1.json" || true
     kill -INT "$pid" 2>/dev/null || true
     sleep 0.2
     kill -KILL "$pid" 2>/dev/null || true

@@ -358,3 +358,175 @@ fn bad_name_prefix_is_a_usage_error() {
         );
     }
 }
+
+/// `--threads 2` (and 3, over a row of recipients that wraps): every
+/// delivery counted once, in order per (sender, recipient) pair though the
+/// recipient's thread is not the sender's, and closed loop keeps going, so
+/// the completions get back to the sender's thread.
+#[test]
+fn threads_count_every_delivery() {
+    let server = Server::start(&[]);
+    for (threads, clients, senders, fanout) in [("2", "21", "7", "5"), ("3", "10", "10", "9")] {
+        let out = bench(
+            &server,
+            &[
+                "--name-prefix",
+                &format!("t{threads}"),
+                "--threads",
+                threads,
+                "--clients",
+                clients,
+                "--senders",
+                senders,
+                "--fanout",
+                fanout,
+                "--window",
+                "4",
+                "--duration",
+                "0.5",
+            ],
+        );
+        let json = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{json}");
+        assert_eq!(field(&out, "threads"), threads.parse::<f64>().unwrap());
+        assert_eq!(field(&out, "logged_in"), clients.parse::<f64>().unwrap());
+        let sent = field(&out, "lines_sent");
+        assert!(sent > 100.0, "only {sent} lines in 0.5 s: {json}");
+        let fanout: f64 = fanout.parse().unwrap();
+        assert_eq!(field(&out, "deliveries"), sent * fanout, "{json}");
+        assert_eq!(field(&out, "lost"), 0.0, "{json}");
+        assert_eq!(field(&out, "unexpected"), 0.0, "{json}");
+        assert!(field(&out, "latency_us_p99") >= field(&out, "latency_us_p50"));
+    }
+
+    // Open loop over two threads: about the rate, all of it delivered.
+    let out = bench(
+        &server,
+        &[
+            "--name-prefix",
+            "open",
+            "--threads",
+            "2",
+            "--clients",
+            "11",
+            "--senders",
+            "5",
+            "--fanout",
+            "3",
+            "--rate",
+            "2000",
+            "--duration",
+            "1",
+        ],
+    );
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{json}");
+    let sent = field(&out, "lines_sent");
+    assert!((1900.0..=2100.0).contains(&sent), "{json}");
+    assert_eq!(field(&out, "deliveries"), sent * 3.0, "{json}");
+    assert_eq!(field(&out, "unexpected"), 0.0, "{json}");
+}
+
+/// The loss check holds over two threads: the lossy server of
+/// `detects_a_lossy_server` is caught the same way.
+#[test]
+fn detects_a_lossy_server_with_two_threads() {
+    let server = Server::start(&["--idle-timeout", "0.3"]);
+    let out = bench(
+        &server,
+        &[
+            "--threads",
+            "2",
+            "--clients",
+            "10",
+            "--senders",
+            "5",
+            "--window",
+            "16",
+            "--payload",
+            "150",
+            "--duration",
+            "1",
+            "--settle-timeout",
+            "1",
+        ],
+    );
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert_eq!(text_field(&json, "result"), "FAILED");
+    assert!(field(&out, "lost") > 0.0, "{json}");
+    assert!(field(&out, "closed_by_server") > 0.0, "{json}");
+}
+
+/// `--hgrm FILE` writes the latency histogram as HdrHistogram's percentile
+/// distribution: the header, rows of increasing percentiles up to 1 (the
+/// last without its 1/(1-Percentile)), counts up to the deliveries, and the
+/// `#[Mean`, `#[Max` and `#[Buckets` footer.
+#[test]
+fn writes_the_latency_histogram_as_hgrm() {
+    let server = Server::start(&[]);
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("bench-{}.hgrm", std::process::id()));
+    let out = bench(
+        &server,
+        &[
+            "--clients",
+            "10",
+            "--senders",
+            "3",
+            "--fanout",
+            "2",
+            "--window",
+            "2",
+            "--duration",
+            "0.3",
+            "--hgrm",
+            path.to_str().unwrap(),
+        ],
+    );
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{json}");
+    let text = std::fs::read_to_string(&path).expect("the .hgrm file");
+    let _ = std::fs::remove_file(&path);
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["Value", "Percentile", "TotalCount", "1/(1-Percentile)"]
+    );
+    assert_eq!(lines.next(), Some(""));
+    let (rows, footer): (Vec<&str>, Vec<&str>) = lines.partition(|l| !l.starts_with("#["));
+    assert!(rows.len() > 10, "{text}");
+    let mut last = (0.0, -1.0, 0.0);
+    for (n, row) in rows.iter().enumerate() {
+        let cols: Vec<f64> = row
+            .split_whitespace()
+            .map(|c| c.parse().unwrap_or_else(|_| panic!("{row:?}")))
+            .collect();
+        let final_row = n == rows.len() - 1;
+        assert_eq!(cols.len(), if final_row { 3 } else { 4 }, "{row:?}");
+        let (value, percentile, count) = (cols[0], cols[1], cols[2]);
+        assert!(
+            value >= last.0 && percentile > last.1 && count >= last.2,
+            "{row:?}"
+        );
+        if !final_row {
+            assert!(
+                (cols[3] - 1.0 / (1.0 - percentile)).abs() < 0.01 * cols[3],
+                "{row:?}"
+            );
+        }
+        last = (value, percentile, count);
+    }
+    assert_eq!(last.1, 1.0, "the last row is the 100th percentile");
+    assert_eq!(last.2, field(&out, "deliveries"));
+    assert_eq!(last.0, field(&out, "latency_us_max"));
+    assert!(footer[0].starts_with("#[Mean    = "), "{text}");
+    assert!(footer[1].starts_with("#[Max     = "), "{text}");
+    assert!(
+        footer[1].contains(&format!("Total count    = {:12}]", last.2)),
+        "{text}"
+    );
+    assert!(footer[2].starts_with("#[Buckets = "), "{text}");
+    assert!(text.contains("microseconds"), "the unit is said: {text}");
+}

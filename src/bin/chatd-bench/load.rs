@@ -11,16 +11,24 @@
 //! lines, `ts_ns` is when the line was meant to be sent (ns since the run
 //! started), so latency includes any queueing in the generator itself and
 //! coordinated omission cannot hide it.
+//!
+//! With `--threads N`, `N` of these run side by side, one per thread: the
+//! one of thread `t` owns the clients `i` with `i mod N == t` (its local
+//! client `i / N`), so also the senders among them. A recipient's thread
+//! checks the order of what it receives (the sequence number is in the
+//! body); in closed loop it tells the sender's thread, through that
+//! thread's inbox ([`Shared`]), when one of its lines was delivered.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use std::os::fd::{AsFd, AsRawFd};
@@ -31,6 +39,18 @@ const SPIN_BELOW: Duration = Duration::from_micros(200);
 
 /// The poll token of the pacing timer; client tokens are their indices.
 const PACER: Token = Token(usize::MAX);
+
+/// The poll token of the waker other threads use: a phase change, or
+/// deliveries of this thread's senders' lines in its inbox.
+const WAKER: Token = Token(usize::MAX - 1);
+
+/// What the threads of one run share: one inbox and one waker per thread.
+/// An inbox holds `(sender, seq)` for each delivery another thread saw of
+/// a line of one of this thread's senders (closed loop only).
+pub struct Shared {
+    pub inboxes: Vec<Mutex<Vec<(usize, u64)>>>,
+    pub wakers: Vec<Arc<Waker>>,
+}
 
 /// What the run is told to do.
 #[derive(Debug, Clone)]
@@ -87,7 +107,7 @@ struct Sender {
     in_flight: VecDeque<(u64, u32)>,
 }
 
-/// Counts kept while running, reported at the end.
+/// Counts kept while running, reported at the end (summed over threads).
 #[derive(Debug, Default, Clone)]
 pub struct Counts {
     pub connect_failed: u64,
@@ -105,15 +125,51 @@ pub struct Counts {
     pub socket_errors: Vec<(String, u64)>,
 }
 
+impl Counts {
+    /// Adds another thread's counts to these.
+    pub fn add(&mut self, other: &Counts) {
+        self.connect_failed += other.connect_failed;
+        self.logged_in += other.logged_in;
+        self.lines_sent += other.lines_sent;
+        self.deliveries += other.deliveries;
+        self.unexpected += other.unexpected;
+        self.closed_by_server += other.closed_by_server;
+        for (list, more) in [
+            (&mut self.error_lines, &other.error_lines),
+            (&mut self.socket_errors, &other.socket_errors),
+        ] {
+            for (key, n) in more {
+                match list.iter_mut().find(|(k, _)| k == key) {
+                    Some((_, m)) => *m += n,
+                    None => list.push((key.clone(), *n)),
+                }
+            }
+        }
+    }
+}
+
 /// The generator's state.
 pub struct Load {
     plan: Plan,
     poll: Poll,
+    /// This thread's clients: local client `j` is client `j * threads +
+    /// thread`, and its poll token is `j`.
     clients: Vec<Client>,
+    /// This thread's senders, local sender `j` being local client `j`.
     senders: Vec<Sender>,
-    /// Last sequence number seen per (sender, k-th recipient); `u64::MAX`
-    /// before the first.
+    /// This thread's number and the number of threads (0 and 1 alone).
+    thread: usize,
+    threads: usize,
+    /// Several threads: the inboxes and wakers, and what goes to other
+    /// threads' inboxes at the end of this turn.
+    link: Option<Arc<Shared>>,
+    outbox: Vec<Vec<(usize, u64)>>,
+    /// Last sequence number seen per (sender, k-th recipient) whose
+    /// recipient is on this thread, at [`Load::slot`]; `u64::MAX` before
+    /// the first.
     last_seq: Vec<u64>,
+    /// Slots per sender in `last_seq`.
+    stride: usize,
     pub counts: Counts,
     /// Login latency (connect start to confirmation), µs.
     pub login_latency: Histogram<u64>,
@@ -145,8 +201,16 @@ pub struct Load {
 }
 
 impl Load {
+    /// The generator of a single-threaded run.
     pub fn new(plan: Plan) -> io::Result<Load> {
-        let clients = (0..plan.clients)
+        Load::new_part(plan, 0, 1)
+    }
+
+    /// The part of thread `thread` of `threads` (give it the others' inboxes
+    /// with [`Load::link`] when there are several).
+    pub fn new_part(plan: Plan, thread: usize, threads: usize) -> io::Result<Load> {
+        let local = |n: usize| (n + threads - 1 - thread) / threads;
+        let clients = (0..local(plan.clients))
             .map(|_| Client {
                 stream: None,
                 state: State::NotStarted,
@@ -157,12 +221,19 @@ impl Load {
                 dirty: false,
             })
             .collect();
-        let senders = (0..plan.senders)
+        let senders = (0..local(plan.senders))
             .map(|_| Sender {
                 next_seq: 0,
                 in_flight: VecDeque::new(),
             })
             .collect();
+        // A sender's recipients on one thread, in a row of clients that
+        // may wrap once: at most one more than an even share.
+        let stride = if threads == 1 {
+            plan.fanout
+        } else {
+            plan.fanout.div_ceil(threads) + 1
+        };
         let histogram = || Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
         let poll = Poll::new()?;
         let pacer = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_NONBLOCK)?;
@@ -176,7 +247,12 @@ impl Load {
             pacer,
             clients,
             senders,
-            last_seq: vec![u64::MAX; plan.senders * plan.fanout],
+            thread,
+            threads,
+            link: None,
+            outbox: vec![Vec::new(); threads],
+            last_seq: vec![u64::MAX; plan.senders * stride],
+            stride,
             counts: Counts::default(),
             login_latency: histogram(),
             latency: histogram(),
@@ -193,6 +269,40 @@ impl Load {
             from_head: format!("from {}b", plan.name_prefix).into_bytes(),
             plan,
         })
+    }
+
+    /// A waker of this thread's poll loop, for [`Shared::wakers`].
+    pub fn waker(&self) -> io::Result<Arc<Waker>> {
+        Ok(Arc::new(Waker::new(self.poll.registry(), WAKER)?))
+    }
+
+    /// Gives it the inboxes and wakers of all threads, and the run's epoch:
+    /// a line's time is stamped by its sender's thread and read by its
+    /// recipients', so all count from the same instant.
+    pub fn link(&mut self, shared: Arc<Shared>, epoch: Instant) {
+        self.link = Some(shared);
+        self.epoch = epoch;
+    }
+
+    /// The global number of local client `j`.
+    fn global(&self, j: usize) -> usize {
+        j * self.threads + self.thread
+    }
+
+    /// Where in `last_seq` the order of sender `s` to its recipient `i` (a
+    /// client of this thread) is kept: the recipients of `s` on this
+    /// thread, in the order of `k`, start at `s * stride`. With one thread,
+    /// `s * fanout + k`.
+    fn slot(&self, s: usize, i: usize) -> usize {
+        let (n, t) = (self.plan.clients, self.thread);
+        // This thread's clients below `x`.
+        let below = |x: usize| (x + self.threads - 1 - t) / self.threads;
+        let pos = if i > s {
+            below(i) - below(s + 1)
+        } else {
+            below(n) - below(s + 1) + below(i) // the row wrapped
+        };
+        s * self.stride + pos
     }
 
     /// Clients connected and logged in.
@@ -222,7 +332,13 @@ impl Load {
     /// One turn of the connect phase: starts the connects the rate allows,
     /// then handles events for up to `wait`.
     pub fn connect_step(&mut self, phase_start: Instant, wait: Duration) -> io::Result<()> {
-        let rate = self.plan.connect_rate;
+        // With several threads, this one's share of the rate, so all finish
+        // together.
+        let rate = if self.threads == 1 {
+            self.plan.connect_rate
+        } else {
+            self.plan.connect_rate * self.clients.len() as f64 / self.plan.clients as f64
+        };
         let due = if rate > 0.0 {
             let allowed = phase_start.elapsed().as_secs_f64() * rate;
             (allowed as usize + 1).min(self.clients.len())
@@ -254,8 +370,9 @@ impl Load {
         self.turn(wait)
     }
 
-    fn start_connect(&mut self, i: usize) -> io::Result<()> {
+    fn start_connect(&mut self, j: usize) -> io::Result<()> {
         use socket2::{Domain, Protocol, Socket, Type};
+        let i = self.global(j);
         let servers = self.plan.addrs.len();
         let addr = self.plan.addrs[i % servers];
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -278,12 +395,12 @@ impl Load {
         let mut stream = TcpStream::from_std(socket.into());
         self.poll.registry().register(
             &mut stream,
-            Token(i),
+            Token(j),
             Interest::READABLE | Interest::WRITABLE,
         )?;
         let mut name = self.name_head.clone();
         name.extend_from_slice(itoa(i as u64, &mut [0; 20]));
-        let client = &mut self.clients[i];
+        let client = &mut self.clients[j];
         client.stream = Some(stream);
         client.state = State::Connecting;
         client.started = Instant::now();
@@ -293,8 +410,14 @@ impl Load {
 
     /// Starts the traffic phase.
     pub fn start_traffic(&mut self) {
+        self.start_traffic_at(Instant::now());
+    }
+
+    /// Starts the traffic phase, its open-loop schedule counted from `at`
+    /// (with several threads, the same for all).
+    pub fn start_traffic_at(&mut self, at: Instant) {
         self.generating = true;
-        self.traffic_start = Instant::now();
+        self.traffic_start = at;
         if self.plan.rate == 0.0 {
             for s in 0..self.senders.len() {
                 for _ in 0..self.plan.window {
@@ -315,22 +438,36 @@ impl Load {
     pub fn traffic_step(&mut self, wait: Duration) -> io::Result<()> {
         let mut wait = wait;
         if self.generating && self.plan.rate > 0.0 && !self.senders.is_empty() {
+            let rate = self.plan.rate;
             let elapsed = self.traffic_start.elapsed().as_secs_f64();
             // Line k is due at k / rate: lines 0 ..= elapsed * rate are due.
-            let due = (elapsed * self.plan.rate) as u64 + 1;
+            let due = (elapsed * rate) as u64 + 1;
             let base = self.traffic_start.duration_since(self.epoch).as_secs_f64();
             let now = self.epoch.elapsed();
+            let senders = self.plan.senders as u64;
             while self.scheduled < due {
                 let k = self.scheduled;
                 self.scheduled += 1;
-                let intended = Duration::from_secs_f64(base + k as f64 / self.plan.rate);
-                self.send_line((k % self.senders.len() as u64) as usize, intended);
+                // Line k is sender k mod senders's; with several threads,
+                // this thread sends those of its own senders, on the same
+                // schedule as the others.
+                let s = (k % senders) as usize;
+                if s % self.threads != self.thread {
+                    continue;
+                }
+                let intended = Duration::from_secs_f64(base + k as f64 / rate);
+                self.send_line(s / self.threads, intended);
                 let lag = now.saturating_sub(intended).as_micros() as u64;
                 let _ = self.send_lag.record(lag.max(1));
             }
+            // The next line of this thread's (within a turn of the senders,
+            // as it has one).
+            while (self.scheduled % senders) as usize % self.threads != self.thread {
+                self.scheduled += 1;
+            }
             // Out at once, before this turn's events are handled.
             self.flush_dirty();
-            let next = base + (self.scheduled as f64) / self.plan.rate;
+            let next = base + (self.scheduled as f64) / rate;
             let until = Duration::from_secs_f64(next).saturating_sub(self.epoch.elapsed());
             if until < SPIN_BELOW {
                 // Too close to sleep and wake on time: poll without sleeping
@@ -347,19 +484,20 @@ impl Load {
         self.turn(wait)
     }
 
-    /// Queues sender `s`'s next line, stamped with `intended`.
-    fn send_line(&mut self, s: usize, intended: Duration) {
-        if self.clients[s].state != State::Ready {
+    /// Queues local sender `j`'s next line, stamped with `intended`.
+    fn send_line(&mut self, j: usize, intended: Duration) {
+        if self.clients[j].state != State::Ready {
             return;
         }
-        let sender = &mut self.senders[s];
+        let s = self.global(j);
+        let sender = &mut self.senders[j];
         let seq = sender.next_seq;
         sender.next_seq += 1;
         if self.plan.rate == 0.0 {
             sender.in_flight.push_back((seq, self.plan.fanout as u32));
         }
-        let n = self.clients.len();
-        let client = &mut self.clients[s];
+        let n = self.plan.clients;
+        let client = &mut self.clients[j];
         if client.out_pos == client.out.len() {
             client.out.clear();
             client.out_pos = 0;
@@ -385,7 +523,7 @@ impl Load {
         self.counts.lines_sent += 1;
         if !client.dirty {
             client.dirty = true;
-            self.dirty.push(s);
+            self.dirty.push(j);
         }
     }
 
@@ -414,6 +552,10 @@ impl Load {
                 let _ = self.pacer.wait(); // clears it; non-blocking
                 continue;
             }
+            if event.token() == WAKER {
+                self.take_inbox();
+                continue;
+            }
             let i = event.token().0;
             if self.clients[i].state == State::Closed {
                 continue;
@@ -428,8 +570,42 @@ impl Load {
                 self.read(i);
             }
         }
+        self.post_outbox();
         self.flush_dirty();
         Ok(())
+    }
+
+    /// Several threads: completes the lines of this thread's senders that
+    /// other threads saw delivered.
+    fn take_inbox(&mut self) {
+        let Some(shared) = self.link.clone() else {
+            return;
+        };
+        let done = std::mem::take(&mut *shared.inboxes[self.thread].lock().unwrap());
+        for (s, seq) in done {
+            self.complete(s / self.threads, seq);
+        }
+    }
+
+    /// Several threads: hands what this turn saw of other threads' lines to
+    /// their inboxes, and wakes those that were empty (the others have a
+    /// wake-up pending).
+    fn post_outbox(&mut self) {
+        let Some(shared) = &self.link else {
+            return;
+        };
+        for (t, out) in self.outbox.iter_mut().enumerate() {
+            if out.is_empty() {
+                continue;
+            }
+            let mut inbox = shared.inboxes[t].lock().unwrap();
+            let wake = inbox.is_empty();
+            inbox.append(out);
+            drop(inbox);
+            if wake {
+                let _ = shared.wakers[t].wake();
+            }
+        }
     }
 
     /// Checks a connecting socket; false if it failed or is not ready.
@@ -533,8 +709,10 @@ impl Load {
             return;
         };
         let body = &rest[colon + 1..];
-        if self.clients[i].state == State::LoggingIn && from as usize == i && body == b" l" {
-            let client = &mut self.clients[i];
+        let j = i;
+        let i = self.global(j);
+        if self.clients[j].state == State::LoggingIn && from as usize == i && body == b" l" {
+            let client = &mut self.clients[j];
             client.state = State::Ready;
             self.counts.logged_in += 1;
             let us = client.started.elapsed().as_micros() as u64;
@@ -550,13 +728,13 @@ impl Load {
             return;
         };
         let s = from as usize;
-        let n = self.clients.len();
-        let k = (i + n - s - 1) % n;
-        if s >= self.senders.len() || k >= self.plan.fanout {
+        let n = self.plan.clients;
+        if s >= self.plan.senders || (i + n - s - 1) % n >= self.plan.fanout {
             self.counts.unexpected += 1;
             return;
         }
-        let last = &mut self.last_seq[s * self.plan.fanout + k];
+        let slot = self.slot(s, i);
+        let last = &mut self.last_seq[slot];
         if (*last == u64::MAX && seq != 0) || (*last != u64::MAX && seq != *last + 1) {
             self.counts.unexpected += 1; // a gap, repeat or reordering
         }
@@ -565,14 +743,18 @@ impl Load {
         let latency = now.saturating_sub(Duration::from_nanos(ts));
         let _ = self.latency.record((latency.as_micros() as u64).max(1));
         if self.plan.rate == 0.0 {
-            self.complete(s, seq);
+            if s % self.threads == self.thread {
+                self.complete(s / self.threads, seq);
+            } else {
+                self.outbox[s % self.threads].push((s, seq));
+            }
         }
     }
 
-    /// Closed loop: one delivery of sender `s`'s line `seq` arrived; when
-    /// all of its deliveries have, the sender sends its next line.
-    fn complete(&mut self, s: usize, seq: u64) {
-        let in_flight = &mut self.senders[s].in_flight;
+    /// Closed loop: one delivery of local sender `j`'s line `seq` arrived;
+    /// when all of its deliveries have, the sender sends its next line.
+    fn complete(&mut self, j: usize, seq: u64) {
+        let in_flight = &mut self.senders[j].in_flight;
         if let Some(entry) = in_flight.iter_mut().find(|(q, _)| *q == seq) {
             entry.1 -= 1;
         }
@@ -583,7 +765,7 @@ impl Load {
         }
         if self.generating {
             for _ in 0..done {
-                self.send_line(s, self.epoch.elapsed());
+                self.send_line(j, self.epoch.elapsed());
             }
         }
     }
@@ -662,5 +844,55 @@ fn bind_address_no_port(socket: &socket2::Socket) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every (sender, recipient) pair whose recipient is on a thread gets a
+    /// slot of its own on that thread, within the sender's stride; with one
+    /// thread, `s * fanout + k` as before threads.
+    #[test]
+    fn order_slots_are_distinct_per_thread() {
+        for clients in 2..12 {
+            for threads in 1..5 {
+                for fanout in 1..clients {
+                    let plan = Plan {
+                        addrs: vec![SocketAddr::from(([127, 0, 0, 1], 1))],
+                        name_prefix: String::new(),
+                        clients,
+                        connect_rate: 0.0,
+                        source_ips: Vec::new(),
+                        senders: clients,
+                        fanout,
+                        payload: 0,
+                        window: 1,
+                        rate: 0.0,
+                        duration: Duration::ZERO,
+                        settle_timeout: Duration::ZERO,
+                    };
+                    for t in 0..threads {
+                        let load = Load::new_part(plan.clone(), t, threads).unwrap();
+                        let mut seen = std::collections::HashSet::new();
+                        for s in 0..clients {
+                            for k in 0..fanout {
+                                let i = (s + 1 + k) % clients;
+                                if i % threads != t {
+                                    continue;
+                                }
+                                let slot = load.slot(s, i);
+                                assert!(slot >= s * load.stride && slot < (s + 1) * load.stride);
+                                assert!(seen.insert(slot), "{clients} {threads} {fanout} {t}");
+                                if threads == 1 {
+                                    assert_eq!(slot, s * fanout + k);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }

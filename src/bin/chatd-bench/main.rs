@@ -5,16 +5,23 @@
 //! possible), confirm each login with a message to itself, hold the
 //! connections idle, then send traffic (closed loop with a window per
 //! sender, or open loop at a fixed rate), then wait for the last deliveries.
-//! Single-threaded and event-driven (mio), and it reports its own CPU time
-//! so a reader can tell whether the generator was the bottleneck.
+//! Event-driven (mio), single-threaded unless `--threads` asks for more
+//! (one mio loop per thread over its share of the clients), and it reports
+//! its own CPU time so a reader can tell whether the generator was the
+//! bottleneck.
 
 mod load;
+mod pool;
 
+use std::io::{IsTerminal, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use load::{Load, Plan};
+use hdrhistogram::Histogram;
+use load::Plan;
+use pool::Generator;
 
 const USAGE: &str = "\
 chatd-bench: load generator for chatd (or any server of the same protocol)
@@ -55,10 +62,24 @@ Traffic phase:
                          (every time is below 1e7 seconds)
   --settle-timeout SECS  longest wait for logins and last deliveries
                          [default: 30]
+Generator:
+  --threads N            threads, each with its own event loop over every
+                         N-th client, up to 1024 [default: 1]. More help when
+                         the generator is the bottleneck: when bench_cpu_secs
+                         (its CPU time during traffic) is near traffic_secs,
+                         one core is busy generating and the figures are the
+                         generator's; give it more threads (and cores) until
+                         bench_cpu_secs per thread is well below traffic_secs.
+                         On a machine with few cores they compete with the
+                         server for them.
 Measuring:
   --server-pid PID,...   read the server's RSS and CPU time from /proc; with
                          several (the nodes of a cluster), their sum
   --json                 print the result as one JSON object
+  --hgrm FILE            also write the delivery latency histogram to FILE in
+                         HdrHistogram's percentile distribution text format
+                         (.hgrm, values in microseconds), which HdrHistogram
+                         plotters read
   -h, --help             print this help
 
 Each connection uses one file descriptor here and one in the server. At
@@ -67,7 +88,7 @@ that, raise the hard limit first (`ulimit -Hn`, as root: `prlimit --nofile=`,
 or LimitNOFILE= in systemd).
 
 The result goes to stdout (text, or JSON with --json); progress goes to
-stderr once a second. Exit status 1 if anything was lost or went wrong.
+stderr once a second (redrawn in place on a terminal, else one line each). Exit status 1 if anything was lost or went wrong.
 ";
 
 /// The flags that take a value.
@@ -86,6 +107,8 @@ const VALUE_FLAGS: &[&str] = &[
     "duration",
     "settle-timeout",
     "server-pid",
+    "threads",
+    "hgrm",
 ];
 
 /// The longest time a flag takes, and the longest time between two events
@@ -106,6 +129,8 @@ const MAX_PAIRS: usize = 100_000_000;
 /// The longest `--name-prefix`: with `b` and the client number it stays
 /// well within chatd's 64-byte names.
 const MAX_PREFIX: usize = 32;
+/// The most `--threads`.
+const MAX_THREADS: usize = 1024;
 
 /// What the command line asked for.
 struct Args {
@@ -114,6 +139,9 @@ struct Args {
     /// The server processes to measure (several for a cluster's nodes).
     server_pids: Vec<u32>,
     json: bool,
+    threads: usize,
+    /// Where to write the latency histogram (`--hgrm`).
+    hgrm: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
@@ -136,6 +164,8 @@ fn parse_args() -> Result<Option<Args>, String> {
     let mut idle = Duration::ZERO;
     let mut server_pids = Vec::new();
     let mut json = false;
+    let mut threads = 1;
+    let mut hgrm = None;
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         let Long(flag) = arg else {
@@ -217,6 +247,13 @@ fn parse_args() -> Result<Option<Args>, String> {
                     .collect::<Option<_>>()
                     .ok_or_else(|| bad("a process id, or a comma list of them"))?
             }
+            "threads" => {
+                threads = count(MAX_THREADS)?;
+                if threads == 0 {
+                    return Err(bad(&format!("a whole number from 1 to {MAX_THREADS}")));
+                }
+            }
+            "hgrm" => hgrm = Some(PathBuf::from(&value)),
             _ => unreachable!("every flag of VALUE_FLAGS has an arm"),
         }
     }
@@ -256,6 +293,8 @@ fn parse_args() -> Result<Option<Args>, String> {
         idle,
         server_pids,
         json,
+        threads,
+        hgrm,
     }))
 }
 
@@ -437,7 +476,8 @@ fn run(args: &Args) -> std::io::Result<(Report, bool)> {
         })
     };
     let me = || usage_of("self").unwrap_or_default();
-    let mut load = Load::new(plan.clone())?;
+    let mut load = Generator::new(plan.clone(), args.threads)?;
+    let mut progress = Progress::new();
     let mut report = Report { fields: Vec::new() };
     let addrs: Vec<String> = plan.addrs.iter().map(SocketAddr::to_string).collect();
     report.text("addr", addrs.join(","));
@@ -446,30 +486,30 @@ fn run(args: &Args) -> std::io::Result<(Report, bool)> {
     // Connect and log in.
     let server_before = server();
     let start = Instant::now();
-    let mut progress = Instant::now();
     while !load.logins_settled() && start.elapsed() < plan.settle_timeout + connect_time(plan) {
         load.connect_step(start, Duration::from_millis(50))?;
-        if progress.elapsed() >= Duration::from_secs(1) {
-            progress = Instant::now();
-            eprintln!(
+        if progress.due() {
+            progress.show(format_args!(
                 "[connect] {:.0}s: {} logged in, {} failed",
                 start.elapsed().as_secs_f64(),
                 load.ready(),
-                load.counts.connect_failed
-            );
+                load.connect_failed()
+            ));
         }
     }
     let connect_secs = start.elapsed().as_secs_f64();
+    load.end_connect()?;
     report.int("logged_in", load.ready());
-    report.int("connect_failed", load.counts.connect_failed);
+    report.int("connect_failed", load.connect_failed());
     report.float("connect_secs", connect_secs);
     report.float("logins_per_sec", load.ready() as f64 / connect_secs);
+    let login_latency = load.login_latency();
     for (key, q) in [
         ("login_ms_p50", 0.5),
         ("login_ms_p99", 0.99),
         ("login_ms_max", 1.0),
     ] {
-        report.float(key, load.login_latency.value_at_quantile(q) as f64 / 1000.0);
+        report.float(key, login_latency.value_at_quantile(q) as f64 / 1000.0);
     }
 
     // Idle hold.
@@ -477,14 +517,13 @@ fn run(args: &Args) -> std::io::Result<(Report, bool)> {
     while idle_start.elapsed() < args.idle {
         let left = args.idle.saturating_sub(idle_start.elapsed());
         load.traffic_step(left.min(Duration::from_millis(100)))?;
-        if progress.elapsed() >= Duration::from_secs(1) {
-            progress = Instant::now();
-            eprintln!(
+        if progress.due() {
+            progress.show(format_args!(
                 "[idle] {:.1}s of {:.1}s: {} connected",
                 idle_start.elapsed().as_secs_f64(),
                 args.idle.as_secs_f64(),
                 load.connected()
-            );
+            ));
         }
     }
     if let (Some(before), Some(after)) = (server_before, server()) {
@@ -496,7 +535,7 @@ fn run(args: &Args) -> std::io::Result<(Report, bool)> {
     }
 
     // Traffic.
-    if plan.senders > 0 {
+    let (counts, expected) = if plan.senders > 0 {
         report.int("senders", plan.senders as u64);
         report.int("fanout", plan.fanout as u64);
         report.int("payload", plan.payload as u64);
@@ -508,32 +547,38 @@ fn run(args: &Args) -> std::io::Result<(Report, bool)> {
         let server_start = server();
         let me_start = me();
         let start = Instant::now();
-        load.start_traffic();
+        load.start_traffic()?;
         let mut last = (Instant::now(), 0);
         while start.elapsed() < plan.duration {
             load.traffic_step(Duration::from_millis(10))?;
             if last.0.elapsed() >= Duration::from_secs(1) {
-                let d = load.counts.deliveries;
-                eprintln!(
+                let d = load.deliveries();
+                progress.show(format_args!(
                     "[traffic] {:.0}s: {:.0} deliveries/s, {} in flight",
                     start.elapsed().as_secs_f64(),
                     (d - last.1) as f64 / last.0.elapsed().as_secs_f64(),
                     load.expected().saturating_sub(d),
-                );
+                ));
                 last = (Instant::now(), d);
             }
         }
-        load.stop_traffic();
+        load.stop_traffic()?;
         let sent_secs = start.elapsed().as_secs_f64();
         let settle = Instant::now();
-        while load.counts.deliveries < load.expected() && settle.elapsed() < plan.settle_timeout {
+        while load.deliveries() < load.expected() && settle.elapsed() < plan.settle_timeout {
             load.traffic_step(Duration::from_millis(10))?;
         }
         let secs = start.elapsed().as_secs_f64();
-        let c = &load.counts;
+        let me_cpu = me().cpu.saturating_sub(me_start.cpu);
+        let server_end = server();
+        progress.end();
+        let totals = load.finish()?;
+        let c = &totals.counts;
+        // Summed over the threads after they ended.
+        let expected = c.lines_sent * plan.fanout as u64;
         report.int("lines_sent", c.lines_sent);
         report.int("deliveries", c.deliveries);
-        report.int("lost", load.expected().saturating_sub(c.deliveries));
+        report.int("lost", expected.saturating_sub(c.deliveries));
         report.float("traffic_secs", sent_secs);
         report.float("deliveries_per_sec", c.deliveries as f64 / secs);
         for (key, q) in [
@@ -543,14 +588,14 @@ fn run(args: &Args) -> std::io::Result<(Report, bool)> {
             ("latency_us_p999", 0.999),
             ("latency_us_max", 1.0),
         ] {
-            report.int(key, load.latency.value_at_quantile(q));
+            report.int(key, totals.latency.value_at_quantile(q));
         }
         if plan.rate > 0.0 {
             for (key, q) in [("send_lag_us_p99", 0.99), ("send_lag_us_max", 1.0)] {
-                report.int(key, load.send_lag.value_at_quantile(q));
+                report.int(key, totals.send_lag.value_at_quantile(q));
             }
         }
-        if let (Some(before), Some(after)) = (server_start, server()) {
+        if let (Some(before), Some(after)) = (server_start, server_end) {
             let cpu = after.cpu.saturating_sub(before.cpu);
             report.float("server_cpu_secs", cpu.as_secs_f64());
             report.float(
@@ -558,12 +603,17 @@ fn run(args: &Args) -> std::io::Result<(Report, bool)> {
                 cpu.as_secs_f64() * 1e6 / c.deliveries.max(1) as f64,
             );
         }
-        report.float(
-            "bench_cpu_secs",
-            me().cpu.saturating_sub(me_start.cpu).as_secs_f64(),
-        );
-    }
-    let c = &load.counts;
+        report.int("threads", args.threads as u64);
+        report.float("bench_cpu_secs", me_cpu.as_secs_f64());
+        if let Some(path) = &args.hgrm {
+            std::fs::write(path, percentile_distribution(&totals.latency))?;
+        }
+        (totals.counts, expected)
+    } else {
+        progress.end();
+        (load.finish()?.counts, 0)
+    };
+    let c = &counts;
     report.int("unexpected", c.unexpected);
     report.int("closed_by_server", c.closed_by_server);
     let summary = |list: &[(String, u64)]| {
@@ -574,14 +624,125 @@ fn run(args: &Args) -> std::io::Result<(Report, bool)> {
     };
     report.text("error_lines", summary(&c.error_lines));
     report.text("socket_errors", summary(&c.socket_errors));
-    let ok = load.ready() == plan.clients as u64
-        && load.counts.deliveries == load.expected()
+    let ok = c.logged_in == plan.clients as u64
+        && c.deliveries == expected
         && c.unexpected == 0
         && c.closed_by_server == 0
         && c.error_lines.is_empty()
         && c.socket_errors.is_empty();
     report.text("result", if ok { "ok".into() } else { "FAILED".into() });
     Ok((report, ok))
+}
+
+/// Progress on stderr, one line a second: redrawn in place when stderr is
+/// a terminal, else one line each (for logs).
+struct Progress {
+    tty: bool,
+    last: Instant,
+    /// A line is on the terminal without its newline.
+    drawn: bool,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            last: Instant::now(),
+            drawn: false,
+        }
+    }
+
+    /// Whether a second has passed since the last line was due.
+    fn due(&mut self) -> bool {
+        let due = self.last.elapsed() >= Duration::from_secs(1);
+        if due {
+            self.last = Instant::now();
+        }
+        due
+    }
+
+    fn show(&mut self, line: std::fmt::Arguments) {
+        if self.tty {
+            // Back to the start of the line, and clear it.
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K{line}");
+            let _ = err.flush();
+            self.drawn = true;
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    /// Ends a line drawn in place, so what follows starts on its own.
+    fn end(&mut self) {
+        if std::mem::take(&mut self.drawn) {
+            eprintln!();
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// `histogram` (values in microseconds) in HdrHistogram's classic
+/// percentile distribution text format, as Java's
+/// `outputPercentileDistribution(out, 5, 1.0)` and C's `hdr_percentiles_print`
+/// (CLASSIC) write it: a header, one row per percentile step (5 per halving
+/// of the distance to 100%), the last without 1/(1-Percentile), and the
+/// `#[Mean`, `#[Max` and `#[Buckets` footer lines; then one more `#[` line
+/// saying the unit, which readers of the format skip like the footer.
+fn percentile_distribution(histogram: &Histogram<u64>) -> String {
+    use std::fmt::Write as _;
+    let digits = usize::from(histogram.sigfig());
+    let mut out = format!(
+        "{:>12} {:>14} {:>10} {:>14}\n\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    let mut total = 0;
+    for v in histogram.iter_quantiles(5) {
+        total += v.count_since_last_iteration();
+        let value = v.value_iterated_to() as f64;
+        let q = v.quantile_iterated_to();
+        if q < 1.0 {
+            let _ = writeln!(
+                out,
+                "{value:12.digits$} {q:2.12} {total:10} {:14.2}",
+                1.0 / (1.0 - q)
+            );
+        } else {
+            let _ = writeln!(out, "{value:12.digits$} {q:2.12} {total:10}");
+        }
+    }
+    let (mean, stdev) = if histogram.is_empty() {
+        (0.0, 0.0)
+    } else {
+        (histogram.mean(), histogram.stdev())
+    };
+    let _ = writeln!(
+        out,
+        "#[Mean    = {mean:12.digits$}, StdDeviation   = {stdev:12.digits$}]"
+    );
+    let _ = writeln!(
+        out,
+        "#[Max     = {:12.digits$}, Total count    = {:12}]",
+        histogram.max() as f64,
+        histogram.len()
+    );
+    // The sub-buckets are the power of two that holds 2 * 10^sigfig values.
+    let sub_buckets = (2 * 10u64.pow(u32::from(histogram.sigfig()))).next_power_of_two();
+    let _ = writeln!(
+        out,
+        "#[Buckets = {:12}, SubBuckets     = {sub_buckets:12}]",
+        histogram.buckets()
+    );
+    let _ = writeln!(
+        out,
+        "#[Unit    = microseconds: delivery latency from each line's intended send time]"
+    );
+    out
 }
 
 /// How long a rate-limited connect phase takes by design.
