@@ -78,6 +78,7 @@ fn every_connection_and_its_state_survive() {
     carol.send("bob: hal"); // no newline yet
     let mut dave = Client::connect_small(server.addr);
     dave.send("dave\n");
+    dave.sync("dave"); // logged in before the flood comes
     let payload = "d".repeat(10_000);
     alice.send(&format!("dave: {payload}\n").repeat(800)); // 8 MB for a reader that waits
     alice.sync("alice");
