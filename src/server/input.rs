@@ -242,14 +242,8 @@ impl Server {
             .clients
             .with_buffers(key, |conn, _| conn.partial.take());
         if let Some(line) = &tail {
-            let Server {
-                clients,
-                broker,
-                deadlines,
-                cluster,
-                ..
-            } = self;
-            broker.handle_line(clients, deadlines, cluster.as_mut(), key, &line.data);
+            // The last line, unterminated: handled like any other.
+            let _ = self.handle_lines(key, &[&line.data[..], b"\n"].concat());
         }
         self.clients.pool.give(&mut tail);
         if !self.clients.conn(key).reads_lines() {
