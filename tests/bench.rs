@@ -147,10 +147,19 @@ fn spreads_over_source_addresses() {
 /// socket takes before it calls the recipient slow.)
 #[test]
 fn detects_a_lossy_server() {
+    lossy_server_is_caught("1");
+}
+
+/// Runs chatd-bench with `threads` against a chatd whose silent
+/// recipients are closed by `--idle-timeout 0.3`: losses and closes must
+/// be reported, and the run must fail (exit 1).
+fn lossy_server_is_caught(threads: &str) {
     let server = Server::start(&["--idle-timeout", "0.3"]);
     let out = bench(
         &server,
         &[
+            "--threads",
+            threads,
             "--clients",
             "10",
             "--senders",
@@ -431,31 +440,7 @@ fn threads_count_every_delivery() {
 /// `detects_a_lossy_server` is caught the same way.
 #[test]
 fn detects_a_lossy_server_with_two_threads() {
-    let server = Server::start(&["--idle-timeout", "0.3"]);
-    let out = bench(
-        &server,
-        &[
-            "--threads",
-            "2",
-            "--clients",
-            "10",
-            "--senders",
-            "5",
-            "--window",
-            "16",
-            "--payload",
-            "150",
-            "--duration",
-            "1",
-            "--settle-timeout",
-            "1",
-        ],
-    );
-    let json = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{json}");
-    assert_eq!(text_field(&json, "result"), "FAILED");
-    assert!(field(&out, "lost") > 0.0, "{json}");
-    assert!(field(&out, "closed_by_server") > 0.0, "{json}");
+    lossy_server_is_caught("2");
 }
 
 /// `--hgrm FILE` writes the latency histogram as HdrHistogram's percentile

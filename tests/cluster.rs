@@ -8,15 +8,24 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::redis::{Proxy, Redis, node};
+
+/// A fresh Redis for the test, or a return (the test is skipped, saying
+/// so) where `redis-server` is not installed outside CI.
+macro_rules! redis_or_skip {
+    () => {
+        match Redis::start_or_skip() {
+            Some(redis) => redis,
+            None => return,
+        }
+    };
+}
 use common::{Client, Server, TIMEOUT, poll_until};
 
 /// Messages go from a client on one node to a client on another, both
 /// ways; self-delivery and local delivery work as on one node.
 #[test]
 fn routes_between_nodes_both_ways() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
     let mut alice = a.login("alice");
     let mut bob = b.login("bob");
@@ -33,9 +42,7 @@ fn routes_between_nodes_both_ways() {
 /// recipients online nowhere, each once, in the order given.
 #[test]
 fn fan_out_over_three_nodes_and_exact_not_online() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let nodes: Vec<Server> = (0..3).map(|_| node(&redis.url(), "10", &[])).collect();
     let mut sender = nodes[0].login("sender");
     let mut readers: Vec<Client> = (0..6)
@@ -53,9 +60,7 @@ fn fan_out_over_three_nodes_and_exact_not_online() {
 /// free everywhere once its holder disconnects.
 #[test]
 fn names_are_unique_across_nodes_and_freed_at_disconnect() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
     let alice = a.login("alice");
     let mut again = b.connect();
@@ -78,9 +83,7 @@ fn names_are_unique_across_nodes_and_freed_at_disconnect() {
 /// all, in order.
 #[test]
 fn five_thousand_lines_in_order_across_nodes() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
     let mut alice = a.login("alice");
     let mut bob = b.login("bob");
@@ -97,9 +100,7 @@ fn five_thousand_lines_in_order_across_nodes() {
 /// `not-online` that waits for Redis).
 #[test]
 fn pipelined_lines_wait_for_the_claim_in_order() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
     let mut bob = b.login("bob");
     let mut alice = a.connect();
@@ -116,9 +117,7 @@ fn pipelined_lines_wait_for_the_claim_in_order() {
 /// Redis, and the names are free on the other node at once.
 #[test]
 fn sigterm_leaves_no_keys_behind() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let mut a = node(&redis.url(), "1", &[]);
     let mut b = node(&redis.url(), "10", &[]);
     let alice = a.login("alice");
@@ -143,9 +142,7 @@ fn sigterm_leaves_no_keys_behind() {
 /// they are free on another node within one lease.
 #[test]
 fn names_of_a_killed_node_free_within_a_lease() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let a = node(&redis.url(), "2", &[]);
     let b = node(&redis.url(), "2", &[]);
     let _alice = a.login("alice");
@@ -169,9 +166,7 @@ fn names_of_a_killed_node_free_within_a_lease() {
 /// are taken again and routing comes back, without duplicate names.
 #[test]
 fn redis_down_then_back_empty() {
-    let Some(mut redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let mut redis = redis_or_skip!();
     let mut a = node(&redis.url(), "2", &["--metrics-addr", "127.0.0.1:0"]);
     let b = node(&redis.url(), "2", &[]);
     let metrics = a.wait_log("metrics on http://");
@@ -217,9 +212,7 @@ fn redis_down_then_back_empty() {
 /// holders at once.
 #[test]
 fn a_partitioned_node_fences_before_its_names_can_move() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let proxy = Proxy::start(redis.addr());
     let a = node(&proxy.url(), "2", &[]);
     let b = node(&redis.url(), "2", &[]);
@@ -268,9 +261,7 @@ fn a_partitioned_node_fences_before_its_names_can_move() {
 /// delivered.
 #[test]
 fn a_node_woken_after_its_lease_routes_nothing() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let a = node(&redis.url(), "1", &[]);
     let b = node(&redis.url(), "1", &[]);
     let mut alice = a.login("alice");
@@ -302,9 +293,7 @@ fn a_node_woken_after_its_lease_routes_nothing() {
 /// reconnects, keeps its lease and names, and routing goes on.
 #[test]
 fn client_kill_of_the_link_is_survived() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let mut a = node(&redis.url(), "10", &[]);
     let b = node(&redis.url(), "10", &[]);
     let mut alice = a.login("alice");
@@ -332,9 +321,7 @@ fn client_kill_of_the_link_is_survived() {
 /// output-buffer limit; it reconnects and routing comes back.
 #[test]
 fn output_buffer_limit_disconnect_is_survived() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     redis.cli(&[
         "CONFIG",
         "SET",
@@ -380,9 +367,7 @@ fn output_buffer_limit_disconnect_is_survived() {
 /// channel, so the sender gets `error: unavailable: <name>`.
 #[test]
 fn a_recipient_whose_node_is_not_listening_is_reported() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let proxy = Proxy::start(redis.addr());
     let a = node(&redis.url(), "10", &[]);
     let mut b = node(&proxy.url(), "10", &[]);
@@ -399,9 +384,7 @@ fn a_recipient_whose_node_is_not_listening_is_reported() {
 /// script runs for them.
 #[test]
 fn local_messages_cost_no_redis_command() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let a = node(&redis.url(), "10", &[]);
     let mut alice = a.login("alice");
     let mut carol = a.login("carol");
@@ -426,9 +409,7 @@ fn local_messages_cost_no_redis_command() {
 /// the connections over both, and their clients talk as one server.
 #[test]
 fn two_nodes_share_one_port_with_reuse_port() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -453,9 +434,7 @@ fn two_nodes_share_one_port_with_reuse_port() {
 /// script) still gets the answers Redis gives for it, then the close.
 #[test]
 fn answers_reach_a_client_that_half_closed() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
     let mut bob = b.login("bob");
     let mut alice = a.connect();
@@ -482,9 +461,7 @@ fn answers_reach_a_client_that_half_closed() {
 /// names are still taken elsewhere and messages flow both ways.
 #[test]
 fn a_node_upgraded_in_place_keeps_its_names() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let mut a = node(&redis.url(), "10", &[]);
     let b = node(&redis.url(), "10", &[]);
     let mut alice = a.login("alice");
@@ -524,9 +501,7 @@ fn a_node_upgraded_in_place_keeps_its_names() {
 /// client with `error: unavailable` before the lease can expire.
 #[test]
 fn an_upgrade_while_cut_from_redis_still_fences() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let proxy = Proxy::start(redis.addr());
     let mut a = node(&proxy.url(), "2", &[]);
     let mut alice = a.login("alice");
@@ -539,9 +514,7 @@ fn an_upgrade_while_cut_from_redis_still_fences() {
 /// after an upgrade: they are free on the other node once its link is back.
 #[test]
 fn names_left_uncertain_survive_an_upgrade() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let mut a = node(&redis.url(), "10", &[]);
     let b = node(&redis.url(), "10", &[]);
     let leavers: Vec<Client> = (0..5).map(|i| a.login(&format!("gone{i}"))).collect();
@@ -567,9 +540,7 @@ fn names_left_uncertain_survive_an_upgrade() {
 /// silently: every line arrives, or its sender is told `unavailable`.
 #[test]
 fn an_upgrade_loses_no_cross_node_line_silently() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let mut a = node(&redis.url(), "10", &[]);
     let b = node(&redis.url(), "10", &[]);
     let alice = a.login("alice");
@@ -631,9 +602,7 @@ fn an_upgrade_loses_no_cross_node_line_silently() {
 /// age and the cross-node counters.
 #[test]
 fn stats_and_metrics_carry_the_cluster_state() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let mut a = node(&redis.url(), "10", &["--metrics-addr", "127.0.0.1:0"]);
     let mut b = node(&redis.url(), "10", &[]);
     let mut alice = a.login("alice");
@@ -677,9 +646,7 @@ fn stats_and_metrics_carry_the_cluster_state() {
 /// the other node.
 #[test]
 fn a_name_released_while_the_link_is_down_is_freed_after() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let mut a = node(&redis.url(), "10", &[]);
     let b = node(&redis.url(), "10", &[]);
     let alice = a.login("alice");
@@ -705,9 +672,7 @@ fn a_name_released_while_the_link_is_down_is_freed_after() {
 /// login timeout; the node reloads its scripts and logins work again.
 #[test]
 fn an_error_reply_fails_the_claim_at_once() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let a = node(&redis.url(), "10", &["--login-timeout", "30"]);
     redis.cli(&["SCRIPT", "FLUSH"]);
     let mut bob = a.connect();
@@ -722,9 +687,7 @@ fn an_error_reply_fails_the_claim_at_once() {
 /// however much it sends, and its lines are handled once Redis answers.
 #[test]
 fn a_client_waiting_for_redis_is_not_read_without_bound() {
-    let Some(redis) = Redis::start_or_skip() else {
-        return;
-    };
+    let redis = redis_or_skip!();
     let proxy = Proxy::start(redis.addr());
     let a = node(&proxy.url(), "10", &[]);
     let mut alice = a.login("alice");
