@@ -139,7 +139,8 @@ fn sigterm_leaves_no_keys_behind() {
 }
 
 /// A node killed with SIGKILL leaves its names behind, bound to its lease:
-/// they are free on another node within one lease.
+/// they are free on another node within one lease, and the survivor's
+/// sweep then forgets the dead node and its names.
 #[test]
 fn names_of_a_killed_node_free_within_a_lease() {
     let redis = redis_or_skip!();
@@ -158,6 +159,14 @@ fn names_of_a_killed_node_free_within_a_lease() {
         "{:?}",
         killed.elapsed()
     );
+    // Left (the probe released alice): b's lease and the set of nodes, with
+    // b alone; a's set of names and its entry in the nodes are gone.
+    let swept = poll_until(|| {
+        let keys = redis.keys();
+        let nodes = redis.cli(&["SCARD", "chatd:nodes"]);
+        (keys.len() == 2 && keys[0].starts_with("chatd:lease:") && nodes == "1").then_some(())
+    });
+    assert!(swept.is_some(), "dead node not swept: {:?}", redis.keys());
 }
 
 /// While Redis is down, chat on one node goes on, recipients elsewhere are
