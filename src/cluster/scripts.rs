@@ -84,40 +84,53 @@ end
 return {offline, unreachable}
 ";
 
+/// A Lua function both [`DROP_NAMES`] and [`SWEEP`] start with:
+/// `drop_names(prefix, node)` frees every name `node` holds and forgets its
+/// set of names (a name another node took since is left alone).
+macro_rules! lua_drop_names {
+    () => {
+        r"
+local function drop_names(prefix, node)
+  local set = prefix .. ':names:' .. node
+  for _, name in ipairs(redis.call('SMEMBERS', set)) do
+    local key = prefix .. ':name:' .. name
+    if redis.call('GET', key) == node then redis.call('DEL', key) end
+  end
+  redis.call('DEL', set)
+end
+"
+    };
+}
+
 /// `drop_names(prefix, node)`: frees every name `node` holds (shutdown, or
 /// a new lease after the old one was lost: what it still holds is claimed
 /// again, one by one).
-pub const DROP_NAMES: &str = r"
-local prefix, me = ARGV[1], ARGV[2]
-local set = prefix .. ':names:' .. me
-for _, name in ipairs(redis.call('SMEMBERS', set)) do
-  local key = prefix .. ':name:' .. name
-  if redis.call('GET', key) == me then redis.call('DEL', key) end
-end
-redis.call('DEL', set)
+pub const DROP_NAMES: &str = concat!(
+    lua_drop_names!(),
+    r"
+drop_names(ARGV[1], ARGV[2])
 return 1
-";
+"
+);
 
 /// `sweep(prefix)`: forgets the nodes whose lease is gone, and their names
 /// (which are free already, but still take memory). O(nodes) when nobody
 /// died; run with each lease renewal.
-pub const SWEEP: &str = r"
+pub const SWEEP: &str = concat!(
+    lua_drop_names!(),
+    r"
 local prefix = ARGV[1]
 local swept = 0
 for _, node in ipairs(redis.call('SMEMBERS', prefix .. ':nodes')) do
   if redis.call('EXISTS', prefix .. ':lease:' .. node) == 0 then
-    local set = prefix .. ':names:' .. node
-    for _, name in ipairs(redis.call('SMEMBERS', set)) do
-      local key = prefix .. ':name:' .. name
-      if redis.call('GET', key) == node then redis.call('DEL', key) end
-    end
-    redis.call('DEL', set)
+    drop_names(prefix, node)
     redis.call('SREM', prefix .. ':nodes', node)
     swept = swept + 1
   end
 end
 return swept
-";
+"
+);
 
 /// Every script, in the order the link loads them (`Script as usize`).
 pub const ALL: [&str; 5] = [CLAIM, RELEASE, ROUTE, DROP_NAMES, SWEEP];
