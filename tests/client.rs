@@ -224,12 +224,7 @@ fn escapes_control_characters_only_on_a_terminal() {
         "printf 'tess\\ntess: \\033[31mred\\n' | {} --addr {addr}",
         env!("CARGO_BIN_EXE_chatd-client")
     );
-    let out = Command::new("script")
-        .args(["-qec", &client_cmd, "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run script");
-    let screen = String::from_utf8_lossy(&out.stdout);
+    let (_, screen) = on_a_terminal(&client_cmd);
     assert!(screen.contains("from tess: \\x1b[31mred"), "{screen:?}");
     assert!(
         !screen.contains('\u{1b}'),
@@ -278,12 +273,7 @@ fn escapes_error_lines_on_a_terminal_stderr() {
         "{} --addr {addr} >/dev/null",
         env!("CARGO_BIN_EXE_chatd-client")
     );
-    let out = Command::new("script")
-        .args(["-qec", &client_cmd, "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run script");
-    let screen = String::from_utf8_lossy(&out.stdout);
+    let (status, screen) = on_a_terminal(&client_cmd);
     assert!(
         screen.contains("error: name-taken: \\x1b]0;pwned\\x07\\x1b[31mred"),
         "{screen:?}"
@@ -292,7 +282,7 @@ fn escapes_error_lines_on_a_terminal_stderr() {
         !screen.contains(['\u{1b}', '\u{7}']),
         "a raw control character reached the terminal: {screen:?}"
     );
-    assert_eq!(out.status.code(), Some(1), "{screen:?}");
+    assert_eq!(status.code(), Some(1), "{screen:?}");
     server.join().unwrap();
 }
 
@@ -350,4 +340,18 @@ fn endless_line_keeps_memory_bounded() {
         peak_kb < 20 * 1024,
         "peak RSS {peak_kb} kB for a {TOTAL}-byte line"
     );
+}
+
+/// Runs the shell command `cmd` on a pseudo-terminal (from `script`) and
+/// returns its exit status and what it wrote there.
+fn on_a_terminal(cmd: &str) -> (std::process::ExitStatus, String) {
+    let out = Command::new("script")
+        .args(["-qec", cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
