@@ -70,6 +70,149 @@ pub fn decode_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, Malformed> {
     }
 }
 
+/// Finds where each frame ends before the codec decodes it, so that
+/// what is not Redis cannot hurt the node: a frame nested deeper than
+/// `max_depth` (the codec recurses) or longer than `max_len` bytes (the
+/// node would buffer it) is malformed. Incremental: the scan resumes where
+/// the last one stopped, so a frame that arrives in many reads costs
+/// linear time, not quadratic. Iterative, without recursion.
+#[derive(Debug)]
+pub struct Framer {
+    /// Where the scan resumes, from the start of the unconsumed input.
+    pos: usize,
+    /// Elements still to come in each open aggregate, outermost first.
+    open: Vec<u64>,
+    /// Deepest nesting accepted.
+    max_depth: usize,
+    /// Longest frame accepted, in bytes.
+    max_len: usize,
+}
+
+impl Framer {
+    /// A framer for frames nested at most `max_depth` deep and at most
+    /// `max_len` bytes long.
+    pub fn new(max_depth: usize, max_len: usize) -> Framer {
+        Framer {
+            pos: 0,
+            open: Vec::new(),
+            max_depth,
+            max_len,
+        }
+    }
+
+    /// Forgets the frame being scanned (the input was dropped).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+        self.open.clear();
+    }
+
+    /// The length of the complete frame at the front of `buf`, which holds
+    /// the bytes the last call saw and maybe more; `Ok(None)`: more bytes
+    /// are needed. After `Some`, the caller consumes that many bytes and
+    /// the next call starts a new frame.
+    pub fn next_frame(&mut self, buf: &[u8]) -> Result<Option<usize>, Malformed> {
+        loop {
+            let Some(header) = self.header_at(buf)? else {
+                return self.need_more(buf);
+            };
+            let (kind, value, header_end) = header;
+            let end = match kind {
+                b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => header_end,
+                b'$' | b'!' | b'=' => {
+                    let len = count(value)?;
+                    if len as usize > self.max_len {
+                        return Err(self.too_long());
+                    }
+                    let end = header_end + len as usize + 2;
+                    if end > buf.len() {
+                        return self.need_more(buf);
+                    }
+                    end
+                }
+                b'*' | b'~' | b'>' | b'%' | b'|' => {
+                    let n = count(value)?;
+                    let elements = match kind {
+                        b'%' => n.saturating_mul(2),
+                        b'|' => n.saturating_mul(2).saturating_add(1), // then the frame
+                        _ => n,
+                    };
+                    self.pos = header_end;
+                    if elements > 0 {
+                        if self.open.len() >= self.max_depth {
+                            return Err(Malformed(format!(
+                                "a reply nested more than {} deep",
+                                self.max_depth
+                            )));
+                        }
+                        self.open.push(elements);
+                        continue;
+                    }
+                    header_end
+                }
+                other => return Err(Malformed(format!("unknown frame type {other:#04x}"))),
+            };
+            self.pos = end;
+            if self.element_done() {
+                let len = std::mem::take(&mut self.pos);
+                return Ok(Some(len));
+            }
+        }
+    }
+
+    /// The header at `pos`: its type byte, the text before CRLF, and where
+    /// it ends; `None` while its CRLF has not come.
+    fn header_at<'a>(&self, buf: &'a [u8]) -> Result<Option<Header<'a>>, Malformed> {
+        let Some(&kind) = buf.get(self.pos) else {
+            return Ok(None);
+        };
+        let rest = &buf[self.pos + 1..];
+        let Some(nl) = memchr::memchr(b'\n', rest) else {
+            return Ok(None);
+        };
+        if nl == 0 || rest[nl - 1] != b'\r' {
+            return Err(Malformed("a line without CRLF".into()));
+        }
+        Ok(Some((kind, &rest[..nl - 1], self.pos + 1 + nl + 1)))
+    }
+
+    /// One element ended: returns whether the whole frame did.
+    fn element_done(&mut self) -> bool {
+        while let Some(left) = self.open.last_mut() {
+            *left -= 1;
+            if *left > 0 {
+                return false;
+            }
+            self.open.pop(); // the aggregate is an element of its parent
+        }
+        true
+    }
+
+    fn need_more(&self, buf: &[u8]) -> Result<Option<usize>, Malformed> {
+        if buf.len() > self.max_len {
+            return Err(self.too_long());
+        }
+        Ok(None)
+    }
+
+    fn too_long(&self) -> Malformed {
+        Malformed(format!("a reply longer than {} bytes", self.max_len))
+    }
+}
+
+/// A frame's header: its type byte, the text before its CRLF, and where it
+/// ends.
+type Header<'a> = (u8, &'a [u8], usize);
+
+/// A length or element count; a negative one (RESP2's nulls) counts as
+/// none (the codec then refuses what RESP3 does not have).
+fn count(value: &[u8]) -> Result<u64, Malformed> {
+    let text = std::str::from_utf8(value).map_err(|_| Malformed("a bad length".into()))?;
+    match text.parse::<i64>() {
+        Ok(n) => Ok(u64::try_from(n).unwrap_or(0)),
+        Err(_) => Err(Malformed(format!("a bad length {text:?}"))),
+    }
+}
+
 fn reply_of(frame: OwnedFrame) -> Reply {
     match frame {
         OwnedFrame::SimpleString { data, .. } => Reply::Status(lossy(data)),
@@ -179,6 +322,65 @@ mod tests {
             );
         }
         assert!(decode_reply(b"?what\r\n").is_err());
+    }
+
+    /// Feeds `bytes` to a framer one byte at a time and in one piece:
+    /// both find the same frame ends.
+    fn frames(bytes: &[u8], max_depth: usize, max_len: usize) -> Result<Vec<usize>, Malformed> {
+        let mut whole = Framer::new(max_depth, max_len);
+        let mut ends = Vec::new();
+        let mut at = 0;
+        while let Some(n) = whole.next_frame(&bytes[at..])? {
+            at += n;
+            ends.push(at);
+        }
+        let mut bytewise = Framer::new(max_depth, max_len);
+        let (mut at, mut seen, mut got) = (0, 0, Vec::new());
+        while seen < bytes.len() {
+            seen += 1;
+            while let Some(n) = bytewise.next_frame(&bytes[at..seen])? {
+                at += n;
+                got.push(at);
+            }
+        }
+        assert_eq!(ends, got, "bytewise");
+        Ok(ends)
+    }
+
+    #[test]
+    fn the_framer_finds_frame_ends() {
+        let ok: &[(&[u8], &[usize])] = &[
+            (b"+OK\r\n:1\r\n", &[5, 9]),
+            (b"$3\r\na\nb\r\n", &[9]),
+            (b"*2\r\n$1\r\na\r\n:1\r\n*0\r\n", &[15, 19]),
+            (b"%1\r\n+k\r\n*1\r\n+v\r\n_\r\n", &[16, 19]),
+            (b"|1\r\n+a\r\n+b\r\n:7\r\n", &[16]),
+            (b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$3\r\nx\ny\r\n", &[34]),
+            (b"*1\r\n*1\r\n:1\r\n", &[12]),
+            (b"*2\r\n:1\r\n", &[]), // incomplete
+        ];
+        for (bytes, want) in ok {
+            assert_eq!(frames(bytes, 4, 1024).unwrap(), *want, "{bytes:?}");
+        }
+        // Every complete frame the framer finds, the codec decodes whole.
+        let bytes = b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$3\r\nx\ny\r\n";
+        assert_eq!(decode_reply(bytes).unwrap().unwrap().1, 34);
+    }
+
+    #[test]
+    fn the_framer_refuses_what_is_not_redis() {
+        let deep = b"*1\r\n".repeat(100);
+        assert!(frames(&deep, 8, 1 << 20).is_err(), "too deep");
+        assert!(frames(b"*1\r\n*1\r\n:1\r\n", 1, 1024).is_err());
+        assert!(
+            frames(b"$99999\r\nab", 8, 1024).is_err(),
+            "declared too long"
+        );
+        let endless = [&b"*99999999\r\n"[..], &b":1\r\n".repeat(300)].concat();
+        assert!(frames(&endless, 8, 1024).is_err(), "endless array");
+        assert!(frames(b"+no crlf\n", 8, 1024).is_err());
+        assert!(frames(b"?what\r\n", 8, 1024).is_err());
+        assert!(frames(b"$x\r\n", 8, 1024).is_err());
         // RESP2's null is not RESP3: the link speaks RESP3 from HELLO on.
         assert!(decode_reply(b"$-1\r\n").is_err());
     }

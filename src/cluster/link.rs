@@ -127,14 +127,21 @@ impl Cluster {
     pub(super) fn decode_all(&mut self, now_ms: u64) -> Result<(), String> {
         let mut at = 0;
         let result = loop {
-            match decode_reply(&self.input[at..]) {
-                Ok(Some((reply, used))) => {
-                    at += used;
+            // The framer finds a whole, sane frame first; only then does
+            // the codec decode it (and it must take exactly that much).
+            let len = match self.framer.next_frame(&self.input[at..]) {
+                Ok(Some(len)) => len,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(format!("malformed reply from Redis: {}", e.0)),
+            };
+            match decode_reply(&self.input[at..at + len]) {
+                Ok(Some((reply, used))) if used == len => {
+                    at += len;
                     if let Err(why) = self.on_reply(reply, now_ms) {
                         break Err(why);
                     }
                 }
-                Ok(None) => break Ok(()),
+                Ok(_) => break Err("malformed reply from Redis: a frame cut short".into()),
                 Err(e) => break Err(format!("malformed reply from Redis: {}", e.0)),
             }
         };
@@ -229,6 +236,7 @@ impl Cluster {
         self.out.clear();
         self.out_pos = 0;
         self.input.clear();
+        self.framer.reset();
         self.waiting.clear();
         for entry in std::mem::take(&mut self.pending) {
             match entry {
@@ -248,9 +256,7 @@ impl Cluster {
                 Pending::Route { slot, names, .. } => {
                     self.answers.push(Answer::Unroutable { slot, names });
                 }
-                Pending::Deferred { slot, line } => {
-                    self.answers.push(Answer::Deferred { slot, line });
-                }
+                Pending::Deferred { slot } => self.answers.push(Answer::Deferred { slot }),
                 Pending::Farewell => self.answers.push(Answer::FarewellDone),
                 _ => {}
             }

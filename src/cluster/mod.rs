@@ -73,6 +73,19 @@ const MAX_WAITING_PER_CONN: u32 = 256;
 /// all its names and claims again those it holds.
 const MAX_UNCERTAIN: usize = 100_000;
 
+/// Nesting of a reply from Redis at most (ours nest three deep: HELLO's
+/// map of arrays of maps); deeper, the link is reset.
+const MAX_REPLY_DEPTH: usize = 8;
+
+/// The longest frame Redis may send before the link is reset: a route's
+/// answer lists at most a line's worth of names, a message from another
+/// node carries names and a delivery of at most a line each. Four lines'
+/// worth and some room, at least 1 MiB. Past it, what answers is not
+/// Redis, or not sane: the node drops the link rather than buffer it.
+pub fn max_reply(max_line: usize) -> usize {
+    (4 * max_line + (64 << 10)).max(1 << 20)
+}
+
 /// `--cluster`, `--cluster-prefix`, `--cluster-lease`.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -160,6 +173,8 @@ pub struct Cluster {
     out_pos: usize,
     /// Bytes read and not yet decoded.
     input: Vec<u8>,
+    /// Where the frames in `input` end; bounds their size and nesting.
+    framer: codec::Framer,
     /// Commands in flight, in the order Redis answers them.
     pending: VecDeque<Pending>,
     /// Entries in `pending` per connection slab key, so that an `error:`
@@ -203,8 +218,10 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// A link that will connect at once, for node id `node`.
-    pub fn new(config: ClusterConfig, node: String) -> Cluster {
+    /// A link that will connect at once, for node id `node`, on a server
+    /// whose lines are at most `max_line` bytes (which bounds what Redis
+    /// may send: see [`max_reply`]).
+    pub fn new(config: ClusterConfig, node: String, max_line: usize) -> Cluster {
         let channel = format!("{}:node:{node}", config.prefix).into_bytes();
         Cluster {
             config,
@@ -215,6 +232,7 @@ impl Cluster {
             out: Vec::new(),
             out_pos: 0,
             input: Vec::new(),
+            framer: codec::Framer::new(MAX_REPLY_DEPTH, max_reply(max_line)),
             pending: VecDeque::new(),
             waiting: HashMap::new(),
             shas: Default::default(),
@@ -562,11 +580,11 @@ impl Cluster {
         self.throttled.insert(slot.key, slot);
     }
 
-    /// Holds `line` (an `error:` line for `slot`) until the answers before
-    /// it are in.
-    pub fn defer(&mut self, slot: Slot, line: Vec<u8>) {
+    /// Queues a marker for a line the reactor holds for `slot`: an
+    /// [`Answer::Deferred`] says when the answers before it are in.
+    pub fn defer(&mut self, slot: Slot) {
         *self.waiting.entry(slot.key).or_default() += 1;
-        self.pending.push_back(Pending::Deferred { slot, line });
+        self.pending.push_back(Pending::Deferred { slot });
         self.pop_deferred();
     }
 

@@ -38,8 +38,9 @@ pub(super) enum Pending {
         names: Vec<String>,
         sent_ms: u64,
     },
-    /// An `error:` line for `slot` that must follow the answers before it.
-    Deferred { slot: Slot, line: Vec<u8> },
+    /// A line held for `slot` (by the reactor) that must follow the
+    /// answers before it.
+    Deferred { slot: Slot },
     /// Shutdown: the node's names and lease are dropped.
     Farewell,
 }
@@ -99,8 +100,9 @@ pub enum Answer {
     },
     /// A message could not be routed to `names` (for `unavailable`).
     Unroutable { slot: Slot, names: Vec<String> },
-    /// An `error:` line held back behind earlier answers: send it now.
-    Deferred { slot: Slot, line: Vec<u8> },
+    /// The oldest line the reactor holds for `slot` behind earlier answers
+    /// may be sent now.
+    Deferred { slot: Slot },
     /// Another node sent `line` to the local clients `names`.
     Deliver { names: Vec<String>, line: Vec<u8> },
     /// The lease was lost and taken anew: every name still held here must

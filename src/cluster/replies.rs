@@ -59,8 +59,8 @@ impl Cluster {
         while matches!(self.pending.front(), Some(Pending::Deferred { .. })) {
             if let Some(entry) = self.pending.pop_front() {
                 self.unwait(&entry);
-                if let Pending::Deferred { slot, line } = entry {
-                    self.answers.push(Answer::Deferred { slot, line });
+                if let Pending::Deferred { slot } = entry {
+                    self.answers.push(Answer::Deferred { slot });
                 }
             }
         }

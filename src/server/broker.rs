@@ -92,40 +92,27 @@ impl Broker {
                 continue;
             };
             let recipient = clients.conn(to);
-            if recipient.phase() == Phase::Claiming && recipient.route_mark != seq {
-                if let Some(link) = cluster.as_deref_mut() {
-                    // Claiming here: delivered once its claim is answered,
-                    // before anything sent to it after.
-                    recipient.route_mark = seq;
-                    link.defer(clients.slot(to), line.clone());
-                    clients.stats.deliveries += 1;
-                    continue;
-                }
-            }
-            if recipient.phase() != Phase::Chat {
-                if recipient.route_mark != seq {
-                    elsewhere.add(name);
-                }
-                continue;
-            }
             if recipient.route_mark == seq {
                 continue; // named twice
             }
             recipient.route_mark = seq;
-            if to == key {
-                if let Some(link) = cluster.as_deref_mut() {
-                    let slot = clients.slot(key);
-                    if link.has_waiting(slot) {
-                        // Its own copy keeps its place behind the answers
-                        // its earlier lines wait for.
-                        link.defer(slot, line.clone());
+            match (recipient.phase(), cluster.as_deref_mut()) {
+                (Phase::Chat, Some(link)) if to == key && link.has_waiting(clients.slot(key)) => {
+                    // Its own copy keeps its place behind the answers its
+                    // earlier lines wait for.
+                    hold_behind(clients, link, deadlines, key, &line, true);
+                }
+                (Phase::Chat, _) => {
+                    if clients.enqueue(to, &line, Some(key), deadlines) {
                         clients.stats.deliveries += 1;
-                        continue;
                     }
                 }
-            }
-            if clients.enqueue(to, &line, Some(key), deadlines) {
-                clients.stats.deliveries += 1;
+                // Claiming its name here: not online yet. Held until the
+                // claim is answered, then delivered or routed on to whoever
+                // holds the name; routed on now if it cannot be held.
+                (Phase::Claiming, Some(_)) if clients.hold_for_claim(to, key, &line, deadlines) => {
+                }
+                _ => elsewhere.add(name),
             }
         }
         if !elsewhere.names.is_empty() {
@@ -136,6 +123,9 @@ impl Broker {
                     true
                 }
                 Some(link) => {
+                    // Lines held for a claimant that lost its claim go
+                    // first: they were sent before this one.
+                    sync_cluster(clients, link, deadlines);
                     let names = elsewhere.names.iter().map(|n| n.to_string()).collect();
                     link.route(clients.slot(key), names, &line, deadlines.now_ms())
                 }
@@ -180,14 +170,29 @@ fn say(
     detail: fmt::Arguments<'_>,
 ) {
     if let Some(link) = cluster {
-        let slot = clients.slot(key);
-        if link.has_waiting(slot) {
+        if link.has_waiting(clients.slot(key)) {
             let line = clients.error_bytes(kind, detail);
-            link.defer(slot, line);
+            hold_behind(clients, link, deadlines, key, &line, false);
             return;
         }
     }
     clients.error(key, kind, detail, deadlines);
+}
+
+/// Holds `line` for `key` until the answers it waits for are in: the line
+/// is kept with the connection's buffers (`held.rs`), the cluster FIFO
+/// gets a marker that releases it in order.
+fn hold_behind(
+    clients: &mut Clients,
+    link: &mut Cluster,
+    deadlines: &mut Deadlines,
+    key: usize,
+    line: &[u8],
+    delivery: bool,
+) {
+    if clients.hold_behind(key, line, delivery, deadlines) {
+        link.defer(clients.slot(key));
+    }
 }
 
 /// Handles the first non-blank line: a valid, free name logs the
@@ -222,7 +227,7 @@ fn login(
             if reserved {
                 // Releases first: a name freed here a moment ago must be
                 // freed in Redis before it is claimed again.
-                release_in_cluster(clients, link);
+                sync_cluster(clients, link, deadlines);
                 link.claim(clients.slot(key), name.clone(), false, deadlines.now_ms());
             }
             !reserved
@@ -233,11 +238,41 @@ fn login(
     }
 }
 
-/// Hands the names released here since the last call to the cluster.
-pub(super) fn release_in_cluster(clients: &mut Clients, cluster: &mut Cluster) {
+/// Hands the cluster what the clients left for it, in the order Redis
+/// must see it before anything new: the names released here since the
+/// last call, then the lines held for claimants that will not hold their
+/// name, routed on to whoever does (their senders hear `unavailable` if
+/// Redis cannot be asked). Called before every claim and route, and at the
+/// end of each turn.
+pub(super) fn sync_cluster(
+    clients: &mut Clients,
+    cluster: &mut Cluster,
+    deadlines: &mut Deadlines,
+) {
     if let Some(released) = &mut clients.released {
         for name in released.drain(..) {
             cluster.release(&name);
+        }
+    }
+    if clients.held.to_route.is_empty() {
+        return;
+    }
+    let now = deadlines.now_ms();
+    for (from, name, line) in std::mem::take(&mut clients.held.to_route) {
+        if cluster.route(from, vec![name.to_string()], &line, now) {
+            continue;
+        }
+        if let Some(sender) = clients.find(from) {
+            let args = format_args!("{name}");
+            let mut link = Some(&mut *cluster);
+            say(
+                clients,
+                deadlines,
+                &mut link,
+                sender,
+                ErrorKind::UnavailableTo,
+                args,
+            );
         }
     }
 }

@@ -18,6 +18,7 @@ use mio::{Interest, Registry as PollRegistry};
 use slab::Slab;
 
 use super::Source;
+use super::held::Held;
 use crate::conn::{Conn, Phase};
 use crate::deadlines::{Deadline, Deadlines, Slot};
 use crate::pool::{BufPool, PoolLimits};
@@ -102,8 +103,11 @@ pub(super) struct Clients {
     /// this turn, closed at its end unless an answer is still owed.
     pub(super) drained: Vec<usize>,
     /// Bytes of buffer memory all connections hold together (the sum of
-    /// their `Conn::footprint`), bounded by `--max-buffer-memory`.
+    /// their `Conn::footprint`, and the lines `held` for them), bounded by
+    /// `--max-buffer-memory`.
     pub(super) buffered: usize,
+    /// Cluster mode: lines held for connections behind Redis's answers.
+    pub(super) held: Held,
     /// The counters.
     pub stats: Stats,
 }
@@ -135,6 +139,7 @@ impl Clients {
             released: None,
             drained: Vec::new(),
             buffered: 0,
+            held: Held::default(),
             stats: Stats::default(),
         }
     }
@@ -237,10 +242,14 @@ impl Clients {
         if self.limits.idle_timeout_ms > 0 {
             self.set_deadline(key, deadlines, self.limits.idle_timeout_ms, Deadline::Idle);
         }
+        self.deliver_held(key, deadlines);
     }
 
     /// Moves `key` to `phase`, releasing its name if it held one.
     pub fn enter(&mut self, key: usize, phase: Phase) {
+        if self.conns[key].phase() == Phase::Claiming && phase != Phase::Chat {
+            self.route_held_on(key);
+        }
         if self.conns[key].enter(phase) {
             self.forget_name(key);
         }
@@ -302,12 +311,14 @@ impl Clients {
 
     /// Queues a line made earlier (an answer from the cluster for a line
     /// the client sent), if `key` still takes output: reading lines, or
-    /// half-closed and draining what is queued for it.
-    pub fn send_line(&mut self, key: usize, line: &[u8], deadlines: &mut Deadlines) {
+    /// half-closed and draining what is queued for it. Returns whether it
+    /// was queued.
+    pub fn send_line(&mut self, key: usize, line: &[u8], deadlines: &mut Deadlines) -> bool {
         let conn = &self.conns[key];
         if conn.reads_lines() || (conn.phase() == Phase::Draining && !conn.is_dead()) {
-            self.enqueue(key, line, Some(key), deadlines);
+            return self.enqueue(key, line, Some(key), deadlines);
         }
+        false
     }
 
     /// Resets every connection's route mark (see `Broker::next_route_seq`).
@@ -366,6 +377,9 @@ impl Clients {
     /// Marks a connection dead: its name is released now, the connection is
     /// removed by [`Clients::reap`] at the end of the turn.
     pub fn kill(&mut self, key: usize) {
+        if self.conns[key].phase() == Phase::Claiming {
+            self.route_held_on(key);
+        }
         let (was_alive, held_name) = self.conns[key].mark_dead();
         if held_name {
             self.forget_name(key);
@@ -448,7 +462,7 @@ impl Clients {
             .conns
             .iter()
             .filter(|&(key, conn)| Some(key) != exempt && !conn.is_dead())
-            .map(|(key, conn)| (conn.footprint(), key))
+            .map(|(key, conn)| (conn.footprint() + self.held.bytes(key), key))
             .filter(|&(footprint, _)| footprint > 0)
             .collect();
         holders.sort_unstable_by(|a, b| b.cmp(a));
@@ -480,6 +494,7 @@ impl Clients {
                     out.keep_first_line(closing);
                 }
             });
+            self.drop_behind(key);
             if !closing {
                 self.close_slow_consumer(key, deadlines);
             }
@@ -522,6 +537,7 @@ impl Clients {
         let reaped = dead.len();
         for &key in &dead {
             self.with_buffers(key, Conn::release_buffers);
+            self.drop_held(key);
             let conn = self.conns.remove(key);
             if conn.is_rejected() {
                 self.rejecting -= 1;

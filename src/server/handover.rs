@@ -279,12 +279,27 @@ impl Server {
                 }
             }
         }
+        let mut lost = 0;
         let conns = self
             .clients
             .conns
             .iter()
-            .map(|(key, conn)| conn_state(conn, left.get(&(key as u32)).copied(), now))
+            .map(|(key, conn)| {
+                let mut state = conn_state(conn, left.get(&(key as u32)).copied(), now);
+                // Lines held behind answers that never came (the quiesce
+                // timed out) follow the connection's output.
+                let (behind, for_claim) = self.clients.held_for_handover(key);
+                state.output.extend_from_slice(&behind);
+                lost += for_claim;
+                state
+            })
             .collect();
+        if lost > 0 {
+            warn!(
+                "upgrade: {lost} line(s) held for clients still claiming their name are lost \
+                 (Redis did not answer the claims within the quiesce)"
+            );
+        }
         State {
             listener: raw(self.clients.listener().map(|l| l.as_fd())),
             metrics: self

@@ -109,9 +109,17 @@ impl Server {
             let tail = match self.handle_lines(key, &scratch[start..head + n]) {
                 Lines::Tail(tail) => tail,
                 Lines::Paused(rest) => {
-                    // Waiting for its claim: keep what was read, read no more.
+                    // Waiting for its claim: keep what was read, read no
+                    // more; what is kept counts against the memory bound.
                     self.clients
                         .with_buffers(key, |conn, pool| keep(conn, pool, rest));
+                    if self.clients.is_over_memory() {
+                        self.clients.make_room(0, None, &mut self.deadlines);
+                        let conn = self.clients.conn(key);
+                        if conn.phase() == Phase::Closing && !conn.is_dead() {
+                            self.clients.discard_input(key, &mut scratch);
+                        }
+                    }
                     break;
                 }
                 Lines::Closed => {

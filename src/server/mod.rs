@@ -40,6 +40,7 @@ use crate::upgrade::{Inherited, Successor};
 mod broker;
 mod clients;
 mod handover;
+mod held;
 mod housekeeping;
 mod input;
 mod output;
@@ -265,7 +266,7 @@ impl Server {
                 "cluster: node {node}, Redis at {}, prefix {:?}, lease {} ms",
                 cluster.redis, cluster.prefix, cluster.lease_ms
             );
-            Cluster::new(cluster, node)
+            Cluster::new(cluster, node, config.max_line)
         });
         let mut inherited = extras.inherited;
         let mut adopted_input = Vec::new();
@@ -463,7 +464,7 @@ impl Server {
                 }
             }
             if let Some(cluster) = &mut self.cluster {
-                broker::release_in_cluster(&mut self.clients, cluster);
+                broker::sync_cluster(&mut self.clients, cluster, &mut self.deadlines);
                 cluster.flush(self.deadlines.now_ms());
             }
             self.housekeeping
@@ -672,7 +673,7 @@ impl Server {
             Some(cluster) => {
                 // The names were released as their clients closed; now the
                 // rest, and the lease, so that no key stays behind.
-                broker::release_in_cluster(&mut self.clients, cluster);
+                broker::sync_cluster(&mut self.clients, cluster, &mut self.deadlines);
                 !cluster.farewell()
             }
             None => true,

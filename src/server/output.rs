@@ -27,7 +27,7 @@ impl Clients {
         deadlines: &mut Deadlines,
     ) -> bool {
         let max = self.limits.max_outbound;
-        if self.conn(key).pending_out() + bytes.len() > max {
+        if self.outbound(key) + bytes.len() > max {
             // Before calling it slow, let its socket take what it can: one
             // turn's 64 KiB of short lines can grow into more than the
             // bound of deliveries for a recipient that reads promptly.
@@ -39,8 +39,8 @@ impl Clients {
                 }
             }
         }
+        let queued = self.outbound(key);
         let conn = self.conn(key);
-        let queued = conn.pending_out();
         if queued + bytes.len() > max {
             warn!(
                 "closing slow consumer {:?} ({}): {queued} bytes queued, limit {max}",

@@ -121,11 +121,7 @@ impl Server {
             Answer::Unroutable { slot, names } => {
                 report(clients, deadlines, slot, ErrorKind::UnavailableTo, &names);
             }
-            Answer::Deferred { slot, line } => {
-                if let Some(key) = clients.find(slot) {
-                    clients.send_line(key, &line, deadlines);
-                }
-            }
+            Answer::Deferred { slot } => clients.release_behind(slot, deadlines),
             Answer::Deliver { names, line } => {
                 let Some(cluster) = &mut self.cluster else {
                     return;

@@ -1,0 +1,283 @@
+//! Cluster flow control, the server's side: every line the node holds for
+//! a client because of Redis, in one place and in the one buffer account.
+//!
+//! Two kinds of line wait here, by the connection they are for:
+//!
+//! - **Behind its answers.** A client with answers from Redis outstanding
+//!   (a claim, a route) must see its later lines' results after them: its
+//!   own copy of a message it sent, and its non-closing `error:` lines.
+//!   Such a line is held here and the cluster FIFO gets a marker for it
+//!   (`Cluster::defer`); when the marker reaches the FIFO's head, the
+//!   reactor sends the oldest held line of that connection.
+//! - **For a claimant.** A connection whose name is being claimed is not
+//!   online yet. A message to that name is held here with its sender until
+//!   the claim is answered: delivered if the claim holds, or else routed
+//!   through Redis to whoever holds the name (another node, or nobody:
+//!   then its sender hears `not-online`). Never dropped, and counted as a
+//!   delivery only once delivered.
+//!
+//! Everything held counts against the connection's `--max-outbound` (with
+//! its queued output) and against `--max-buffer-memory`; a connection over
+//! either is closed as a slow consumer, as for queued output. What a
+//! claimant held for others is then routed, not dropped.
+//!
+//! `broker.rs` decides what to hold, `remote.rs` releases it as answers
+//! come; nothing else touches it.
+
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+use super::clients::Clients;
+use crate::conn::Phase;
+use crate::deadlines::{Deadlines, Slot};
+
+/// What is held for one connection.
+#[derive(Debug, Default)]
+struct HeldFor {
+    /// The connection's id (slab keys are reused).
+    id: u32,
+    /// Lines behind its answers, oldest first, with whether each is a
+    /// delivery (counted once sent) or an `error:` line.
+    behind: VecDeque<(bool, Vec<u8>)>,
+    /// Deliveries to it while it claims its name: sender and line.
+    for_claim: Vec<(Slot, Vec<u8>)>,
+    /// Bytes of lines held, both kinds.
+    bytes: usize,
+}
+
+/// Every line held for a connection, by slab key.
+#[derive(Debug, Default)]
+pub(super) struct Held {
+    by_key: HashMap<u32, HeldFor>,
+    /// Deliveries held for a claimant that lost its claim (or closed),
+    /// to route through Redis to the name: sender, name, line. Drained by
+    /// `broker::sync_cluster` before any other route is sent, so that they
+    /// keep their place before later lines to the same name.
+    pub(super) to_route: Vec<(Slot, Rc<str>, Vec<u8>)>,
+}
+
+impl Held {
+    /// Bytes held for the connection `key`.
+    pub fn bytes(&self, key: usize) -> usize {
+        if self.by_key.is_empty() {
+            return 0; // the common case, and the hot path's: no lookup
+        }
+        self.by_key.get(&(key as u32)).map_or(0, |held| held.bytes)
+    }
+
+    /// Whether nothing is held for anyone.
+    fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+}
+
+impl Clients {
+    /// Bytes held for `key` here, queued output and held lines together:
+    /// what `--max-outbound` bounds.
+    pub fn outbound(&mut self, key: usize) -> usize {
+        self.conn(key).pending_out() + self.held.bytes(key)
+    }
+
+    /// The entry for `key`, made (or made anew, for a connection that
+    /// reuses a key) on first use.
+    fn held_for(&mut self, key: usize) -> &mut HeldFor {
+        let id = self.conns[key].id;
+        let held = self.held.by_key.entry(key as u32).or_default();
+        if held.id != id {
+            *held = HeldFor {
+                id,
+                ..HeldFor::default()
+            };
+        }
+        held
+    }
+
+    /// Makes room for `len` more held bytes for `key`: false (and `key`
+    /// is closed as a slow consumer) when its bound or the memory bound
+    /// leaves none. `sender` is never closed for `key`'s sake.
+    fn room_to_hold(
+        &mut self,
+        key: usize,
+        len: usize,
+        sender: Option<usize>,
+        deadlines: &mut Deadlines,
+    ) -> bool {
+        let max = self.limits.max_outbound;
+        let outbound = self.outbound(key);
+        if outbound + len > max {
+            log::warn!(
+                "closing slow consumer {:?}: {outbound} bytes queued and held, limit {max}",
+                self.conns[key].name,
+            );
+            self.close_slow_consumer(key, deadlines);
+            return false;
+        }
+        if self.buffered + len > self.limits.max_buffer_memory {
+            self.make_room(len, sender, deadlines);
+            let conn = &self.conns[key];
+            if conn.is_dead() || conn.phase() == Phase::Closing {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Holds `line` for `key` behind the answers it is owed (the caller
+    /// puts a marker in the cluster FIFO when this returns true). False:
+    /// `key` was closed as a slow consumer instead.
+    pub fn hold_behind(
+        &mut self,
+        key: usize,
+        line: &[u8],
+        delivery: bool,
+        deadlines: &mut Deadlines,
+    ) -> bool {
+        if !self.room_to_hold(key, line.len(), Some(key), deadlines) {
+            return false;
+        }
+        let held = self.held_for(key);
+        held.behind.push_back((delivery, line.to_vec()));
+        held.bytes += line.len();
+        self.buffered += line.len();
+        true
+    }
+
+    /// A marker for `slot` reached the FIFO's head: its oldest held line
+    /// is sent, if it is still there to take it.
+    pub fn release_behind(&mut self, slot: Slot, deadlines: &mut Deadlines) {
+        let Some(held) = self.held.by_key.get_mut(&slot.key) else {
+            return;
+        };
+        if held.id != slot.id {
+            return;
+        }
+        let Some((delivery, line)) = held.behind.pop_front() else {
+            return;
+        };
+        held.bytes -= line.len();
+        self.buffered -= line.len();
+        self.forget_empty(slot.key);
+        if let Some(key) = self.find(slot) {
+            if self.send_line(key, &line, deadlines) && delivery {
+                self.stats.deliveries += 1;
+            }
+        }
+    }
+
+    /// Holds a message to the claimant `to` from `sender` until its claim
+    /// is answered. False: `to` was closed as a slow consumer instead (it
+    /// no longer holds the name: route the line as to anyone not here).
+    pub fn hold_for_claim(
+        &mut self,
+        to: usize,
+        sender: usize,
+        line: &[u8],
+        deadlines: &mut Deadlines,
+    ) -> bool {
+        if !self.room_to_hold(to, line.len(), Some(sender), deadlines) {
+            return false;
+        }
+        let from = self.slot(sender);
+        let held = self.held_for(to);
+        held.for_claim.push((from, line.to_vec()));
+        held.bytes += line.len();
+        self.buffered += line.len();
+        true
+    }
+
+    /// The deliveries held for the claimant `key`, taken out of the
+    /// account.
+    fn take_for_claim(&mut self, key: usize) -> Vec<(Slot, Vec<u8>)> {
+        if self.held.is_empty() {
+            return Vec::new();
+        }
+        let id = self.conns[key].id;
+        let Some(held) = self.held.by_key.get_mut(&(key as u32)) else {
+            return Vec::new();
+        };
+        if held.id != id {
+            return Vec::new();
+        }
+        let lines = std::mem::take(&mut held.for_claim);
+        let bytes: usize = lines.iter().map(|(_, line)| line.len()).sum();
+        held.bytes -= bytes;
+        self.buffered -= bytes;
+        self.forget_empty(key as u32);
+        lines
+    }
+
+    /// The claimant `key` is logged in: what was held for it is queued for
+    /// it, in order, before anything sent to it after.
+    pub(super) fn deliver_held(&mut self, key: usize, deadlines: &mut Deadlines) {
+        for (from, line) in self.take_for_claim(key) {
+            let sender = self.find(from);
+            if self.enqueue(key, &line, sender, deadlines) {
+                self.stats.deliveries += 1;
+            }
+        }
+    }
+
+    /// The claimant `key` will not hold its name (refused, unavailable,
+    /// closed): what was held for it goes to `held.to_route`, for whoever
+    /// holds the name.
+    pub(super) fn route_held_on(&mut self, key: usize) {
+        let lines = self.take_for_claim(key);
+        if lines.is_empty() {
+            return;
+        }
+        let name = Rc::clone(&self.conns[key].name);
+        let routes = lines
+            .into_iter()
+            .map(|(from, line)| (from, Rc::clone(&name), line));
+        self.held.to_route.extend(routes);
+    }
+
+    /// Drops the lines held behind answers for `key` (its queue is dropped
+    /// to make room).
+    pub(super) fn drop_behind(&mut self, key: usize) {
+        let id = self.conns[key].id;
+        if let Some(held) = self.held.by_key.get_mut(&(key as u32)) {
+            if held.id == id {
+                let bytes: usize = held.behind.drain(..).map(|(_, line)| line.len()).sum();
+                held.bytes -= bytes;
+                self.buffered -= bytes;
+                self.forget_empty(key as u32);
+            }
+        }
+    }
+
+    /// Drops what is held for `key`, which is being removed (what it held
+    /// for a claim was routed on when it stopped claiming).
+    pub(super) fn drop_held(&mut self, key: usize) {
+        if self.held.is_empty() {
+            return;
+        }
+        if let Some(held) = self.held.by_key.remove(&(key as u32)) {
+            self.buffered -= held.bytes;
+        }
+    }
+
+    /// What a live upgrade hands over for `key`: the lines held behind
+    /// its answers, in order (the new process queues them after its
+    /// output), and how many deliveries it held for a claim (lost: the
+    /// claim is made again by the new process).
+    pub(super) fn held_for_handover(&self, key: usize) -> (Vec<u8>, usize) {
+        let Some(held) = self.held.by_key.get(&(key as u32)) else {
+            return (Vec::new(), 0);
+        };
+        if held.id != self.conns[key].id {
+            return (Vec::new(), 0);
+        }
+        let behind = held
+            .behind
+            .iter()
+            .flat_map(|(_, line)| line.iter().copied());
+        (behind.collect(), held.for_claim.len())
+    }
+
+    fn forget_empty(&mut self, key: u32) {
+        if self.held.by_key.get(&key).is_some_and(|h| h.bytes == 0) {
+            self.held.by_key.remove(&key);
+        }
+    }
+}

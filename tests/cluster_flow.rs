@@ -1,0 +1,237 @@
+//! Cluster flow control: what a node holds for its clients while Redis
+//! answers (a name being claimed, lines behind a client's answers) is
+//! never lost and always bounded, and what the link reads is bounded too,
+//! whatever answers on Redis's port. Each test starts its own Redis and
+//! nodes (tests/common/redis.rs) and stops them all, also when it fails.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::redis::{Redis, node};
+use common::{Client, Server, TIMEOUT, poll_until};
+
+/// A fresh Redis for the test, or a return (the test is skipped, saying
+/// so) where `redis-server` is not installed outside CI.
+macro_rules! redis_or_skip {
+    () => {
+        match Redis::start_or_skip() {
+            Some(redis) => redis,
+            None => return,
+        }
+    };
+}
+
+/// Lets the node handle a line just sent before the next one is sent from
+/// another connection (the order the test needs; nothing to poll for
+/// while Redis is stopped). Too short a pause only makes the test pass
+/// without testing the race.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(150));
+}
+
+/// A message to a name that a connection on the sender's node is only
+/// claiming (the claim in flight) is not handed to the claimant: when the
+/// claim is refused because another node holds the name, the line reaches
+/// that holder, and the sender hears nothing.
+#[test]
+fn a_line_to_a_name_being_claimed_reaches_its_holder_on_another_node() {
+    let redis = redis_or_skip!();
+    let (mut a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
+    let mut alice = b.login("alice");
+    let mut carol = a.login("carol");
+    let before = a.stat("deliveries");
+    redis.signal("STOP");
+    let mut claimant = a.connect();
+    claimant.send("alice\n");
+    settle();
+    carol.send("alice: secret\n");
+    settle();
+    redis.signal("CONT");
+    claimant.expect("error: name-taken: alice");
+    alice.expect("from carol: secret");
+    carol.sync("carol"); // and no error line before it
+    let local = a.stat("deliveries") - before;
+    assert_eq!(local, 1, "only carol's own copy was delivered here");
+}
+
+/// Messages sent to a connection while it claims its name are delivered
+/// once the claim holds, in order and before anything sent after.
+#[test]
+fn lines_held_for_a_claimant_arrive_in_order_once_it_holds_the_name() {
+    let redis = redis_or_skip!();
+    let a = node(&redis.url(), "10", &[]);
+    let mut carol = a.login("carol");
+    redis.signal("STOP");
+    let mut dave = a.connect();
+    dave.send("dave\n");
+    settle();
+    carol.send("dave: one\ndave: two\n");
+    settle();
+    redis.signal("CONT");
+    dave.expect("from carol: one");
+    dave.expect("from carol: two");
+    carol.send("dave: three\n");
+    dave.expect("from carol: three");
+    dave.sync("dave");
+}
+
+/// Lines held for a claimant count against its `--max-outbound` and the
+/// memory bound: a client flooding a claimant while Redis is stopped gets
+/// the claimant closed as a slow consumer, and the node's memory stays
+/// small (it grew by the whole flood before).
+#[test]
+fn lines_held_for_a_claimant_are_bounded() {
+    let redis = redis_or_skip!();
+    let a = node(
+        &redis.url(),
+        "10",
+        &["--max-buffer-memory", "1048576", "--max-outbound", "65536"],
+    );
+    let carol = a.login("carol");
+    redis.signal("STOP");
+    let mut m1 = a.connect();
+    m1.send("m1\n");
+    settle();
+    // 40 MB of lines to m1.
+    let line = format!("m1: {}\n", "f".repeat(16 * 1024 - 8));
+    let writer = {
+        let mut stream = carol.stream().try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..2500 {
+                if stream.write_all(line.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    m1.expect("error: slow-consumer");
+    let peak = poll_until(|| {
+        let rss = a.status_kb("VmHWM");
+        (writer.is_finished() || rss > 64 * 1024).then_some(rss)
+    });
+    let rss = a.status_kb("VmHWM");
+    assert!(rss < 48 * 1024, "node peak RSS {rss} kB ({peak:?})");
+    redis.signal("CONT");
+    drop(carol);
+}
+
+/// What a claimant sends after its name, kept unread while the claim is
+/// answered, counts against `--max-buffer-memory`: many claimants sending
+/// 60 KB each while Redis is stopped are closed, the largest first, and
+/// the node's buffers stay within the bound.
+#[test]
+fn a_claimants_kept_input_is_bounded() {
+    let redis = redis_or_skip!();
+    let mut a = node(
+        &redis.url(),
+        "10",
+        &[
+            "--max-buffer-memory",
+            "1048576",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    );
+    let metrics = metrics_addr(&mut a);
+    redis.signal("STOP");
+    let body = "nobody: x\n".repeat(6000);
+    let claimants: Vec<Client> = (0..60)
+        .map(|i| {
+            let mut c = Client::connect_small(a.addr);
+            c.send(&format!("c{i}\n{body}"));
+            c
+        })
+        .collect();
+    let evicted = poll_until(|| {
+        let n = a.stat("memory_evictions");
+        (n >= 10).then_some(n)
+    });
+    assert!(evicted.is_some(), "no claimant was closed:\n{}", a.log());
+    let buffered = gauge(metrics, "chatd_buffered_bytes");
+    assert!(buffered <= 1 << 20, "{buffered} bytes buffered");
+    redis.signal("CONT");
+    drop(claimants);
+}
+
+/// Something that is not Redis on the link's port cannot crash, exhaust or
+/// stall a node: replies nested two million deep, an endless bulk string
+/// and an endless array each reset the link (logged); the node stays
+/// small and alive, logins are answered (`unavailable`), local chat goes on.
+#[test]
+fn a_link_to_something_that_is_not_redis_cannot_hurt_the_node() {
+    let deep = b"*1\r\n".repeat(1 << 16);
+    let bulk = [&b"$1000000\r\n"[..], &[b'b'; 1 << 16]].concat();
+    let array = [&b"*100000000\r\n"[..], &b":1\r\n".repeat(1 << 14)].concat();
+    for (what, first, then) in [
+        ("deep nesting", b"".to_vec(), deep),
+        ("an endless bulk string", bulk, vec![b'b'; 1 << 16]),
+        ("an endless array", array, b":1\r\n".repeat(1 << 14)),
+    ] {
+        let fake = NotRedis::start(first, then);
+        let url = format!("redis://{}", fake.addr);
+        let mut node = Server::start(&["--cluster", &url, "--cluster-lease", "10"]);
+        node.wait_log("malformed reply from Redis");
+        let mut c = node.connect();
+        c.send("carol\n");
+        c.expect("error: unavailable");
+        let rss = node.status_kb("VmHWM");
+        assert!(rss < 40 * 1024, "{what}: node peak RSS {rss} kB");
+        assert!(node.log().contains("cannot reach Redis"), "{what}");
+    }
+}
+
+/// A server on a free loopback port that answers every connection with
+/// `first`, then `then` over and over (64 MB at most), reading nothing.
+struct NotRedis {
+    addr: SocketAddr,
+}
+
+impl NotRedis {
+    fn start(first: Vec<u8>, then: Vec<u8>) -> NotRedis {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let (first, then) = (first.clone(), then.clone());
+                std::thread::spawn(move || {
+                    let _ = stream.write_all(&first);
+                    let mut sent = first.len();
+                    while sent < 64 << 20 && stream.write_all(&then).is_ok() {
+                        sent += then.len();
+                    }
+                });
+            }
+        });
+        NotRedis { addr }
+    }
+}
+
+/// The metrics endpoint's address, from the node's log.
+fn metrics_addr(server: &mut Server) -> SocketAddr {
+    let line = server.wait_log("metrics on http://");
+    line.split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .expect("metrics address in the log")
+}
+
+/// One gauge from a scrape of `/metrics`.
+fn gauge(addr: SocketAddr, name: &str) -> u64 {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: chatd\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} in:\n{response}"))
+}
