@@ -33,8 +33,9 @@ pub enum Deadline {
     /// The cluster link's own timer (connect, lease renewal, fencing,
     /// reply timeout); it says itself what is due.
     Cluster,
-    /// A live upgrade's new process was not ready in time.
-    UpgradeGiveUp,
+    /// A step of a live upgrade (quiescing, waiting for the new process)
+    /// has taken as long as it may; the number tells the steps apart.
+    UpgradeStep(u32),
     /// The buffer pool frees what it held unused.
     PoolDecay,
     /// The `--stats-interval` log line.
@@ -73,7 +74,7 @@ impl Deadline {
             Deadline::ShutdownGiveUp => (8, none),
             Deadline::ScrapersResume => (9, none),
             Deadline::Cluster => (10, none),
-            Deadline::UpgradeGiveUp => (11, none),
+            Deadline::UpgradeStep(step) => (11, Slot { key: 0, id: step }),
         }
     }
 
@@ -90,7 +91,7 @@ impl Deadline {
             8 => Deadline::ShutdownGiveUp,
             9 => Deadline::ScrapersResume,
             10 => Deadline::Cluster,
-            _ => Deadline::UpgradeGiveUp,
+            _ => Deadline::UpgradeStep(slot.id),
         }
     }
 }
@@ -281,7 +282,7 @@ mod tests {
             Deadline::ShutdownGiveUp,
             Deadline::ScrapersResume,
             Deadline::Cluster,
-            Deadline::UpgradeGiveUp,
+            Deadline::UpgradeStep(u32::MAX - 1),
         ];
         let mut d = at(1000);
         for (i, &kind) in kinds.iter().enumerate() {

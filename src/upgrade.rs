@@ -91,6 +91,10 @@ pub struct State {
     pub uncertain: Vec<String>,
     /// See `uncertain`.
     pub uncertain_overflow: bool,
+    /// Cluster mode: the old process's link was ready and everything it
+    /// asked of Redis was answered; the new one then holds the clients'
+    /// input a moment for its own link (see `server/handover.rs`).
+    pub link_quiet: bool,
     /// Every connection.
     pub conns: Vec<ConnState>,
 }
@@ -113,7 +117,7 @@ impl State {
         for name in &self.uncertain {
             put_bytes(&mut out, name.as_bytes());
         }
-        out.push(u8::from(self.uncertain_overflow));
+        out.push(u8::from(self.uncertain_overflow) | u8::from(self.link_quiet) << 1);
         put_u64(&mut out, self.conns.len() as u64);
         for c in &self.conns {
             put_i64(&mut out, i64::from(c.fd));
@@ -155,7 +159,8 @@ impl State {
         for _ in 0..r.count()? {
             uncertain.push(String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad name")?);
         }
-        let uncertain_overflow = r.byte()? != 0;
+        let cluster_flags = r.byte()?;
+        let (uncertain_overflow, link_quiet) = (cluster_flags & 1 != 0, cluster_flags & 2 != 0);
         let mut conns = Vec::new();
         for _ in 0..r.count()? {
             let fd = r.fd()?.ok_or("no descriptor")?;
@@ -199,8 +204,26 @@ impl State {
             lease_left_ms,
             uncertain,
             uncertain_overflow,
+            link_quiet,
             conns,
         })
+        .and_then(State::check_descriptors)
+    }
+
+    /// Refuses a state that names one descriptor twice: each is taken
+    /// (owned) once, and a second owner would close it under the first.
+    fn check_descriptors(self) -> Result<State, String> {
+        let mut seen = std::collections::HashSet::new();
+        let fds = [Some(self.listener), self.metrics]
+            .into_iter()
+            .flatten()
+            .chain(self.conns.iter().map(|c| c.fd));
+        for fd in fds {
+            if !seen.insert(fd) {
+                return Err(format!("descriptor {fd} is named twice"));
+            }
+        }
+        Ok(self)
     }
 }
 
@@ -491,6 +514,7 @@ mod tests {
             lease_left_ms: Some(7000),
             uncertain: vec!["gone".into(), "maybe".into()],
             uncertain_overflow: true,
+            link_quiet: true,
             conns: vec![
                 ConnState {
                     fd: 9,

@@ -505,6 +505,31 @@ fn a_node_upgraded_in_place_keeps_its_names() {
     assert_eq!(redis.keys(), keys, "the same lease and names");
 }
 
+/// The quiesce before an upgrade is capped at a second: with Redis stopped
+/// (nothing answers) the node hands over at the cap, long before its reply
+/// timeout (a quarter of a 20 s lease), and the new process reads local
+/// chat at once instead of holding it for a link that the old one could
+/// not get answers from.
+#[test]
+fn the_quiesce_before_an_upgrade_is_capped() {
+    let redis = redis_or_skip!();
+    let mut a = node(&redis.url(), "20", &[]);
+    let mut alice = a.login("alice");
+    let mut bob = a.login("bob");
+    redis.signal("STOP");
+    a.upgrade(1);
+    alice.send("bob: after\n");
+    bob.expect("from alice: after");
+    let log = a.log();
+    let handed = log.find("within 1000 ms; handing over");
+    assert!(handed.is_some(), "no hand-over at the cap:\n{log}");
+    assert!(
+        !log.contains("lost Redis"),
+        "waited for the reply timeout:\n{log}"
+    );
+    redis.signal("CONT");
+}
+
 /// An upgrade while the node is cut from Redis does not stop its fencing:
 /// the new process takes the old one's lease as it was, and closes the
 /// client with `error: unavailable` before the lease can expire.

@@ -177,6 +177,122 @@ fn upgrades_are_refused_while_one_runs_and_during_shutdown() {
     server.wait_log("upgrade refused: shutting down");
 }
 
+/// A stop asked for while the new process starts wins: the old process
+/// passes it on, the new one dies of it before it serves, and the old one
+/// then shuts down as asked: clients get `error: shutting-down`.
+#[test]
+fn a_stop_while_the_new_process_starts_shuts_down() {
+    let binary = Binary::new("stop-starting");
+    let mut server = binary.start(&[]);
+    let mut alice = server.login("alice");
+    let real = binary.dir.join("chatd.real");
+    std::fs::copy(env!("CARGO_BIN_EXE_chatd"), &real).unwrap();
+    binary.install_broken(&format!("sleep 1\nexec {} \"$@\"", real.display()));
+    server.signal("USR2");
+    server.wait_log("upgrade: handing ");
+    server.signal("TERM");
+    alice.expect("error: shutting-down");
+    alice.expect_eof();
+    assert!(server.wait_exit().success());
+    server.wait_log("this process shuts down, as asked");
+}
+
+/// SIGTERM right behind SIGUSR2 (as `kill -USR2 $P; kill -TERM $P` sends
+/// them) is never lost, whichever step of the upgrade it meets: the
+/// clients get `error: shutting-down` and nothing serves on.
+#[test]
+fn a_stop_right_behind_an_upgrade_request_is_not_lost() {
+    let binary = Binary::new("stop-behind");
+    for round in 0..3 {
+        let mut server = binary.start(&[]);
+        let mut alice = server.login("alice");
+        let pid = server.pid();
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -USR2 {pid}; kill -TERM {pid}")])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        alice.expect("error: shutting-down");
+        alice.expect_eof();
+        assert!(server.wait_exit().success(), "round {round}");
+        let closed = poll_until(|| {
+            std::net::TcpStream::connect(server.addr)
+                .is_err()
+                .then_some(())
+        });
+        assert!(
+            closed.is_some(),
+            "round {round}: something still serves:\n{}",
+            server.log()
+        );
+    }
+}
+
+/// Scrapes of the metrics endpoint go on through live upgrades: the old
+/// process answers the scrapers it accepted, also while the new one
+/// starts, and the new one answers the rest; none gets a reset or an
+/// empty answer.
+#[test]
+fn scrapes_are_answered_through_upgrades() {
+    let binary = Binary::new("scrapes");
+    let mut server = binary.start(&["--metrics-addr", "127.0.0.1:0"]);
+    let line = server.wait_log("metrics on http://");
+    let metrics: std::net::SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .expect("metrics address in the log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let scrapers: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let (mut answered, mut failed) = (0, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match scrape_healthz(metrics) {
+                        Ok(()) => answered += 1,
+                        Err(e) => failed.push(e),
+                    }
+                }
+                (answered, failed)
+            })
+        })
+        .collect();
+    for n in 1..=5 {
+        server.upgrade(n);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for scraper in scrapers {
+        let (answered, failed) = scraper.join().unwrap();
+        assert!(answered > 0, "no scrape answered");
+        assert!(
+            failed.is_empty(),
+            "{} of {answered} failed: {failed:?}",
+            failed.len()
+        );
+    }
+}
+
+/// One `GET /healthz` on a fresh connection: a whole 200 response, or why not.
+fn scrape_healthz(addr: std::net::SocketAddr) -> Result<(), String> {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: chatd\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("read: {e}"))?;
+    if response.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!("answer: {response:?}"))
+    }
+}
+
 /// Ten upgrades in a row: the connections stay, and the serving process
 /// holds the same descriptors and about the same memory as before.
 #[test]

@@ -300,6 +300,13 @@ impl Cluster {
             .is_some_and(|until| now_ms + self.fence_margin_ms() >= until)
     }
 
+    /// When the node must fence if no renewal succeeds first (`None`: no
+    /// lease).
+    pub fn fence_at(&self) -> Option<u64> {
+        self.lease_until
+            .map(|until| until.saturating_sub(self.fence_margin_ms()))
+    }
+
     /// The node fenced: the lease is given up (a new one is taken once
     /// Redis answers again). The reactor closes the clients.
     pub fn fenced(&mut self, now_ms: u64) {
@@ -669,7 +676,13 @@ impl Cluster {
             self.uncertain_name(&name);
         }
         self.uncertain_overflow |= overflow;
-        self.hold_until = Some(now_ms + hold_ms);
+        self.hold_until = (hold_ms > 0).then_some(now_ms + hold_ms);
+    }
+
+    /// Whether the adopted clients' input is held back for the link (see
+    /// [`Cluster::adopt`]).
+    pub fn is_holding(&self) -> bool {
+        self.hold_until.is_some()
     }
 
     /// Lets the held-back input of every throttled connection be read.

@@ -321,6 +321,19 @@ impl Clients {
         false
     }
 
+    /// Drops the come-back list `carried` while clients are not read
+    /// (quiescing or handing over): the server reads every connection again
+    /// when serving resumes, and the new process of an upgrade reads them.
+    pub fn forget_more_input(&mut self, mut carried: Vec<usize>) {
+        for &key in &carried {
+            if let Some(conn) = self.conns.get_mut(key) {
+                let _ = conn.take_deferred_input();
+            }
+        }
+        carried.clear();
+        self.more_input_spare = carried;
+    }
+
     /// Resets every connection's route mark (see `Broker::next_route_seq`).
     pub fn reset_route_marks(&mut self) {
         for (_, conn) in self.conns.iter_mut() {

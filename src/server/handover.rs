@@ -16,11 +16,11 @@ use mio::Interest;
 use mio::net::TcpStream;
 
 use super::clients::Clients;
-use super::{Server, Source};
+use super::{Life, Server, Source};
 use crate::conn::{Conn, Phase};
 use crate::control::Exit;
 use crate::deadlines::{Deadline, Deadlines};
-use crate::upgrade::{self, ConnState, Handoff, State};
+use crate::upgrade::{self, ConnState, Handoff, Inherited, State};
 
 /// A kind of connection deadline, as `Clients::set_deadline` takes it.
 type DeadlineKind = fn(crate::deadlines::Slot) -> Deadline;
@@ -28,10 +28,18 @@ type DeadlineKind = fn(crate::deadlines::Slot) -> Deadline;
 /// The longest a cluster node waits for Redis's answers before it hands
 /// over anyway (what is still in flight then is settled by the new
 /// process, or reported lost).
-const QUIESCE_MS: u64 = 1000;
+pub(super) const QUIESCE_MS: u64 = 1000;
 
 /// How long the new process has to say it serves.
 const READY_TIMEOUT_MS: u64 = 5000;
+
+/// How long the old process finishes the scrapes it accepted, once the new
+/// one serves.
+pub(super) const RETIRE_MS: u64 = 1000;
+
+/// How long the new process holds the adopted clients' input for its link
+/// to Redis to be ready, when the old one handed over with a quiet link.
+const HOLD_FOR_LINK_MS: u64 = 1000;
 
 /// A live upgrade under way, in the old process.
 pub(super) struct Upgrading {
@@ -44,15 +52,69 @@ pub(super) struct Upgrading {
 }
 
 impl Server {
+    /// At the end of a turn: starts an upgrade that was asked for (in a
+    /// cluster whose link is ready, by quiescing first), or hands over once
+    /// quiescing is done.
+    pub(super) fn advance_upgrade(&mut self) {
+        match self.life {
+            Life::Serving {
+                upgrade_asked: true,
+            } => {
+                self.life = Life::Serving {
+                    upgrade_asked: false,
+                };
+                if self.cluster.as_mut().is_some_and(|c| c.quiesce()) {
+                    info!("upgrade: waiting for Redis's answers before handing over");
+                    let step = self.next_upgrade_step(QUIESCE_MS);
+                    self.life = Life::Quiescing { step };
+                } else {
+                    self.begin_upgrade(true);
+                }
+            }
+            Life::Quiescing { .. } if self.cluster.as_ref().is_none_or(|c| c.is_quiet()) => {
+                self.begin_upgrade(true);
+            }
+            _ => {}
+        }
+    }
+
+    /// A deadline of a live upgrade's step came: quiescing hands over
+    /// without waiting longer; a new process not ready yet has failed.
+    pub(super) fn upgrade_step_due(&mut self, due: u32) {
+        match self.life {
+            Life::Quiescing { step } if step == due => {
+                info!(
+                    "upgrade: Redis did not answer everything within {QUIESCE_MS} ms; handing over"
+                );
+                self.begin_upgrade(false);
+            }
+            Life::Upgrading { step, .. } if step == due => {
+                self.abort_upgrade("the new process was not ready in time");
+            }
+            _ => {} // a step that ended already
+        }
+    }
+
+    /// A new step's number, with its deadline `after_ms` from now.
+    fn next_upgrade_step(&mut self, after_ms: u64) -> u32 {
+        self.upgrade_steps = self.upgrade_steps.wrapping_add(1);
+        let step = self.upgrade_steps;
+        self.deadlines.set(after_ms, Deadline::UpgradeStep(step));
+        step
+    }
+
     /// Starts a live upgrade at the end of a turn (nothing pending, nobody
-    /// dead): snapshots the state and starts the new binary. On failure to
-    /// start it, serving goes on.
-    pub(super) fn begin_upgrade(&mut self) {
+    /// dead): snapshots the state and starts the new binary. `quiet`: in a
+    /// cluster, everything asked of Redis was answered (the new process
+    /// then waits a moment for its own link before reading clients). On
+    /// failure to start it, serving goes on.
+    pub(super) fn begin_upgrade(&mut self, quiet: bool) {
         let Some(successor) = &self.successor else {
+            self.resume_serving();
             return;
         };
         let started = Instant::now();
-        let state = self.snapshot();
+        let state = self.snapshot(quiet);
         let bytes = state.encode();
         let snapshot_time = started.elapsed();
         let handoff = match upgrade::hand_over(successor, &bytes, &self.handed_fds()) {
@@ -62,6 +124,7 @@ impl Server {
                     "upgrade failed: cannot start {}: {e}; this process serves on",
                     successor.exe.display()
                 );
+                self.resume_serving();
                 return;
             }
         };
@@ -73,6 +136,7 @@ impl Server {
         {
             warn!("upgrade failed: {e}; this process serves on");
             abandon(handoff);
+            self.resume_serving();
             return;
         }
         info!(
@@ -85,69 +149,75 @@ impl Server {
             "upgrade: state written in {snapshot_time:?}, new process started after {:?}",
             started.elapsed()
         );
-        self.deadlines
-            .set(READY_TIMEOUT_MS, Deadline::UpgradeGiveUp);
-        self.upgrade = Some(Upgrading {
-            handoff,
-            started,
-            conns: state.conns.len(),
-        });
+        let step = self.next_upgrade_step(READY_TIMEOUT_MS);
+        self.life = Life::Upgrading {
+            upgrade: Upgrading {
+                handoff,
+                started,
+                conns: state.conns.len(),
+            },
+            step,
+            stop_asked: false,
+        };
     }
 
-    /// One turn while an upgrade is under way: only the readiness pipe, the
-    /// give-up deadline and the control's non-stop requests are acted on.
-    /// Returns `Some(Exit::Upgraded)` once the new process serves.
-    pub(super) fn upgrade_turn(&mut self, events: &mio::Events) -> Option<Exit> {
-        let mut pipe_ready = false;
-        for event in events.iter() {
-            match Source::of(event.token()) {
-                Some(Source::Upgrade) => pipe_ready = true,
-                Some(Source::Waker) => {
-                    self.on_requests();
-                }
-                _ => {} // acted on after the upgrade, if it fails
-            }
-        }
-        if pipe_ready {
-            match self.read_ready() {
-                Some(true) => {
-                    let upgrading = self.upgrade.take()?;
-                    info!(
-                        "upgrade complete: pid {} serves the {} connection(s) (handed over in {:?}); \
-                         this process exits",
-                        upgrading.handoff.child.id(),
-                        upgrading.conns,
-                        upgrading.started.elapsed()
-                    );
-                    return Some(Exit::Upgraded);
-                }
-                Some(false) => {
-                    self.abort_upgrade("the new process exited before it was ready");
-                    return None;
-                }
-                None => {}
-            }
-        }
-        let due = self
-            .upgrade
-            .as_ref()
-            .is_some_and(|u| u.started.elapsed().as_millis() as u64 >= READY_TIMEOUT_MS);
-        let now = self.deadlines.now_ms();
-        if due {
-            self.abort_upgrade("the new process was not ready in time");
-        } else if self.cluster.as_ref().is_some_and(|c| c.must_fence(now)) {
-            // The lease cannot wait for a slow new process.
-            self.abort_upgrade("the lease would expire before the new process was ready");
+    /// The readiness pipe has news: the new process serves (this one
+    /// retires), or it failed (this one serves on).
+    pub(super) fn on_upgrade_pipe(&mut self) -> Option<Exit> {
+        match self.read_ready()? {
+            true => self.retire(),
+            false => self.abort_upgrade("the new process exited before it was ready"),
         }
         None
+    }
+
+    /// The new process serves: this one stops accepting scrapers and
+    /// finishes those it has (at most [`RETIRE_MS`]), then exits.
+    fn retire(&mut self) {
+        let Life::Upgrading {
+            upgrade,
+            stop_asked,
+            ..
+        } = &self.life
+        else {
+            return;
+        };
+        let (pid, stop_asked) = (upgrade.pid(), *stop_asked);
+        let until_ms = self.deadlines.now_ms() + RETIRE_MS;
+        let retiring = Life::Retiring {
+            until_ms,
+            pid,
+            stop_asked,
+        };
+        let Life::Upgrading { upgrade, .. } = std::mem::replace(&mut self.life, retiring) else {
+            return;
+        };
+        info!(
+            "upgrade complete: pid {} serves the {} connection(s) (handed over in {:?}){}; \
+             this process exits",
+            upgrade.handoff.child.id(),
+            upgrade.conns,
+            upgrade.started.elapsed(),
+            if stop_asked {
+                " and shuts down, as asked"
+            } else {
+                ""
+            }
+        );
+        if let Some(scrapers) = &mut self.scrapers {
+            scrapers.stop_accepting(self.poll.registry());
+        }
+        self.deadlines.set(RETIRE_MS, Deadline::ShutdownGiveUp);
     }
 
     /// Reads the readiness pipe: `Some(true)` on `ready`, `Some(false)` at
     /// EOF without it, `None` while neither.
     fn read_ready(&mut self) -> Option<bool> {
-        let upgrading = self.upgrade.as_mut()?;
+        let Life::Upgrading { upgrade, .. } = &mut self.life else {
+            return None;
+        };
         let mut buf = [0; 16];
-        match upgrading.handoff.ready.read(&mut buf) {
+        match upgrade.handoff.ready.read(&mut buf) {
             Ok(0) => Some(false),
             Ok(n) => Some(buf[..n].starts_with(b"ready")),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
@@ -155,42 +225,71 @@ impl Server {
         }
     }
 
-    /// The new process failed: it is stopped, and this one serves on. Every
-    /// connection is read and flushed again: the readiness events that came
-    /// during the upgrade were not acted on.
+    /// The new process failed: it is stopped, and this one serves on, or
+    /// shuts down if that was asked for meanwhile. Every connection is read
+    /// and flushed again: the readiness events that came during the
+    /// upgrade were not acted on.
     pub(super) fn abort_upgrade(&mut self, why: &str) {
-        let Some(mut upgrading) = self.upgrade.take() else {
+        let life = std::mem::replace(
+            &mut self.life,
+            Life::Serving {
+                upgrade_asked: false,
+            },
+        );
+        let Life::Upgrading {
+            mut upgrade,
+            stop_asked,
+            ..
+        } = life
+        else {
+            self.life = life;
             return;
         };
-        let fd = handoff_fd(&upgrading.handoff);
+        let fd = handoff_fd(&upgrade.handoff);
         let _ = self
             .poll
             .registry()
             .deregister(&mut mio::unix::SourceFd(&fd));
-        let status = match upgrading.handoff.child.try_wait() {
+        let status = match upgrade.handoff.child.try_wait() {
             Ok(Some(status)) => format!(" ({status})"),
             _ => {
-                let _ = upgrading.handoff.child.kill();
-                let _ = upgrading.handoff.child.wait();
-                " (stopped)".to_string()
+                let _ = upgrade.handoff.child.kill();
+                match upgrade.handoff.child.wait() {
+                    Ok(status) => format!(" (stopped: {status})"),
+                    Err(_) => " (stopped)".to_string(),
+                }
             }
         };
+        let then = if stop_asked {
+            "this process shuts down, as asked"
+        } else {
+            "this process serves on"
+        };
         warn!(
-            "upgrade failed: {why}{status}; this process serves on after a pause of {:?}",
-            upgrading.started.elapsed()
+            "upgrade failed: {why}{status}; {then} after a pause of {:?}",
+            upgrade.started.elapsed()
         );
         if let Err(e) = upgrade::keep_private(&self.handed_fds()) {
             warn!("upgrade: cannot set close-on-exec again: {e}");
         }
         self.resume_serving();
+        if stop_asked {
+            self.begin_shutdown();
+        }
     }
 
     /// Serving again after an upgrade that did not happen: every
     /// connection is read and flushed (their readiness events were not
-    /// acted on meanwhile), the listeners accept, and in a cluster the node
-    /// listens on its channel again.
-    pub(super) fn resume_serving(&mut self) {
-        self.quiescing = None;
+    /// acted on meanwhile), the listeners accept, the deadlines that came
+    /// due are acted on, and in a cluster the node listens on its channel
+    /// again.
+    fn resume_serving(&mut self) {
+        self.life = Life::Serving {
+            upgrade_asked: false,
+        };
+        for deadline in std::mem::take(&mut self.postponed) {
+            self.deadlines.set(0, deadline);
+        }
         let keys: Vec<usize> = self.clients.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
             let conn = self.clients.conn(key);
@@ -216,34 +315,26 @@ impl Server {
         }
     }
 
-    /// In a cluster, an upgrade first quiesces: the node stops reading its
-    /// clients and listening on its channel, and waits (at most
-    /// [`QUIESCE_MS`]) for every answer it is owed, so that nothing is in
-    /// flight when the state is written. Called at the end of each turn
-    /// while quiescing; starts the handover when the link is quiet.
-    pub(super) fn quiesce_turn(&mut self) {
-        let Some(started) = self.quiescing else {
-            return;
-        };
-        let quiet = self.cluster.as_ref().is_none_or(|c| c.is_quiet());
-        let now = self.deadlines.now_ms();
-        if quiet || now >= started + QUIESCE_MS {
-            self.begin_upgrade();
-            if self.upgrade.is_none() {
-                self.resume_serving(); // it could not start
+    /// In the new process, before the loop: every socket is registered, so
+    /// the old process is told it may go; input is read only from now on
+    /// (nothing is lost if this process fails before this point). In a
+    /// cluster the adopted clients' input waits for the link (see `adopt`).
+    pub(super) fn take_over(&mut self, inherited: Inherited, adopted_input: Vec<usize>) {
+        let adopted = self.clients.len();
+        match inherited.signal_ready() {
+            Ok(()) => info!("upgrade: took over {adopted} connection(s)"),
+            Err(e) => warn!("upgrade: cannot tell the old process it may go: {e}"),
+        }
+        let held = self.cluster.as_ref().is_some_and(|c| c.is_holding());
+        for key in adopted_input {
+            if self.clients.get(key).is_some() && !held {
+                self.resume_input(key); // in a cluster, once the link is ready
             }
         }
-    }
-
-    /// An upgrade was asked for: in a cluster whose link is ready, quiesce
-    /// first; else hand over at once.
-    pub(super) fn start_upgrade(&mut self) {
-        let quiescing = self.cluster.as_mut().is_some_and(|c| c.quiesce());
-        if quiescing {
-            info!("upgrade: waiting for Redis's answers before handing over");
-            self.quiescing = Some(self.deadlines.now_ms());
-        } else {
-            self.begin_upgrade();
+        // A half-closed client with nothing left to write closes.
+        let keys: Vec<usize> = self.clients.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.close_if_drained(key);
         }
     }
 
@@ -262,8 +353,9 @@ impl Server {
         fds
     }
 
-    /// Everything a new process needs to serve on.
-    fn snapshot(&self) -> State {
+    /// Everything a new process needs to serve on; `quiet`: see
+    /// [`Server::begin_upgrade`].
+    fn snapshot(&self, quiet: bool) -> State {
         let now = self.deadlines.now_ms();
         let (lease_left_ms, uncertain, uncertain_overflow) = match &self.cluster {
             Some(cluster) => cluster.handover_state(now),
@@ -313,9 +405,68 @@ impl Server {
             lease_left_ms,
             uncertain,
             uncertain_overflow,
+            link_quiet: quiet && self.cluster.as_ref().is_some_and(|c| c.is_ready()),
             conns,
         }
     }
+}
+
+/// In the new process of a live upgrade: adopts every connection `state`
+/// hands over, and in a cluster the lease as the old process held it
+/// (fencing goes on), the names to settle, and the clients' input held back
+/// until the link is ready (at most [`HOLD_FOR_LINK_MS`], and only if the
+/// old process's link was quiet: else what they send is routed, or refused
+/// as unavailable, at once). Returns the adopted connections whose kept
+/// input holds whole lines (longer than `head_room`, or with a newline),
+/// to handle once the old process has gone.
+pub(super) fn adopt(
+    state: &mut State,
+    clients: &mut Clients,
+    cluster: Option<&mut crate::cluster::Cluster>,
+    registry: &mio::Registry,
+    deadlines: &mut Deadlines,
+    head_room: usize,
+) -> Vec<usize> {
+    let adopting = Instant::now();
+    clients.stats = upgrade::stats_of(&state.counters);
+    clients.stats.connections = 0;
+    clients.set_next_id(state.next_id);
+    let mut whole_lines = Vec::new();
+    for conn in std::mem::take(&mut state.conns) {
+        let lines = conn.input.len() > head_room || conn.input.contains(&b'\n');
+        if let Some(key) = clients.adopt(conn, registry, deadlines) {
+            if lines {
+                whole_lines.push(key);
+            }
+        }
+    }
+    debug!(
+        "upgrade: {} connection(s) adopted in {:?}",
+        clients.len(),
+        adopting.elapsed()
+    );
+    if let Some(cluster) = cluster {
+        let uncertain = std::mem::take(&mut state.uncertain);
+        let hold_ms = if state.link_quiet {
+            HOLD_FOR_LINK_MS
+        } else {
+            0
+        };
+        let now = deadlines.now_ms();
+        cluster.adopt(
+            state.lease_left_ms,
+            uncertain,
+            state.uncertain_overflow,
+            now,
+            hold_ms,
+        );
+        if hold_ms > 0 {
+            for (key, _) in clients.conns.iter() {
+                cluster.throttle(clients.slot(key));
+            }
+        }
+    }
+    whole_lines
 }
 
 /// One connection's part of the state. A connection claiming its name in
@@ -364,6 +515,25 @@ fn raw(fd: Option<BorrowedFd<'_>>) -> i32 {
 
 fn handoff_fd(handoff: &Handoff) -> i32 {
     std::os::fd::AsRawFd::as_raw_fd(&handoff.ready)
+}
+
+impl Upgrading {
+    /// The new process's id.
+    pub(super) fn pid(&self) -> u32 {
+        self.handoff.child.id()
+    }
+}
+
+/// A stop was asked for while the new process starts, or once it serves:
+/// it is passed on. The new process shuts down as soon as it serves (or
+/// dies of the signal before it can; then `abort_upgrade` shuts this one
+/// down, as asked).
+pub(super) fn pass_stop_on(pid: u32) {
+    info!("shutdown requested during an upgrade: asking the new process (pid {pid}) to shut down");
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+        warn!("cannot signal the new process: {e}");
+    }
 }
 
 /// Stops a new process that will not be waited for.

@@ -26,7 +26,7 @@ use std::fmt;
 use std::io;
 use std::time::Duration;
 
-use log::{debug, info, warn};
+use log::{info, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 
@@ -49,7 +49,7 @@ mod scrapers;
 
 use broker::Broker;
 use clients::{Clients, Limits, default_buffer_memory, fit_max_clients};
-use handover::Upgrading;
+use handover::{Upgrading, adopt};
 use housekeeping::Housekeeping;
 use input::{Drain, READ_CHUNK};
 use scrapers::Scrapers;
@@ -144,8 +144,49 @@ pub fn run_with(
     control: Control,
     extras: Extras,
 ) -> io::Result<Exit> {
-    Server::new(listener, config, control, extras)?.run()
+    let (server, inherited) = Server::new(listener, config, control, extras)?;
+    server.run(inherited)
 }
+
+/// Where the server is in its life. Each phase holds what only it needs;
+/// the loop asks the phase what to do with each kind of event.
+enum Life {
+    /// Serving clients. `upgrade_asked`: a live upgrade starts at the end
+    /// of this turn.
+    Serving { upgrade_asked: bool },
+    /// Cluster mode, before an upgrade hands over: the node waits for
+    /// Redis's answers (at most `handover::QUIESCE_MS`, then it hands over
+    /// anyway). Clients are not read and nobody is accepted.
+    Quiescing { step: u32 },
+    /// This is the old process of a live upgrade: the new one is starting.
+    /// No client socket is touched; scrapers are still served. A stop asked
+    /// for meanwhile is passed on to the new process (`stop_asked`), and
+    /// this one shuts down instead if the new one fails.
+    Upgrading {
+        upgrade: Upgrading,
+        step: u32,
+        stop_asked: bool,
+    },
+    /// The new process (`pid`) serves what this one handed over: this one
+    /// only finishes the scrapes it accepted (until `until_ms`, at most
+    /// `handover::RETIRE_MS`), then exits. A stop asked for meanwhile is
+    /// passed on to the new process (`stop_asked`: it was, once).
+    Retiring {
+        until_ms: u64,
+        pid: u32,
+        stop_asked: bool,
+    },
+    /// A graceful shutdown: clients get `error: shutting-down` and drain.
+    /// It ends once none is left and, in a cluster, the farewell (names
+    /// and lease dropped) is answered or cannot be sent; or at the
+    /// shutdown deadline (`gave_up`).
+    ShuttingDown { farewell_done: bool, gave_up: bool },
+}
+
+/// What a live upgrade handed the new process: the old process to tell
+/// once this one serves, and the adopted connections whose kept input holds
+/// whole lines (see `handover.rs`).
+type TakeOver = (Inherited, Vec<usize>);
 
 /// The reactor's state, by responsibility.
 struct Server {
@@ -170,30 +211,20 @@ struct Server {
     control: Control,
     /// The requests already acted on.
     seen: Requests,
-    /// Whether a graceful shutdown has begun.
-    shutting_down: bool,
-    /// Whether the shutdown deadline passed with clients still draining.
-    gave_up: bool,
+    /// Where the server is in its life.
+    life: Life,
     /// Cluster mode: the link to Redis and the lease.
     cluster: Option<Cluster>,
     /// When the `Deadline::Cluster` set last is due (`u64::MAX`: none).
     cluster_tick_at: u64,
-    /// Cluster mode: whether the farewell (names and lease dropped) is
-    /// answered, or cannot be sent; shutdown waits for it.
-    farewell_done: bool,
     /// What a live upgrade starts.
     successor: Option<Successor>,
-    /// A live upgrade under way (this process is the old one).
-    upgrade: Option<Upgrading>,
-    /// A live upgrade was asked for: it starts at the end of the turn.
-    upgrade_asked: bool,
-    /// In a cluster, since when the node waits for Redis's answers before
-    /// an upgrade hands over (clients are not read meanwhile).
-    quiescing: Option<u64>,
-    /// The old process to tell, once this one serves what it handed over.
-    inherited: Option<Inherited>,
-    /// Adopted connections whose kept input holds whole lines to handle.
-    adopted_input: Vec<usize>,
+    /// Deadlines that came due while connections were handed over: acted
+    /// on if serving resumes.
+    postponed: Vec<Deadline>,
+    /// Numbers the steps of live upgrades, so that a step's timeout never
+    /// ends a later step.
+    upgrade_steps: u32,
     /// Descriptors open once the loop was set up (standard streams, the
     /// poller, the waker, the listeners), to which the metrics add the
     /// connections it holds instead of listing `/proc/self/fd`.
@@ -201,12 +232,15 @@ struct Server {
 }
 
 impl Server {
+    /// The server, and what a live upgrade handed it: the old process to
+    /// tell once this one serves, and the adopted connections whose kept
+    /// input holds whole lines (see `handover.rs`).
     fn new(
         listener: std::net::TcpListener,
         config: Config,
         control: Control,
         extras: Extras,
-    ) -> io::Result<Server> {
+    ) -> io::Result<(Server, Option<TakeOver>)> {
         listener.set_nonblocking(true)?;
         // Accepted sockets inherit TCP_NODELAY from the listener (on
         // Linux), which saves a system call per accept. The server batches
@@ -268,53 +302,28 @@ impl Server {
             );
             Cluster::new(cluster, node, config.max_line)
         });
-        let mut inherited = extras.inherited;
-        let mut adopted_input = Vec::new();
         let mut cluster = cluster;
-        if let Some(inherited) = &mut inherited {
-            let adopting = std::time::Instant::now();
-            let state = &mut inherited.state;
-            clients.stats = crate::upgrade::stats_of(&state.counters);
-            clients.stats.connections = 0;
-            clients.set_next_id(state.next_id);
-            let registry = poll.registry();
-            let head_room = config.max_line + 1;
-            for conn in std::mem::take(&mut state.conns) {
-                let whole_lines = conn.input.len() > head_room || conn.input.contains(&b'\n');
-                if let Some(key) = clients.adopt(conn, registry, &mut deadlines) {
-                    if whole_lines {
-                        adopted_input.push(key);
-                    }
-                }
+        let mut inherited = extras.inherited;
+        let adopted_input = match &mut inherited {
+            Some(inherited) => {
+                let state = &mut inherited.state;
+                let registry = poll.registry();
+                let head_room = config.max_line + 1;
+                adopt(
+                    state,
+                    &mut clients,
+                    cluster.as_mut(),
+                    registry,
+                    &mut deadlines,
+                    head_room,
+                )
             }
-            debug!(
-                "upgrade: {} connection(s) adopted in {:?}",
-                clients.len(),
-                adopting.elapsed()
-            );
-            if let Some(cluster) = &mut cluster {
-                // The lease as the old process held it (fencing goes on),
-                // the names to settle, and the clients' input held back
-                // until the link is ready (at most a second): what they
-                // send then is routed, not refused as unavailable.
-                let uncertain = std::mem::take(&mut state.uncertain);
-                let now = deadlines.now_ms();
-                cluster.adopt(
-                    state.lease_left_ms,
-                    uncertain,
-                    state.uncertain_overflow,
-                    now,
-                    1000,
-                );
-                for (key, _) in clients.conns.iter() {
-                    cluster.throttle(clients.slot(key));
-                }
-            }
-        }
+            None => Vec::new(),
+        };
         let notifier = extras.notifier.unwrap_or_else(|| Box::new(Silent));
         let housekeeping =
             Housekeeping::start(millis(config.stats_interval), notifier, &mut deadlines);
-        Ok(Server {
+        let server = Server {
             poll,
             clients,
             broker: Broker::default(),
@@ -325,74 +334,35 @@ impl Server {
             config,
             control,
             seen: Requests::default(),
-            shutting_down: false,
-            gave_up: false,
+            life: Life::Serving {
+                upgrade_asked: false,
+            },
             successor: extras.successor,
-            upgrade: None,
-            upgrade_asked: false,
-            quiescing: None,
-            inherited,
-            adopted_input,
+            postponed: Vec::new(),
+            upgrade_steps: 0,
             cluster,
             cluster_tick_at: u64::MAX,
-            farewell_done: false,
             base_fds,
-        })
+        };
+        Ok((server, inherited.map(|i| (i, adopted_input))))
     }
 
-    /// The loop. Returns when shutdown completes or is forced.
-    fn run(mut self) -> io::Result<Exit> {
+    /// The loop: one turn after another, each a list of named phases, until
+    /// the server's life ends. Returns how it ended.
+    fn run(mut self, inherited: Option<TakeOver>) -> io::Result<Exit> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
-        if let Some(inherited) = self.inherited.take() {
-            // Every socket is registered: the old process may go. Input is
-            // read only from now on, so nothing is lost if this process
-            // fails before this point.
-            let adopted = self.clients.len();
-            match inherited.signal_ready() {
-                Ok(()) => info!("upgrade: took over {adopted} connection(s)"),
-                Err(e) => warn!("upgrade: cannot tell the old process it may go: {e}"),
-            }
-            let held = self.cluster.is_some();
-            for key in std::mem::take(&mut self.adopted_input) {
-                if self.clients.get(key).is_some() && !held {
-                    self.resume_input(key); // in a cluster, once the link is ready
-                }
-            }
-            // A half-closed client with nothing left to write closes.
-            let keys: Vec<usize> = self.clients.conns.iter().map(|(key, _)| key).collect();
-            for key in keys {
-                self.close_if_drained(key);
-            }
+        if let Some((inherited, adopted_input)) = inherited {
+            self.take_over(inherited, adopted_input);
         }
         // A request made before the loop attached its waker woke nobody.
         if let Some(exit) = self.on_requests() {
             return Ok(exit);
         }
         loop {
-            if self.upgrade.is_some() {
-                let wait = Duration::from_millis(50);
-                match self.poll.poll(&mut events, Some(wait)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-                self.deadlines.tick();
-                if let Some(exit) = self.upgrade_turn(&events) {
-                    return Ok(exit);
-                }
-                continue;
+            if let Some(exit) = self.has_ended() {
+                return Ok(exit);
             }
             self.schedule_cluster();
-            if self.shutting_down
-                && ((self.clients.len() == 0 && self.farewell_done) || self.gave_up)
-            {
-                info!(
-                    "shutdown complete; {} connection(s) closed before draining; {}",
-                    self.clients.len(),
-                    self.counters()
-                );
-                return Ok(Exit::Graceful);
-            }
             match self.poll.poll(&mut events, self.poll_timeout()) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -401,53 +371,25 @@ impl Server {
             self.deadlines.tick();
             // Before any input: a node that could not renew its lease in
             // time (or slept through it) closes its clients first.
-            self.fence_if_needed();
+            if self.touches_clients() {
+                self.fence_if_needed();
+            }
             let spare = std::mem::take(&mut self.clients.more_input_spare);
             let carried = std::mem::replace(&mut self.clients.more_input, spare);
             for event in events.iter() {
-                let Some(source) = Source::of(event.token()) else {
-                    continue;
-                };
-                match source {
-                    // Quiescing for an upgrade: clients wait (the new
-                    // process, or the resumed old one, reads them).
-                    Source::Client(_) | Source::Listener if self.quiescing.is_some() => {}
-                    Source::Client(key) => self.on_client_event(key, event),
-                    Source::Listener => {
-                        let registry = self.poll.registry();
-                        self.clients.accept_all(registry, &mut self.deadlines);
-                    }
-                    Source::Waker => {
-                        if let Some(exit) = self.on_requests() {
-                            return Ok(exit);
-                        }
-                    }
-                    Source::MetricsListener => {
-                        if let Some(scrapers) = &mut self.scrapers {
-                            scrapers.accept_all(self.poll.registry(), &mut self.deadlines);
-                        }
-                    }
-                    Source::Scraper(key) => self.on_scraper_event(key),
-                    Source::Upgrade => {} // only while upgrading (upgrade_turn)
-                    Source::Redis => {
-                        if let Some(cluster) = &mut self.cluster {
-                            cluster.on_event(event, self.deadlines.now_ms());
-                        }
-                        // At once: a client's later events this turn must
-                        // see the answers for its earlier lines.
-                        self.apply_cluster_answers();
-                    }
+                if let Some(exit) = self.dispatch(event) {
+                    return Ok(exit);
                 }
             }
-            if self.quiescing.is_some() {
-                // Read again when serving resumes, or by the new process.
-                for key in carried {
-                    if let Some(conn) = self.clients.get(key) {
-                        let _ = conn.take_deferred_input();
-                    }
-                }
-            } else {
+            if self.reads_clients() {
                 self.serve_more_input(carried);
+            } else {
+                // Read again when serving resumes, or by the new process.
+                self.clients.forget_more_input(carried);
+            }
+            if !self.touches_clients() {
+                self.fire_deadlines();
+                continue; // the rest is the new process's, or after
             }
             if let Some(cluster) = &mut self.cluster {
                 if cluster.has_unread() {
@@ -456,23 +398,101 @@ impl Server {
             }
             self.fire_deadlines();
             self.apply_cluster_answers();
-            let registry = self.poll.registry();
-            self.clients.flush_pending(registry, &mut self.deadlines);
-            for key in std::mem::take(&mut self.clients.drained) {
-                if self.clients.get(key).is_some() {
-                    self.close_if_drained(key);
-                }
-            }
-            if let Some(cluster) = &mut self.cluster {
-                broker::sync_cluster(&mut self.clients, cluster, &mut self.deadlines);
-                cluster.flush(self.deadlines.now_ms());
-            }
+            self.flush_all();
             self.housekeeping
                 .end_turn(&mut self.clients, &mut self.deadlines);
-            if std::mem::take(&mut self.upgrade_asked) {
-                self.start_upgrade();
+            self.advance_upgrade();
+        }
+    }
+
+    /// Whether the server's life is over: a shutdown done or given up, or
+    /// a retiring old process done with its scrapers.
+    fn has_ended(&mut self) -> Option<Exit> {
+        match self.life {
+            Life::ShuttingDown {
+                farewell_done,
+                gave_up,
+            } if (self.clients.len() == 0 && farewell_done) || gave_up => {
+                info!(
+                    "shutdown complete; {} connection(s) closed before draining; {}",
+                    self.clients.len(),
+                    self.counters()
+                );
+                Some(Exit::Graceful)
             }
-            self.quiesce_turn();
+            Life::Retiring { until_ms, .. }
+                if self.scrapers.as_ref().is_none_or(|s| s.len() == 0)
+                    || self.deadlines.now_ms() >= until_ms =>
+            {
+                Some(Exit::Upgraded)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether this process acts on its clients now (not while a live
+    /// upgrade hands them over, nor once it did).
+    pub(super) fn touches_clients(&self) -> bool {
+        !matches!(self.life, Life::Upgrading { .. } | Life::Retiring { .. })
+    }
+
+    /// Whether client input is read and connections accepted now.
+    fn reads_clients(&self) -> bool {
+        matches!(self.life, Life::Serving { .. } | Life::ShuttingDown { .. })
+    }
+
+    /// Dispatches one poll event by its source, as the phase of life
+    /// allows. Returns an exit when the life ends with it.
+    fn dispatch(&mut self, event: &mio::event::Event) -> Option<Exit> {
+        let source = Source::of(event.token())?;
+        match source {
+            Source::Waker => return self.on_requests(),
+            Source::Upgrade => return self.on_upgrade_pipe(),
+            Source::MetricsListener => {
+                if let Some(scrapers) = &mut self.scrapers {
+                    if !matches!(self.life, Life::Retiring { .. }) {
+                        scrapers.accept_all(self.poll.registry(), &mut self.deadlines);
+                    }
+                }
+            }
+            Source::Scraper(key) => self.on_scraper_event(key),
+            // Handing over: what comes is the new process's (or acted on
+            // when serving resumes, see `resume_serving`).
+            _ if !self.reads_clients() && !matches!(self.life, Life::Quiescing { .. }) => {}
+            Source::Redis => {
+                if let Some(cluster) = &mut self.cluster {
+                    cluster.on_event(event, self.deadlines.now_ms());
+                }
+                // At once: a client's later events this turn must see the
+                // answers for its earlier lines.
+                self.apply_cluster_answers();
+            }
+            // Quiescing: clients wait (the new process, or the resumed
+            // old one, reads them).
+            Source::Client(_) | Source::Listener if !self.reads_clients() => {}
+            Source::Client(key) => self.on_client_event(key, event),
+            Source::Listener => {
+                let registry = self.poll.registry();
+                self.clients.accept_all(registry, &mut self.deadlines);
+            }
+        }
+        None
+    }
+
+    /// The end of a turn's work: every connection on the pending-write
+    /// list is written once, half-closed ones that drained close, and the
+    /// cluster link gets what the clients left for it and is written.
+    fn flush_all(&mut self) {
+        let registry = self.poll.registry();
+        self.clients.flush_pending(registry, &mut self.deadlines);
+        for key in std::mem::take(&mut self.clients.drained) {
+            if self.clients.get(key).is_some() {
+                self.close_if_drained(key);
+            }
+        }
+        if let Some(cluster) = &mut self.cluster {
+            broker::sync_cluster(&mut self.clients, cluster, &mut self.deadlines);
+            cluster.flush(self.deadlines.now_ms());
         }
     }
 
@@ -560,50 +580,73 @@ impl Server {
         scrapers.on_event(key, registry, now, health, &clients.stats, gauges);
     }
 
-    /// Handles every deadline that is due.
+    /// Handles every deadline that is due. While connections are handed
+    /// over, only the upgrade's own and the lease's are acted on; the
+    /// others wait in `postponed` until serving resumes.
     fn fire_deadlines(&mut self) {
-        let registry = self.poll.registry();
-        let deadlines = &mut self.deadlines;
-        while let Some(deadline) = deadlines.pop_due() {
+        while let Some(deadline) = self.deadlines.pop_due() {
             match deadline {
-                Deadline::Idle(slot)
-                    if self.cluster.as_ref().is_some_and(|c| c.is_throttled(slot)) =>
-                {
-                    // Its input is held back, not missing: not idle.
-                    if let Some(key) = self.clients.applies(deadline, slot) {
-                        let idle = self.clients.limits.idle_timeout_ms;
-                        self.clients
-                            .set_deadline(key, deadlines, idle, Deadline::Idle);
+                Deadline::UpgradeStep(step) => self.upgrade_step_due(step),
+                Deadline::Cluster if !self.touches_clients() => {
+                    self.cluster_tick_at = u64::MAX;
+                    let now = self.deadlines.now_ms();
+                    if self.cluster.as_ref().is_some_and(|c| c.must_fence(now)) {
+                        // The lease cannot wait for a slow new process.
+                        self.abort_upgrade(
+                            "the lease would expire before the new process was ready",
+                        );
                     }
-                }
-                Deadline::Login(slot) | Deadline::Idle(slot) | Deadline::Close(slot) => {
-                    self.clients.on_deadline(deadline, slot, deadlines);
                 }
                 Deadline::Scraper(slot) => {
                     if let Some(scrapers) = &mut self.scrapers {
                         scrapers.expire(slot);
                     }
                 }
-                Deadline::AcceptResume => self.clients.resume_accepting(registry, deadlines),
-                Deadline::ScrapersResume => {
-                    if let Some(scrapers) = &mut self.scrapers {
-                        scrapers.resume_accepting(registry, deadlines);
-                    }
+                _ if !self.touches_clients() => self.postponed.push(deadline),
+                _ => self.fire(deadline),
+            }
+        }
+    }
+
+    /// Acts on one due deadline (see `fire_deadlines`).
+    fn fire(&mut self, deadline: Deadline) {
+        let registry = self.poll.registry();
+        let deadlines = &mut self.deadlines;
+        match deadline {
+            Deadline::Idle(slot) if self.cluster.as_ref().is_some_and(|c| c.is_throttled(slot)) => {
+                // Its input is held back, not missing: not idle.
+                if let Some(key) = self.clients.applies(deadline, slot) {
+                    let idle = self.clients.limits.idle_timeout_ms;
+                    self.clients
+                        .set_deadline(key, deadlines, idle, Deadline::Idle);
                 }
-                Deadline::PoolDecay => self.housekeeping.decay_pool(&mut self.clients, deadlines),
-                Deadline::StatsLine => {
-                    let line = counters(&self.clients, self.cluster.as_ref(), deadlines.now_ms());
-                    self.housekeeping.stats_line(&line, deadlines);
+            }
+            Deadline::Login(slot) | Deadline::Idle(slot) | Deadline::Close(slot) => {
+                self.clients.on_deadline(deadline, slot, deadlines);
+            }
+            Deadline::AcceptResume => self.clients.resume_accepting(registry, deadlines),
+            Deadline::ScrapersResume => {
+                if let Some(scrapers) = &mut self.scrapers {
+                    scrapers.resume_accepting(registry, deadlines);
                 }
-                Deadline::Status => self.housekeeping.status(&self.clients, deadlines),
-                Deadline::ShutdownGiveUp => self.gave_up = true,
-                Deadline::UpgradeGiveUp => {} // an upgrade watches its own time
-                Deadline::Cluster => {
-                    self.cluster_tick_at = u64::MAX;
-                    if let Some(cluster) = &mut self.cluster {
-                        let now = deadlines.now_ms();
-                        cluster.on_timer(registry, Source::Redis.token(), now);
-                    }
+            }
+            Deadline::PoolDecay => self.housekeeping.decay_pool(&mut self.clients, deadlines),
+            Deadline::StatsLine => {
+                let line = counters(&self.clients, self.cluster.as_ref(), deadlines.now_ms());
+                self.housekeeping.stats_line(&line, deadlines);
+            }
+            Deadline::Status => self.housekeeping.status(&self.clients, deadlines),
+            Deadline::ShutdownGiveUp => {
+                if let Life::ShuttingDown { gave_up, .. } = &mut self.life {
+                    *gave_up = true;
+                }
+            }
+            Deadline::Scraper(_) | Deadline::UpgradeStep(_) => {} // see fire_deadlines
+            Deadline::Cluster => {
+                self.cluster_tick_at = u64::MAX;
+                if let Some(cluster) = &mut self.cluster {
+                    let now = deadlines.now_ms();
+                    cluster.on_timer(registry, Source::Redis.token(), now);
                 }
             }
         }
@@ -613,13 +656,7 @@ impl Server {
     /// on a second stop request.
     fn on_requests(&mut self) -> Option<Exit> {
         let now = self.control.requests();
-        let upgrading = self.upgrade.is_some();
         let seen = std::mem::replace(&mut self.seen, now);
-        if upgrading {
-            // A stop waits until the upgrade has ended (if it succeeds,
-            // this process exits anyway).
-            self.seen.stops = seen.stops;
-        }
         for _ in seen.stats..now.stats {
             info!("stats: {}", self.counters());
         }
@@ -627,41 +664,61 @@ impl Server {
             info!("hang-up signal ignored (chatd keeps running; stop it with SIGTERM)");
         }
         if now.upgrades > seen.upgrades {
-            if upgrading {
-                info!("upgrade refused: one is under way");
-            } else if self.shutting_down {
-                info!("upgrade refused: shutting down");
-            } else if self.successor.is_none() {
-                info!("upgrade refused: no binary to start (an embedded server)");
-            } else {
-                self.upgrade_asked = true;
+            match &mut self.life {
+                Life::Serving { .. } if self.successor.is_none() => {
+                    info!("upgrade refused: no binary to start (an embedded server)");
+                }
+                Life::Serving { upgrade_asked } => *upgrade_asked = true,
+                Life::Quiescing { .. } | Life::Upgrading { .. } | Life::Retiring { .. } => {
+                    info!("upgrade refused: one is under way");
+                }
+                Life::ShuttingDown { .. } => info!("upgrade refused: shutting down"),
             }
-        }
-        if upgrading {
-            return None;
         }
         if now.stops > seen.stops {
             if now.stops >= 2 {
+                if let Life::Upgrading { .. } = self.life {
+                    self.abort_upgrade("a second shutdown request came");
+                }
                 warn!(
                     "second shutdown request: exiting at once; {}",
                     self.counters()
                 );
                 return Some(Exit::Forced);
             }
-            self.upgrade_asked = false;
-            info!(
-                "shutdown requested: closing {} connection(s)",
-                self.clients.len()
-            );
-            self.begin_shutdown();
+            match &mut self.life {
+                Life::Upgrading {
+                    stop_asked,
+                    upgrade,
+                    ..
+                } => {
+                    if !std::mem::replace(stop_asked, true) {
+                        handover::pass_stop_on(upgrade.pid());
+                    }
+                }
+                Life::Retiring {
+                    stop_asked, pid, ..
+                } => {
+                    if !std::mem::replace(stop_asked, true) {
+                        handover::pass_stop_on(*pid);
+                    }
+                }
+                _ => {
+                    info!(
+                        "shutdown requested: closing {} connection(s)",
+                        self.clients.len()
+                    );
+                    self.begin_shutdown();
+                }
+            }
         }
         None
     }
 
     /// Stops accepting and reading, queues `error: shutting-down` to every
-    /// client and lets the loop flush until the shutdown deadline.
+    /// client and lets the loop flush until the shutdown deadline. A live
+    /// upgrade asked for, or quiescing, does not start.
     fn begin_shutdown(&mut self) {
-        self.shutting_down = true;
         let timeout = millis(self.config.shutdown_timeout);
         self.deadlines.set(timeout, Deadline::ShutdownGiveUp);
         // The metrics endpoint stays while the clients drain: /healthz
@@ -669,7 +726,7 @@ impl Server {
         self.housekeeping.stopping();
         self.clients
             .begin_shutdown(self.poll.registry(), &mut self.deadlines);
-        self.farewell_done = match &mut self.cluster {
+        let farewell_done = match &mut self.cluster {
             Some(cluster) => {
                 // The names were released as their clients closed; now the
                 // rest, and the lease, so that no key stays behind.
@@ -677,6 +734,10 @@ impl Server {
                 !cluster.farewell()
             }
             None => true,
+        };
+        self.life = Life::ShuttingDown {
+            farewell_done,
+            gave_up: false,
         };
     }
 }

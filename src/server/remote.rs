@@ -7,7 +7,7 @@
 use std::rc::Rc;
 
 use super::clients::Clients;
-use super::{Server, broker};
+use super::{Life, Server, broker};
 use crate::cluster::{Answer, Claimed};
 use crate::conn::Phase;
 use crate::deadlines::{Deadline, Deadlines};
@@ -16,11 +16,20 @@ use crate::protocol::ErrorKind;
 impl Server {
     /// Sets the cluster link's deadline when it wants to be woken earlier
     /// than the one already set.
+    /// While a live upgrade hands the clients over, only the lease's end
+    /// matters (the link itself waits, see `Life::Upgrading`).
     pub(super) fn schedule_cluster(&mut self) {
         let Some(cluster) = &self.cluster else {
             return;
         };
-        let at = cluster.next_deadline();
+        let at = if self.touches_clients() {
+            cluster.next_deadline()
+        } else {
+            cluster.fence_at().unwrap_or(u64::MAX)
+        };
+        if at == u64::MAX {
+            return;
+        }
         if at < self.cluster_tick_at {
             self.cluster_tick_at = at;
             let now = self.deadlines.now_ms();
@@ -171,7 +180,11 @@ impl Server {
                     }
                 }
             }
-            Answer::FarewellDone => self.farewell_done = true,
+            Answer::FarewellDone => {
+                if let Life::ShuttingDown { farewell_done, .. } = &mut self.life {
+                    *farewell_done = true;
+                }
+            }
         }
     }
 }

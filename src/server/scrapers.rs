@@ -185,6 +185,13 @@ impl Scrapers {
         }
     }
 
+    /// Stops accepting (the new process of a live upgrade serves the
+    /// listener); the scrapers already accepted are still served.
+    pub fn stop_accepting(&mut self, registry: &PollRegistry) {
+        self.paused = true;
+        let _ = registry.deregister(&mut self.listener);
+    }
+
     /// The accept pause is over: accept what waited.
     pub fn resume_accepting(&mut self, registry: &PollRegistry, deadlines: &mut Deadlines) {
         self.paused = false;

@@ -292,9 +292,23 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some(pid) = self.upgraded {
+        // Every process an upgrade started, also one the test never saw
+        // take over (it failed before).
+        let log = self.log();
+        let started = log
+            .split(" to pid ")
+            .skip(1)
+            .filter_map(|rest| rest.split_whitespace().next()?.parse::<u32>().ok());
+        for pid in self.upgraded.into_iter().chain(started) {
+            // Only a chatd: a pid that ended long ago may name another
+            // process now.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if !String::from_utf8_lossy(&cmdline).contains("chatd") {
+                continue;
+            }
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
                 .status();
         }
     }
