@@ -12,6 +12,7 @@
 
 mod load;
 mod pool;
+mod server;
 
 use std::io::{self, IsTerminal, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use load::{Counts, Plan};
 use pool::{Generator, Totals};
+use server::{ServerProcesses, Usage, own_usage};
 
 const USAGE: &str = "\
 chatd-bench: load generator for chatd (or any server of the same protocol)
@@ -351,28 +353,6 @@ fn parse_ips(text: &str) -> Option<Vec<IpAddr>> {
     text.split(',').map(|ip| ip.trim().parse().ok()).collect()
 }
 
-/// Resident memory and CPU time of a process, from /proc.
-#[derive(Debug, Clone, Copy, Default)]
-struct Usage {
-    rss_bytes: u64,
-    cpu: Duration,
-}
-
-fn usage_of(pid: &str) -> Option<Usage> {
-    // VmRSS is in KiB whatever the page size (statm counts pages).
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let rss_kib: u64 = rss_line.split_whitespace().nth(1)?.parse().ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Usage {
-        rss_bytes: rss_kib * 1024,
-        // USER_HZ is 100 on Linux.
-        cpu: Duration::from_millis(ticks * 10),
-    })
-}
-
 /// The numbers of one run.
 struct Report {
     fields: Vec<(&'static str, Value)>,
@@ -437,6 +417,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Figures of the wrong process would look like the server's.
+    match server::check_listening(&args.server_pids, &args.plan.addrs, server::LISTEN_WAIT) {
+        Ok(warnings) => {
+            for warning in warnings {
+                eprintln!("chatd-bench: warning: {warning}");
+            }
+        }
+        Err(message) => {
+            eprintln!("chatd-bench: {message}");
+            return ExitCode::from(2);
+        }
+    }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     match run(&args) {
         Ok((report, ok)) => {
@@ -463,9 +455,7 @@ fn main() -> ExitCode {
 /// wrong.
 fn run(args: &Args) -> io::Result<(Report, bool)> {
     let plan = &args.plan;
-    let server = ServerProcesses {
-        pids: args.server_pids.iter().map(u32::to_string).collect(),
-    };
+    let server = ServerProcesses::new(&args.server_pids);
     let mut load = Generator::new(plan.clone(), args.threads)?;
     let mut progress = Progress::new();
     let mut report = Report { fields: Vec::new() };
@@ -505,34 +495,6 @@ fn run(args: &Args) -> io::Result<(Report, bool)> {
     };
     let ok = report_verdict(&mut report, plan, &counts, expected);
     Ok((report, ok))
-}
-
-/// The server processes of `--server-pid`, read from /proc.
-struct ServerProcesses {
-    /// Their pids, as /proc path components; empty without `--server-pid`.
-    pids: Vec<String>,
-}
-
-impl ServerProcesses {
-    /// Summed over every server process; none if any cannot be read (a sum
-    /// over part of them would be wrong), or without `--server-pid`.
-    fn usage(&self) -> Option<Usage> {
-        if self.pids.is_empty() {
-            return None;
-        }
-        self.pids.iter().try_fold(Usage::default(), |sum, pid| {
-            let one = usage_of(pid)?;
-            Some(Usage {
-                rss_bytes: sum.rss_bytes + one.rss_bytes,
-                cpu: sum.cpu + one.cpu,
-            })
-        })
-    }
-}
-
-/// The generator's own usage.
-fn own_usage() -> Usage {
-    usage_of("self").unwrap_or_default()
 }
 
 /// Connects and logs in every client (until all are settled or the
