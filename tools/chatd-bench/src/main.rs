@@ -83,6 +83,7 @@ Measuring:
                          (.hgrm, values in microseconds), which HdrHistogram
                          plotters read
   -h, --help             print this help
+  -V, --version          print the version
 
 Each connection uses one file descriptor here and one in the server. At
 start the generator raises its soft open-file limit to the hard limit; past
@@ -171,15 +172,20 @@ fn parse_args() -> Result<Option<Args>, String> {
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         let Long(flag) = arg else {
-            if let Short('h') = arg {
-                print!("{USAGE}");
-                return Ok(None);
+            match arg {
+                Short('h') => print!("{USAGE}"),
+                Short('V') => println!("chatd-bench {}", env!("CARGO_PKG_VERSION")),
+                _ => return Err(format!("{} (see --help)", arg.unexpected())),
             }
-            return Err(format!("{} (see --help)", arg.unexpected()));
+            return Ok(None);
         };
         let flag = flag.to_string();
         if flag == "help" {
             print!("{USAGE}");
+            return Ok(None);
+        }
+        if flag == "version" {
+            println!("chatd-bench {}", env!("CARGO_PKG_VERSION"));
             return Ok(None);
         }
         if flag == "json" {
@@ -659,10 +665,34 @@ fn report_traffic(
     }
     report.int("threads", args.threads as u64);
     report.float("bench_cpu_secs", times.bench_cpu.as_secs_f64());
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let bound = is_generator_bound(times.bench_cpu, times.secs, args.threads, cores);
+    report.text("generator_bound", if bound { "yes" } else { "no" }.into());
+    if bound {
+        report.text("note", GENERATOR_BOUND_NOTE.into());
+        eprintln!("chatd-bench: warning: {GENERATOR_BOUND_NOTE}");
+    }
     if let Some(path) = &args.hgrm {
         std::fs::write(path, percentile_distribution(&totals.latency))?;
     }
     Ok(())
+}
+
+/// The share of the CPU time its threads could have had past which the
+/// generator, not the server, is taken to have set the pace.
+const GENERATOR_BOUND: f64 = 0.8;
+
+/// What the report says when the generator was the bottleneck.
+const GENERATOR_BOUND_NOTE: &str = "the generator was CPU-bound (bench_cpu_secs near \
+     traffic_secs): these figures are the generator's limit, not the server's; give it \
+     more --threads (and cores), or a lighter load";
+
+/// Whether the generator was the bottleneck: over `secs` of traffic its
+/// CPU time came near all its threads could have had (one core each, and
+/// no more cores than the machine's).
+fn is_generator_bound(bench_cpu: Duration, secs: f64, threads: usize, cores: usize) -> bool {
+    let most = secs * threads.min(cores).max(1) as f64;
+    most > 0.0 && bench_cpu.as_secs_f64() >= GENERATOR_BOUND * most
 }
 
 /// What went wrong, if anything, and the `result` line; true if nothing
@@ -670,7 +700,11 @@ fn report_traffic(
 fn report_verdict(report: &mut Report, plan: &Plan, c: &Counts, expected: u64) -> bool {
     report.int("unexpected", c.unexpected);
     report.int("closed_by_server", c.closed_by_server);
+    // `none` rather than a blank, which reads as a value left out.
     let summary = |list: &[(String, u64)]| {
+        if list.is_empty() {
+            return "none".to_string();
+        }
         list.iter()
             .map(|(k, n)| format!("{k}={n}"))
             .collect::<Vec<_>>()
@@ -866,6 +900,27 @@ mod tests {
         assert!(!valid_prefix(&"p".repeat(MAX_PREFIX + 1)));
         for bad in ["a b", "a,b", "a:b", "é", "a\tb", "a.b"] {
             assert!(!valid_prefix(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn knows_when_the_generator_set_the_pace() {
+        let secs = |s: f64| Duration::from_secs_f64(s);
+        // (bench CPU, traffic seconds, threads, cores, bound)
+        for (cpu, traffic, threads, cores, bound) in [
+            (9.5, 10.0, 1, 2, true),
+            (8.0, 10.0, 1, 2, true),
+            (5.0, 10.0, 1, 2, false),
+            (9.5, 10.0, 2, 2, false), // two threads: half of what they could have
+            (17.0, 10.0, 2, 2, true),
+            (17.0, 10.0, 4, 2, true), // four threads share two cores
+            (0.0, 0.0, 1, 1, false),
+        ] {
+            assert_eq!(
+                is_generator_bound(secs(cpu), traffic, threads, cores),
+                bound,
+                "{cpu} s of CPU in {traffic} s, {threads} threads, {cores} cores"
+            );
         }
     }
 

@@ -340,7 +340,7 @@ fn two_generators_share_a_server_by_name_prefix() {
         assert_eq!(field(&out, "deliveries"), sent * 3.0, "{json}");
         assert_eq!(field(&out, "lost"), 0.0, "{json}");
         assert_eq!(field(&out, "unexpected"), 0.0, "{json}");
-        assert_eq!(text_field(&json, "error_lines"), "", "{json}");
+        assert_eq!(text_field(&json, "error_lines"), "none", "{json}");
     }
 }
 
@@ -608,4 +608,46 @@ fn server_pid_listening_elsewhere_is_refused() {
         start.elapsed().as_secs_f64() >= 4.5,
         "it waits for a slow start"
     );
+}
+
+/// A run with nothing wrong says so in every field: `error_lines` and
+/// `socket_errors` are `none`, not blank, in JSON as in the text result;
+/// `generator_bound` says whether the generator set the pace.
+#[test]
+fn empty_error_lists_read_none() {
+    let server = Server::start(&[]);
+    let traffic = ["--clients", "4", "--senders", "2", "--duration", "0.2"];
+    let out = bench(&server, &[&traffic[..], &["--name-prefix", "j"]].concat());
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{json}");
+    assert_eq!(text_field(&json, "error_lines"), "none", "{json}");
+    assert_eq!(text_field(&json, "socket_errors"), "none", "{json}");
+    let bound = text_field(&json, "generator_bound");
+    assert!(bound == "yes" || bound == "no", "{json}");
+
+    let out = Command::new(BENCH)
+        .args(["--addr", &server.addr.to_string(), "--name-prefix", "t"])
+        .args(traffic)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    for key in ["error_lines", "socket_errors"] {
+        let line = text.lines().find(|l| l.starts_with(key));
+        let words: Vec<&str> = line.unwrap_or_default().split_whitespace().collect();
+        assert_eq!(words, [key, "none"], "{text}");
+    }
+}
+
+/// `--version` and `-V` print `chatd-bench 0.1.0`, as chatd's does.
+#[test]
+fn prints_its_version() {
+    for flag in ["--version", "-V"] {
+        let out = Command::new(BENCH).arg(flag).output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("chatd-bench {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
 }
