@@ -84,7 +84,7 @@ pub fn check_listening(
     let shown = shown.join(",");
     let mut warnings = Vec::new();
     for &pid in pids {
-        if !is_alive(pid) {
+        if !std::fs::exists(format!("/proc/{pid}")).unwrap_or(false) {
             return Err(format!("--server-pid {pid}: no such process"));
         }
         let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
