@@ -186,6 +186,51 @@ fn lost_connection_is_reported() {
     );
 }
 
+/// A reset while the client sends a 20 MB line exits 1 also when the
+/// sending thread, not the printing one, is the first to see the reset
+/// (the printer then reads a plain EOF). Each round makes the sender see
+/// it: the printer is held on a full stdout pipe until the reset is in.
+#[test]
+fn reset_while_sending_a_long_line_exits_1() {
+    for round in 0..3 {
+        let (addr, server) = fake_server(|mut conn| {
+            // The name and the start of the long line: the client is
+            // sending it, and blocks once the buffers are full.
+            let mut head = vec![0; 64 << 10];
+            conn.read_exact(&mut head).unwrap();
+            // Fill the client's stdout, which the test does not read yet,
+            // until the client stops taking lines: its printer is stuck.
+            conn.set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let lines = "from srv: filler\n".repeat(4096);
+            while conn.write_all(lines.as_bytes()).is_ok() {}
+            socket2::SockRef::from(&conn)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(conn); // a reset, seen first by the blocked sender
+        });
+        let mut child = spawn_piped(client(&addr, &["--name", "rita"]));
+        let mut stdin = child.stdin.take().unwrap();
+        let feeder = thread::spawn(move || {
+            let mut line = vec![b'x'; 20 << 20];
+            line.push(b'\n');
+            let _ = stdin.write_all(&line); // the client may be gone
+        });
+        server.join().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let drain = thread::spawn(move || io::copy(&mut stdout, &mut io::sink()));
+        let out = wait_output(child);
+        feeder.join().unwrap();
+        drain.join().unwrap().unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "round {round}: {stderr}");
+        assert!(
+            stderr.contains("connection lost"),
+            "round {round}: {stderr}"
+        );
+    }
+}
+
 /// On a terminal, escape sequences in received lines are shown, not obeyed;
 /// piped output stays byte-exact.
 #[test]

@@ -9,7 +9,9 @@
 use std::io::{self, BufRead, BufReader, IsTerminal, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use chatd::protocol::ErrorKind;
 
@@ -111,20 +113,79 @@ fn main() -> ExitCode {
         }
     };
     // The printer decides the exit status: it ends the process when the
-    // server closes, even while stdin is still open.
-    thread::spawn(move || std::process::exit(print_server_lines(reader)));
-    send_stdin_lines(stream, args.name.as_deref());
+    // server closes, even while stdin is still open. It learns from the
+    // sender whether the sending side failed.
+    let sending = Arc::new(Sending::default());
+    let outcome = Arc::clone(&sending);
+    thread::spawn(move || std::process::exit(print_server_lines(reader, &outcome)));
+    send_stdin_lines(stream, args.name.as_deref(), &sending);
     // Stdin ended and the sending side is shut down: wait for the server.
     loop {
         thread::park();
     }
 }
 
-/// Sends the name (if given) and every stdin line, then half-closes.
-fn send_stdin_lines(mut stream: TcpStream, name: Option<&str>) {
+/// How long the printer, at the end of the connection, waits for a write
+/// still under way to end. A reset wakes both threads and only the first
+/// to ask the socket sees the error: when that is the sender, the printer
+/// sees a plain EOF and must wait for the sender's word. The wait is
+/// bounded for a server that half-closes and then stops reading.
+const SEND_SETTLE: Duration = Duration::from_secs(1);
+
+/// What the sending side tells the printer: whether a write is under way,
+/// and the socket error that ended sending, if one did.
+#[derive(Default)]
+struct Sending {
+    /// The state, changed by the sender only.
+    state: Mutex<SendState>,
+    /// Signalled when a write ends.
+    ended: Condvar,
+}
+
+#[derive(Default)]
+struct SendState {
+    /// A write (or the half-close) is under way.
+    writing: bool,
+    /// The socket error that ended sending: the connection failed.
+    failed: Option<io::Error>,
+}
+
+impl Sending {
+    /// Runs `write` on the socket as the sender's one write in progress,
+    /// and keeps its error for the printer; false if it failed.
+    fn write(&self, write: impl FnOnce() -> io::Result<()>) -> bool {
+        self.state.lock().unwrap().writing = true;
+        let result = write();
+        let mut state = self.state.lock().unwrap();
+        state.writing = false;
+        let ok = result.is_ok();
+        if let Err(e) = result {
+            state.failed.get_or_insert(e);
+        }
+        self.ended.notify_all();
+        ok
+    }
+
+    /// The error that ended sending, once any write under way has ended
+    /// (waiting at most [`SEND_SETTLE`] for it).
+    fn failure(&self) -> Option<io::Error> {
+        let state = self.state.lock().unwrap();
+        let (mut state, _) = self
+            .ended
+            .wait_timeout_while(state, SEND_SETTLE, |state| state.writing)
+            .unwrap();
+        state.failed.take()
+    }
+}
+
+/// Sends the name (if given) and every stdin line, then half-closes. A
+/// socket error ends sending; it is left in `sending` for the printer,
+/// which reports it and exits 1.
+fn send_stdin_lines(stream: TcpStream, name: Option<&str>, sending: &Sending) {
+    let mut stream = &stream;
     if let Some(name) = name {
-        if stream.write_all(format!("{name}\n").as_bytes()).is_err() {
-            return; // the printer reports why the connection ended
+        if !sending.write(|| stream.write_all(format!("{name}\n").as_bytes())) {
+            return;
         }
     }
     let mut stdin = io::stdin().lock();
@@ -137,7 +198,7 @@ fn send_stdin_lines(mut stream: TcpStream, name: Option<&str>) {
                 if !line.ends_with(b"\n") {
                     line.push(b'\n');
                 }
-                if stream.write_all(&line).is_err() {
+                if !sending.write(|| stream.write_all(&line)) {
                     return;
                 }
             }
@@ -148,7 +209,7 @@ fn send_stdin_lines(mut stream: TcpStream, name: Option<&str>) {
             }
         }
     }
-    let _ = stream.shutdown(Shutdown::Write);
+    sending.write(|| stream.shutdown(Shutdown::Write));
 }
 
 /// The most bytes of one line held before printing them: a longer line is
@@ -156,8 +217,10 @@ fn send_stdin_lines(mut stream: TcpStream, name: Option<&str>) {
 /// client's memory grow without bound.
 const PIECE: usize = 64 * 1024;
 
-/// Prints server lines until the server closes; returns the exit status.
-fn print_server_lines(stream: TcpStream) -> i32 {
+/// Prints server lines until the server closes; returns the exit status:
+/// 1 if the connection ended in a socket error, on this side or on the
+/// sender's, or after an `error:` line that closes it; else 0.
+fn print_server_lines(stream: TcpStream, sending: &Sending) -> i32 {
     let mut reader = BufReader::new(stream);
     let stdout = io::stdout();
     // Whatever goes to a terminal is escaped, on stdout and on stderr alike:
@@ -213,7 +276,7 @@ fn print_server_lines(stream: TcpStream) -> i32 {
         piece.drain(..shown);
         if ended {
             let _ = out.flush();
-            return match lost {
+            return match lost.or_else(|| sending.failure()) {
                 Some(e) => {
                     eprintln!("chatd-client: connection lost: {e}");
                     1

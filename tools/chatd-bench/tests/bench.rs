@@ -4,8 +4,9 @@ mod common;
 
 use std::process::{Command, Output, Stdio};
 use std::thread;
+use std::time::Instant;
 
-use common::{Server, poll_until};
+use common::{BENCH, Server, chatd_binary, poll_until};
 
 fn bench(server: &Server, args: &[&str]) -> Output {
     bench_command(&[server], args)
@@ -23,7 +24,7 @@ fn bench_command(servers: &[&Server], args: &[&str]) -> Command {
             .collect::<Vec<_>>()
             .join(",")
     };
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd-bench"));
+    let mut cmd = Command::new(BENCH);
     cmd.args(["--addr", &list(|s| s.addr.to_string())])
         .args(["--json", "--settle-timeout", "5"])
         .args(["--server-pid", &list(|s| s.pid().to_string())])
@@ -188,17 +189,14 @@ fn lossy_server_is_caught(threads: &str) {
 /// `--help` says how to raise the open-file limit; bad values exit 2.
 #[test]
 fn help_and_bad_values() {
-    let out = Command::new(env!("CARGO_BIN_EXE_chatd-bench"))
-        .arg("--help")
-        .output()
-        .unwrap();
+    let out = Command::new(BENCH).arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(
         help.contains("open-file limit") && help.contains("--source-ips"),
         "{help}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_chatd-bench"))
+    let out = Command::new(BENCH)
         .args(["--clients", "many"])
         .output()
         .unwrap();
@@ -230,7 +228,7 @@ fn out_of_range_values_are_usage_errors() {
         );
     }
 
-    let out = Command::new(env!("CARGO_BIN_EXE_chatd-bench"))
+    let out = Command::new(BENCH)
         .args(["--clients", "2", "--bogus"])
         .output()
         .unwrap();
@@ -342,7 +340,7 @@ fn two_generators_share_a_server_by_name_prefix() {
         assert_eq!(field(&out, "deliveries"), sent * 3.0, "{json}");
         assert_eq!(field(&out, "lost"), 0.0, "{json}");
         assert_eq!(field(&out, "unexpected"), 0.0, "{json}");
-        assert_eq!(text_field(&json, "error_lines"), "", "{json}");
+        assert_eq!(text_field(&json, "error_lines"), "none", "{json}");
     }
 }
 
@@ -352,7 +350,7 @@ fn two_generators_share_a_server_by_name_prefix() {
 fn bad_name_prefix_is_a_usage_error() {
     let too_long = "p".repeat(33);
     for prefix in ["a:b", "a,b", "a b", "caf\u{e9}", "a.b", &too_long] {
-        let out = Command::new(env!("CARGO_BIN_EXE_chatd-bench"))
+        let out = Command::new(BENCH)
             .args(["--clients", "2", "--name-prefix", prefix])
             .output()
             .unwrap();
@@ -514,4 +512,142 @@ fn writes_the_latency_histogram_as_hgrm() {
     );
     assert!(footer[2].starts_with("#[Buckets = "), "{text}");
     assert!(text.contains("microseconds"), "the unit is said: {text}");
+}
+
+/// A `--server-pid` that names no process is refused before the run: one
+/// line saying so, exit 2, no result.
+#[test]
+fn server_pid_of_no_process_is_refused() {
+    let server = Server::start(&[]);
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id().to_string();
+    gone.wait().unwrap(); // reaped: the pid names nothing now
+    let out = Command::new(BENCH)
+        .args(["--addr", &server.addr.to_string(), "--clients", "2"])
+        .args(["--server-pid", &pid])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!("chatd-bench: --server-pid {pid}: no such process\n")
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// The README's `chatd & chatd-bench --server-pid $!` when another server
+/// already holds the port: the new chatd cannot bind and exits, and the
+/// generator refuses (exit 2) instead of measuring the other server.
+#[test]
+fn server_pid_that_failed_to_bind_is_refused() {
+    let other = Server::start(&[]);
+    let addr = other.addr.to_string();
+    // Not reaped until the end: a zombie, as under a shell that has not
+    // noticed yet.
+    let mut failed = Command::new(chatd_binary())
+        .args(["--addr", &addr])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = Command::new(BENCH)
+        .args(["--addr", &addr, "--clients", "2"])
+        .args(["--server-pid", &failed.id().to_string()])
+        .output()
+        .unwrap();
+    let _ = failed.kill();
+    failed.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("exited without listening on") && stderr.contains(&addr),
+        "{stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// A live `--server-pid` that listens elsewhere (another server, or a
+/// wrapper of the server) is refused once the wait for it to listen is
+/// over: exit 2, no result.
+#[test]
+fn server_pid_listening_elsewhere_is_refused() {
+    let measured = Server::start(&[]);
+    let elsewhere = Server::start(&[]);
+    let start = Instant::now();
+    let out = Command::new(BENCH)
+        .args(["--addr", &measured.addr.to_string(), "--clients", "2"])
+        .args(["--server-pid", &elsewhere.pid().to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "--server-pid {} (chatd) does not listen on {}",
+            elsewhere.pid(),
+            measured.addr
+        )),
+        "{stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        start.elapsed().as_secs_f64() >= 4.5,
+        "it waits for a slow start"
+    );
+}
+
+/// A run with nothing wrong says so in every field: `error_lines` and
+/// `socket_errors` are `none`, not blank, in JSON as in the text result;
+/// `generator_bound` says whether the generator set the pace.
+#[test]
+fn empty_error_lists_read_none() {
+    let server = Server::start(&[]);
+    let traffic = ["--clients", "4", "--senders", "2", "--duration", "0.2"];
+    let out = bench(&server, &[&traffic[..], &["--name-prefix", "j"]].concat());
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{json}");
+    assert_eq!(text_field(&json, "error_lines"), "none", "{json}");
+    assert_eq!(text_field(&json, "socket_errors"), "none", "{json}");
+    let bound = text_field(&json, "generator_bound");
+    assert!(bound == "yes" || bound == "no", "{json}");
+
+    let out = Command::new(BENCH)
+        .args(["--addr", &server.addr.to_string(), "--name-prefix", "t"])
+        .args(traffic)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    for key in ["error_lines", "socket_errors"] {
+        let line = text.lines().find(|l| l.starts_with(key));
+        let words: Vec<&str> = line.unwrap_or_default().split_whitespace().collect();
+        assert_eq!(words, [key, "none"], "{text}");
+    }
+}
+
+/// `--version` and `-V` print `chatd-bench 0.1.0`, as chatd's does.
+#[test]
+fn prints_its_version() {
+    for flag in ["--version", "-V"] {
+        let out = Command::new(BENCH).arg(flag).output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("chatd-bench {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
 }

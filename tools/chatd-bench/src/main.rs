@@ -12,16 +12,18 @@
 
 mod load;
 mod pool;
+mod server;
 
-use std::io::{IsTerminal, Write};
+use std::io::{self, IsTerminal, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use load::Plan;
-use pool::Generator;
+use load::{Counts, Plan};
+use pool::{Generator, Totals};
+use server::{ServerProcesses, Usage, own_usage};
 
 const USAGE: &str = "\
 chatd-bench: load generator for chatd (or any server of the same protocol)
@@ -81,6 +83,7 @@ Measuring:
                          (.hgrm, values in microseconds), which HdrHistogram
                          plotters read
   -h, --help             print this help
+  -V, --version          print the version
 
 Each connection uses one file descriptor here and one in the server. At
 start the generator raises its soft open-file limit to the hard limit; past
@@ -169,15 +172,20 @@ fn parse_args() -> Result<Option<Args>, String> {
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         let Long(flag) = arg else {
-            if let Short('h') = arg {
-                print!("{USAGE}");
-                return Ok(None);
+            match arg {
+                Short('h') => print!("{USAGE}"),
+                Short('V') => println!("chatd-bench {}", env!("CARGO_PKG_VERSION")),
+                _ => return Err(format!("{} (see --help)", arg.unexpected())),
             }
-            return Err(format!("{} (see --help)", arg.unexpected()));
+            return Ok(None);
         };
         let flag = flag.to_string();
         if flag == "help" {
             print!("{USAGE}");
+            return Ok(None);
+        }
+        if flag == "version" {
+            println!("chatd-bench {}", env!("CARGO_PKG_VERSION"));
             return Ok(None);
         }
         if flag == "json" {
@@ -351,28 +359,6 @@ fn parse_ips(text: &str) -> Option<Vec<IpAddr>> {
     text.split(',').map(|ip| ip.trim().parse().ok()).collect()
 }
 
-/// Resident memory and CPU time of a process, from /proc.
-#[derive(Debug, Clone, Copy, Default)]
-struct Usage {
-    rss_bytes: u64,
-    cpu: Duration,
-}
-
-fn usage_of(pid: &str) -> Option<Usage> {
-    // VmRSS is in KiB whatever the page size (statm counts pages).
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let rss_kib: u64 = rss_line.split_whitespace().nth(1)?.parse().ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Usage {
-        rss_bytes: rss_kib * 1024,
-        // USER_HZ is 100 on Linux.
-        cpu: Duration::from_millis(ticks * 10),
-    })
-}
-
 /// The numbers of one run.
 struct Report {
     fields: Vec<(&'static str, Value)>,
@@ -437,6 +423,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Figures of the wrong process would look like the server's.
+    match server::check_listening(&args.server_pids, &args.plan.addrs, server::LISTEN_WAIT) {
+        Ok(warnings) => {
+            for warning in warnings {
+                eprintln!("chatd-bench: warning: {warning}");
+            }
+        }
+        Err(message) => {
+            eprintln!("chatd-bench: {message}");
+            return ExitCode::from(2);
+        }
+    }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     match run(&args) {
         Ok((report, ok)) => {
@@ -458,24 +456,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args) -> std::io::Result<(Report, bool)> {
+/// Runs the phases in order (connect and log in, idle hold, traffic, the
+/// wait for the last deliveries) and reports each; true if nothing went
+/// wrong.
+fn run(args: &Args) -> io::Result<(Report, bool)> {
     let plan = &args.plan;
-    let pids: Vec<String> = args.server_pids.iter().map(u32::to_string).collect();
-    // Summed over every server process; none if any cannot be read (a sum
-    // over part of them would be wrong).
-    let server = || {
-        if pids.is_empty() {
-            return None;
-        }
-        pids.iter().try_fold(Usage::default(), |sum, pid| {
-            let one = usage_of(pid)?;
-            Some(Usage {
-                rss_bytes: sum.rss_bytes + one.rss_bytes,
-                cpu: sum.cpu + one.cpu,
-            })
-        })
-    };
-    let me = || usage_of("self").unwrap_or_default();
+    let server = ServerProcesses::new(&args.server_pids);
     let mut load = Generator::new(plan.clone(), args.threads)?;
     let mut progress = Progress::new();
     let mut report = Report { fields: Vec::new() };
@@ -483,8 +469,49 @@ fn run(args: &Args) -> std::io::Result<(Report, bool)> {
     report.text("addr", addrs.join(","));
     report.int("clients", plan.clients as u64);
 
-    // Connect and log in.
-    let server_before = server();
+    let server_before = server.usage();
+    connect_phase(&mut load, plan, &mut progress, &mut report)?;
+    idle_phase(&mut load, args.idle, &mut progress)?;
+    report_memory(&mut report, server_before, server.usage(), load.ready());
+    let (counts, expected) = if plan.senders > 0 {
+        report_traffic_plan(&mut report, plan);
+        let server_start = server.usage();
+        let me_start = own_usage();
+        let start = Instant::now();
+        let sent_secs = traffic_phase(&mut load, plan, &mut progress)?;
+        drain_phase(&mut load, plan)?;
+        let times = TrafficTimes {
+            sent_secs,
+            secs: start.elapsed().as_secs_f64(),
+            bench_cpu: own_usage().cpu.saturating_sub(me_start.cpu),
+        };
+        let server_cpu = match (server_start, server.usage()) {
+            (Some(before), Some(after)) => Some(after.cpu.saturating_sub(before.cpu)),
+            _ => None,
+        };
+        progress.end();
+        let totals = load.finish()?;
+        report_traffic(&mut report, args, &totals, &times, server_cpu)?;
+        // Summed over the threads after they ended.
+        let expected = totals.counts.lines_sent * plan.fanout as u64;
+        (totals.counts, expected)
+    } else {
+        progress.end();
+        (load.finish()?.counts, 0)
+    };
+    let ok = report_verdict(&mut report, plan, &counts, expected);
+    Ok((report, ok))
+}
+
+/// Connects and logs in every client (until all are settled or the
+/// settle timeout, after the connect rate's own time), and reports how
+/// that went.
+fn connect_phase(
+    load: &mut Generator,
+    plan: &Plan,
+    progress: &mut Progress,
+    report: &mut Report,
+) -> io::Result<()> {
     let start = Instant::now();
     while !load.logins_settled() && start.elapsed() < plan.settle_timeout + connect_time(plan) {
         load.connect_step(start, Duration::from_millis(50))?;
@@ -511,112 +538,173 @@ fn run(args: &Args) -> std::io::Result<(Report, bool)> {
     ] {
         report.float(key, login_latency.value_at_quantile(q) as f64 / 1000.0);
     }
+    Ok(())
+}
 
-    // Idle hold.
+/// Holds the connections idle for `idle`, still reading what arrives.
+fn idle_phase(load: &mut Generator, idle: Duration, progress: &mut Progress) -> io::Result<()> {
     let idle_start = Instant::now();
-    while idle_start.elapsed() < args.idle {
-        let left = args.idle.saturating_sub(idle_start.elapsed());
+    while idle_start.elapsed() < idle {
+        let left = idle.saturating_sub(idle_start.elapsed());
         load.traffic_step(left.min(Duration::from_millis(100)))?;
         if progress.due() {
             progress.show(format_args!(
                 "[idle] {:.1}s of {:.1}s: {} connected",
                 idle_start.elapsed().as_secs_f64(),
-                args.idle.as_secs_f64(),
+                idle.as_secs_f64(),
                 load.connected()
             ));
         }
     }
-    if let (Some(before), Some(after)) = (server_before, server()) {
+    Ok(())
+}
+
+/// The server's memory before the clients connected and after they logged
+/// in (and idled), and the difference per logged-in connection.
+fn report_memory(report: &mut Report, before: Option<Usage>, after: Option<Usage>, logged_in: u64) {
+    if let (Some(before), Some(after)) = (before, after) {
         report.int("server_rss_before_kb", before.rss_bytes / 1024);
         report.int("server_rss_after_kb", after.rss_bytes / 1024);
         let per_conn =
-            after.rss_bytes.saturating_sub(before.rss_bytes) as f64 / load.ready().max(1) as f64;
+            after.rss_bytes.saturating_sub(before.rss_bytes) as f64 / logged_in.max(1) as f64;
         report.float("server_bytes_per_conn", per_conn);
     }
+}
 
-    // Traffic.
-    let (counts, expected) = if plan.senders > 0 {
-        report.int("senders", plan.senders as u64);
-        report.int("fanout", plan.fanout as u64);
-        report.int("payload", plan.payload as u64);
-        if plan.rate > 0.0 {
-            report.float("rate", plan.rate);
-        } else {
-            report.int("window", plan.window as u64);
-        }
-        let server_start = server();
-        let me_start = me();
-        let start = Instant::now();
-        load.start_traffic()?;
-        let mut last = (Instant::now(), 0);
-        while start.elapsed() < plan.duration {
-            load.traffic_step(Duration::from_millis(10))?;
-            if last.0.elapsed() >= Duration::from_secs(1) {
-                let d = load.deliveries();
-                progress.show(format_args!(
-                    "[traffic] {:.0}s: {:.0} deliveries/s, {} in flight",
-                    start.elapsed().as_secs_f64(),
-                    (d - last.1) as f64 / last.0.elapsed().as_secs_f64(),
-                    load.expected().saturating_sub(d),
-                ));
-                last = (Instant::now(), d);
-            }
-        }
-        load.stop_traffic()?;
-        let sent_secs = start.elapsed().as_secs_f64();
-        let settle = Instant::now();
-        while load.deliveries() < load.expected() && settle.elapsed() < plan.settle_timeout {
-            load.traffic_step(Duration::from_millis(10))?;
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let me_cpu = me().cpu.saturating_sub(me_start.cpu);
-        let server_end = server();
-        progress.end();
-        let totals = load.finish()?;
-        let c = &totals.counts;
-        // Summed over the threads after they ended.
-        let expected = c.lines_sent * plan.fanout as u64;
-        report.int("lines_sent", c.lines_sent);
-        report.int("deliveries", c.deliveries);
-        report.int("lost", expected.saturating_sub(c.deliveries));
-        report.float("traffic_secs", sent_secs);
-        report.float("deliveries_per_sec", c.deliveries as f64 / secs);
-        for (key, q) in [
-            ("latency_us_p50", 0.5),
-            ("latency_us_p90", 0.9),
-            ("latency_us_p99", 0.99),
-            ("latency_us_p999", 0.999),
-            ("latency_us_max", 1.0),
-        ] {
-            report.int(key, totals.latency.value_at_quantile(q));
-        }
-        if plan.rate > 0.0 {
-            for (key, q) in [("send_lag_us_p99", 0.99), ("send_lag_us_max", 1.0)] {
-                report.int(key, totals.send_lag.value_at_quantile(q));
-            }
-        }
-        if let (Some(before), Some(after)) = (server_start, server_end) {
-            let cpu = after.cpu.saturating_sub(before.cpu);
-            report.float("server_cpu_secs", cpu.as_secs_f64());
-            report.float(
-                "server_cpu_us_per_delivery",
-                cpu.as_secs_f64() * 1e6 / c.deliveries.max(1) as f64,
-            );
-        }
-        report.int("threads", args.threads as u64);
-        report.float("bench_cpu_secs", me_cpu.as_secs_f64());
-        if let Some(path) = &args.hgrm {
-            std::fs::write(path, percentile_distribution(&totals.latency))?;
-        }
-        (totals.counts, expected)
+/// The traffic the plan asks for.
+fn report_traffic_plan(report: &mut Report, plan: &Plan) {
+    report.int("senders", plan.senders as u64);
+    report.int("fanout", plan.fanout as u64);
+    report.int("payload", plan.payload as u64);
+    if plan.rate > 0.0 {
+        report.float("rate", plan.rate);
     } else {
-        progress.end();
-        (load.finish()?.counts, 0)
-    };
-    let c = &counts;
+        report.int("window", plan.window as u64);
+    }
+}
+
+/// Sends for `--duration` (progress each second), then stops sending;
+/// returns how long sending took, in seconds.
+fn traffic_phase(load: &mut Generator, plan: &Plan, progress: &mut Progress) -> io::Result<f64> {
+    let start = Instant::now();
+    load.start_traffic()?;
+    let mut last = (Instant::now(), 0);
+    while start.elapsed() < plan.duration {
+        load.traffic_step(Duration::from_millis(10))?;
+        if last.0.elapsed() >= Duration::from_secs(1) {
+            let d = load.deliveries();
+            progress.show(format_args!(
+                "[traffic] {:.0}s: {:.0} deliveries/s, {} in flight",
+                start.elapsed().as_secs_f64(),
+                (d - last.1) as f64 / last.0.elapsed().as_secs_f64(),
+                load.expected().saturating_sub(d),
+            ));
+            last = (Instant::now(), d);
+        }
+    }
+    load.stop_traffic()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Waits for the deliveries still in flight, up to `--settle-timeout`.
+fn drain_phase(load: &mut Generator, plan: &Plan) -> io::Result<()> {
+    let settle = Instant::now();
+    while load.deliveries() < load.expected() && settle.elapsed() < plan.settle_timeout {
+        load.traffic_step(Duration::from_millis(10))?;
+    }
+    Ok(())
+}
+
+/// How long the traffic took, and what it cost the generator.
+struct TrafficTimes {
+    /// Sending, in seconds (`traffic_secs`).
+    sent_secs: f64,
+    /// Sending and the wait for the last deliveries, in seconds.
+    secs: f64,
+    /// The generator's CPU time over both (`bench_cpu_secs`).
+    bench_cpu: Duration,
+}
+
+/// What the traffic gave: counts, rates, latency percentiles, the server's
+/// CPU per delivery, the generator's own CPU; and the `--hgrm` file.
+fn report_traffic(
+    report: &mut Report,
+    args: &Args,
+    totals: &Totals,
+    times: &TrafficTimes,
+    server_cpu: Option<Duration>,
+) -> io::Result<()> {
+    let plan = &args.plan;
+    let c = &totals.counts;
+    let expected = c.lines_sent * plan.fanout as u64;
+    report.int("lines_sent", c.lines_sent);
+    report.int("deliveries", c.deliveries);
+    report.int("lost", expected.saturating_sub(c.deliveries));
+    report.float("traffic_secs", times.sent_secs);
+    report.float("deliveries_per_sec", c.deliveries as f64 / times.secs);
+    for (key, q) in [
+        ("latency_us_p50", 0.5),
+        ("latency_us_p90", 0.9),
+        ("latency_us_p99", 0.99),
+        ("latency_us_p999", 0.999),
+        ("latency_us_max", 1.0),
+    ] {
+        report.int(key, totals.latency.value_at_quantile(q));
+    }
+    if plan.rate > 0.0 {
+        for (key, q) in [("send_lag_us_p99", 0.99), ("send_lag_us_max", 1.0)] {
+            report.int(key, totals.send_lag.value_at_quantile(q));
+        }
+    }
+    if let Some(cpu) = server_cpu {
+        report.float("server_cpu_secs", cpu.as_secs_f64());
+        report.float(
+            "server_cpu_us_per_delivery",
+            cpu.as_secs_f64() * 1e6 / c.deliveries.max(1) as f64,
+        );
+    }
+    report.int("threads", args.threads as u64);
+    report.float("bench_cpu_secs", times.bench_cpu.as_secs_f64());
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let bound = is_generator_bound(times.bench_cpu, times.secs, args.threads, cores);
+    report.text("generator_bound", if bound { "yes" } else { "no" }.into());
+    if bound {
+        report.text("note", GENERATOR_BOUND_NOTE.into());
+        eprintln!("chatd-bench: warning: {GENERATOR_BOUND_NOTE}");
+    }
+    if let Some(path) = &args.hgrm {
+        std::fs::write(path, percentile_distribution(&totals.latency))?;
+    }
+    Ok(())
+}
+
+/// The share of the CPU time its threads could have had past which the
+/// generator, not the server, is taken to have set the pace.
+const GENERATOR_BOUND: f64 = 0.8;
+
+/// What the report says when the generator was the bottleneck.
+const GENERATOR_BOUND_NOTE: &str = "the generator was CPU-bound (bench_cpu_secs near \
+     traffic_secs): these figures are the generator's limit, not the server's; give it \
+     more --threads (and cores), or a lighter load";
+
+/// Whether the generator was the bottleneck: over `secs` of traffic its
+/// CPU time came near all its threads could have had (one core each, and
+/// no more cores than the machine's).
+fn is_generator_bound(bench_cpu: Duration, secs: f64, threads: usize, cores: usize) -> bool {
+    let most = secs * threads.min(cores).max(1) as f64;
+    most > 0.0 && bench_cpu.as_secs_f64() >= GENERATOR_BOUND * most
+}
+
+/// What went wrong, if anything, and the `result` line; true if nothing
+/// did: every client logged in, every line delivered, nothing unexpected.
+fn report_verdict(report: &mut Report, plan: &Plan, c: &Counts, expected: u64) -> bool {
     report.int("unexpected", c.unexpected);
     report.int("closed_by_server", c.closed_by_server);
+    // `none` rather than a blank, which reads as a value left out.
     let summary = |list: &[(String, u64)]| {
+        if list.is_empty() {
+            return "none".to_string();
+        }
         list.iter()
             .map(|(k, n)| format!("{k}={n}"))
             .collect::<Vec<_>>()
@@ -631,7 +719,7 @@ fn run(args: &Args) -> std::io::Result<(Report, bool)> {
         && c.error_lines.is_empty()
         && c.socket_errors.is_empty();
     report.text("result", if ok { "ok".into() } else { "FAILED".into() });
-    Ok((report, ok))
+    ok
 }
 
 /// Progress on stderr, one line a second: redrawn in place when stderr is
@@ -812,6 +900,27 @@ mod tests {
         assert!(!valid_prefix(&"p".repeat(MAX_PREFIX + 1)));
         for bad in ["a b", "a,b", "a:b", "é", "a\tb", "a.b"] {
             assert!(!valid_prefix(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn knows_when_the_generator_set_the_pace() {
+        let secs = |s: f64| Duration::from_secs_f64(s);
+        // (bench CPU, traffic seconds, threads, cores, bound)
+        for (cpu, traffic, threads, cores, bound) in [
+            (9.5, 10.0, 1, 2, true),
+            (8.0, 10.0, 1, 2, true),
+            (5.0, 10.0, 1, 2, false),
+            (9.5, 10.0, 2, 2, false), // two threads: half of what they could have
+            (17.0, 10.0, 2, 2, true),
+            (17.0, 10.0, 4, 2, true), // four threads share two cores
+            (0.0, 0.0, 1, 1, false),
+        ] {
+            assert_eq!(
+                is_generator_bound(secs(cpu), traffic, threads, cores),
+                bound,
+                "{cpu} s of CPU in {traffic} s, {threads} threads, {cores} cores"
+            );
         }
     }
 
