@@ -189,7 +189,7 @@ fn redis_down_then_back_empty() {
         .to_string();
     let mut alice = a.login("alice");
     let mut carol = a.login("carol");
-    let mut bob = b.login("bob");
+    let _bob = b.login("bob");
     redis.kill();
     a.wait_log("cluster: lost Redis");
     alice.send("carol, bob: while down\n");
@@ -206,13 +206,66 @@ fn redis_down_then_back_empty() {
     // Either way, after it is back, logins and routing work again.
     let back = poll_until(|| logs_in(&b, "erin"));
     assert!(back.is_some(), "logins never came back");
-    let _ = (&mut alice, &mut bob);
     let health = poll_until(|| {
         http_get(&metrics, "/healthz")
             .starts_with("HTTP/1.1 200")
             .then_some(())
     });
     assert!(health.is_some(), "healthz never came back");
+}
+
+/// After a FLUSHALL, a user who stayed online on another node does not
+/// look offline until that node's next renewal (a third of the lease):
+/// the node that finds its lease gone tells the others, which claim their
+/// names again at once. A line meanwhile may get `unavailable`, never
+/// `not-online`.
+#[test]
+fn online_users_stay_online_after_redis_is_flushed() {
+    let redis = redis_or_skip!();
+    let (a, b) = (node(&redis.url(), "60", &[]), node(&redis.url(), "60", &[]));
+    let mut carol = a.login("carol");
+    let mut bob = b.login("bob");
+    redis.cli(&["FLUSHALL"]);
+    let mut errors = Vec::new();
+    let delivered = (0..50).find(|round| {
+        // The line to herself waits behind the answer for bob's line.
+        carol.send(&format!("bob: probe {round}\ncarol: mark {round}\n"));
+        let mut error = false;
+        loop {
+            let line = carol.line();
+            if line == format!("from carol: mark {round}\n") {
+                break;
+            }
+            error = true;
+            errors.push(line);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        !error
+    });
+    assert!(delivered.is_some(), "bob never reachable again: {errors:?}");
+    assert!(
+        errors.iter().all(|e| e.starts_with("error: unavailable")),
+        "{errors:?}"
+    );
+    // The rounds that got `unavailable` were not delivered.
+    bob.expect(&format!("from carol: probe {}", delivered.unwrap()));
+}
+
+/// A client that leaves one node and at once logs in on another keeps its
+/// name, also when the first node's release reaches Redis after the
+/// second node's claim: a claim found taken is tried once more.
+#[test]
+fn a_quick_move_between_nodes_keeps_the_name() {
+    let redis = redis_or_skip!();
+    let (a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
+    let alice = a.login("alice");
+    a.signal("STOP");
+    drop(alice);
+    let mut moved = b.connect();
+    moved.send("alice\nalice: moved\n");
+    std::thread::sleep(Duration::from_millis(30)); // b's claim goes first
+    a.signal("CONT");
+    moved.expect("from alice: moved");
 }
 
 /// A node cut from Redis without its connection closing (a partition)

@@ -230,6 +230,14 @@ impl Cluster {
         for (_, slot) in std::mem::take(&mut self.throttled) {
             self.answers.push(Answer::Resume { slot });
         }
+        for (_, slot, name) in std::mem::take(&mut self.retries) {
+            self.answers.push(Answer::Claimed {
+                slot,
+                name,
+                again: false,
+                outcome: Claimed::Unavailable,
+            });
+        }
         if self.stream.take().is_some() && self.was_ready {
             self.stats.reconnects += 1;
         }

@@ -68,6 +68,10 @@ const MAX_INFLIGHT_NAMES: usize = 100_000;
 /// read until they are in (a client cannot queue without bound behind a
 /// slow Redis).
 const MAX_WAITING_PER_CONN: u32 = 256;
+/// How long a claim found taken waits before it is tried once more: a
+/// client moving from one node to another often logs in on the second
+/// before the first has released the name in Redis.
+const CLAIM_RETRY_MS: u64 = 150;
 /// Names whose state in Redis is uncertain (released or claimed while the
 /// link was down) that are remembered one by one; past it, the node drops
 /// all its names and claims again those it holds.
@@ -164,6 +168,14 @@ pub struct Cluster {
     node: String,
     /// The channel other nodes publish this node's messages on.
     channel: Vec<u8>,
+    /// The channel every node listens on for word that leases were lost
+    /// (Redis restarted empty or flushed): each then checks its own at
+    /// once instead of at its next renewal.
+    lost_channel: Vec<u8>,
+    /// Claims found taken, to try once more shortly (the name may be
+    /// released in Redis a moment later by the node it is leaving): when,
+    /// for whom, which name.
+    retries: VecDeque<(u64, Slot, Rc<str>)>,
     /// The socket, while connecting or connected.
     stream: Option<TcpStream>,
     /// Where the link is.
@@ -223,10 +235,13 @@ impl Cluster {
     /// may send: see [`max_reply`]).
     pub fn new(config: ClusterConfig, node: String, max_line: usize) -> Cluster {
         let channel = format!("{}:node:{node}", config.prefix).into_bytes();
+        let lost_channel = format!("{}:leases-lost", config.prefix).into_bytes();
         Cluster {
             config,
             node,
             channel,
+            lost_channel,
+            retries: VecDeque::new(),
             stream: None,
             state: State::Down { retry_at: 0 },
             out: Vec::new(),
@@ -340,6 +355,9 @@ impl Cluster {
         if let Some(sent) = self.pending.iter().find_map(Pending::sent_ms) {
             next = next.min(sent + self.reply_timeout_ms());
         }
+        if let Some(&(at, _, _)) = self.retries.front() {
+            next = next.min(at);
+        }
         next
     }
 
@@ -370,6 +388,11 @@ impl Cluster {
         if self.state == State::Ready && now_ms >= self.renew_at && !self.leaving {
             self.renew(now_ms);
         }
+        while self.retries.front().is_some_and(|&(at, _, _)| now_ms >= at) {
+            if let Some((_, slot, name)) = self.retries.pop_front() {
+                self.send_claim(slot, name, false, true, now_ms);
+            }
+        }
     }
 
     /// Queues the handshake: RESP3, the scripts, the lease (renewed if it
@@ -399,8 +422,9 @@ impl Cluster {
         );
         self.send_renew(now_ms);
         let channel = self.channel.clone();
-        // Under RESP3 the confirmation is a push, not a reply: no entry.
-        encode_command(&mut self.out, &[b"SUBSCRIBE", &channel]);
+        let lost = self.lost_channel.clone();
+        // Under RESP3 the confirmations are pushes, not replies: no entry.
+        encode_command(&mut self.out, &[b"SUBSCRIBE", &channel, &lost]);
         let nodes = format!("{}:nodes", self.config.prefix);
         let node = self.node.clone();
         self.command(
@@ -492,6 +516,21 @@ impl Cluster {
             });
             return;
         }
+        self.send_claim(slot, name, again, false, now_ms);
+    }
+
+    /// Sends a claim (`retried`: it was found taken once already).
+    fn send_claim(&mut self, slot: Slot, name: Rc<str>, again: bool, retried: bool, now_ms: u64) {
+        if self.state != State::Ready {
+            let outcome = Claimed::Unavailable;
+            self.answers.push(Answer::Claimed {
+                slot,
+                name,
+                again,
+                outcome,
+            });
+            return;
+        }
         self.node_script(
             Script::Claim,
             &[name.as_bytes()],
@@ -499,9 +538,17 @@ impl Cluster {
                 slot,
                 name: Rc::clone(&name),
                 again,
+                retried,
                 sent_ms: now_ms,
             },
         );
+    }
+
+    /// A first claim found `name` taken: it is tried once more in
+    /// [`CLAIM_RETRY_MS`] (no answer meanwhile; the connection waits).
+    pub(super) fn retry_claim(&mut self, slot: Slot, name: Rc<str>, now_ms: u64) {
+        self.retries
+            .push_back((now_ms + CLAIM_RETRY_MS, slot, name));
     }
 
     /// Frees `name` in Redis. Without a link nothing is sent: the name is
@@ -572,7 +619,9 @@ impl Cluster {
     /// Whether an answer for `slot` is awaited from Redis or waits to be
     /// applied.
     pub fn owes(&self, slot: Slot) -> bool {
-        self.has_waiting(slot) || self.answers.iter().any(|a| a.slot() == Some(slot))
+        self.has_waiting(slot)
+            || self.answers.iter().any(|a| a.slot() == Some(slot))
+            || self.retries.iter().any(|&(_, s, _)| s == slot)
     }
 
     /// Whether the input of `slot` is held back (see

@@ -25,11 +25,13 @@ pub(super) enum Pending {
     /// `CONFIG GET maxmemory-policy`.
     Policy,
     /// A claim of `name` for the connection `slot`; `again` when the node
-    /// claims a name it held before its lease was lost.
+    /// claims a name it held before its lease was lost; `retried` when it
+    /// was found taken once already (see `Cluster::retry_claim`).
     Claim {
         slot: Slot,
         name: Rc<str>,
         again: bool,
+        retried: bool,
         sent_ms: u64,
     },
     /// A message routed from `slot` to `names` (the remote ones).

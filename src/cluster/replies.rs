@@ -17,6 +17,8 @@ impl Cluster {
             Reply::Message { channel, payload } => {
                 if channel == self.channel {
                     self.on_message(payload);
+                } else if channel == self.lost_channel {
+                    self.check_lease(now_ms);
                 }
                 return Ok(());
             }
@@ -144,6 +146,17 @@ impl Cluster {
                 self.answers.push(Answer::ClaimAgain);
             }
             Pending::Claim {
+                slot,
+                name,
+                again: false,
+                retried: false,
+                ..
+            } if reply == Reply::Int(0) => {
+                // Maybe a client moving here from another node: its old
+                // node may release the name a moment later.
+                self.retry_claim(slot, name, now_ms);
+            }
+            Pending::Claim {
                 slot, name, again, ..
             } => {
                 let outcome = match reply {
@@ -195,14 +208,31 @@ impl Cluster {
         Ok(())
     }
 
+    /// Another node found its lease gone (Redis restarted empty, or was
+    /// flushed): this one's may be gone too, and its names with it, which
+    /// would make its clients look offline. It renews now instead of at its
+    /// next renewal; a renewal that finds no lease takes a new one.
+    fn check_lease(&mut self, now_ms: u64) {
+        let renewing = self
+            .pending
+            .iter()
+            .any(|p| matches!(p, Pending::Renew { .. }));
+        if self.state == State::Ready && !self.leaving && !renewing {
+            self.send_renew(now_ms);
+        }
+    }
+
     /// The lease was not found: take a new one, drop whatever names Redis
-    /// still lists for this node, and have the reactor claim again the
-    /// names its clients still hold.
+    /// still lists for this node, have the reactor claim again the names
+    /// its clients still hold, and tell the other nodes to check theirs.
     pub(super) fn take_new_lease(&mut self, now_ms: u64) {
         if self.lease_until.is_some() {
             warn!("cluster: the lease is gone from Redis (restarted or flushed): taking a new one");
             self.stats.leases_lost += 1;
         }
+        let lost = self.lost_channel.clone();
+        let node = self.node.clone();
+        self.command(&[b"PUBLISH", &lost, node.as_bytes()], Pending::Plain);
         self.node_script(Script::DropNames, &[], Pending::Plain);
         let key = self.lease_key();
         let ms = self.config.lease_ms.to_string();
