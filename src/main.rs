@@ -353,9 +353,20 @@ fn number((source, value): (&str, &str), min: usize, max: usize) -> Result<usize
 const MAX_SECONDS: f64 = 2_000_000.0;
 
 /// Seconds, fractions allowed (`0.5`), at most [`MAX_SECONDS`] (23 days).
+/// The server counts whole milliseconds, where 0 means off: a value that
+/// is not 0 but less than a millisecond is refused, not silently off.
 fn seconds((source, value): (&str, &str)) -> Result<Duration, UsageError> {
     match value.parse::<f64>() {
-        Ok(s) if (0.0..=MAX_SECONDS).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        Ok(s) if (0.0..=MAX_SECONDS).contains(&s) => {
+            let time = Duration::from_secs_f64(s);
+            if !time.is_zero() && time.as_millis() == 0 {
+                return Err(UsageError(format!(
+                    "invalid value for {source}: '{value}' (less than a millisecond, which \
+                     would mean 0: expected 0 or at least 0.001 seconds)"
+                )));
+            }
+            Ok(time)
+        }
         _ => Err(UsageError(format!(
             "invalid value for {source}: '{value}' (expected seconds from 0 to {MAX_SECONDS})"
         ))),

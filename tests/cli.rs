@@ -8,7 +8,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::Server;
+use common::{Server, poll_until};
 
 /// A directory of the test's own, removed at the end.
 struct TempDir(PathBuf);
@@ -92,4 +92,76 @@ fn upgrade_follows_a_symlink_found_in_path() {
     server.upgrade(1);
     assert!(marker.exists(), "the PATH entry's new target did not run");
     alice.sync("alice");
+}
+
+/// Runs `chatd --addr 127.0.0.1:0 ARGS` with `ENV` to its end (for flags
+/// it refuses); one that is still running after [`common::TIMEOUT`] is
+/// killed and fails the test.
+fn chatd(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    use std::process::Stdio;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd"));
+    cmd.args(["--addr", "127.0.0.1:0"])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let mut child = cmd.spawn().expect("run chatd");
+    if poll_until(|| child.try_wait().unwrap()).is_none() {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "chatd {args:?} {env:?} did not exit; stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Checks that `chatd ARGS` with `ENV` exits 2 with one line that names
+/// `source` and contains `why`.
+fn assert_refused(args: &[&str], env: &[(&str, &str)], source: &str, why: &str) {
+    let out = chatd(args, env);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{args:?} {env:?}: {stderr}");
+    assert!(
+        stderr.starts_with(&format!("chatd: invalid value for {source}: ")),
+        "{stderr}"
+    );
+    assert!(stderr.contains(why), "{args:?} {env:?}: {stderr}");
+}
+
+/// Every seconds-valued flag refuses a value that is not 0 but rounds to
+/// 0 ms (which would mean off), from the command line or the environment.
+#[test]
+fn sub_millisecond_seconds_are_refused() {
+    for flag in [
+        "login-timeout",
+        "idle-timeout",
+        "shutdown-timeout",
+        "stats-interval",
+        "cluster-lease",
+    ] {
+        let why = "less than a millisecond";
+        assert_refused(
+            &[&format!("--{flag}"), "0.0004"],
+            &[],
+            &format!("--{flag}"),
+            why,
+        );
+        let var = format!("CHATD_{}", flag.replace('-', "_").to_uppercase());
+        assert_refused(&[], &[(&var, "0.0009")], &var, why);
+    }
+}
+
+/// A millisecond, the least time a seconds flag can be, is taken.
+#[test]
+fn one_millisecond_is_taken() {
+    let mut server = Server::start(&["--login-timeout", "0.001"]);
+    let started = server.wait_log("listening on");
+    assert!(started.contains("login-timeout 0.001s"), "{started}");
 }
