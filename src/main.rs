@@ -320,7 +320,7 @@ fn parse_args() -> Result<Command, UsageError> {
         Some((_, "false" | "0" | "no")) | None => false,
         Some((source, value)) => {
             return Err(UsageError(format!(
-                "invalid value for {source}: '{value}' (expected true or false)"
+                "invalid value for {source}: '{value}' (expected true, false, yes, no, 1 or 0)"
             )));
         }
     };
@@ -485,6 +485,13 @@ fn main() -> ExitCode {
         .with_level(settings.log_level)
         .init();
     raise_open_file_limit();
+    if settings.reuse_port && settings.config.cluster.is_none() {
+        log::warn!(
+            "--reuse-port without --cluster: each chatd process on this port has its own name \
+             space (a client reaches only the clients of the process the kernel gave it); \
+             add --cluster to share one"
+        );
+    }
     let control = chatd::Control::new();
     if let Err(e) = handle_signals(&control) {
         log::error!("cannot handle signals: {e}");

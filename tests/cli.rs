@@ -165,3 +165,66 @@ fn one_millisecond_is_taken() {
     let started = server.wait_log("listening on");
     assert!(started.contains("login-timeout 0.001s"), "{started}");
 }
+
+/// The start line shows `--reuse-port` and `--cluster` when they are in
+/// force, and nothing of them otherwise.
+#[test]
+fn start_line_shows_reuse_port_and_cluster() {
+    let mut plain = Server::start(&[]);
+    let started = plain.wait_log("listening on");
+    assert!(!started.contains("reuse-port"), "{started}");
+    assert!(!started.contains("cluster"), "{started}");
+    // No Redis listens there: the start line comes before the link connects.
+    let mut node = Server::start(&[
+        "--reuse-port",
+        "--cluster",
+        "redis://127.0.0.1:1",
+        "--cluster-prefix",
+        "test",
+    ]);
+    let started = node.wait_log("listening on");
+    assert!(
+        started.ends_with(", cluster redis://127.0.0.1:1 prefix test, reuse-port)"),
+        "{started}"
+    );
+    assert!(!node.log().contains("--reuse-port without --cluster"));
+}
+
+/// `--reuse-port` without `--cluster` starts with a warning that each
+/// process on the port has a name space of its own.
+#[test]
+fn reuse_port_without_cluster_warns() {
+    let mut server = Server::start(&["--reuse-port"]);
+    let warning = server.wait_log("--reuse-port without --cluster");
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains("its own name space"), "{warning}");
+    let started = server.wait_log("listening on");
+    assert!(started.ends_with(", reuse-port)"), "{started}");
+}
+
+/// A switch's bad value is refused with exactly the values it accepts,
+/// and each of those is accepted.
+#[test]
+fn switch_values_are_the_ones_the_error_lists() {
+    let listed = "(expected true, false, yes, no, 1 or 0)";
+    assert_refused(
+        &[],
+        &[("CHATD_REUSE_PORT", "banana")],
+        "CHATD_REUSE_PORT",
+        listed,
+    );
+    for (value, on) in [
+        ("true", true),
+        ("yes", true),
+        ("1", true),
+        ("false", false),
+        ("no", false),
+        ("0", false),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd"));
+        cmd.env("CHATD_REUSE_PORT", value);
+        let mut server = Server::spawn(cmd, &[]);
+        let started = server.wait_log("listening on");
+        assert_eq!(started.contains("reuse-port"), on, "{value}: {started}");
+    }
+}
