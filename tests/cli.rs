@@ -228,3 +228,63 @@ fn switch_values_are_the_ones_the_error_lists() {
         assert_eq!(started.contains("reuse-port"), on, "{value}: {started}");
     }
 }
+
+/// Whether `line` starts with an RFC 3339 UTC timestamp to the
+/// millisecond and a space: `2025-01-31T12:00:00.123Z `.
+fn is_stamped(line: &str) -> bool {
+    let pattern = b"dddd-dd-ddTdd:dd:dd.dddZ ";
+    line.len() > pattern.len()
+        && line.bytes().zip(pattern).all(|(b, &p)| match p {
+            b'd' => b.is_ascii_digit(),
+            _ => b == p,
+        })
+}
+
+/// Log lines start with a UTC timestamp when stderr is not the journal,
+/// also when `JOURNAL_STREAM` is inherited but names another stream.
+#[test]
+fn log_lines_are_stamped_off_the_journal() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd"));
+    cmd.env_remove("JOURNAL_STREAM");
+    let mut server = Server::spawn(cmd, &[]);
+    let started = server.wait_log("listening on");
+    assert!(is_stamped(&started), "{started}");
+    assert!(started[25..].starts_with("INFO  [chatd::server] chatd listening on"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd"));
+    cmd.env("JOURNAL_STREAM", "8:12345");
+    let mut server = Server::spawn(cmd, &[]);
+    let started = server.wait_log("listening on");
+    assert!(is_stamped(&started), "{started}");
+}
+
+/// With stderr the stream `JOURNAL_STREAM` names (systemd's journal),
+/// lines carry no timestamp: the journal stamps them.
+#[test]
+fn log_lines_are_not_stamped_in_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("journal");
+    let path = dir.join("stderr");
+    let file = std::fs::File::create(&path).unwrap();
+    let meta = file.metadata().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
+        .args(["--addr", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stdin(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let started = poll_until(|| {
+        let log = std::fs::read_to_string(&path).unwrap();
+        log.lines()
+            .find(|l| l.contains("listening on"))
+            .map(str::to_string)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let started = started.expect("a start line");
+    assert!(
+        started.starts_with("INFO  [chatd::server] chatd listening on 127.0.0.1:"),
+        "{started}"
+    );
+}
