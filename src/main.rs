@@ -5,6 +5,7 @@
 //! is told the server's state.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -113,6 +114,13 @@ const FLAGS: &[Flag] = &[
                (CHATD_REUSE_PORT=true)",
     },
     Flag {
+        name: "pid-file",
+        value: "PATH",
+        default: "off",
+        help: "write the process id here once listening, and again after a live upgrade \
+               (which changes it); removed at exit",
+    },
+    Flag {
         name: "metrics-addr",
         value: "HOST:PORT",
         default: "off",
@@ -158,6 +166,7 @@ struct Settings {
     addr: SocketAddr,
     reuse_port: bool,
     metrics_addr: Option<SocketAddr>,
+    pid_file: Option<PathBuf>,
     backlog: i32,
     log_level: LevelFilter,
     config: chatd::Config,
@@ -328,10 +337,20 @@ fn parse_args() -> Result<Command, UsageError> {
         Some((source, value)) => Some(resolve(source, value)?),
         None => None,
     };
+    let pid_file = match get("pid-file") {
+        Some((source, "")) => {
+            return Err(UsageError(format!(
+                "invalid value for {source}: '' (expected a path)"
+            )));
+        }
+        Some((_, value)) => Some(PathBuf::from(value)),
+        None => None,
+    };
     Ok(Command::Run(Box::new(Settings {
         addr,
         reuse_port,
         metrics_addr,
+        pid_file,
         backlog,
         log_level,
         config,
@@ -518,23 +537,56 @@ fn handle_signals(control: &chatd::Control) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Passes the server's state on to systemd when it listens (`Type=notify`
-/// sets `NOTIFY_SOCKET`): READY, a STATUS line every few seconds, STOPPING.
-/// After a live upgrade it also says this process is the service's main
-/// one now (`MAINPID=`, which needs `NotifyAccess=all` in the unit).
-struct Systemd {
-    upgraded: bool,
+/// `--pid-file`: writes this process's id and a newline, whole (through a
+/// temporary file renamed over it), so a reader never sees half of it.
+fn write_pid_file(path: &Path) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
-impl Systemd {
-    fn notify(states: &[sd_notify::NotifyState]) {
+/// Removes the pid file at exit if it names this process: one that was
+/// never written, or was since written by another process, is not ours.
+fn remove_pid_file(path: &Path) {
+    let ours =
+        std::fs::read_to_string(path).is_ok_and(|pid| pid.trim() == std::process::id().to_string());
+    if ours {
+        if let Err(e) = std::fs::remove_file(path) {
+            log::warn!("cannot remove the pid file {}: {e}", path.display());
+        }
+    }
+}
+
+/// Tells the outside world the server's state: systemd when it started
+/// chatd as `Type=notify` (`NOTIFY_SOCKET` set): READY, a STATUS line
+/// every few seconds, STOPPING. After a live upgrade it also says this
+/// process is the service's main one now (`MAINPID=`, which needs
+/// `NotifyAccess=all` in the unit), and writes the new pid to the
+/// `--pid-file`.
+struct Announcer {
+    /// Whether systemd listens (`NOTIFY_SOCKET`).
+    systemd: bool,
+    /// Whether this process took over from another by a live upgrade.
+    upgraded: bool,
+    /// `--pid-file`, if given.
+    pid_file: Option<PathBuf>,
+}
+
+impl Announcer {
+    fn notify(&self, states: &[sd_notify::NotifyState]) {
+        if !self.systemd {
+            return;
+        }
         if let Err(e) = sd_notify::notify(states) {
             log::warn!("cannot notify systemd: {e}");
         }
     }
 }
 
-impl chatd::Notifier for Systemd {
+impl chatd::Notifier for Announcer {
     fn ready(&mut self, status: &str) {
         let pid = sd_notify::NotifyState::MainPid(std::process::id());
         let mut states = vec![
@@ -543,20 +595,27 @@ impl chatd::Notifier for Systemd {
         ];
         if self.upgraded {
             states.insert(0, pid);
+            // A fresh start wrote it before serving (and would not start
+            // without it); this process serves already.
+            if let Some(path) = &self.pid_file {
+                if let Err(e) = write_pid_file(path) {
+                    log::error!("cannot write the pid file {}: {e}", path.display());
+                }
+            }
         }
-        Systemd::notify(&states);
+        self.notify(&states);
     }
 
     fn status_interval_ms(&self) -> Option<u64> {
-        Some(5000)
+        self.systemd.then_some(5000)
     }
 
     fn status(&mut self, line: &str) {
-        Systemd::notify(&[sd_notify::NotifyState::Status(line)]);
+        self.notify(&[sd_notify::NotifyState::Status(line)]);
     }
 
     fn stopping(&mut self) {
-        Systemd::notify(&[
+        self.notify(&[
             sd_notify::NotifyState::Stopping,
             sd_notify::NotifyState::Status("shutting down"),
         ]);
@@ -626,9 +685,18 @@ fn main() -> ExitCode {
         },
     };
     let upgraded = inherited.is_some();
-    let notifier: Option<Box<dyn chatd::Notifier>> = std::env::var_os("NOTIFY_SOCKET")
-        .is_some()
-        .then(|| Box::new(Systemd { upgraded }) as Box<dyn chatd::Notifier>);
+    // After an upgrade, the notifier writes it once this process serves.
+    if let (Some(path), false) = (&settings.pid_file, upgraded) {
+        if let Err(e) = write_pid_file(path) {
+            log::error!("cannot write the pid file {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    let notifier: Option<Box<dyn chatd::Notifier>> = Some(Box::new(Announcer {
+        systemd: std::env::var_os("NOTIFY_SOCKET").is_some(),
+        upgraded,
+        pid_file: settings.pid_file.clone(),
+    }));
     let successor = match chatd::upgrade::Successor::this_process() {
         Ok(successor) => Some(successor),
         Err(e) => {
@@ -642,7 +710,14 @@ fn main() -> ExitCode {
         successor,
         inherited,
     };
-    match chatd::run_with(listener, settings.config, control, extras) {
+    let exit = chatd::run_with(listener, settings.config, control, extras);
+    // Upgraded, this process leaves the pid file to the new one.
+    if let Some(path) = &settings.pid_file {
+        if !matches!(exit, Ok(chatd::Exit::Upgraded)) {
+            remove_pid_file(path);
+        }
+    }
+    match exit {
         Ok(chatd::Exit::Graceful) => ExitCode::SUCCESS,
         Ok(chatd::Exit::Forced) => ExitCode::from(130),
         Ok(chatd::Exit::Upgraded) => ExitCode::SUCCESS,

@@ -288,3 +288,50 @@ fn log_lines_are_not_stamped_in_the_journal() {
         "{started}"
     );
 }
+
+/// `--pid-file` holds the pid and a newline once chatd listens, the new
+/// pid after a live upgrade, and is removed when chatd stops on SIGTERM.
+#[test]
+fn pid_file_follows_upgrades_and_goes_at_exit() {
+    let dir = TempDir::new("pid");
+    let path = dir.join("chatd.pid");
+    let pid_file = path.to_str().unwrap();
+    let mut server = Server::start(&["--pid-file", pid_file]);
+    let holds = |pid: u32| {
+        poll_until(|| (std::fs::read_to_string(&path).ok()? == format!("{pid}\n")).then_some(()))
+            .is_some()
+    };
+    assert!(holds(server.pid()), "{:?}", std::fs::read_to_string(&path));
+    let new_pid = server.upgrade(1);
+    assert!(holds(new_pid), "{:?}", std::fs::read_to_string(&path));
+    server.signal("TERM");
+    server.wait_log("shutdown complete");
+    let gone = poll_until(|| (!path.exists()).then_some(()));
+    assert!(gone.is_some(), "the pid file outlived chatd");
+}
+
+/// A pid file that cannot be written stops chatd at start (status 1, an
+/// error naming the file), from `--pid-file` or `CHATD_PID_FILE`; an
+/// empty path is refused as a bad value.
+#[test]
+fn pid_file_that_cannot_be_written_stops_the_start() {
+    let out = chatd(&[], &[("CHATD_PID_FILE", "/nonexistent/dir/chatd.pid")]);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot write the pid file /nonexistent/dir/chatd.pid"),
+        "{stderr}"
+    );
+    assert_refused(&["--pid-file", ""], &[], "--pid-file", "expected a path");
+}
+
+/// `--help` documents `--pid-file`.
+#[test]
+fn help_documents_the_pid_file() {
+    let out = chatd(&["--help"], &[]);
+    let help = String::from_utf8(out.stdout).unwrap();
+    let line = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("--pid-file PATH"));
+    assert!(line.is_some_and(|l| l.contains("upgrade")), "{help}");
+}
