@@ -5,6 +5,7 @@
 //! is told the server's state.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -113,6 +114,13 @@ const FLAGS: &[Flag] = &[
                (CHATD_REUSE_PORT=true)",
     },
     Flag {
+        name: "pid-file",
+        value: "PATH",
+        default: "off",
+        help: "write the process id here once listening, and again after a live upgrade \
+               (which changes it); removed at exit",
+    },
+    Flag {
         name: "metrics-addr",
         value: "HOST:PORT",
         default: "off",
@@ -158,6 +166,7 @@ struct Settings {
     addr: SocketAddr,
     reuse_port: bool,
     metrics_addr: Option<SocketAddr>,
+    pid_file: Option<PathBuf>,
     backlog: i32,
     log_level: LevelFilter,
     config: chatd::Config,
@@ -320,7 +329,7 @@ fn parse_args() -> Result<Command, UsageError> {
         Some((_, "false" | "0" | "no")) | None => false,
         Some((source, value)) => {
             return Err(UsageError(format!(
-                "invalid value for {source}: '{value}' (expected true or false)"
+                "invalid value for {source}: '{value}' (expected true, false, yes, no, 1 or 0)"
             )));
         }
     };
@@ -328,10 +337,20 @@ fn parse_args() -> Result<Command, UsageError> {
         Some((source, value)) => Some(resolve(source, value)?),
         None => None,
     };
+    let pid_file = match get("pid-file") {
+        Some((source, "")) => {
+            return Err(UsageError(format!(
+                "invalid value for {source}: '' (expected a path)"
+            )));
+        }
+        Some((_, value)) => Some(PathBuf::from(value)),
+        None => None,
+    };
     Ok(Command::Run(Box::new(Settings {
         addr,
         reuse_port,
         metrics_addr,
+        pid_file,
         backlog,
         log_level,
         config,
@@ -353,9 +372,20 @@ fn number((source, value): (&str, &str), min: usize, max: usize) -> Result<usize
 const MAX_SECONDS: f64 = 2_000_000.0;
 
 /// Seconds, fractions allowed (`0.5`), at most [`MAX_SECONDS`] (23 days).
+/// The server counts whole milliseconds, where 0 means off: a value that
+/// is not 0 but less than a millisecond is refused, not silently off.
 fn seconds((source, value): (&str, &str)) -> Result<Duration, UsageError> {
     match value.parse::<f64>() {
-        Ok(s) if (0.0..=MAX_SECONDS).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        Ok(s) if (0.0..=MAX_SECONDS).contains(&s) => {
+            let time = Duration::from_secs_f64(s);
+            if !time.is_zero() && time.as_millis() == 0 {
+                return Err(UsageError(format!(
+                    "invalid value for {source}: '{value}' (less than a millisecond, which \
+                     would mean 0: expected 0 or at least 0.001 seconds)"
+                )));
+            }
+            Ok(time)
+        }
         _ => Err(UsageError(format!(
             "invalid value for {source}: '{value}' (expected seconds from 0 to {MAX_SECONDS})"
         ))),
@@ -370,6 +400,105 @@ fn resolve(source: &str, value: &str) -> Result<SocketAddr, UsageError> {
         .map_err(|e| invalid(e.to_string()))?
         .next()
         .ok_or_else(|| invalid("no address found".into()))
+}
+
+/// The process's logger: one line per record on stderr,
+/// `LEVEL [target] message`, after an RFC 3339 UTC timestamp
+/// (`2025-01-31T12:00:00.123Z`) unless stderr is the systemd journal,
+/// which stamps every line itself.
+struct Stderr {
+    /// The most detailed level logged.
+    level: LevelFilter,
+    /// Whether lines start with the time.
+    timestamps: bool,
+}
+
+impl Stderr {
+    fn install(level: LevelFilter) {
+        let logger = Stderr {
+            level,
+            timestamps: !stderr_is_journal(),
+        };
+        log::set_max_level(level);
+        // Cannot fail: this is the only logger the process installs.
+        let _ = log::set_logger(Box::leak(Box::new(logger)));
+    }
+}
+
+impl log::Log for Stderr {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= self.level
+    }
+
+    fn log(&self, record: &log::Record) {
+        use std::io::Write;
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let mut line = String::new();
+        if self.timestamps {
+            line = utc_timestamp(std::time::SystemTime::now()) + " ";
+        }
+        line += &format!(
+            "{:<5} [{}] {}\n",
+            record.level().as_str(),
+            record.target(),
+            record.args()
+        );
+        // One write per line: after a live upgrade, two processes may
+        // share this stderr. A log nobody reads is no reason to stop.
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
+
+    fn flush(&self) {}
+}
+
+/// Whether stderr is the systemd journal: systemd puts the device and
+/// inode of the stream it connects a service's output to in
+/// `JOURNAL_STREAM` (`DEV:INODE`); the variable is inherited by children
+/// that write elsewhere, so it counts only if it names fd 2.
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.split_once(':') else {
+        return false;
+    };
+    // fstat through a duplicate: std's metadata of fd 2, whatever it is.
+    let stderr = std::io::stderr().as_fd().try_clone_to_owned();
+    stderr
+        .and_then(|fd| std::fs::File::from(fd).metadata())
+        .is_ok_and(|st| dev.parse() == Ok(st.dev()) && ino.parse() == Ok(st.ino()))
+}
+
+/// `time` in RFC 3339, UTC, to the millisecond: `2025-01-31T12:00:00.123Z`.
+fn utc_timestamp(time: std::time::SystemTime) -> String {
+    let since = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, of_day) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to the civil date (Howard Hinnant's
+    // `civil_from_days`), in eras of 400 years starting on March 1st.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153; // the month, counting from March
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60,
+        since.subsec_millis()
+    )
 }
 
 /// Raises the soft open-file limit to the hard limit, so that
@@ -408,23 +537,56 @@ fn handle_signals(control: &chatd::Control) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Passes the server's state on to systemd when it listens (`Type=notify`
-/// sets `NOTIFY_SOCKET`): READY, a STATUS line every few seconds, STOPPING.
-/// After a live upgrade it also says this process is the service's main
-/// one now (`MAINPID=`, which needs `NotifyAccess=all` in the unit).
-struct Systemd {
-    upgraded: bool,
+/// `--pid-file`: writes this process's id and a newline, whole (through a
+/// temporary file renamed over it), so a reader never sees half of it.
+fn write_pid_file(path: &Path) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
-impl Systemd {
-    fn notify(states: &[sd_notify::NotifyState]) {
+/// Removes the pid file at exit if it names this process: one that was
+/// never written, or was since written by another process, is not ours.
+fn remove_pid_file(path: &Path) {
+    let ours =
+        std::fs::read_to_string(path).is_ok_and(|pid| pid.trim() == std::process::id().to_string());
+    if ours {
+        if let Err(e) = std::fs::remove_file(path) {
+            log::warn!("cannot remove the pid file {}: {e}", path.display());
+        }
+    }
+}
+
+/// Tells the outside world the server's state: systemd when it started
+/// chatd as `Type=notify` (`NOTIFY_SOCKET` set): READY, a STATUS line
+/// every few seconds, STOPPING. After a live upgrade it also says this
+/// process is the service's main one now (`MAINPID=`, which needs
+/// `NotifyAccess=all` in the unit), and writes the new pid to the
+/// `--pid-file`.
+struct Announcer {
+    /// Whether systemd listens (`NOTIFY_SOCKET`).
+    systemd: bool,
+    /// Whether this process took over from another by a live upgrade.
+    upgraded: bool,
+    /// `--pid-file`, if given.
+    pid_file: Option<PathBuf>,
+}
+
+impl Announcer {
+    fn notify(&self, states: &[sd_notify::NotifyState]) {
+        if !self.systemd {
+            return;
+        }
         if let Err(e) = sd_notify::notify(states) {
             log::warn!("cannot notify systemd: {e}");
         }
     }
 }
 
-impl chatd::Notifier for Systemd {
+impl chatd::Notifier for Announcer {
     fn ready(&mut self, status: &str) {
         let pid = sd_notify::NotifyState::MainPid(std::process::id());
         let mut states = vec![
@@ -433,20 +595,27 @@ impl chatd::Notifier for Systemd {
         ];
         if self.upgraded {
             states.insert(0, pid);
+            // A fresh start wrote it before serving (and would not start
+            // without it); this process serves already.
+            if let Some(path) = &self.pid_file {
+                if let Err(e) = write_pid_file(path) {
+                    log::error!("cannot write the pid file {}: {e}", path.display());
+                }
+            }
         }
-        Systemd::notify(&states);
+        self.notify(&states);
     }
 
     fn status_interval_ms(&self) -> Option<u64> {
-        Some(5000)
+        self.systemd.then_some(5000)
     }
 
     fn status(&mut self, line: &str) {
-        Systemd::notify(&[sd_notify::NotifyState::Status(line)]);
+        self.notify(&[sd_notify::NotifyState::Status(line)]);
     }
 
     fn stopping(&mut self) {
-        Systemd::notify(&[
+        self.notify(&[
             sd_notify::NotifyState::Stopping,
             sd_notify::NotifyState::Status("shutting down"),
         ]);
@@ -469,11 +638,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Cannot fail: this is the only logger the process installs.
-    let _ = simple_logger::SimpleLogger::new()
-        .with_level(settings.log_level)
-        .init();
+    Stderr::install(settings.log_level);
     raise_open_file_limit();
+    if settings.reuse_port && settings.config.cluster.is_none() {
+        log::warn!(
+            "--reuse-port without --cluster: each chatd process on this port has its own name \
+             space (a client reaches only the clients of the process the kernel gave it); \
+             add --cluster to share one"
+        );
+    }
     let control = chatd::Control::new();
     if let Err(e) = handle_signals(&control) {
         log::error!("cannot handle signals: {e}");
@@ -512,9 +685,18 @@ fn main() -> ExitCode {
         },
     };
     let upgraded = inherited.is_some();
-    let notifier: Option<Box<dyn chatd::Notifier>> = std::env::var_os("NOTIFY_SOCKET")
-        .is_some()
-        .then(|| Box::new(Systemd { upgraded }) as Box<dyn chatd::Notifier>);
+    // After an upgrade, the notifier writes it once this process serves.
+    if let (Some(path), false) = (&settings.pid_file, upgraded) {
+        if let Err(e) = write_pid_file(path) {
+            log::error!("cannot write the pid file {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    let notifier: Option<Box<dyn chatd::Notifier>> = Some(Box::new(Announcer {
+        systemd: std::env::var_os("NOTIFY_SOCKET").is_some(),
+        upgraded,
+        pid_file: settings.pid_file.clone(),
+    }));
     let successor = match chatd::upgrade::Successor::this_process() {
         Ok(successor) => Some(successor),
         Err(e) => {
@@ -528,13 +710,40 @@ fn main() -> ExitCode {
         successor,
         inherited,
     };
-    match chatd::run_with(listener, settings.config, control, extras) {
+    let exit = chatd::run_with(listener, settings.config, control, extras);
+    // Upgraded, this process leaves the pid file to the new one.
+    if let Some(path) = &settings.pid_file {
+        if !matches!(exit, Ok(chatd::Exit::Upgraded)) {
+            remove_pid_file(path);
+        }
+    }
+    match exit {
         Ok(chatd::Exit::Graceful) => ExitCode::SUCCESS,
         Ok(chatd::Exit::Forced) => ExitCode::from(130),
         Ok(chatd::Exit::Upgraded) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("fatal: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    /// Timestamps are RFC 3339 UTC with milliseconds, leap days included.
+    #[test]
+    fn utc_timestamps() {
+        for (secs, millis, want) in [
+            (0, 0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400, 0, "2000-02-29T00:00:00.000Z"),
+            (1_709_251_199, 999, "2024-02-29T23:59:59.999Z"),
+            (4_107_542_400, 7, "2100-03-01T00:00:00.007Z"),
+            (253_402_300_799, 0, "9999-12-31T23:59:59.000Z"),
+        ] {
+            let time = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis);
+            assert_eq!(super::utc_timestamp(time), want, "{secs}");
         }
     }
 }

@@ -18,7 +18,7 @@
 //! This module is the format and the descriptor plumbing; the reactor does
 //! the rest (`server/mod.rs`).
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -294,9 +294,9 @@ impl Reader<'_> {
     }
 }
 
-/// What a process needs to start its successor: the binary's path as it
-/// was at start (the file now at that path is what runs next) and the
-/// arguments.
+/// What a process needs to start its successor: the path this process was
+/// started by (the file at that path when the upgrade begins is what runs
+/// next, through any symlink as it points then) and the arguments.
 #[derive(Debug, Clone)]
 pub struct Successor {
     /// The binary's path.
@@ -306,13 +306,47 @@ pub struct Successor {
 }
 
 impl Successor {
-    /// This process's own binary and arguments.
+    /// This process's own binary and arguments. The binary is the path it
+    /// was started by (argv[0], made absolute against the working
+    /// directory, or found in `PATH` when it has no `/`), not
+    /// `/proc/self/exe`: started as `/opt/chatd/current/chatd`, a symlink,
+    /// the upgrade runs what the link points to when it begins, not the
+    /// file this process was loaded from. When argv[0] does not name this
+    /// binary (a wrapper can set it to anything), it is `current_exe`.
     pub fn this_process() -> io::Result<Successor> {
+        let mut args = std::env::args_os();
+        let exe = match args.next().and_then(|argv0| started_as(&argv0)) {
+            Some(exe) => exe,
+            None => std::env::current_exe()?,
+        };
         Ok(Successor {
-            exe: std::env::current_exe()?,
-            args: std::env::args_os().skip(1).collect(),
+            exe,
+            args: args.collect(),
         })
     }
+}
+
+/// The absolute path `argv0` started this process by, if it names this
+/// process's binary now (the same file as `/proc/self/exe`).
+fn started_as(argv0: &OsStr) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let cwd = std::env::current_dir().ok()?;
+    let path = if argv0.as_bytes().contains(&b'/') {
+        cwd.join(argv0)
+    } else {
+        // As execvp searched: the first executable file of that name.
+        std::env::split_paths(&std::env::var_os("PATH")?)
+            .map(|dir| cwd.join(dir).join(argv0))
+            .find(|path| {
+                std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
+            })?
+    };
+    let (found, this) = (
+        std::fs::metadata(&path).ok()?,
+        std::fs::metadata("/proc/self/exe").ok()?,
+    );
+    (found.dev() == this.dev() && found.ino() == this.ino()).then_some(path)
 }
 
 /// An upgrade under way, from the old process's side.

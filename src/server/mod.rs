@@ -273,7 +273,7 @@ impl Server {
             .unwrap_or_else(default_buffer_memory);
         info!(
             "chatd listening on {} (max-clients {}, max-line {}, max-outbound {}, \
-             max-buffer-memory {}, login-timeout {}, idle-timeout {})",
+             max-buffer-memory {}, login-timeout {}, idle-timeout {}{}{})",
             listener.local_addr()?,
             max_clients,
             config.max_line,
@@ -281,6 +281,14 @@ impl Server {
             max_buffer_memory,
             Seconds(config.login_timeout),
             Seconds(config.idle_timeout),
+            match &config.cluster {
+                Some(c) => format!(", cluster redis://{} prefix {}", c.redis, c.prefix),
+                None => String::new(),
+            },
+            match socket2::SockRef::from(&listener).reuse_port() {
+                Ok(true) => ", reuse-port",
+                _ => "",
+            },
         );
         let limits = Limits {
             max_line: config.max_line,
