@@ -402,55 +402,19 @@ fn resolve(source: &str, value: &str) -> Result<SocketAddr, UsageError> {
         .ok_or_else(|| invalid("no address found".into()))
 }
 
-/// The process's logger: one line per record on stderr,
+/// Installs the process's logger: one line per record on stderr,
 /// `LEVEL [target] message`, after an RFC 3339 UTC timestamp
 /// (`2025-01-31T12:00:00.123Z`) unless stderr is the systemd journal,
 /// which stamps every line itself.
-struct Stderr {
-    /// The most detailed level logged.
-    level: LevelFilter,
-    /// Whether lines start with the time.
-    timestamps: bool,
-}
-
-impl Stderr {
-    fn install(level: LevelFilter) {
-        let logger = Stderr {
-            level,
-            timestamps: !stderr_is_journal(),
-        };
-        log::set_max_level(level);
-        // Cannot fail: this is the only logger the process installs.
-        let _ = log::set_logger(Box::leak(Box::new(logger)));
-    }
-}
-
-impl log::Log for Stderr {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= self.level
-    }
-
-    fn log(&self, record: &log::Record) {
-        use std::io::Write;
-        if !self.enabled(record.metadata()) {
-            return;
-        }
-        let mut line = String::new();
-        if self.timestamps {
-            line = utc_timestamp(std::time::SystemTime::now()) + " ";
-        }
-        line += &format!(
-            "{:<5} [{}] {}\n",
-            record.level().as_str(),
-            record.target(),
-            record.args()
-        );
-        // One write per line: after a live upgrade, two processes may
-        // share this stderr. A log nobody reads is no reason to stop.
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
-    }
-
-    fn flush(&self) {}
+fn install_logger(level: LevelFilter) {
+    let logger = simple_logger::SimpleLogger::new().with_level(level);
+    let logger = if stderr_is_journal() {
+        logger.without_timestamps()
+    } else {
+        logger.with_utc_timestamps()
+    };
+    // Cannot fail: this is the only logger the process installs.
+    let _ = logger.init();
 }
 
 /// Whether stderr is the systemd journal: systemd puts the device and
@@ -471,34 +435,6 @@ fn stderr_is_journal() -> bool {
     stderr
         .and_then(|fd| std::fs::File::from(fd).metadata())
         .is_ok_and(|st| dev.parse() == Ok(st.dev()) && ino.parse() == Ok(st.ino()))
-}
-
-/// `time` in RFC 3339, UTC, to the millisecond: `2025-01-31T12:00:00.123Z`.
-fn utc_timestamp(time: std::time::SystemTime) -> String {
-    let since = time
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, of_day) = ((secs / 86_400) as i64, secs % 86_400);
-    // Days since 1970-01-01 to the civil date (Howard Hinnant's
-    // `civil_from_days`), in eras of 400 years starting on March 1st.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153; // the month, counting from March
-    let day = day_of_year - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        of_day / 3600,
-        of_day / 60 % 60,
-        of_day % 60,
-        since.subsec_millis()
-    )
 }
 
 /// Raises the soft open-file limit to the hard limit, so that
@@ -638,7 +574,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    Stderr::install(settings.log_level);
+    install_logger(settings.log_level);
     raise_open_file_limit();
     if settings.reuse_port && settings.config.cluster.is_none() {
         log::warn!(
@@ -724,26 +660,6 @@ fn main() -> ExitCode {
         Err(e) => {
             log::error!("fatal: {e}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
-
-    /// Timestamps are RFC 3339 UTC with milliseconds, leap days included.
-    #[test]
-    fn utc_timestamps() {
-        for (secs, millis, want) in [
-            (0, 0, "1970-01-01T00:00:00.000Z"),
-            (951_782_400, 0, "2000-02-29T00:00:00.000Z"),
-            (1_709_251_199, 999, "2024-02-29T23:59:59.999Z"),
-            (4_107_542_400, 7, "2100-03-01T00:00:00.007Z"),
-            (253_402_300_799, 0, "9999-12-31T23:59:59.000Z"),
-        ] {
-            let time = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis);
-            assert_eq!(super::utc_timestamp(time), want, "{secs}");
         }
     }
 }
