@@ -146,7 +146,7 @@ fn a_failing_binary_leaves_the_old_process_serving() {
     let mut bob = server.login("bob");
     binary.install_broken("exit 3");
     server.signal("USR2");
-    server.wait_log("upgrade failed: the new process exited before it was ready");
+    server.wait_log("upgrade failed: the new process exited before it was ready (exit status: 3)");
     alice.send("bob: still here\n");
     bob.expect("from alice: still here");
     binary.install_chatd();

@@ -250,9 +250,9 @@ impl Server {
             .poll
             .registry()
             .deregister(&mut mio::unix::SourceFd(&fd));
-        let status = match upgrade.handoff.child.try_wait() {
-            Ok(Some(status)) => format!(" ({status})"),
-            _ => {
+        let status = match exit_status(&mut upgrade.handoff.child) {
+            Some(status) => format!(" ({status})"),
+            None => {
                 let _ = upgrade.handoff.child.kill();
                 match upgrade.handoff.child.wait() {
                     Ok(status) => format!(" (stopped: {status})"),
@@ -534,6 +534,20 @@ pub(super) fn pass_stop_on(pid: u32) {
     if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
         warn!("cannot signal the new process: {e}");
     }
+}
+
+/// How a new process that closed its readiness pipe ended: it may take a
+/// moment to exit after it closed the pipe, so this waits up to 100 ms for
+/// its status (on a failing upgrade only). `None`: it still runs.
+fn exit_status(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    for _ in 0..20 {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 /// Stops a new process that will not be waited for.
