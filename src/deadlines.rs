@@ -220,11 +220,6 @@ impl Deadlines {
     pub fn len(&self) -> usize {
         self.heap.len()
     }
-
-    /// Whether no deadline is pending.
-    pub fn is_empty(&self) -> bool {
-        self.heap.is_empty()
-    }
 }
 
 #[cfg(test)]

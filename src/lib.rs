@@ -54,15 +54,13 @@
 //! writable interest and waits for its event. A connection that breaks a
 //! limit is closed alone, with an `error:` line.
 
-#![deny(unsafe_code)]
-
 pub mod cluster;
 pub mod config;
-pub mod conn;
+pub(crate) mod conn;
 pub mod control;
-pub mod deadlines;
-pub mod metrics;
-pub mod pool;
+pub(crate) mod deadlines;
+pub(crate) mod metrics;
+pub(crate) mod pool;
 pub mod protocol;
 pub mod registry;
 pub mod server;

@@ -437,6 +437,29 @@ fn stderr_is_journal() -> bool {
         .is_ok_and(|st| dev.parse() == Ok(st.dev()) && ino.parse() == Ok(st.ino()))
 }
 
+/// Binds the chat listener and, when asked for, the metrics listener;
+/// `None` (logged) when either cannot listen.
+fn bind_listeners(settings: &Settings) -> Option<chatd::upgrade::Listeners> {
+    let listener = match chatd::bind_with(settings.addr, settings.backlog, settings.reuse_port) {
+        Ok(listener) => listener,
+        Err(e) => {
+            log::error!("cannot listen on {}: {e}", settings.addr);
+            return None;
+        }
+    };
+    let metrics = match settings.metrics_addr {
+        None => None,
+        Some(addr) => match chatd::bind(addr, 128) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                log::error!("cannot serve metrics on {addr}: {e}");
+                return None;
+            }
+        },
+    };
+    Some((listener, metrics))
+}
+
 /// Raises the soft open-file limit to the hard limit, so that
 /// `--max-clients` can be as large as the administrator allows.
 fn raise_open_file_limit() {
@@ -590,7 +613,7 @@ fn main() -> ExitCode {
     }
     // Started by a live upgrade: the listeners and connections come from
     // the old process, which goes on serving if this one gives up here.
-    let inherited = match chatd::upgrade::Inherited::take() {
+    let mut inherited = match chatd::upgrade::Inherited::take() {
         None => None,
         Some(Ok(inherited)) => Some(inherited),
         Some(Err(why)) => {
@@ -598,26 +621,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let take = |fd| std::net::TcpListener::from(chatd::upgrade::take_fd(fd));
-    let listener = match &inherited {
-        Some(inherited) => take(inherited.state.listener),
-        None => match chatd::bind_with(settings.addr, settings.backlog, settings.reuse_port) {
-            Ok(listener) => listener,
-            Err(e) => {
-                log::error!("cannot listen on {}: {e}", settings.addr);
+    let (listener, metrics) = match &mut inherited {
+        Some(inherited) => match inherited.take_listeners() {
+            Ok(listeners) => listeners,
+            Err(why) => {
+                log::error!("upgrade refused: {why}; the old process serves on");
                 return ExitCode::FAILURE;
             }
         },
-    };
-    let metrics = match (&inherited, settings.metrics_addr) {
-        (Some(inherited), _) => inherited.state.metrics.map(take),
-        (None, None) => None,
-        (None, Some(addr)) => match chatd::bind(addr, 128) {
-            Ok(listener) => Some(listener),
-            Err(e) => {
-                log::error!("cannot serve metrics on {addr}: {e}");
-                return ExitCode::FAILURE;
-            }
+        None => match bind_listeners(&settings) {
+            Some(listeners) => listeners,
+            None => return ExitCode::FAILURE,
         },
     };
     let upgraded = inherited.is_some();

@@ -443,13 +443,17 @@ impl Inherited {
     /// The state and pipe this process inherited, if it was started by an
     /// upgrade (`Some(Err)`: it was, but the state cannot be used; the old
     /// process goes on serving when this one exits).
+    /// Only the first call can find it: the descriptors it names are owned
+    /// once. (The variables stay in the environment, unchanged; a later
+    /// upgrade sets its own for the process it starts.)
     pub fn take() -> Option<Result<Inherited, String>> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static TAKEN: AtomicBool = AtomicBool::new(false);
         let state_fd = std::env::var(STATE_VAR).ok()?;
         let ready_fd = std::env::var(READY_VAR).ok();
-        // SAFETY (both): not changed while other threads read the
-        // environment: this runs at start, before any thread.
-        unsafe_env_remove(STATE_VAR);
-        unsafe_env_remove(READY_VAR);
+        if TAKEN.swap(true, Ordering::SeqCst) {
+            return None;
+        }
         Some((|| {
             let parse = |v: &str| {
                 v.parse::<RawFd>()
@@ -470,24 +474,34 @@ impl Inherited {
     pub fn signal_ready(mut self) -> io::Result<()> {
         self.ready.write_all(b"ready\n")
     }
+
+    /// The chat listener and the metrics listener (if one was served), as
+    /// the old process handed them over. Their descriptors are owned from
+    /// now on: a second call finds none.
+    pub fn take_listeners(&mut self) -> Result<Listeners, String> {
+        let listener = std::mem::replace(&mut self.state.listener, -1);
+        if listener < 0 {
+            return Err("the listeners were taken already".into());
+        }
+        let metrics = self.state.metrics.take();
+        let take = |fd| std::net::TcpListener::from(take_fd(fd));
+        Ok((take(listener), metrics.map(take)))
+    }
 }
 
-/// Takes ownership of a descriptor inherited from the old process.
-pub fn take_fd(fd: RawFd) -> OwnedFd {
+/// The chat listener, and the metrics listener if any.
+pub type Listeners = (std::net::TcpListener, Option<std::net::TcpListener>);
+
+/// Takes ownership of a descriptor inherited from the old process. Only
+/// for a descriptor of a decoded [`State`] (which names each once), taken
+/// once: crate-private for that reason.
+pub(crate) fn take_fd(fd: RawFd) -> OwnedFd {
     #[allow(unsafe_code)]
     // SAFETY: `fd` was listed in the state by the old process, which
     // cleared close-on-exec on it for this process to inherit; nothing in
     // this process opened or owns it, and each number is taken once.
     unsafe {
         OwnedFd::from_raw_fd(fd)
-    }
-}
-
-fn unsafe_env_remove(var: &str) {
-    #[allow(unsafe_code)]
-    // SAFETY: called at start, before the process has other threads.
-    unsafe {
-        std::env::remove_var(var);
     }
 }
 

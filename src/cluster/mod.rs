@@ -28,11 +28,11 @@
 //! `pending.rs` the FIFO's entries and the answers; `codec.rs` the RESP3
 //! adapter; `scripts.rs` the Lua scripts and the keys.
 
-pub mod codec;
+pub(crate) mod codec;
 mod link;
 mod pending;
 mod replies;
-pub mod scripts;
+pub(crate) mod scripts;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -45,7 +45,7 @@ use mio::{Registry as PollRegistry, Token};
 use crate::deadlines::Slot;
 use codec::encode_command;
 use pending::Pending;
-pub use pending::{Answer, Claimed};
+pub(crate) use pending::{Answer, Claimed};
 use scripts::Script;
 
 /// The longest wait between reconnection attempts.
@@ -129,7 +129,7 @@ impl ClusterConfig {
 
 /// Where the link is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     /// No connection; the next attempt is at `retry_at` (ms).
     Down { retry_at: u64 },
     /// A non-blocking connect is under way.
@@ -142,7 +142,7 @@ pub enum State {
 
 /// The cluster's counters, for the stats line and the metrics.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ClusterStats {
+pub(crate) struct ClusterStats {
     /// Messages published to other nodes (one per routed line).
     pub routed_out: u64,
     /// Deliveries to local clients of lines from other nodes.
@@ -161,7 +161,7 @@ pub struct ClusterStats {
 }
 
 /// The link to Redis and the lease.
-pub struct Cluster {
+pub(crate) struct Cluster {
     /// The flags.
     config: ClusterConfig,
     /// This node's id (random, fixed for the process's life).
@@ -272,11 +272,6 @@ impl Cluster {
     /// This node's id.
     pub fn node(&self) -> &str {
         &self.node
-    }
-
-    /// Where the link is.
-    pub fn state(&self) -> State {
-        self.state
     }
 
     /// The state as a word for the stats line.
@@ -755,7 +750,7 @@ impl Cluster {
 
 /// A random node id: 16 hex digits from the standard library's keyed hasher
 /// (seeded from the OS), the process id and the clock.
-pub fn new_node_id() -> String {
+pub(crate) fn new_node_id() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u32(std::process::id());

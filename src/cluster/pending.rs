@@ -72,7 +72,7 @@ impl Pending {
 
 /// How a claim ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claimed {
+pub(crate) enum Claimed {
     /// The name is this node's.
     Held,
     /// A live node holds it.
@@ -83,7 +83,7 @@ pub enum Claimed {
 
 /// What the link learned, for the reactor to apply in this order.
 #[derive(Debug)]
-pub enum Answer {
+pub(crate) enum Answer {
     /// A claim ended.
     Claimed {
         slot: Slot,

@@ -831,6 +831,7 @@ fn bind_address_no_port(socket: &socket2::Socket) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let one: libc::c_int = 1;
     // SAFETY: a valid descriptor, and a pointer to an int of the given size.
+    #[allow(unsafe_code)]
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
