@@ -7,7 +7,7 @@
 use std::hint::black_box;
 
 use chatd::protocol::{self, Frame};
-use chatd::registry::Registry;
+use chatd::names::NameIndex;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 /// 64 KiB of typical message lines.
@@ -53,7 +53,7 @@ fn parsing(c: &mut Criterion) {
 }
 
 fn routing(c: &mut Criterion) {
-    let mut registry = Registry::default();
+    let mut registry = NameIndex::default();
     for i in 0..1000 {
         registry.claim(&format!("user{i}").into(), i);
     }

@@ -14,6 +14,18 @@ use mio::net::TcpStream;
 use crate::deadlines::Deadline;
 use crate::pool::{Buf, BufPool};
 
+/// A handle on a connection that outlives a turn (a deadline, an answer
+/// from Redis, a held line): its slab key and its id. Slab keys are
+/// reused, so whoever holds one checks that the id still matches
+/// (`Clients::find`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// The slab key.
+    pub key: u32,
+    /// The connection's id, which tells apart connections that reuse a key.
+    pub id: u32,
+}
+
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -47,7 +59,8 @@ const DEAD: u8 = 1 << 4;
 const REJECTED: u8 = 1 << 5;
 /// The last write hit `WouldBlock`; a writable event will come.
 const WRITE_BLOCKED: u8 = 1 << 6;
-/// EOF was read while closing.
+/// The client's input ended: EOF was read (while draining after the
+/// client half-closed, or while lingering after an error line).
 const INPUT_DONE: u8 = 1 << 7;
 
 /// A client connection. Idle ones own no buffers: `partial` and `out` are
@@ -99,7 +112,7 @@ impl Conn {
     }
 
     /// A connection handed over by a live upgrade, in `phase`, with the
-    /// flags it had (see `crate::upgrade`).
+    /// flags it had (see `crate::handoff`).
     pub fn restore(
         stream: TcpStream,
         id: u32,
@@ -213,17 +226,17 @@ impl Conn {
 
     /// Input was left in the socket at the read budget: returns whether it
     /// must go on the come-back list (it is not there yet).
-    pub fn defer_input(&mut self) -> bool {
+    pub fn mark_more_input(&mut self) -> bool {
         let first = !self.has(MORE_INPUT);
         self.flags |= MORE_INPUT;
         first
     }
 
     /// Taken off the come-back list: returns whether to read it.
-    pub fn take_deferred_input(&mut self) -> bool {
-        let deferred = self.has(MORE_INPUT);
+    pub fn take_more_input(&mut self) -> bool {
+        let more = self.has(MORE_INPUT);
         self.flags &= !MORE_INPUT;
-        deferred && !self.is_dead()
+        more && !self.is_dead()
     }
 
     /// Shuts down the sending side, once. Returns whether it did now.
@@ -241,12 +254,12 @@ impl Conn {
         self.has(WRITE_SHUT)
     }
 
-    /// EOF was read while closing.
+    /// EOF was read: the client's input ended.
     pub fn set_input_done(&mut self) {
         self.flags |= INPUT_DONE;
     }
 
-    /// Whether EOF was read while closing.
+    /// Whether EOF was read.
     pub fn is_input_done(&self) -> bool {
         self.has(INPUT_DONE)
     }

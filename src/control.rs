@@ -74,7 +74,7 @@ impl Control {
     }
 
     /// Asks the server to hand every connection to the binary now at its
-    /// path (see `crate::upgrade`). Safe to call from a signal handler.
+    /// path (see `crate::handoff`). Safe to call from a signal handler.
     pub fn upgrade(&self) {
         self.request(&self.shared.upgrades);
     }

@@ -15,6 +15,8 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
+use crate::conn::Slot;
+
 /// What a deadline is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deadline {
@@ -44,15 +46,6 @@ pub enum Deadline {
     Status,
     /// A graceful shutdown stops waiting for clients to drain.
     ShutdownGiveUp,
-}
-
-/// A connection, as a deadline remembers it: slab key and id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Slot {
-    /// The slab key.
-    pub key: u32,
-    /// The connection's id, which tells apart connections that reuse a key.
-    pub id: u32,
 }
 
 /// Bits of [`Entry::at`] below the time that hold the kind of deadline.

@@ -62,10 +62,10 @@ pub(crate) mod deadlines;
 pub(crate) mod metrics;
 pub(crate) mod pool;
 pub mod protocol;
-pub mod registry;
+pub mod names;
 pub mod server;
 pub mod stats;
-pub mod upgrade;
+pub mod handoff;
 
 pub use config::Config;
 pub use control::{Control, Exit, Notifier};

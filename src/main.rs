@@ -439,7 +439,7 @@ fn stderr_is_journal() -> bool {
 
 /// Binds the chat listener and, when asked for, the metrics listener;
 /// `None` (logged) when either cannot listen.
-fn bind_listeners(settings: &Settings) -> Option<chatd::upgrade::Listeners> {
+fn bind_listeners(settings: &Settings) -> Option<chatd::handoff::Listeners> {
     let listener = match chatd::bind_with(settings.addr, settings.backlog, settings.reuse_port) {
         Ok(listener) => listener,
         Err(e) => {
@@ -613,7 +613,7 @@ fn main() -> ExitCode {
     }
     // Started by a live upgrade: the listeners and connections come from
     // the old process, which goes on serving if this one gives up here.
-    let mut inherited = match chatd::upgrade::Inherited::take() {
+    let mut inherited = match chatd::handoff::Inherited::take() {
         None => None,
         Some(Ok(inherited)) => Some(inherited),
         Some(Err(why)) => {
@@ -647,7 +647,7 @@ fn main() -> ExitCode {
         upgraded,
         pid_file: settings.pid_file.clone(),
     }));
-    let successor = match chatd::upgrade::Successor::this_process() {
+    let successor = match chatd::handoff::Successor::this_process() {
         Ok(successor) => Some(successor),
         Err(e) => {
             log::warn!("live upgrades are off: cannot find this binary's path: {e}");

@@ -7,14 +7,14 @@ use std::io::{self, Read, Write};
 
 use log::{debug, warn};
 use mio::net::TcpStream;
-use mio::{Interest, Registry as PollRegistry, Token};
+use mio::{Interest, Registry, Token};
 
 use super::codec::decode_reply;
 use super::{Answer, Claimed, Cluster, MAX_BACKOFF_MS, MAX_OUT, Pending, READ_BUDGET, State};
 
 impl Cluster {
     /// Starts a non-blocking connect and queues the handshake.
-    pub(super) fn connect(&mut self, registry: &PollRegistry, token: Token, now_ms: u64) {
+    pub(super) fn connect(&mut self, registry: &Registry, token: Token, now_ms: u64) {
         let mut stream = match TcpStream::connect(self.config.redis) {
             Ok(stream) => stream,
             Err(e) => {
@@ -213,7 +213,7 @@ impl Cluster {
     }
 
     /// Drops the connection: what was pending fails (claims and routes as
-    /// unavailable, deferred lines are released in order), and the link
+    /// unavailable, held lines are released in order), and the link
     /// waits for its back-off. The lease stays until it must be fenced.
     pub fn reset(&mut self, now_ms: u64, why: &str) {
         if self.state == State::Ready {
@@ -228,7 +228,7 @@ impl Cluster {
         self.read_pending = false;
         self.inflight_names = 0;
         for (_, slot) in std::mem::take(&mut self.throttled) {
-            self.answers.push(Answer::Resume { slot });
+            self.answers.push(Answer::Unthrottle { slot });
         }
         for (_, slot, name) in std::mem::take(&mut self.retries) {
             self.answers.push(Answer::Claimed {
@@ -264,7 +264,7 @@ impl Cluster {
                 Pending::Route { slot, names, .. } => {
                     self.answers.push(Answer::Unroutable { slot, names });
                 }
-                Pending::Deferred { slot } => self.answers.push(Answer::Deferred { slot }),
+                Pending::Held { slot } => self.answers.push(Answer::Held { slot }),
                 Pending::Farewell => self.answers.push(Answer::FarewellDone),
                 _ => {}
             }

@@ -40,9 +40,9 @@ use std::rc::Rc;
 
 use log::warn;
 use mio::net::TcpStream;
-use mio::{Registry as PollRegistry, Token};
+use mio::{Registry, Token};
 
-use crate::deadlines::Slot;
+use crate::conn::Slot;
 use codec::encode_command;
 use pending::Pending;
 pub(crate) use pending::{Answer, Claimed};
@@ -364,7 +364,7 @@ impl Cluster {
     }
 
     /// Time-driven work: connect, renew, time out a silent Redis.
-    pub fn on_timer(&mut self, registry: &PollRegistry, token: Token, now_ms: u64) {
+    pub fn on_timer(&mut self, registry: &Registry, token: Token, now_ms: u64) {
         if self.hold_until.is_some_and(|at| now_ms >= at) {
             self.release_holds();
         }
@@ -597,7 +597,7 @@ impl Cluster {
     }
 
     /// Whether the connection `slot` has answers outstanding: its next
-    /// `error:` line must then wait behind them ([`Cluster::defer`]).
+    /// `error:` line must then wait behind them ([`Cluster::hold_marker`]).
     pub fn has_waiting(&self, slot: Slot) -> bool {
         self.waiting.get(&slot.key).is_some_and(|&n| n > 0)
     }
@@ -605,8 +605,8 @@ impl Cluster {
     /// Whether the connection `slot` waits for so many answers (or Redis
     /// for so many commands) that its input must not be read until they
     /// are in. Then the reactor holds its input back and calls
-    /// [`Cluster::throttle`]; an [`Answer::Resume`] follows.
-    pub fn is_backlogged(&self, slot: Slot) -> bool {
+    /// [`Cluster::throttle`]; an [`Answer::Unthrottle`] follows.
+    pub fn must_throttle(&self, slot: Slot) -> bool {
         let waiting = self.waiting.get(&slot.key).copied().unwrap_or(0);
         waiting >= MAX_WAITING_PER_CONN || (waiting > 0 && self.pending.len() >= MAX_PENDING)
     }
@@ -620,23 +620,23 @@ impl Cluster {
     }
 
     /// Whether the input of `slot` is held back (see
-    /// [`Cluster::is_backlogged`]).
+    /// [`Cluster::must_throttle`]).
     pub fn is_throttled(&self, slot: Slot) -> bool {
         self.throttled.get(&slot.key) == Some(&slot)
     }
 
     /// Notes that the input of `slot` is held back (see
-    /// [`Cluster::is_backlogged`]).
+    /// [`Cluster::must_throttle`]).
     pub fn throttle(&mut self, slot: Slot) {
         self.throttled.insert(slot.key, slot);
     }
 
     /// Queues a marker for a line the reactor holds for `slot`: an
-    /// [`Answer::Deferred`] says when the answers before it are in.
-    pub fn defer(&mut self, slot: Slot) {
+    /// [`Answer::Held`] says when the answers before it are in.
+    pub fn hold_marker(&mut self, slot: Slot) {
         *self.waiting.entry(slot.key).or_default() += 1;
-        self.pending.push_back(Pending::Deferred { slot });
-        self.pop_deferred();
+        self.pending.push_back(Pending::Held { slot });
+        self.pop_held();
     }
 
     /// Shutdown: drops every name of this node and its lease. Returns
@@ -733,7 +733,7 @@ impl Cluster {
     pub(super) fn release_holds(&mut self) {
         self.hold_until = None;
         for (_, slot) in std::mem::take(&mut self.throttled) {
-            self.answers.push(Answer::Resume { slot });
+            self.answers.push(Answer::Unthrottle { slot });
         }
     }
 

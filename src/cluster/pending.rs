@@ -1,11 +1,12 @@
 //! The FIFO's entries: what each command in flight to Redis was for, and
 //! what the link learned from the answers, for the reactor to apply. Pure
-//! data; `mod.rs` keeps the FIFO and produces the answers.
+//! data; `mod.rs` keeps the FIFO, `replies.rs` and `link.rs` turn what
+//! Redis says (or that it said nothing) into answers.
 
 use std::rc::Rc;
 
 use super::scripts::Script;
-use crate::deadlines::Slot;
+use crate::conn::Slot;
 
 /// What one command in flight was for, and what to do with its answer.
 #[derive(Debug)]
@@ -42,7 +43,7 @@ pub(super) enum Pending {
     },
     /// A line held for `slot` (by the reactor) that must follow the
     /// answers before it.
-    Deferred { slot: Slot },
+    Held { slot: Slot },
     /// Shutdown: the node's names and lease are dropped.
     Farewell,
 }
@@ -53,7 +54,7 @@ impl Pending {
         match self {
             Pending::Claim { slot, .. }
             | Pending::Route { slot, .. }
-            | Pending::Deferred { slot, .. } => Some(*slot),
+            | Pending::Held { slot, .. } => Some(*slot),
             _ => None,
         }
     }
@@ -104,7 +105,7 @@ pub(crate) enum Answer {
     Unroutable { slot: Slot, names: Vec<String> },
     /// The oldest line the reactor holds for `slot` behind earlier answers
     /// may be sent now.
-    Deferred { slot: Slot },
+    Held { slot: Slot },
     /// Another node sent `line` to the local clients `names`.
     Deliver { names: Vec<String>, line: Vec<u8> },
     /// The lease was lost and taken anew: every name still held here must
@@ -116,7 +117,7 @@ pub(crate) enum Answer {
     Reconcile(Vec<String>),
     /// The connection `slot` waits for no more answers: its input, held
     /// back meanwhile, can be read again.
-    Resume { slot: Slot },
+    Unthrottle { slot: Slot },
     /// The farewell (shutdown) was answered.
     FarewellDone,
 }
@@ -128,8 +129,8 @@ impl Answer {
             Answer::Claimed { slot, .. }
             | Answer::Routed { slot, .. }
             | Answer::Unroutable { slot, .. }
-            | Answer::Deferred { slot, .. }
-            | Answer::Resume { slot } => Some(*slot),
+            | Answer::Held { slot, .. }
+            | Answer::Unthrottle { slot } => Some(*slot),
             _ => None,
         }
     }

@@ -34,7 +34,7 @@ impl Cluster {
         };
         self.unwait(&entry);
         let result = self.on_answer(entry, reply, now_ms);
-        self.pop_deferred();
+        self.pop_held();
         result
     }
 
@@ -49,20 +49,20 @@ impl Cluster {
                 if *n == 0 {
                     self.waiting.remove(&slot.key);
                     if let Some(slot) = self.throttled.remove(&slot.key) {
-                        self.answers.push(Answer::Resume { slot });
+                        self.answers.push(Answer::Unthrottle { slot });
                     }
                 }
             }
         }
     }
 
-    /// Releases the deferred lines that have reached the head.
-    pub(super) fn pop_deferred(&mut self) {
-        while matches!(self.pending.front(), Some(Pending::Deferred { .. })) {
+    /// Releases the held lines whose markers have reached the head.
+    pub(super) fn pop_held(&mut self) {
+        while matches!(self.pending.front(), Some(Pending::Held { .. })) {
             if let Some(entry) = self.pending.pop_front() {
                 self.unwait(&entry);
-                if let Pending::Deferred { slot } = entry {
-                    self.answers.push(Answer::Deferred { slot });
+                if let Pending::Held { slot } = entry {
+                    self.answers.push(Answer::Held { slot });
                 }
             }
         }
@@ -202,7 +202,7 @@ impl Cluster {
                     unreachable,
                 });
             }
-            Pending::Deferred { .. } => {} // handled by pop_deferred
+            Pending::Held { .. } => {} // handled by pop_held
             Pending::Farewell => self.answers.push(Answer::FarewellDone),
         }
         Ok(())

@@ -85,7 +85,7 @@ impl Broker {
         let mut line = std::mem::take(&mut self.delivery);
         line.clear();
         protocol::write_delivery(&mut line, &clients.conn(key).name, msg.body);
-        let mut elsewhere = Offline::new(protocol::not_online_budget(clients.limits.max_line));
+        let mut elsewhere = NameList::new(protocol::not_online_budget(clients.limits.max_line));
         for name in protocol::recipients(msg.names) {
             let Some(to) = clients.lookup(name) else {
                 elsewhere.add(name);
@@ -191,7 +191,7 @@ fn hold_behind(
     delivery: bool,
 ) {
     if clients.hold_behind(key, line, delivery, deadlines) {
-        link.defer(clients.slot(key));
+        link.hold_marker(clients.slot(key));
     }
 }
 
@@ -279,7 +279,7 @@ pub(super) fn sync_cluster(
 
 /// Recipients of one message not logged in here, each once, in the order
 /// given: `not-online` on one node, routed through Redis in a cluster.
-pub(super) struct Offline<'a> {
+pub(super) struct NameList<'a> {
     /// The names, in order.
     names: Vec<&'a str>,
     /// Bytes of names the error line lists at the most; the others are
@@ -290,11 +290,11 @@ pub(super) struct Offline<'a> {
     seen: HashSet<&'a str>,
 }
 
-impl<'a> Offline<'a> {
+impl<'a> NameList<'a> {
     const LINEAR_MAX: usize = 8;
 
-    pub fn new(budget: usize) -> Offline<'a> {
-        Offline {
+    pub fn new(budget: usize) -> NameList<'a> {
+        NameList {
             names: Vec::new(),
             budget,
             seen: HashSet::new(),
@@ -317,7 +317,7 @@ impl<'a> Offline<'a> {
     }
 }
 
-impl fmt::Display for Offline<'_> {
+impl fmt::Display for NameList<'_> {
     /// `a, b, c`, or `a, b: and 7 more` past the budget. A recipient name
     /// never holds a `:` (a message line splits at its first one), so the
     /// count cannot be read as a name.
@@ -341,7 +341,7 @@ mod tests {
     use super::*;
 
     fn listed(budget: usize, names: &[&'static str]) -> String {
-        let mut offline = Offline::new(budget);
+        let mut offline = NameList::new(budget);
         for name in names {
             offline.add(name);
         }

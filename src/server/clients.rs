@@ -14,17 +14,18 @@ use std::rc::Rc;
 
 use log::{debug, warn};
 use mio::net::{TcpListener, TcpStream};
-use mio::{Interest, Registry as PollRegistry};
+use mio::{Interest, Registry};
 use slab::Slab;
 
 use super::Source;
 use super::held::Held;
 use crate::conn::{Conn, Phase};
-use crate::deadlines::{Deadline, Deadlines, Slot};
+use crate::conn::Slot;
+use crate::deadlines::{Deadline, Deadlines};
 use crate::pool::{BufPool, PoolLimits};
 
 use crate::protocol::{self, ErrorKind};
-use crate::registry::Registry;
+use crate::names::NameIndex;
 use crate::stats::Stats;
 
 /// Connections over `--max-clients` that may linger at once to deliver
@@ -67,7 +68,7 @@ pub(super) struct Clients {
     /// `Source::Client(key)`).
     pub(super) conns: Slab<Conn>,
     /// Logged-in names to slab keys.
-    names: Registry,
+    names: NameIndex,
     /// Buffers for connections that have something to keep.
     pub pool: BufPool,
     /// The limits in force.
@@ -122,7 +123,7 @@ impl Clients {
             // name index grows instead: a hash table's pages are touched at
             // random, so a reservation would cost its full size at once.)
             conns: Slab::with_capacity(max_clients + REJECT_SLOTS),
-            names: Registry::default(),
+            names: NameIndex::default(),
             pool: BufPool::new(POOL_LIMITS),
             limits,
             max_clients,
@@ -327,7 +328,7 @@ impl Clients {
     pub fn forget_more_input(&mut self, mut carried: Vec<usize>) {
         for &key in &carried {
             if let Some(conn) = self.conns.get_mut(key) {
-                let _ = conn.take_deferred_input();
+                let _ = conn.take_more_input();
             }
         }
         carried.clear();
@@ -532,7 +533,7 @@ impl Clients {
     }
 
     /// Stops accepting and queues `error: shutting-down` to every client.
-    pub fn begin_shutdown(&mut self, registry: &PollRegistry, deadlines: &mut Deadlines) {
+    pub fn begin_shutdown(&mut self, registry: &Registry, deadlines: &mut Deadlines) {
         self.shutting_down = true;
         if let Some(mut listener) = self.listener.take() {
             let _ = registry.deregister(&mut listener);
@@ -592,7 +593,7 @@ impl Clients {
     /// Accepts until `WouldBlock`. Errors never end the server: running out
     /// of descriptors (or kernel memory) pauses accepting for a moment, so
     /// the backlog waits instead of the loop spinning on a ready listener.
-    pub fn accept_all(&mut self, registry: &PollRegistry, deadlines: &mut Deadlines) {
+    pub fn accept_all(&mut self, registry: &Registry, deadlines: &mut Deadlines) {
         if self.accept_paused {
             return;
         }
@@ -627,7 +628,7 @@ impl Clients {
     }
 
     /// The accept pause is over: accept what waited.
-    pub fn resume_accepting(&mut self, registry: &PollRegistry, deadlines: &mut Deadlines) {
+    pub fn resume_accepting(&mut self, registry: &Registry, deadlines: &mut Deadlines) {
         self.accept_paused = false;
         self.accept_all(registry, deadlines);
     }
@@ -637,7 +638,7 @@ impl Clients {
         &mut self,
         mut stream: TcpStream,
         addr: std::net::SocketAddr,
-        registry: &PollRegistry,
+        registry: &Registry,
         deadlines: &mut Deadlines,
     ) {
         self.stats.accepted += 1;

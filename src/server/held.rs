@@ -7,7 +7,7 @@
 //!   (a claim, a route) must see its later lines' results after them: its
 //!   own copy of a message it sent, and its non-closing `error:` lines.
 //!   Such a line is held here and the cluster FIFO gets a marker for it
-//!   (`Cluster::defer`); when the marker reaches the FIFO's head, the
+//!   (`Cluster::hold_marker`); when the marker reaches the FIFO's head, the
 //!   reactor sends the oldest held line of that connection.
 //! - **For a claimant.** A connection whose name is being claimed is not
 //!   online yet. A message to that name is held here with its sender until
@@ -29,7 +29,8 @@ use std::rc::Rc;
 
 use super::clients::Clients;
 use crate::conn::Phase;
-use crate::deadlines::{Deadlines, Slot};
+use crate::conn::Slot;
+use crate::deadlines::Deadlines;
 
 /// What is held for one connection.
 #[derive(Debug, Default)]

@@ -42,7 +42,7 @@ impl Server {
             let Some(conn) = self.clients.get(key) else {
                 continue;
             };
-            if conn.take_deferred_input() {
+            if conn.take_more_input() {
                 // No event brought us here, so no event tells us about a
                 // FIN that may wait behind the data: read to the end.
                 self.on_readable(key, Drain::UntilWouldBlock);
@@ -108,7 +108,7 @@ impl Server {
             self.clients.stats.bytes_in += n as u64;
             let tail = match self.handle_lines(key, &scratch[start..head + n]) {
                 Lines::Tail(tail) => tail,
-                Lines::Paused(rest) => {
+                Lines::Kept(rest) => {
                     // Waiting for its claim: keep what was read, read no
                     // more; what is kept counts against the memory bound.
                     self.clients
@@ -149,7 +149,7 @@ impl Server {
             let conn = self.clients.conn(key);
             budget = budget.saturating_sub(n);
             if budget == 0 {
-                if conn.defer_input() {
+                if conn.mark_more_input() {
                     self.clients.more_input.push(key);
                 }
                 break;
@@ -184,7 +184,7 @@ impl Server {
             // Redis is not read further until they are in.
             if let Some(link) = cluster.as_mut() {
                 let slot = clients.slot(key);
-                if link.is_backlogged(slot) {
+                if link.must_throttle(slot) {
                     link.throttle(slot);
                     backlogged = true;
                     return false;
@@ -195,7 +195,7 @@ impl Server {
         match split {
             Split::Tail(tail) => Lines::Tail(tail),
             Split::Stopped(rest) if clients.conn(key).phase() == Phase::Claiming || backlogged => {
-                Lines::Paused(rest)
+                Lines::Kept(rest)
             }
             Split::Stopped(_) => Lines::Closed,
             Split::TooLong => {
@@ -220,7 +220,7 @@ impl Server {
                     self.clients
                         .with_buffers(key, |conn, pool| keep(conn, pool, tail));
                 }
-                Lines::Paused(rest) => {
+                Lines::Kept(rest) => {
                     // Held back again: the rest waits for the next resume.
                     paused = true;
                     self.clients
@@ -238,7 +238,7 @@ impl Server {
             self.clients.pool.give(&mut Some(kept));
         }
         let conn = self.clients.conn(key);
-        if !paused && conn.reads_lines() && conn.defer_input() {
+        if !paused && conn.reads_lines() && conn.mark_more_input() {
             self.clients.more_input.push(key);
         }
     }
@@ -286,7 +286,7 @@ enum Lines<'a> {
     Tail(&'a [u8]),
     /// The connection waits for its claim: everything after the login line
     /// is kept, unread, until the answer.
-    Paused(&'a [u8]),
+    Kept(&'a [u8]),
     /// The connection stopped reading lines (closing or dead).
     Closed,
 }

@@ -35,11 +35,11 @@ use crate::config::Config;
 use crate::control::{Control, Exit, Notifier, Requests, Silent};
 use crate::deadlines::{Deadline, Deadlines};
 use crate::metrics::{self, Gauges};
-use crate::upgrade::{Inherited, Successor};
+use crate::handoff::{Inherited, Successor};
 
 mod broker;
 mod clients;
-mod handover;
+mod upgrade;
 mod held;
 mod housekeeping;
 mod input;
@@ -49,7 +49,7 @@ mod scrapers;
 
 use broker::Broker;
 use clients::{Clients, Limits, default_buffer_memory, fit_max_clients};
-use handover::{Upgrading, adopt};
+use upgrade::{Upgrading, adopt};
 use housekeeping::Housekeeping;
 use input::{Drain, READ_CHUNK};
 use scrapers::Scrapers;
@@ -155,7 +155,7 @@ enum Life {
     /// of this turn.
     Serving { upgrade_asked: bool },
     /// Cluster mode, before an upgrade hands over: the node waits for
-    /// Redis's answers (at most `handover::QUIESCE_MS`, then it hands over
+    /// Redis's answers (at most `upgrade::QUIESCE_MS`, then it hands over
     /// anyway). Clients are not read and nobody is accepted.
     Quiescing { step: u32 },
     /// This is the old process of a live upgrade: the new one is starting.
@@ -169,7 +169,7 @@ enum Life {
     },
     /// The new process (`pid`) serves what this one handed over: this one
     /// only finishes the scrapes it accepted (until `until_ms`, at most
-    /// `handover::RETIRE_MS`), then exits. A stop asked for meanwhile is
+    /// `upgrade::RETIRE_MS`), then exits. A stop asked for meanwhile is
     /// passed on to the new process (`stop_asked`: it was, once).
     Retiring {
         until_ms: u64,
@@ -701,14 +701,14 @@ impl Server {
                     ..
                 } => {
                     if !std::mem::replace(stop_asked, true) {
-                        handover::pass_stop_on(upgrade.pid());
+                        upgrade::pass_stop_on(upgrade.pid());
                     }
                 }
                 Life::Retiring {
                     stop_asked, pid, ..
                 } => {
                     if !std::mem::replace(stop_asked, true) {
-                        handover::pass_stop_on(*pid);
+                        upgrade::pass_stop_on(*pid);
                     }
                 }
                 _ => {

@@ -3,7 +3,7 @@
 //! for sockets that did not drain.
 
 use log::{debug, warn};
-use mio::{Interest, Registry as PollRegistry};
+use mio::{Interest, Registry};
 
 use super::Source;
 use super::clients::{Clients, peer};
@@ -71,7 +71,7 @@ impl Clients {
     }
 
     /// Writes every connection on the pending-write list, once per turn.
-    pub fn flush_pending(&mut self, registry: &PollRegistry, deadlines: &mut Deadlines) {
+    pub fn flush_pending(&mut self, registry: &Registry, deadlines: &mut Deadlines) {
         let mut list = std::mem::take(&mut self.pending_write);
         for &key in &list {
             if self.conn(key).take_pending() {
@@ -84,7 +84,7 @@ impl Clients {
 
     /// Writes what is queued for `key`. A socket that fills up gets writable
     /// interest (armed once, kept after) and waits for its event.
-    fn flush(&mut self, key: usize, registry: &PollRegistry, deadlines: &mut Deadlines) {
+    fn flush(&mut self, key: usize, registry: &Registry, deadlines: &mut Deadlines) {
         let result = self.with_buffers(key, |conn, pool| conn.flush(pool));
         let conn = &mut self.conns[key];
         match result {

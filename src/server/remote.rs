@@ -130,7 +130,7 @@ impl Server {
             Answer::Unroutable { slot, names } => {
                 report(clients, deadlines, slot, ErrorKind::UnavailableTo, &names);
             }
-            Answer::Deferred { slot } => clients.release_behind(slot, deadlines),
+            Answer::Held { slot } => clients.release_behind(slot, deadlines),
             Answer::Deliver { names, line } => {
                 let Some(cluster) = &mut self.cluster else {
                     return;
@@ -173,7 +173,7 @@ impl Server {
                     }
                 }
             }
-            Answer::Resume { slot } => {
+            Answer::Unthrottle { slot } => {
                 if let Some(key) = clients.find(slot) {
                     if clients.conn(key).reads_lines() {
                         self.resume_input(key);
@@ -194,7 +194,7 @@ impl Server {
 fn report(
     clients: &mut Clients,
     deadlines: &mut Deadlines,
-    slot: crate::deadlines::Slot,
+    slot: crate::conn::Slot,
     kind: ErrorKind,
     names: &[String],
 ) {
@@ -202,7 +202,7 @@ fn report(
         return;
     };
     let budget = crate::protocol::not_online_budget(clients.limits.max_line);
-    let mut list = broker::Offline::new(budget);
+    let mut list = broker::NameList::new(budget);
     names.iter().for_each(|name| list.add(name));
     let line = clients.error_bytes(kind, format_args!("{list}"));
     clients.send_line(key, &line, deadlines);

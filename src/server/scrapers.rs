@@ -4,12 +4,13 @@
 
 use log::{debug, info};
 use mio::net::TcpListener;
-use mio::{Interest, Registry as PollRegistry};
+use mio::{Interest, Registry};
 use slab::Slab;
 
 use super::Source;
 use super::clients::{ACCEPT_BACKOFF_MS, is_transient_accept_error};
-use crate::deadlines::{Deadline, Deadlines, Slot};
+use crate::conn::Slot;
+use crate::deadlines::{Deadline, Deadlines};
 use crate::metrics::{self, Gauges, MetricsConn, Next};
 use crate::stats::Stats;
 
@@ -82,7 +83,7 @@ impl Scrapers {
     /// Serves `listener`, registering it with the poller.
     pub fn new(
         listener: std::net::TcpListener,
-        registry: &PollRegistry,
+        registry: &Registry,
     ) -> std::io::Result<Scrapers> {
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
@@ -103,7 +104,7 @@ impl Scrapers {
 
     /// Accepts scrapers until `WouldBlock`; past `metrics::MAX_CONNS` they
     /// are closed at once.
-    pub fn accept_all(&mut self, registry: &PollRegistry, deadlines: &mut Deadlines) {
+    pub fn accept_all(&mut self, registry: &Registry, deadlines: &mut Deadlines) {
         if self.paused {
             return;
         }
@@ -157,7 +158,7 @@ impl Scrapers {
     pub fn on_event(
         &mut self,
         key: usize,
-        registry: &PollRegistry,
+        registry: &Registry,
         now_ms: u64,
         health: Result<(), &'static str>,
         stats: &Stats,
@@ -187,13 +188,13 @@ impl Scrapers {
 
     /// Stops accepting (the new process of a live upgrade serves the
     /// listener); the scrapers already accepted are still served.
-    pub fn stop_accepting(&mut self, registry: &PollRegistry) {
+    pub fn stop_accepting(&mut self, registry: &Registry) {
         self.paused = true;
         let _ = registry.deregister(&mut self.listener);
     }
 
     /// The accept pause is over: accept what waited.
-    pub fn resume_accepting(&mut self, registry: &PollRegistry, deadlines: &mut Deadlines) {
+    pub fn resume_accepting(&mut self, registry: &Registry, deadlines: &mut Deadlines) {
         self.paused = false;
         self.accept_all(registry, deadlines);
     }

@@ -1,5 +1,6 @@
-//! Live upgrade: handing every established connection, with its state, to
-//! a new chatd binary (SIGUSR2, `systemctl reload`).
+//! The handoff of a live upgrade: what one process hands the next when
+//! it passes every established connection, with its state, to a new chatd
+//! binary (SIGUSR2, `systemctl reload`).
 //!
 //! The running chatd (the old process) stops serving, writes its [`State`]
 //! (the listeners, every connection's descriptor number, name, phase,
@@ -15,8 +16,9 @@
 //! refuses the state, exits, or is not ready in time), the old one reads
 //! EOF or times out, and goes on serving as if nothing happened.
 //!
-//! This module is the format and the descriptor plumbing; the reactor does
-//! the rest (`server/mod.rs`).
+//! This module is the format, the descriptor plumbing and which binary
+//! comes next ([`Successor`]); the reactor's side of both processes is
+//! `server/upgrade.rs`.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;

@@ -1,22 +1,23 @@
-//! The name registry: which logged-in connection holds which name.
+//! The name index: which connection holds which name.
 //!
 //! It knows no sockets, only slab keys. The reactor keeps one invariant with
-//! it: a connection is registered exactly while it is in the chat phase, so a
-//! name is free again the moment its connection starts to close.
+//! it: a connection is in the index exactly while it claims its name (in a
+//! cluster) or is logged in, so a name is free again the moment its
+//! connection starts to close.
 
 use std::collections::HashMap;
 use std::rc::Rc;
 
 /// Maps each logged-in name to the slab key of its connection.
 #[derive(Debug, Default)]
-pub struct Registry {
+pub struct NameIndex {
     /// Name to slab key. The name is shared with the connection (one
     /// allocation for both). The default SipHash hasher is kept on purpose:
     /// names come from the network, and a keyed hash stops collision floods.
     names: HashMap<Rc<str>, usize>,
 }
 
-impl Registry {
+impl NameIndex {
     /// Gives `name` to `key`; false if another connection holds it already.
     pub fn claim(&mut self, name: &Rc<str>, key: usize) -> bool {
         if self.names.contains_key(&**name) {
@@ -61,7 +62,7 @@ mod tests {
 
     #[test]
     fn claim_lookup_release() {
-        let mut r = Registry::default();
+        let mut r = NameIndex::default();
         let alice: Rc<str> = Rc::from("alice");
         assert!(r.claim(&alice, 3));
         assert!(
@@ -78,7 +79,7 @@ mod tests {
 
     #[test]
     fn shrinks_after_a_burst() {
-        let mut r = Registry::default();
+        let mut r = NameIndex::default();
         let names: Vec<Rc<str>> = (0..1000).map(|i| Rc::from(format!("n{i}"))).collect();
         for (key, name) in names.iter().enumerate() {
             assert!(r.claim(name, key));

@@ -1,9 +1,17 @@
-//! The reactor's side of a live upgrade (`crate::upgrade` has the format
-//! and the descriptor plumbing): the old process snapshots its connections,
-//! hands them over and waits, touching no client socket, for the new one to
-//! say it serves; the new process adopts them. If the new one fails, the
-//! old one resumes: every connection is read and written again, since
+//! The reactor's side of a live upgrade, in both processes
+//! (`crate::handoff` has the format and the descriptor plumbing).
+//!
+//! The old process: an upgrade asked for starts at the end of a turn (in a
+//! cluster, after quiescing: `Life::Quiescing`); it snapshots its
+//! connections, starts the new binary and waits (`Life::Upgrading`),
+//! touching no client socket, for the new one to say it serves; then it
+//! finishes its scrapes and exits (`Life::Retiring`). If the new one fails,
+//! the old one resumes: every connection is read and written again, since
 //! readiness events that came meanwhile were not acted on.
+//!
+//! The new process: `adopt` (from `Server::new`) takes every connection
+//! over, `Server::take_over` (before the loop) tells the old process it
+//! may go and handles what the adopted clients had sent.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -20,10 +28,10 @@ use super::{Life, Server, Source};
 use crate::conn::{Conn, Phase};
 use crate::control::Exit;
 use crate::deadlines::{Deadline, Deadlines};
-use crate::upgrade::{self, ConnState, Handoff, Inherited, State};
+use crate::handoff::{self, ConnState, Handoff, Inherited, State};
 
 /// A kind of connection deadline, as `Clients::set_deadline` takes it.
-type DeadlineKind = fn(crate::deadlines::Slot) -> Deadline;
+type DeadlineKind = fn(crate::conn::Slot) -> Deadline;
 
 /// The longest a cluster node waits for Redis's answers before it hands
 /// over anyway (what is still in flight then is settled by the new
@@ -117,7 +125,7 @@ impl Server {
         let state = self.snapshot(quiet);
         let bytes = state.encode();
         let snapshot_time = started.elapsed();
-        let handoff = match upgrade::hand_over(successor, &bytes, &self.handed_fds()) {
+        let handoff = match handoff::hand_over(successor, &bytes, &self.handed_fds()) {
             Ok(handoff) => handoff,
             Err(e) => {
                 warn!(
@@ -269,7 +277,7 @@ impl Server {
             "upgrade failed: {why}{status}; {then} after a pause of {:?}",
             upgrade.started.elapsed()
         );
-        if let Err(e) = upgrade::keep_private(&self.handed_fds()) {
+        if let Err(e) = handoff::keep_private(&self.handed_fds()) {
             warn!("upgrade: cannot set close-on-exec again: {e}");
         }
         self.resume_serving();
@@ -297,9 +305,9 @@ impl Server {
                 self.clients.mark_pending(key);
             }
             let conn = self.clients.conn(key);
-            let _ = conn.take_deferred_input(); // it may be on no list now
+            let _ = conn.take_more_input(); // it may be on no list now
             if matches!(conn.phase(), Phase::Login | Phase::Chat | Phase::Closing)
-                && conn.defer_input()
+                && conn.mark_more_input()
             {
                 self.clients.more_input.push(key);
             }
@@ -398,7 +406,7 @@ impl Server {
                 .scrapers
                 .as_ref()
                 .map(|s| raw(Some(s.listener().as_fd()))),
-            counters: upgrade::counters_of(&self.clients.stats),
+            counters: handoff::counters_of(&self.clients.stats),
             next_id: self.clients.next_id(),
             base_fds: self.base_fds as u64,
             node: self.cluster.as_ref().map(|c| c.node().to_string()),
@@ -428,7 +436,7 @@ pub(super) fn adopt(
     head_room: usize,
 ) -> Vec<usize> {
     let adopting = Instant::now();
-    clients.stats = upgrade::stats_of(&state.counters);
+    clients.stats = handoff::stats_of(&state.counters);
     clients.stats.connections = 0;
     clients.set_next_id(state.next_id);
     let mut whole_lines = Vec::new();
@@ -566,7 +574,7 @@ impl Clients {
         registry: &mio::Registry,
         deadlines: &mut Deadlines,
     ) -> Option<usize> {
-        let std_stream = std::net::TcpStream::from(upgrade::take_fd(state.fd));
+        let std_stream = std::net::TcpStream::from(handoff::take_fd(state.fd));
         let mut stream = TcpStream::from_std(std_stream);
         let entry = self.conns.vacant_entry();
         let key = entry.key();
