@@ -27,11 +27,12 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::{Child, Command};
 
+use crate::conn::Phase;
 use crate::stats::Stats;
 
 /// The first line of every state, with its version: a new binary that
 /// does not know the version refuses the state.
-const MAGIC: &[u8] = b"chatd-state 1\n";
+const MAGIC: &[u8] = b"chatd-state 2\n";
 /// The variable naming the state's descriptor.
 pub const STATE_VAR: &str = "CHATD_UPGRADE_STATE";
 /// The variable naming the readiness pipe's descriptor.
@@ -44,8 +45,9 @@ pub struct ConnState {
     pub fd: RawFd,
     /// `Conn::id`.
     pub id: u32,
-    /// `Phase` as a number: 0 login, 1 chat, 2 draining, 3 closing.
-    pub phase: u8,
+    /// Its phase: never [`Phase::Claiming`] (such a connection is handed
+    /// over logging in, its name line in front of its input).
+    pub phase: Phase,
     /// Its name (empty before login).
     pub name: String,
     /// Time since its last input, in ms.
@@ -74,8 +76,8 @@ pub struct State {
     pub listener: RawFd,
     /// The metrics listener's descriptor, if any.
     pub metrics: Option<RawFd>,
-    /// The counters.
-    pub counters: Vec<u64>,
+    /// The counters, by name (see [`counters_of`]).
+    pub counters: Vec<(String, u64)>,
     /// The id the next connection gets.
     pub next_id: u32,
     /// Descriptors the old process held that were not clients: the new one
@@ -108,8 +110,9 @@ impl State {
         put_i64(&mut out, i64::from(self.listener));
         put_i64(&mut out, self.metrics.map_or(-1, i64::from));
         put_u64(&mut out, self.counters.len() as u64);
-        for &c in &self.counters {
-            put_u64(&mut out, c);
+        for (name, value) in &self.counters {
+            put_bytes(&mut out, name.as_bytes());
+            put_u64(&mut out, *value);
         }
         put_u64(&mut out, u64::from(self.next_id));
         put_u64(&mut out, self.base_fds);
@@ -124,7 +127,7 @@ impl State {
         for c in &self.conns {
             put_i64(&mut out, i64::from(c.fd));
             put_u64(&mut out, u64::from(c.id));
-            out.push(c.phase);
+            out.push(phase_code(c.phase));
             put_bytes(&mut out, c.name.as_bytes());
             put_u64(&mut out, u64::from(c.silent_ms));
             put_i64(&mut out, c.deadline_ms.map_or(-1, |ms| ms as i64));
@@ -151,7 +154,11 @@ impl State {
         let mut r = Reader(rest);
         let listener = r.fd()?.ok_or("no listener")?;
         let metrics = r.fd()?;
-        let counters = (0..r.count()?).map(|_| r.u64()).collect::<Result<_, _>>()?;
+        let mut counters = Vec::new();
+        for _ in 0..r.count()? {
+            let name = String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad counter name")?;
+            counters.push((name, r.u64()?));
+        }
         let next_id = r.u32()?;
         let base_fds = r.u64()?;
         let node = String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad node id")?;
@@ -167,7 +174,7 @@ impl State {
         for _ in 0..r.count()? {
             let fd = r.fd()?.ok_or("no descriptor")?;
             let id = r.u32()?;
-            let phase = r.byte()?;
+            let phase = phase_of(r.byte()?)?;
             let name = String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad name")?;
             let silent_ms = r.u32()?;
             let deadline = r.i64()?;
@@ -175,9 +182,6 @@ impl State {
             let discarded = r.u32()?;
             let input = r.bytes()?.to_vec();
             let output = r.bytes()?.to_vec();
-            if phase > 3 {
-                return Err(format!("bad phase {phase}"));
-            }
             conns.push(ConnState {
                 fd,
                 id,
@@ -507,44 +511,39 @@ pub(crate) fn take_fd(fd: RawFd) -> OwnedFd {
     }
 }
 
-/// The counters of [`Stats`] as a list, in a fixed order, and back: what
-/// the state carries (a new binary with new counters takes what it knows).
-pub fn counters_of(stats: &Stats) -> Vec<u64> {
-    let mut list = vec![
-        stats.connections,
-        stats.peak_connections,
-        stats.accepted,
-        stats.rejected,
-        stats.logins,
-        stats.messages_in,
-        stats.deliveries,
-        stats.bytes_in,
-        stats.bytes_out,
-        stats.slow_consumers,
-        stats.memory_evictions,
-    ];
-    list.extend_from_slice(&stats.errors);
-    list
+/// A phase as the state writes it (see [`phase_of`]).
+fn phase_code(phase: Phase) -> u8 {
+    match phase {
+        Phase::Login | Phase::Claiming => 0, // see ConnState::phase
+        Phase::Chat => 1,
+        Phase::Draining => 2,
+        Phase::Closing => 3,
+    }
 }
 
-/// See [`counters_of`].
-pub fn stats_of(counters: &[u64]) -> Stats {
+/// The phase a state's byte stands for (see [`phase_code`]).
+fn phase_of(code: u8) -> Result<Phase, String> {
+    Ok(match code {
+        0 => Phase::Login,
+        1 => Phase::Chat,
+        2 => Phase::Draining,
+        3 => Phase::Closing,
+        _ => return Err(format!("bad phase {code}")),
+    })
+}
+
+/// The counters of [`Stats`] by name, what the state carries: a new
+/// binary takes the counters it knows by their names, whatever their order
+/// or number in the old one.
+pub fn counters_of(stats: &Stats) -> Vec<(String, u64)> {
+    stats.each()
+}
+
+/// See [`counters_of`]; a counter this binary does not know is dropped.
+pub fn stats_of(counters: &[(String, u64)]) -> Stats {
     let mut stats = Stats::default();
-    let mut it = counters.iter().copied();
-    let mut next = || it.next().unwrap_or(0);
-    stats.connections = next();
-    stats.peak_connections = next();
-    stats.accepted = next();
-    stats.rejected = next();
-    stats.logins = next();
-    stats.messages_in = next();
-    stats.deliveries = next();
-    stats.bytes_in = next();
-    stats.bytes_out = next();
-    stats.slow_consumers = next();
-    stats.memory_evictions = next();
-    for slot in stats.errors.iter_mut() {
-        *slot = next();
+    for (name, value) in counters {
+        stats.set(name, *value);
     }
     stats
 }
@@ -557,7 +556,7 @@ mod tests {
         State {
             listener: 3,
             metrics: Some(4),
-            counters: vec![1, 2, u64::MAX],
+            counters: vec![("connections".into(), 1), ("errors.not-online".into(), u64::MAX)],
             next_id: 77,
             base_fds: 8,
             node: Some("abcdef0123456789".into()),
@@ -569,7 +568,7 @@ mod tests {
                 ConnState {
                     fd: 9,
                     id: 5,
-                    phase: 1,
+                    phase: Phase::Chat,
                     name: "alice".into(),
                     silent_ms: 1234,
                     deadline_ms: None,
@@ -583,7 +582,7 @@ mod tests {
                 ConnState {
                     fd: 10,
                     id: 6,
-                    phase: 3,
+                    phase: Phase::Closing,
                     name: String::new(),
                     silent_ms: 0,
                     deadline_ms: Some(800),
@@ -598,6 +597,33 @@ mod tests {
         }
     }
 
+    /// Counters go by name: a state from a binary with other counters, or
+    /// in another order, restores those this one knows, each to itself.
+    #[test]
+    fn counters_go_by_name() {
+        let counters = vec![
+            ("from-a-later-binary".to_string(), 9),
+            ("deliveries".to_string(), 7),
+            ("errors.name-taken".to_string(), 3),
+        ];
+        let stats = stats_of(&counters);
+        assert_eq!(stats.deliveries, 7);
+        assert_eq!(stats.errors[crate::protocol::ErrorKind::NameTaken as usize], 3);
+        assert_eq!(stats_of(&counters_of(&stats)).to_string(), stats.to_string());
+    }
+
+    /// A state with a descriptor named twice is refused: each is owned once.
+    #[test]
+    fn refuses_a_descriptor_named_twice() {
+        let mut state = sample();
+        state.conns[1].fd = state.conns[0].fd;
+        let refused = State::decode(&state.encode()).unwrap_err();
+        assert!(refused.contains("named twice"), "{refused}");
+        let mut state = sample();
+        state.metrics = Some(state.listener);
+        assert!(State::decode(&state.encode()).is_err());
+    }
+
     #[test]
     fn state_round_trips() {
         let state = sample();
@@ -610,7 +636,7 @@ mod tests {
     fn refuses_other_versions_and_damage() {
         let bytes = sample().encode();
         let mut other = bytes.clone();
-        other[12] = b'2'; // "chatd-state 2"
+        other[12] = b'1'; // "chatd-state 1", which carried counters by position
         assert!(
             State::decode(&other)
                 .unwrap_err()

@@ -15,7 +15,7 @@ use std::io::{self, Read, Write};
 use mio::net::TcpStream;
 
 use crate::protocol::ErrorKind;
-use crate::stats::Stats;
+use crate::stats::{COUNTERS, Kind, Stats};
 
 /// The largest request accepted (headers included).
 pub const MAX_REQUEST: usize = 8 * 1024;
@@ -244,18 +244,14 @@ pub fn render(stats: &Stats, gauges: &Gauges) -> String {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         );
     };
-    metric(
-        "chatd_connections",
-        "gauge",
-        "Open client connections.",
-        stats.connections,
-    );
-    metric(
-        "chatd_connections_peak",
-        "gauge",
-        "Most client connections open at once.",
-        stats.peak_connections,
-    );
+    let mut counters = stats.clone();
+    for c in COUNTERS {
+        let kind = match c.kind {
+            Kind::Gauge => "gauge",
+            Kind::Counter => "counter",
+        };
+        metric(c.metric, kind, c.help, *(c.field)(&mut counters));
+    }
     metric(
         "chatd_logged_in",
         "gauge",
@@ -267,60 +263,6 @@ pub fn render(stats: &Stats, gauges: &Gauges) -> String {
         "gauge",
         "The --max-clients limit in force.",
         gauges.max_clients as u64,
-    );
-    metric(
-        "chatd_accepted_total",
-        "counter",
-        "Connections accepted, rejected ones included.",
-        stats.accepted,
-    );
-    metric(
-        "chatd_rejected_total",
-        "counter",
-        "Connections turned away with server-full.",
-        stats.rejected,
-    );
-    metric(
-        "chatd_logins_total",
-        "counter",
-        "Successful logins.",
-        stats.logins,
-    );
-    metric(
-        "chatd_messages_received_total",
-        "counter",
-        "Message lines received from logged-in clients.",
-        stats.messages_in,
-    );
-    metric(
-        "chatd_deliveries_total",
-        "counter",
-        "Lines queued to recipients.",
-        stats.deliveries,
-    );
-    metric(
-        "chatd_received_bytes_total",
-        "counter",
-        "Bytes read from clients.",
-        stats.bytes_in,
-    );
-    metric(
-        "chatd_sent_bytes_total",
-        "counter",
-        "Bytes written to clients.",
-        stats.bytes_out,
-    );
-    metric(
-        "chatd_slow_consumers_total",
-        "counter",
-        "Clients closed as slow consumers (--max-outbound or --max-buffer-memory).",
-        stats.slow_consumers,
-    );
-    metric(
-        "chatd_memory_evictions_total",
-        "counter",
-        "Clients closed because all buffers together reached --max-buffer-memory.",
-        stats.memory_evictions,
     );
     metric(
         "chatd_buffered_bytes",

@@ -50,28 +50,181 @@ impl Stats {
     }
 }
 
+/// A counter's Prometheus type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A value that goes up and down.
+    Gauge,
+    /// A total that only grows.
+    Counter,
+}
+
+/// One counter, as everyone who shows or carries the counters reads it:
+/// the stats line and the upgrade state (by `name`), the metrics endpoint
+/// (by `metric`, `kind` and `help`). A new counter is a new entry here.
+pub struct Counter {
+    /// Its name in the stats line (`name=value`) and in an upgrade's state.
+    pub name: &'static str,
+    /// Its Prometheus name.
+    pub metric: &'static str,
+    /// Its Prometheus type.
+    pub kind: Kind,
+    /// Its Prometheus help text.
+    pub help: &'static str,
+    /// Where it lives in [`Stats`].
+    pub field: fn(&mut Stats) -> &mut u64,
+}
+
+/// Every counter of [`Stats`] but the `error:` lines by kind (see
+/// [`Stats::each`]), in the order they are shown.
+pub const COUNTERS: &[Counter] = &[
+    Counter {
+        name: "connections",
+        metric: "chatd_connections",
+        kind: Kind::Gauge,
+        help: "Open client connections.",
+        field: |s| &mut s.connections,
+    },
+    Counter {
+        name: "peak",
+        metric: "chatd_connections_peak",
+        kind: Kind::Gauge,
+        help: "Most client connections open at once.",
+        field: |s| &mut s.peak_connections,
+    },
+    Counter {
+        name: "accepted",
+        metric: "chatd_accepted_total",
+        kind: Kind::Counter,
+        help: "Connections accepted, rejected ones included.",
+        field: |s| &mut s.accepted,
+    },
+    Counter {
+        name: "rejected",
+        metric: "chatd_rejected_total",
+        kind: Kind::Counter,
+        help: "Connections turned away with server-full.",
+        field: |s| &mut s.rejected,
+    },
+    Counter {
+        name: "logins",
+        metric: "chatd_logins_total",
+        kind: Kind::Counter,
+        help: "Successful logins.",
+        field: |s| &mut s.logins,
+    },
+    Counter {
+        name: "messages_in",
+        metric: "chatd_messages_received_total",
+        kind: Kind::Counter,
+        help: "Message lines received from logged-in clients.",
+        field: |s| &mut s.messages_in,
+    },
+    Counter {
+        name: "deliveries",
+        metric: "chatd_deliveries_total",
+        kind: Kind::Counter,
+        help: "Lines queued to recipients.",
+        field: |s| &mut s.deliveries,
+    },
+    Counter {
+        name: "bytes_in",
+        metric: "chatd_received_bytes_total",
+        kind: Kind::Counter,
+        help: "Bytes read from clients.",
+        field: |s| &mut s.bytes_in,
+    },
+    Counter {
+        name: "bytes_out",
+        metric: "chatd_sent_bytes_total",
+        kind: Kind::Counter,
+        help: "Bytes written to clients.",
+        field: |s| &mut s.bytes_out,
+    },
+    Counter {
+        name: "slow_consumers",
+        metric: "chatd_slow_consumers_total",
+        kind: Kind::Counter,
+        help: "Clients closed as slow consumers (--max-outbound or --max-buffer-memory).",
+        field: |s| &mut s.slow_consumers,
+    },
+    Counter {
+        name: "memory_evictions",
+        metric: "chatd_memory_evictions_total",
+        kind: Kind::Counter,
+        help: "Clients closed because all buffers together reached --max-buffer-memory.",
+        field: |s| &mut s.memory_evictions,
+    },
+];
+
+impl Stats {
+    /// Every counter by its name in the stats line, the `error:` lines as
+    /// `errors.<kind>`, in the order they are shown.
+    pub fn each(&self) -> Vec<(String, u64)> {
+        let mut copy = self.clone();
+        let mut all: Vec<(String, u64)> = COUNTERS
+            .iter()
+            .map(|c| (c.name.to_string(), *(c.field)(&mut copy)))
+            .collect();
+        for kind in ErrorKind::ALL {
+            let name = format!("errors.{}", kind.label());
+            all.push((name, self.errors[kind as usize]));
+        }
+        all
+    }
+
+    /// Sets the counter called `name` (as [`Stats::each`] names it);
+    /// false for a name this binary does not know.
+    pub fn set(&mut self, name: &str, value: u64) -> bool {
+        if let Some(c) = COUNTERS.iter().find(|c| c.name == name) {
+            *(c.field)(self) = value;
+            return true;
+        }
+        let kind = name.strip_prefix("errors.");
+        match ErrorKind::ALL.iter().find(|k| Some(k.label()) == kind) {
+            Some(&kind) => {
+                self.errors[kind as usize] = value;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 impl fmt::Display for Stats {
     /// One line of `key=value` pairs, easy to grep and to parse.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "connections={} peak={} accepted={} rejected={} logins={} messages_in={} \
-             deliveries={} bytes_in={} bytes_out={} slow_consumers={} memory_evictions={}",
-            self.connections,
-            self.peak_connections,
-            self.accepted,
-            self.rejected,
-            self.logins,
-            self.messages_in,
-            self.deliveries,
-            self.bytes_in,
-            self.bytes_out,
-            self.slow_consumers,
-            self.memory_evictions,
-        )?;
-        for kind in ErrorKind::ALL {
-            write!(f, " errors.{}={}", kind.label(), self.errors[kind as usize])?;
+        for (i, (name, value)) in self.each().into_iter().enumerate() {
+            let separator = if i > 0 { " " } else { "" };
+            write!(f, "{separator}{name}={value}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every counter comes back by its name, and the line names each once.
+    #[test]
+    fn every_counter_comes_back_by_name() {
+        let mut stats = Stats::default();
+        for (i, c) in COUNTERS.iter().enumerate() {
+            *(c.field)(&mut stats) = i as u64 + 1;
+        }
+        stats.error_sent(ErrorKind::NotOnline);
+        let mut back = Stats::default();
+        for (name, value) in stats.each() {
+            assert!(back.set(&name, value), "{name}");
+        }
+        assert_eq!(back.to_string(), stats.to_string());
+        assert!(!back.set("no-such-counter", 1));
+        let line = stats.to_string();
+        assert!(line.starts_with("connections=1 peak=2 accepted=3 "), "{line}");
+        assert!(line.contains(" errors.not-online=1 "), "{line}");
+        let mut names: Vec<String> = stats.each().into_iter().map(|(n, _)| n).collect();
+        names.dedup();
+        assert_eq!(names.len(), COUNTERS.len() + ErrorKind::ALL.len());
     }
 }

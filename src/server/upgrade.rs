@@ -483,20 +483,16 @@ pub(super) fn adopt(
 fn conn_state(conn: &Conn, deadline_ms: Option<u64>, now: u64) -> ConnState {
     let kept = conn.partial.as_ref().map_or(&[][..], |p| &p.data[p.pos..]);
     let (phase, input) = match conn.phase() {
-        Phase::Login => (0, kept.to_vec()),
         Phase::Claiming => {
             let mut input = format!("{}\n", conn.name).into_bytes();
             input.extend_from_slice(kept);
-            (0, input)
+            (Phase::Login, input)
         }
-        Phase::Chat => (1, kept.to_vec()),
-        Phase::Draining => (2, kept.to_vec()),
-        Phase::Closing => (3, kept.to_vec()),
+        phase => (phase, kept.to_vec()),
     };
-    let name = if phase == 1 || phase == 2 {
-        conn.name.to_string()
-    } else {
-        String::new()
+    let name = match phase {
+        Phase::Chat | Phase::Draining => conn.name.to_string(),
+        _ => String::new(),
     };
     ConnState {
         fd: std::os::fd::AsRawFd::as_raw_fd(&conn.stream),
@@ -581,8 +577,7 @@ impl Clients {
         registry
             .register(&mut stream, Source::Client(key).token(), Interest::READABLE)
             .ok()?;
-        let phase = [Phase::Login, Phase::Chat, Phase::Draining, Phase::Closing]
-            [usize::from(state.phase.min(3))];
+        let phase = state.phase;
         let now = deadlines.now_ms() as u32;
         let mut conn = Conn::restore(
             stream,
