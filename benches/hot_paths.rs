@@ -6,8 +6,8 @@
 
 use std::hint::black_box;
 
-use chatd::protocol::{self, Frame};
 use chatd::names::NameIndex;
+use chatd::protocol::{self, Frame};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 /// 64 KiB of typical message lines.

@@ -556,7 +556,10 @@ mod tests {
         State {
             listener: 3,
             metrics: Some(4),
-            counters: vec![("connections".into(), 1), ("errors.not-online".into(), u64::MAX)],
+            counters: vec![
+                ("connections".into(), 1),
+                ("errors.not-online".into(), u64::MAX),
+            ],
             next_id: 77,
             base_fds: 8,
             node: Some("abcdef0123456789".into()),
@@ -608,8 +611,14 @@ mod tests {
         ];
         let stats = stats_of(&counters);
         assert_eq!(stats.deliveries, 7);
-        assert_eq!(stats.errors[crate::protocol::ErrorKind::NameTaken as usize], 3);
-        assert_eq!(stats_of(&counters_of(&stats)).to_string(), stats.to_string());
+        assert_eq!(
+            stats.errors[crate::protocol::ErrorKind::NameTaken as usize],
+            3
+        );
+        assert_eq!(
+            stats_of(&counters_of(&stats)).to_string(),
+            stats.to_string()
+        );
     }
 
     /// A state with a descriptor named twice is refused: each is owned once.

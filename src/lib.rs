@@ -59,13 +59,13 @@ pub mod config;
 pub(crate) mod conn;
 pub mod control;
 pub(crate) mod deadlines;
+pub mod handoff;
 pub(crate) mod metrics;
+pub mod names;
 pub(crate) mod pool;
 pub mod protocol;
-pub mod names;
 pub mod server;
 pub mod stats;
-pub mod handoff;
 
 pub use config::Config;
 pub use control::{Control, Exit, Notifier};

@@ -15,115 +15,135 @@ use log::LevelFilter;
 struct Flag {
     name: &'static str,
     value: &'static str,
-    default: &'static str,
+    /// The default as `--help` shows it, read from where it is kept:
+    /// `chatd::Config::default()` for the server's tunables, the `DEFAULT_`
+    /// constants below for the binary's own.
+    default: fn() -> String,
     help: &'static str,
+}
+
+/// Where chatd listens without `--addr` (the tutorial server's address).
+const DEFAULT_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 8080);
+/// The listen backlog without `--backlog`.
+const DEFAULT_BACKLOG: i32 = 1024;
+/// The log level without `--log-level` or `RUST_LOG`.
+const DEFAULT_LOG_LEVEL: LevelFilter = LevelFilter::Info;
+
+/// The server's default tunables (see [`Flag::default`]).
+fn defaults() -> chatd::Config {
+    chatd::Config::default()
+}
+
+/// A duration as `--help` shows it: whole seconds, or with a fraction.
+fn secs(d: Duration) -> String {
+    d.as_secs_f64().to_string()
 }
 
 const FLAGS: &[Flag] = &[
     Flag {
         name: "addr",
         value: "HOST:PORT",
-        default: "127.0.0.1:8080",
+        default: || SocketAddr::from(DEFAULT_ADDR).to_string(),
         help: "address to listen on (port 0 picks a free one; the bound address is logged)",
     },
     Flag {
         name: "max-line",
         value: "BYTES",
-        default: "16384",
+        default: || defaults().max_line.to_string(),
         help: "longest line accepted, terminator excluded",
     },
     Flag {
         name: "max-outbound",
         value: "BYTES",
-        default: "1048576",
+        default: || defaults().max_outbound.to_string(),
         help: "most bytes queued for one client before it is closed as a slow consumer",
     },
     Flag {
         name: "max-buffer-memory",
         value: "BYTES",
-        default: "a quarter of the machine's memory",
+        default: || "a quarter of the machine's memory".into(),
         help: "most bytes all clients' queued output and kept input may hold together; past it, \
                the largest holders are closed as slow consumers",
     },
     Flag {
         name: "max-clients",
         value: "N",
-        default: "open-file limit less a reserve",
+        default: || "open-file limit less a reserve".into(),
         help: "most clients at once; more get `error: server-full`",
     },
     Flag {
         name: "login-timeout",
         value: "SECS",
-        default: "30",
+        default: || secs(defaults().login_timeout),
         help: "time allowed to send a name (0 = never times out)",
     },
     Flag {
         name: "idle-timeout",
         value: "SECS",
-        default: "0",
+        default: || secs(defaults().idle_timeout),
         help: "time a logged-in client may stay silent (0 = off)",
     },
     Flag {
         name: "backlog",
         value: "N",
-        default: "1024",
+        default: || DEFAULT_BACKLOG.to_string(),
         help: "listen backlog (capped by net.core.somaxconn)",
     },
     Flag {
         name: "shutdown-timeout",
         value: "SECS",
-        default: "5",
+        default: || secs(defaults().shutdown_timeout),
         help: "on SIGINT/SIGTERM, how long to flush queued output before closing",
     },
     Flag {
         name: "stats-interval",
         value: "SECS",
-        default: "0",
+        default: || secs(defaults().stats_interval),
         help: "log the counters every SECS (0 = off; SIGUSR1 logs them at once)",
     },
     Flag {
         name: "log-level",
         value: "LEVEL",
-        default: "info",
+        default: || DEFAULT_LOG_LEVEL.to_string().to_lowercase(),
         help: "off, error, warn, info, debug or trace (else RUST_LOG, if a single level)",
     },
     Flag {
         name: "cluster",
         value: "redis://HOST:PORT",
-        default: "off",
+        default: || "off".into(),
         help: "join the cluster of nodes sharing this Redis: one name space across nodes",
     },
     Flag {
         name: "cluster-prefix",
         value: "PREFIX",
-        default: "chatd",
+        default: || chatd::cluster::DEFAULT_PREFIX.into(),
         help: "prefix of the cluster's keys and channels in Redis",
     },
     Flag {
         name: "cluster-lease",
         value: "SECS",
-        default: "10",
+        default: || secs(chatd::cluster::DEFAULT_LEASE),
         help: "a node that cannot renew its lease in Redis for this long closes its clients; \
                a dead node's names are free after it",
     },
     Flag {
         name: "reuse-port",
         value: "",
-        default: "off",
+        default: || "off".into(),
         help: "set SO_REUSEPORT, so several nodes on one host share one port \
                (CHATD_REUSE_PORT=true)",
     },
     Flag {
         name: "pid-file",
         value: "PATH",
-        default: "off",
+        default: || "off".into(),
         help: "write the process id here once listening, and again after a live upgrade \
                (which changes it); removed at exit",
     },
     Flag {
         name: "metrics-addr",
         value: "HOST:PORT",
-        default: "off",
+        default: || "off".into(),
         help: "serve GET /metrics (Prometheus text format) and GET /healthz here",
     },
 ];
@@ -138,7 +158,8 @@ fn usage() -> String {
     );
     for flag in FLAGS {
         let left = format!("--{} {}", flag.name, flag.value);
-        text += &format!("  {left:<28} {} [default: {}]\n", flag.help, flag.default);
+        let default = (flag.default)();
+        text += &format!("  {left:<28} {} [default: {default}]\n", flag.help);
     }
     text += "  -h, --help                   print this help\n";
     text += "  -V, --version                print the version\n";
@@ -273,11 +294,11 @@ fn parse_args() -> Result<Command, UsageError> {
     }
     let backlog = match get("backlog") {
         Some(v) => number(v, 1, i32::MAX as usize)? as i32,
-        None => 1024,
+        None => DEFAULT_BACKLOG,
     };
     let addr = match get("addr") {
         Some((source, value)) => resolve(source, value)?,
-        None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        None => SocketAddr::from(DEFAULT_ADDR),
     };
     let log_level = match get("log-level") {
         Some((source, value)) => value.parse().map_err(|_| {
@@ -288,7 +309,7 @@ fn parse_args() -> Result<Command, UsageError> {
         None => std::env::var("RUST_LOG")
             .ok()
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(LevelFilter::Info),
+            .unwrap_or(DEFAULT_LOG_LEVEL),
     };
     let prefix = match get("cluster-prefix") {
         Some((source, value)) => {
@@ -302,11 +323,11 @@ fn parse_args() -> Result<Command, UsageError> {
             }
             value.to_string()
         }
-        None => "chatd".to_string(),
+        None => chatd::cluster::DEFAULT_PREFIX.to_string(),
     };
     let lease = match get("cluster-lease") {
         Some(v) => seconds(v)?,
-        None => Duration::from_secs(10),
+        None => chatd::cluster::DEFAULT_LEASE,
     };
     if let Some((source, value)) = get("cluster") {
         let redis = chatd::cluster::ClusterConfig::parse_url(value)

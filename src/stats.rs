@@ -221,7 +221,10 @@ mod tests {
         assert_eq!(back.to_string(), stats.to_string());
         assert!(!back.set("no-such-counter", 1));
         let line = stats.to_string();
-        assert!(line.starts_with("connections=1 peak=2 accepted=3 "), "{line}");
+        assert!(
+            line.starts_with("connections=1 peak=2 accepted=3 "),
+            "{line}"
+        );
         assert!(line.contains(" errors.not-online=1 "), "{line}");
         let mut names: Vec<String> = stats.each().into_iter().map(|(n, _)| n).collect();
         names.dedup();

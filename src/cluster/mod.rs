@@ -90,6 +90,11 @@ pub fn max_reply(max_line: usize) -> usize {
     (4 * max_line + (64 << 10)).max(1 << 20)
 }
 
+/// `--cluster-prefix` when not given.
+pub const DEFAULT_PREFIX: &str = "chatd";
+/// `--cluster-lease` when not given.
+pub const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `--cluster`, `--cluster-prefix`, `--cluster-lease`.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {

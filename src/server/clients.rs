@@ -19,13 +19,13 @@ use slab::Slab;
 
 use super::Source;
 use super::held::Held;
-use crate::conn::{Conn, Phase};
 use crate::conn::Slot;
+use crate::conn::{Conn, Phase};
 use crate::deadlines::{Deadline, Deadlines};
 use crate::pool::{BufPool, PoolLimits};
 
-use crate::protocol::{self, ErrorKind};
 use crate::names::NameIndex;
+use crate::protocol::{self, ErrorKind};
 use crate::stats::Stats;
 
 /// Connections over `--max-clients` that may linger at once to deliver

@@ -34,25 +34,25 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::control::{Control, Exit, Notifier, Requests, Silent};
 use crate::deadlines::{Deadline, Deadlines};
-use crate::metrics::{self, Gauges};
 use crate::handoff::{Inherited, Successor};
+use crate::metrics::{self, Gauges};
 
 mod broker;
 mod clients;
-mod upgrade;
 mod held;
 mod housekeeping;
 mod input;
 mod output;
 mod remote;
 mod scrapers;
+mod upgrade;
 
 use broker::Broker;
 use clients::{Clients, Limits, default_buffer_memory, fit_max_clients};
-use upgrade::{Upgrading, adopt};
 use housekeeping::Housekeeping;
 use input::{Drain, READ_CHUNK};
 use scrapers::Scrapers;
+use upgrade::{Upgrading, adopt};
 
 /// Events taken from the poller per turn.
 const EVENTS_CAPACITY: usize = 1024;

@@ -81,10 +81,7 @@ pub(super) struct Scrapers {
 
 impl Scrapers {
     /// Serves `listener`, registering it with the poller.
-    pub fn new(
-        listener: std::net::TcpListener,
-        registry: &Registry,
-    ) -> std::io::Result<Scrapers> {
+    pub fn new(listener: std::net::TcpListener, registry: &Registry) -> std::io::Result<Scrapers> {
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
         registry.register(
