@@ -10,7 +10,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use super::codec::decode_reply;
-use super::{Answer, Claimed, Cluster, MAX_BACKOFF_MS, MAX_OUT, Pending, READ_BUDGET, State};
+use super::{Answer, Claimed, Cluster, MAX_BACKOFF_MS, MAX_OUT, READ_BUDGET, State};
 
 impl Cluster {
     /// Starts a non-blocking connect and queues the handshake.
@@ -247,27 +247,7 @@ impl Cluster {
         self.framer.reset();
         self.waiting.clear();
         for entry in std::mem::take(&mut self.pending) {
-            match entry {
-                Pending::Claim {
-                    slot, name, again, ..
-                } => {
-                    // It may have run in Redis before the link broke.
-                    self.uncertain_name(&name);
-                    self.answers.push(Answer::Claimed {
-                        slot,
-                        name,
-                        again,
-                        outcome: Claimed::Unavailable,
-                    });
-                }
-                Pending::Release { name } => self.uncertain_name(&name),
-                Pending::Route { slot, names, .. } => {
-                    self.answers.push(Answer::Unroutable { slot, names });
-                }
-                Pending::Held { slot } => self.answers.push(Answer::Held { slot }),
-                Pending::Farewell => self.answers.push(Answer::FarewellDone),
-                _ => {}
-            }
+            self.fail(entry, true);
         }
         self.state = State::Down {
             retry_at: now_ms + self.backoff_ms,

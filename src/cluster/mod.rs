@@ -768,29 +768,4 @@ pub(crate) fn new_node_id() -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_redis_urls() {
-        let ok = |url: &str| ClusterConfig::parse_url(url).unwrap().to_string();
-        assert_eq!(ok("redis://127.0.0.1:7000"), "127.0.0.1:7000");
-        assert_eq!(ok("redis://127.0.0.1"), "127.0.0.1:6379");
-        assert_eq!(ok("redis://127.0.0.1:7000/"), "127.0.0.1:7000");
-        for bad in [
-            "127.0.0.1:7000",
-            "redis://",
-            "redis://u:p@h:1",
-            "redis://h:1/2",
-            "http://x",
-        ] {
-            assert!(ClusterConfig::parse_url(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn node_ids_differ() {
-        assert_ne!(new_node_id(), new_node_id());
-        assert_eq!(new_node_id().len(), 16);
-    }
-}
+mod tests;

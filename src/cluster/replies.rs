@@ -78,23 +78,10 @@ impl Cluster {
             // A script cache flushed under us (NOSCRIPT), a read-only or
             // busy Redis: the entry fails like any other in flight, and
             // the link starts over rather than guess what Redis did.
-            match entry {
-                Pending::Claim {
-                    slot, name, again, ..
-                } => self.answers.push(Answer::Claimed {
-                    slot,
-                    name,
-                    again,
-                    outcome: Claimed::Unavailable,
-                }),
-                Pending::Route { slot, names, .. } => {
-                    self.answers.push(Answer::Unroutable { slot, names });
-                }
-                Pending::Release { name } => self.uncertain_name(&name),
-                Pending::Policy => return Ok(()), // CONFIG may be disabled
-                Pending::Farewell => self.answers.push(Answer::FarewellDone),
-                _ => {}
+            if matches!(entry, Pending::Policy) {
+                return Ok(()); // CONFIG may be disabled
             }
+            self.fail(entry, false);
             return Err(format!("Redis refused a command: {e}"));
         }
         match entry {
@@ -219,6 +206,40 @@ impl Cluster {
             .any(|p| matches!(p, Pending::Renew { .. }));
         if self.state == State::Ready && !self.leaving && !renewing {
             self.send_renew(now_ms);
+        }
+    }
+
+    /// `entry` will get no answer (the link broke, or Redis refused it):
+    /// what waits on it learns so, in the same form whatever the cause.
+    /// A claim or release that `may_have_run` (it was sent, the link broke)
+    /// leaves its name uncertain, settled once the link is back.
+    pub(super) fn fail(&mut self, entry: Pending, may_have_run: bool) {
+        match entry {
+            Pending::Claim {
+                slot, name, again, ..
+            } => {
+                if may_have_run {
+                    self.uncertain_name(&name);
+                }
+                self.answers.push(Answer::Claimed {
+                    slot,
+                    name,
+                    again,
+                    outcome: Claimed::Unavailable,
+                });
+            }
+            Pending::Release { name } => self.uncertain_name(&name),
+            Pending::Route { slot, names, .. } => {
+                self.answers.push(Answer::Unroutable { slot, names });
+            }
+            Pending::Held { slot } => self.answers.push(Answer::Held { slot }),
+            Pending::Farewell => self.answers.push(Answer::FarewellDone),
+            Pending::Hello
+            | Pending::Load(_)
+            | Pending::Renew { .. }
+            | Pending::Acquire { .. }
+            | Pending::Plain
+            | Pending::Policy => {}
         }
     }
 

@@ -282,3 +282,143 @@ impl Clients {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::Conn;
+    use crate::server::clients::Limits;
+
+    /// A table of `n` connections over real loopback sockets (the peers
+    /// are returned so the sockets stay open), `alice` logged in at key 0,
+    /// `bob` claiming at key 1 (when `n` allows).
+    fn table(n: usize, max_outbound: usize) -> (Clients, Deadlines, Vec<std::net::TcpStream>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_line: 1024,
+            max_outbound,
+            login_timeout_ms: 0,
+            idle_timeout_ms: 0,
+            max_buffer_memory: 1 << 20,
+        };
+        listener.set_nonblocking(true).unwrap();
+        let mio_listener = mio::net::TcpListener::from_std(listener.try_clone().unwrap());
+        let mut clients = Clients::new(mio_listener, limits, 16);
+        clients.released = Some(Vec::new());
+        let mut deadlines = Deadlines::default();
+        let mut peers = Vec::new();
+        for id in 0..n {
+            peers.push(std::net::TcpStream::connect(addr).unwrap());
+            let (stream, _) = loop {
+                match listener.accept() {
+                    Ok(pair) => break pair,
+                    Err(_) => std::thread::yield_now(),
+                }
+            };
+            stream.set_nonblocking(true).unwrap();
+            let stream = mio::net::TcpStream::from_std(stream);
+            clients.conns.insert(Conn::new(stream, id as u32, 0));
+            clients.stats.opened();
+        }
+        assert!(clients.log_in(0, Rc::from("alice"), &mut deadlines));
+        if n > 1 {
+            assert!(clients.reserve(1, Rc::from("bob")));
+        }
+        (clients, deadlines, peers)
+    }
+
+    /// Lines held behind answers are in the buffer account while held and
+    /// go to the output, in order, when their markers come.
+    #[test]
+    fn lines_behind_answers_are_counted_then_queued_in_order() {
+        let (mut clients, mut deadlines, _peers) = table(1, 4096);
+        assert!(clients.hold_behind(0, b"one\n", true, &mut deadlines));
+        assert!(clients.hold_behind(0, b"two\n", false, &mut deadlines));
+        assert_eq!(clients.buffered, 8);
+        assert_eq!(clients.outbound(0), 8);
+        let slot = clients.slot(0);
+        clients.release_behind(slot, &mut deadlines);
+        clients.release_behind(slot, &mut deadlines);
+        let out = clients.conns[0].out.as_ref().unwrap();
+        assert_eq!(&out.data[out.pos..], b"one\ntwo\n");
+        assert_eq!(clients.stats.deliveries, 1, "the error line is no delivery");
+        assert_eq!(clients.held.bytes(0), 0);
+        assert_eq!(clients.buffered, clients.conns[0].footprint());
+        // A marker for a connection that is gone (its key reused) sends
+        // nothing to the newcomer.
+        clients.release_behind(Slot { key: 0, id: 99 }, &mut deadlines);
+    }
+
+    /// Messages held for a claimant are delivered in order once it holds
+    /// its name, and counted then.
+    #[test]
+    fn a_claimant_gets_what_was_held_once_logged_in() {
+        let (mut clients, mut deadlines, _peers) = table(2, 4096);
+        assert!(clients.hold_for_claim(1, 0, b"from alice: 1\n", &mut deadlines));
+        assert!(clients.hold_for_claim(1, 0, b"from alice: 2\n", &mut deadlines));
+        assert_eq!(clients.stats.deliveries, 0, "not delivered yet");
+        clients.finish_login(1, &mut deadlines);
+        let out = clients.conns[1].out.as_ref().unwrap();
+        assert_eq!(&out.data[out.pos..], b"from alice: 1\nfrom alice: 2\n");
+        assert_eq!(clients.stats.deliveries, 2);
+        assert_eq!(clients.held.bytes(1), 0);
+    }
+
+    /// A claimant that will not hold its name passes what was held for it
+    /// on, with each line's sender and the name, to be routed.
+    #[test]
+    fn a_refused_claimant_passes_its_lines_on_to_be_routed() {
+        let (mut clients, mut deadlines, _peers) = table(2, 4096);
+        assert!(clients.hold_for_claim(1, 0, b"from alice: hi\n", &mut deadlines));
+        let detail = format_args!("bob");
+        clients.error(
+            1,
+            crate::protocol::ErrorKind::NameTaken,
+            detail,
+            &mut deadlines,
+        );
+        let routes = std::mem::take(&mut clients.held.to_route);
+        assert_eq!(routes.len(), 1);
+        let (from, name, line) = &routes[0];
+        assert_eq!(
+            (*from, &**name, &line[..]),
+            (clients.slot(0), "bob", &b"from alice: hi\n"[..])
+        );
+        assert_eq!(clients.held.bytes(1), 0);
+        assert_eq!(
+            clients.buffered,
+            clients.conns[1].footprint(),
+            "out of the account"
+        );
+    }
+
+    /// Held lines count against `--max-outbound`: past it the claimant is
+    /// closed as a slow consumer, and what it held goes on to be routed.
+    #[test]
+    fn held_lines_count_against_max_outbound() {
+        let (mut clients, mut deadlines, _peers) = table(2, 100);
+        let line = [b'x'; 60];
+        assert!(clients.hold_for_claim(1, 0, &line, &mut deadlines));
+        assert!(!clients.hold_for_claim(1, 0, &line, &mut deadlines));
+        assert_eq!(clients.conns[1].phase(), Phase::Closing);
+        assert_eq!(clients.stats.slow_consumers, 1);
+        assert_eq!(clients.held.to_route.len(), 1);
+        assert_eq!(
+            clients.conns[0].phase(),
+            Phase::Chat,
+            "the sender is not punished"
+        );
+    }
+
+    /// What is held for a connection leaves the account when it is reaped.
+    #[test]
+    fn a_reaped_connection_leaves_nothing_held() {
+        let (mut clients, mut deadlines, _peers) = table(1, 4096);
+        assert!(clients.hold_behind(0, b"one\n", true, &mut deadlines));
+        clients.kill(0);
+        clients.reap();
+        assert_eq!(clients.buffered, 0);
+        assert!(clients.held.is_empty());
+    }
+}

@@ -1,0 +1,316 @@
+use super::*;
+
+#[test]
+fn parses_redis_urls() {
+    let ok = |url: &str| ClusterConfig::parse_url(url).unwrap().to_string();
+    assert_eq!(ok("redis://127.0.0.1:7000"), "127.0.0.1:7000");
+    assert_eq!(ok("redis://127.0.0.1"), "127.0.0.1:6379");
+    assert_eq!(ok("redis://127.0.0.1:7000/"), "127.0.0.1:7000");
+    for bad in [
+        "127.0.0.1:7000",
+        "redis://",
+        "redis://u:p@h:1",
+        "redis://h:1/2",
+        "http://x",
+    ] {
+        assert!(ClusterConfig::parse_url(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn node_ids_differ() {
+    assert_ne!(new_node_id(), new_node_id());
+    assert_eq!(new_node_id().len(), 16);
+}
+
+// The link's logic without a socket: commands are read back from `out`,
+// replies are fed to `on_reply`, and the answers are what the reactor
+// would apply.
+
+use codec::{Reply, decode_reply};
+
+/// A link as if its handshake had been answered: ready, with a lease until
+/// 10 s.
+fn ready_link() -> Cluster {
+    let config = ClusterConfig {
+        redis: "127.0.0.1:1".parse().unwrap(),
+        prefix: "p".into(),
+        lease_ms: 10_000,
+    };
+    let mut link = Cluster::new(config, "n1".into(), 16 * 1024);
+    link.state = State::Ready;
+    link.lease_until = Some(10_000);
+    link.renew_at = 3_333;
+    link
+}
+
+fn slot(key: u32) -> Slot {
+    Slot { key, id: key + 100 }
+}
+
+/// The commands queued since the last call, each as its words (a script's
+/// SHA1 is empty here: no script was loaded).
+fn commands(link: &mut Cluster) -> Vec<Vec<String>> {
+    let mut all = Vec::new();
+    let mut at = 0;
+    while let Ok(Some((Reply::Array(words), used))) = decode_reply(&link.out[at..]) {
+        at += used;
+        let words = words.into_iter().map(|w| match w {
+            Reply::Bulk(b) => String::from_utf8_lossy(&b).into_owned(),
+            other => format!("{other:?}"),
+        });
+        all.push(words.collect());
+    }
+    link.out.clear();
+    all
+}
+
+fn bulks(names: &[&str]) -> Reply {
+    Reply::Array(
+        names
+            .iter()
+            .map(|n| Reply::Bulk(n.as_bytes().to_vec()))
+            .collect(),
+    )
+}
+
+#[test]
+fn a_claim_without_a_ready_link_is_unavailable_at_once() {
+    let config = ready_link().config.clone();
+    let mut link = Cluster::new(config, "n1".into(), 16 * 1024);
+    link.claim(slot(1), Rc::from("alice"), false, 0);
+    assert!(commands(&mut link).is_empty());
+    let answers = link.take_answers();
+    assert!(matches!(
+        answers[..],
+        [Answer::Claimed {
+            outcome: Claimed::Unavailable,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn a_claim_found_taken_is_tried_once_more_then_refused() {
+    let mut link = ready_link();
+    let poll = mio::Poll::new().unwrap();
+    link.claim(slot(1), Rc::from("alice"), false, 0);
+    link.on_reply(Reply::Int(1), 1).unwrap();
+    assert!(matches!(
+        link.take_answers()[..],
+        [Answer::Claimed {
+            outcome: Claimed::Held,
+            ..
+        }]
+    ));
+    link.claim(slot(2), Rc::from("bob"), false, 10);
+    let sent = commands(&mut link);
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(sent[1][..3], ["EVALSHA", "", "0"]);
+    assert_eq!(sent[1][3..], ["p", "n1", "bob"]);
+    link.on_reply(Reply::Int(0), 12).unwrap();
+    assert!(link.take_answers().is_empty(), "no answer while it waits");
+    assert!(link.owes(slot(2)));
+    assert_eq!(link.next_deadline(), 12 + CLAIM_RETRY_MS);
+    link.on_timer(poll.registry(), Token(0), 12 + CLAIM_RETRY_MS);
+    assert_eq!(commands(&mut link)[0][3..], ["p", "n1", "bob"]);
+    link.on_reply(Reply::Int(0), 200).unwrap();
+    assert!(matches!(
+        link.take_answers()[..],
+        [Answer::Claimed {
+            outcome: Claimed::Taken,
+            ..
+        }]
+    ));
+    assert!(!link.owes(slot(2)));
+}
+
+#[test]
+fn a_route_answer_names_the_offline_and_the_unreachable() {
+    let mut link = ready_link();
+    let names = vec!["bob".to_string(), "dave".to_string(), "erin".to_string()];
+    assert!(link.route(slot(1), names, b"from alice: hi\n", 0));
+    let sent = commands(&mut link);
+    assert_eq!(
+        sent[0][3..],
+        ["p", "n1", "from alice: hi\n", "bob", "dave", "erin"]
+    );
+    let reply = Reply::Array(vec![bulks(&["dave"]), bulks(&["erin"])]);
+    link.on_reply(reply, 1).unwrap();
+    match &link.take_answers()[..] {
+        [
+            Answer::Routed {
+                offline,
+                unreachable,
+                ..
+            },
+        ] => {
+            assert_eq!(offline, &["dave"]);
+            assert_eq!(unreachable, &["erin"]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_route_that_finds_the_lease_gone_takes_a_new_one_and_tells_the_others() {
+    let mut link = ready_link();
+    assert!(link.route(slot(1), vec!["bob".into()], b"x\n", 0));
+    commands(&mut link);
+    link.on_reply(Reply::Int(-1), 1).unwrap();
+    assert!(matches!(
+        link.take_answers()[..],
+        [Answer::Unroutable { .. }]
+    ));
+    let sent = commands(&mut link);
+    let words: Vec<&str> = sent.iter().map(|c| c[0].as_str()).collect();
+    assert_eq!(words, ["PUBLISH", "EVALSHA", "SET", "SADD"], "{sent:?}");
+    assert_eq!(sent[0][1..], ["p:leases-lost", "n1"]);
+    assert_eq!(sent[2][1..], ["p:lease:n1", "1", "PX", "10000", "NX"]);
+}
+
+#[test]
+fn word_that_leases_were_lost_renews_at_once() {
+    let mut link = ready_link();
+    let channel = link.lost_channel.clone();
+    let push = Reply::Message {
+        channel,
+        payload: b"n2".to_vec(),
+    };
+    link.on_reply(push.clone(), 5).unwrap();
+    let sent = commands(&mut link);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0][..2], ["SET", "p:lease:n1"]);
+    link.on_reply(push, 6).unwrap();
+    assert!(
+        commands(&mut link).is_empty(),
+        "one renewal in flight at a time"
+    );
+}
+
+#[test]
+fn a_message_for_this_node_is_delivered_as_it_came() {
+    let mut link = ready_link();
+    let channel = link.channel.clone();
+    let push = Reply::Message {
+        channel,
+        payload: b"bob,carol\nfrom alice: hi\n".to_vec(),
+    };
+    link.on_reply(push, 0).unwrap();
+    match &link.take_answers()[..] {
+        [Answer::Deliver { names, line }] => {
+            assert_eq!(names, &["bob", "carol"]);
+            assert_eq!(line, b"from alice: hi\n");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(link.pending.is_empty(), "a push answers no command");
+}
+
+#[test]
+fn held_markers_follow_the_answers_before_them() {
+    let mut link = ready_link();
+    assert!(link.route(slot(1), vec!["bob".into()], b"x\n", 0));
+    link.hold_marker(slot(1));
+    link.hold_marker(slot(2));
+    assert!(link.take_answers().is_empty());
+    assert!(link.has_waiting(slot(1)) && link.has_waiting(slot(2)));
+    link.on_reply(Reply::Array(vec![bulks(&[]), bulks(&[])]), 1)
+        .unwrap();
+    let order: Vec<Option<Slot>> = link.take_answers().iter().map(Answer::slot).collect();
+    assert_eq!(order, [Some(slot(1)), Some(slot(1)), Some(slot(2))]);
+    assert!(!link.has_waiting(slot(1)) && !link.has_waiting(slot(2)));
+    // Nothing before it: released at once.
+    link.hold_marker(slot(3));
+    assert!(matches!(link.take_answers()[..], [Answer::Held { .. }]));
+}
+
+#[test]
+fn a_reset_fails_everything_in_flight_in_order_and_remembers_what_is_uncertain() {
+    let mut link = ready_link();
+    link.claim(slot(1), Rc::from("alice"), false, 0);
+    link.release("gone");
+    assert!(link.route(slot(2), vec!["bob".into()], b"x\n", 0));
+    link.hold_marker(slot(2));
+    link.reset(1, "test");
+    let answers = link.take_answers();
+    assert!(
+        matches!(
+            answers[..],
+            [
+                Answer::Claimed {
+                    outcome: Claimed::Unavailable,
+                    ..
+                },
+                Answer::Unroutable { .. },
+                Answer::Held { .. },
+            ]
+        ),
+        "{answers:?}"
+    );
+    assert!(matches!(link.state, State::Down { .. }));
+    let (_, mut uncertain, _) = link.handover_state(1);
+    uncertain.sort();
+    assert_eq!(uncertain, ["alice", "gone"], "either may have run");
+    assert!(!link.has_waiting(slot(2)));
+}
+
+#[test]
+fn an_error_reply_fails_its_entry_and_asks_for_a_reset() {
+    let mut link = ready_link();
+    link.claim(slot(1), Rc::from("alice"), false, 0);
+    let refused = link.on_reply(Reply::Error("NOSCRIPT".into()), 1);
+    assert!(refused.unwrap_err().contains("NOSCRIPT"));
+    assert!(matches!(
+        link.take_answers()[..],
+        [Answer::Claimed {
+            outcome: Claimed::Unavailable,
+            ..
+        }]
+    ));
+    let (_, uncertain, _) = link.handover_state(1);
+    assert!(uncertain.is_empty(), "a refused claim did not run");
+}
+
+#[test]
+fn a_client_waiting_for_many_answers_is_throttled_until_they_are_in() {
+    let mut link = ready_link();
+    for i in 0..MAX_WAITING_PER_CONN {
+        assert!(!link.must_throttle(slot(1)), "{i}");
+        assert!(link.route(slot(1), vec!["bob".into()], b"x\n", 0));
+    }
+    assert!(link.must_throttle(slot(1)));
+    link.throttle(slot(1));
+    assert!(link.is_throttled(slot(1)));
+    for _ in 0..MAX_WAITING_PER_CONN {
+        assert!(
+            link.take_answers()
+                .iter()
+                .all(|a| !matches!(a, Answer::Unthrottle { .. }))
+        );
+        link.on_reply(Reply::Array(vec![bulks(&[]), bulks(&[])]), 1)
+            .unwrap();
+    }
+    let answers = link.take_answers();
+    assert!(
+        answers
+            .iter()
+            .any(|a| matches!(a, Answer::Unthrottle { .. }))
+    );
+    assert!(!link.is_throttled(slot(1)));
+}
+
+#[test]
+fn the_node_fences_a_margin_before_its_lease_can_end() {
+    let link = ready_link();
+    let margin = 1000; // a tenth of the 10 s lease
+    assert_eq!(link.fence_at(), Some(10_000 - margin));
+    assert!(!link.must_fence(10_000 - margin - 1));
+    assert!(link.must_fence(10_000 - margin));
+}
+
+#[test]
+fn a_reply_nobody_asked_for_is_an_error() {
+    let mut link = ready_link();
+    assert!(link.on_reply(Reply::Int(1), 0).is_err());
+}
