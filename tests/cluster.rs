@@ -770,33 +770,45 @@ fn an_error_reply_fails_the_claim_at_once() {
 }
 
 /// A client that keeps sending while its answers from Redis cannot come
-/// (the link frozen) is not read further: the node's memory stays small
-/// however much it sends, and its lines are handled once Redis answers.
+/// (the link frozen, for less than the reply timeout) is not read further:
+/// the node's memory stays small however much it sends, and once Redis
+/// answers, every line is handled, in order.
 #[test]
 fn a_client_waiting_for_redis_is_not_read_without_bound() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let redis = redis_or_skip!();
     let proxy = Proxy::start(redis.addr());
-    let a = node(&proxy.url(), "10", &[]);
+    let a = node(&proxy.url(), "20", &[]);
     let mut alice = a.login("alice");
     proxy.freeze();
     alice.send("somebody: waits for Redis\n");
-    // 40 MB of lines whose errors would wait behind that answer.
-    let flood = "x\n".repeat(1 << 20);
+    // 300,000 lines to herself, whose copies wait behind that answer.
+    const LINES: usize = 300_000;
+    let flood: String = (0..LINES).map(|i| format!("alice: {i}\n")).collect();
+    let written = Arc::new(AtomicUsize::new(0));
     let writer = {
         let mut stream = alice.stream().try_clone().unwrap();
+        let written = Arc::clone(&written);
         std::thread::spawn(move || {
-            for _ in 0..20 {
-                if std::io::Write::write_all(&mut stream, flood.as_bytes()).is_err() {
+            for chunk in flood.as_bytes().chunks(64 * 1024) {
+                if stream.write_all(chunk).is_err() {
                     break;
                 }
+                written.fetch_add(chunk.len(), Ordering::SeqCst);
             }
         })
     };
-    std::thread::sleep(Duration::from_millis(1500));
+    let started = poll_until(|| (written.load(Ordering::SeqCst) >= 1 << 20).then_some(()));
+    assert!(started.is_some(), "the flood was never sent");
     let rss = a.status_kb("VmRSS");
     assert!(rss < 30 * 1024, "node RSS {rss} kB while a client waits");
-    drop(proxy);
-    drop(writer);
+    proxy.thaw();
+    alice.expect("error: not-online: somebody");
+    for i in 0..LINES {
+        alice.expect(&format!("from alice: {i}"));
+    }
+    writer.join().unwrap();
 }
 
 /// Whether `name` can log in on `server` now: it logs in, sends itself a

@@ -132,3 +132,49 @@ fn the_sender_is_not_punished_for_others_queues() {
     assert!(seen.contains("from sender: alive\n"), "{seen:?}");
     drop(sleepers);
 }
+
+/// When most of a burst of clients has left, the server frees the room it
+/// left (pool, registry, timers) and hands memory back; the clients that
+/// stay keep routing, and the names that left are free again.
+#[test]
+fn memory_is_handed_back_after_a_burst_and_the_rest_still_routes() {
+    let mut server = Server::start(&["--log-level", "debug"]);
+    let mut burst: Vec<_> = (0..300).map(|i| server.login(&format!("c{i}"))).collect();
+    let mut stay = burst.split_off(250);
+    drop(burst);
+    server.wait_log("memory handed back");
+    assert!(
+        common::poll_until(|| (server.connections() == 50).then_some(())).is_some(),
+        "the burst's connections did not close"
+    );
+    for (i, client) in stay.iter_mut().enumerate() {
+        let to = 250 + (i + 1) % 50;
+        client.send(&format!("c{to}: hi {i}\n"));
+    }
+    for (i, client) in stay.iter_mut().enumerate() {
+        let before = (i + 49) % 50;
+        client.expect(&format!("from c{}: hi {before}", 250 + before));
+    }
+    let mut back = server.login("c0");
+    stay[0].send("c0: welcome back\n");
+    back.expect("from c250: welcome back");
+}
+
+/// A client that connects and closes over and over, alone, does not make
+/// each close a heap trim: that would let it spend the server's CPU.
+#[test]
+fn lone_reconnects_do_not_trim_the_heap() {
+    let mut server = Server::start(&["--log-level", "debug"]);
+    for i in 0..100 {
+        let mut client = server.login(&format!("x{i}"));
+        client.shutdown_write();
+        client.expect_eof();
+    }
+    let gone = common::poll_until(|| (server.connections() == 0).then_some(()));
+    assert!(gone.is_some(), "the connections did not close");
+    assert!(
+        !server.log().contains("memory handed back"),
+        "{}",
+        server.log()
+    );
+}

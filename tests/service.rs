@@ -307,3 +307,24 @@ fn healthz_says_shutting_down_while_clients_drain() {
     assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
     assert_eq!(body, "unavailable: shutting down\n");
 }
+
+/// With `--metrics-addr`, descriptors for its listener and its 16 scrapers
+/// are kept out of `--max-clients`, so scrapers cannot starve accepts.
+#[test]
+fn metrics_scrapers_have_their_own_descriptors() {
+    let max_clients = |args: &[&str]| {
+        let mut cmd = Command::new("prlimit");
+        cmd.args(["--nofile=200:200", env!("CARGO_BIN_EXE_chatd")]);
+        let mut server = Server::spawn(cmd, args);
+        let started = server.wait_log("listening on");
+        started
+            .split("max-clients ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .and_then(|s| s.parse::<usize>().ok())
+            .expect("max-clients in the start line")
+    };
+    let without = max_clients(&[]);
+    let with = max_clients(&["--metrics-addr", "127.0.0.1:0"]);
+    assert_eq!(without - with, 17, "16 scrapers and the metrics listener");
+}

@@ -227,9 +227,6 @@ impl Cluster {
         }
         self.read_pending = false;
         self.inflight_names = 0;
-        for (_, slot) in std::mem::take(&mut self.throttled) {
-            self.answers.push(Answer::Unthrottle { slot });
-        }
         for (_, slot, name) in std::mem::take(&mut self.retries) {
             self.answers.push(Answer::Claimed {
                 slot,
@@ -248,6 +245,11 @@ impl Cluster {
         self.waiting.clear();
         for entry in std::mem::take(&mut self.pending) {
             self.fail(entry, true);
+        }
+        // After what was in flight: a client read again must see its
+        // earlier lines' results first.
+        for (_, slot) in std::mem::take(&mut self.throttled) {
+            self.answers.push(Answer::Unthrottle { slot });
         }
         self.state = State::Down {
             retry_at: now_ms + self.backoff_ms,

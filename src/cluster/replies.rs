@@ -32,27 +32,37 @@ impl Cluster {
         let Some(entry) = self.pending.pop_front() else {
             return Err("a reply nobody asked for".into());
         };
-        self.unwait(&entry);
+        // The entry's own answer goes first: a client whose input it lets
+        // be read again must see its earlier lines' results before those of
+        // the lines read then.
+        let unthrottled = self.unwait(&entry);
         let result = self.on_answer(entry, reply, now_ms);
+        self.unthrottle(unthrottled);
         self.pop_held();
         result
     }
 
-    /// Counts an entry out of `waiting`.
-    pub(super) fn unwait(&mut self, entry: &Pending) {
+    /// Counts an entry out of `waiting`. Returns the connection whose input
+    /// may be read again now that it waits for nothing (the caller says so
+    /// with [`Cluster::unthrottle`] once the entry's own answer is out).
+    pub(super) fn unwait(&mut self, entry: &Pending) -> Option<crate::conn::Slot> {
         if let Pending::Route { names, .. } = entry {
             self.inflight_names -= names.len();
         }
-        if let Some(slot) = entry.slot() {
-            if let Some(n) = self.waiting.get_mut(&slot.key) {
-                *n -= 1;
-                if *n == 0 {
-                    self.waiting.remove(&slot.key);
-                    if let Some(slot) = self.throttled.remove(&slot.key) {
-                        self.answers.push(Answer::Unthrottle { slot });
-                    }
-                }
-            }
+        let slot = entry.slot()?;
+        let n = self.waiting.get_mut(&slot.key)?;
+        *n -= 1;
+        if *n > 0 {
+            return None;
+        }
+        self.waiting.remove(&slot.key);
+        self.throttled.remove(&slot.key)
+    }
+
+    /// Lets the input of `slot` (from [`Cluster::unwait`]) be read again.
+    pub(super) fn unthrottle(&mut self, slot: Option<crate::conn::Slot>) {
+        if let Some(slot) = slot {
+            self.answers.push(Answer::Unthrottle { slot });
         }
     }
 
@@ -60,10 +70,11 @@ impl Cluster {
     pub(super) fn pop_held(&mut self) {
         while matches!(self.pending.front(), Some(Pending::Held { .. })) {
             if let Some(entry) = self.pending.pop_front() {
-                self.unwait(&entry);
+                let unthrottled = self.unwait(&entry);
                 if let Pending::Held { slot } = entry {
                     self.answers.push(Answer::Held { slot });
                 }
+                self.unthrottle(unthrottled);
             }
         }
     }

@@ -52,7 +52,7 @@ impl Server {
         let mut tries = 0;
         let mut child = loop {
             match cmd.spawn() {
-                Err(e) if e.raw_os_error() == Some(26) && tries < 50 => {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
                     tries += 1;
                     thread::sleep(Duration::from_millis(10));
                 }

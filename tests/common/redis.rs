@@ -146,7 +146,8 @@ pub fn node(redis_url: &str, lease: &str, args: &[&str]) -> Server {
 
 /// A TCP forwarder on a free loopback port to `target`, one thread pair
 /// per connection. Frozen, it stops moving bytes but keeps every
-/// connection open: a network partition as the node sees it.
+/// connection open: a network partition as the node sees it; thawed, it
+/// moves them again.
 pub struct Proxy {
     /// Where it listens.
     pub addr: SocketAddr,
@@ -194,6 +195,11 @@ impl Proxy {
     pub fn freeze(&self) {
         self.frozen.store(true, Ordering::SeqCst);
     }
+
+    /// Moves bytes again, those held while frozen first.
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Proxy {
@@ -216,12 +222,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, frozen: &AtomicBool, stop: &Atom
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                if frozen.load(Ordering::SeqCst) {
-                    // Bytes read just as the freeze began are held, not sent.
-                    while !stop.load(Ordering::Relaxed) {
-                        thread::sleep(Duration::from_millis(20));
-                    }
-                    break;
+                // Bytes read just as the freeze began are held until the
+                // thaw, not sent.
+                while frozen.load(Ordering::SeqCst) && !stop.load(Ordering::Relaxed) {
+                    thread::sleep(Duration::from_millis(20));
                 }
                 if to.write_all(&buf[..n]).is_err() {
                     break;
