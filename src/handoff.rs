@@ -45,7 +45,7 @@ pub struct ConnState {
     pub fd: RawFd,
     /// `Conn::id`.
     pub id: u32,
-    /// Its phase: never [`Phase::Claiming`] (such a connection is handed
+    /// Its phase: never `Phase::Claiming` (such a connection is handed
     /// over logging in, its name line in front of its input).
     pub phase: Phase,
     /// Its name (empty before login).
@@ -313,11 +313,11 @@ pub struct Successor {
 
 impl Successor {
     /// This process's own binary and arguments. The binary is the path it
-    /// was started by (argv[0], made absolute against the working
+    /// was started by (`argv[0]`, made absolute against the working
     /// directory, or found in `PATH` when it has no `/`), not
     /// `/proc/self/exe`: started as `/opt/chatd/current/chatd`, a symlink,
     /// the upgrade runs what the link points to when it begins, not the
-    /// file this process was loaded from. When argv[0] does not name this
+    /// file this process was loaded from. When `argv[0]` does not name this
     /// binary (a wrapper can set it to anything), it is `current_exe`.
     pub fn this_process() -> io::Result<Successor> {
         let mut args = std::env::args_os();

@@ -10,35 +10,43 @@
 //! # Layout
 //!
 //! - [`run`] / [`run_with`] (`server/`): the reactor. One `mio::Poll` loop,
-//!   split by responsibility: `server/mod.rs` ties the loop together and
-//!   dispatches by poll token; `clients.rs` is the connection table (slab,
-//!   name index, pool, each connection's life), with its read path in
-//!   `input.rs` and its write path in `output.rs`; `broker.rs` is what a
-//!   line means (login, routing, `error:` lines); `housekeeping.rs` keeps
-//!   memory and stale deadlines bounded and reports stats and status;
-//!   `scrapers.rs` serves the metrics endpoint's connections;
-//!   `remote.rs` applies what the cluster link learned and fences;
-//!   `handover.rs` is a live upgrade's side of the loop.
+//!   split by responsibility: `server/mod.rs` has the server's life (one
+//!   `Life` value: serving, quiescing, upgrading, retiring, shutting down)
+//!   and the loop, one turn as named phases, dispatching by poll token;
+//!   `clients.rs` is the connection table (slab, name index, pool, each
+//!   connection's life), with its read path in `input.rs` and its write
+//!   path in `output.rs`; `broker.rs` is what a line means (login,
+//!   routing, `error:` lines); `held.rs` holds every line that waits for
+//!   Redis (cluster flow control, in the one buffer account);
+//!   `housekeeping.rs` keeps memory and stale deadlines bounded and reports
+//!   stats and status; `scrapers.rs` serves the metrics endpoint's
+//!   connections; `remote.rs` applies what the cluster link learned and
+//!   fences; `upgrade.rs` is a live upgrade's side of the loop, in the old
+//!   process and in the new one.
 //! - [`cluster`]: cluster mode: the link to Redis (one more source in the
 //!   loop), the lease and fencing; `link.rs` its I/O, `replies.rs` what
 //!   each reply does, `pending.rs` the FIFO's entries and the answers,
-//!   `codec.rs` adapts the RESP3 crate, `scripts.rs` holds the Lua
-//!   scripts. `docs/CLUSTER.md` is the design.
-//! - [`upgrade`]: a live upgrade's state format and descriptor plumbing.
+//!   `codec.rs` adapts the RESP3 crate and bounds what Redis may send,
+//!   `scripts.rs` holds the Lua scripts, `tests.rs` tests the link's logic
+//!   without a socket. `docs/CLUSTER.md` is the design.
+//! - [`handoff`]: what one process hands the next in a live upgrade: the
+//!   state format, the descriptor plumbing, the binary that comes next.
 //! - [`control`]: steering a running server from outside its loop: the
 //!   [`Control`] stop handle, the [`Notifier`] it reports to, [`Exit`].
-//! - [`conn`]: one connection: its socket, buffers, phase and flags, and
-//!   the transitions between phases. No protocol.
-//! - [`deadlines`]: every deadline in one min-heap, keyed by what it is for.
+//! - `conn`: one connection: its socket, buffers, phase and flags, and
+//!   the transitions between phases; `Slot`, a handle on it that outlives
+//!   a turn. No protocol.
+//! - `deadlines`: every deadline in one min-heap, keyed by what it is for.
 //! - [`protocol`]: the wire protocol as pure functions over byte slices.
-//! - [`registry`]: which logged-in connection holds which name. No sockets.
-//! - [`pool`]: the buffer pool, so idle connections own no buffers.
-//! - [`stats`]: the counters.
-//! - [`metrics`]: the optional HTTP endpoint (`/metrics`, `/healthz`).
+//! - [`names`]: which connection holds which name. No sockets.
+//! - `pool`: the buffer pool, so idle connections own no buffers.
+//! - [`stats`]: the counters, and the one table of them everyone reads.
+//! - `metrics`: the optional HTTP endpoint (`/metrics`, `/healthz`).
 //! - [`config`]: the tunables and their defaults.
 //! - `main.rs` (the `chatd` binary): flags and environment to a [`Config`];
 //!   it also owns everything process-wide: signal handlers, the open-file
-//!   limit and systemd notifications. The library touches none of them.
+//!   limit, the pid file, the logger and systemd notifications. The
+//!   library touches none of them.
 //!
 //! # How a line travels
 //!

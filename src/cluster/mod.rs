@@ -7,7 +7,7 @@
 //! the loop turn) and to the FIFO `pending`, and Redis answers in order, so
 //! each reply pops the FIFO's head. Pushes (`message`) are not replies and
 //! never pop it. Nothing here blocks and nothing touches a client socket:
-//! what the link learns becomes [`Answer`]s that the reactor applies.
+//! what the link learns becomes `Answer`s that the reactor applies.
 //!
 //! Life of the link: `Down` (waiting for the back-off) → `Connecting` →
 //! `Handshaking` (HELLO, scripts, lease, subscription, all pipelined) →
@@ -20,7 +20,7 @@
 //! `--cluster-lease`. A renewal sent at `t` that succeeds makes the lease
 //! valid until `t + lease` at the earliest, in Redis's clock as in ours.
 //! If no renewal succeeds, the node fences at that time less a margin:
-//! [`Cluster::must_fence`] says so, and the reactor closes every logged-in
+//! `Cluster::must_fence` says so, and the reactor closes every logged-in
 //! client with `error: unavailable` before reading any more input.
 //!
 //! Files: this one has the link's state, the handshake, the commands and

@@ -145,6 +145,12 @@ impl Clients {
         }
     }
 
+    /// Whether the server is a cluster node (names go to Redis, answers
+    /// may be owed to a connection).
+    pub fn in_cluster(&self) -> bool {
+        self.released.is_some()
+    }
+
     /// The listening socket, until shutdown begins.
     pub fn listener(&self) -> Option<&TcpListener> {
         self.listener.as_ref()

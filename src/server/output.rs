@@ -113,7 +113,7 @@ impl Clients {
     /// Everything queued for `key` is written: a draining connection closes;
     /// a closing one shuts down its sending side and lingers for EOF.
     fn on_drained(&mut self, key: usize, deadlines: &mut Deadlines) {
-        let cluster = self.released.is_some();
+        let cluster = self.in_cluster();
         let conn = self.conn(key);
         match conn.phase() {
             // In a cluster, answers for its last lines may still be owed:
