@@ -17,6 +17,28 @@ use std::time::{Duration, Instant};
 /// only reached when something is broken.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The `chatd` binary under test: the daemon package's own, for its tests;
+/// for the tests of another package of the workspace (chatd-bench), the
+/// one built beside them (same profile, same target directory).
+pub fn chatd_binary() -> std::path::PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_chatd") {
+        return path.into();
+    }
+    // target/<profile>/deps/<test binary> -> target/<profile>/chatd
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>");
+    let path = profile.join("chatd");
+    assert!(
+        path.exists(),
+        "no {} (run `cargo build --bin chatd`, or plain `cargo test` at the top)",
+        path.display()
+    );
+    path
+}
+
 /// A running `chatd` child process.
 pub struct Server {
     child: Child,
@@ -33,7 +55,7 @@ pub struct Server {
 impl Server {
     /// Starts `chatd --addr 127.0.0.1:0 ARGS`.
     pub fn start(args: &[&str]) -> Server {
-        Server::spawn(Command::new(env!("CARGO_BIN_EXE_chatd")), args)
+        Server::spawn(Command::new(chatd_binary()), args)
     }
 
     /// Starts `cmd` (which runs chatd, maybe through a wrapper like prlimit)

@@ -1,12 +1,18 @@
 //! `chatd-bench` against a real chatd, on small numbers.
 
+// The daemon's test harness, shared: it finds the `chatd` built beside
+// these tests.
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::Instant;
 
-use common::{BENCH, Server, chatd_binary, poll_until};
+use common::{Server, chatd_binary, poll_until};
+
+/// The generator under test.
+const BENCH: &str = env!("CARGO_BIN_EXE_chatd-bench");
 
 fn bench(server: &Server, args: &[&str]) -> Output {
     bench_command(&[server], args)
@@ -527,16 +533,10 @@ fn server_pid_of_no_process_is_refused() {
         .args(["--server-pid", &pid])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = refused(&out);
     assert_eq!(
         stderr,
         format!("chatd-bench: --server-pid {pid}: no such process\n")
-    );
-    assert!(
-        out.stdout.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
     );
 }
 
@@ -563,16 +563,10 @@ fn server_pid_that_failed_to_bind_is_refused() {
         .unwrap();
     let _ = failed.kill();
     failed.wait().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = refused(&out);
     assert!(
         stderr.contains("exited without listening on") && stderr.contains(&addr),
         "{stderr}"
-    );
-    assert!(
-        out.stdout.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
     );
 }
 
@@ -589,8 +583,7 @@ fn server_pid_listening_elsewhere_is_refused() {
         .args(["--server-pid", &elsewhere.pid().to_string()])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = refused(&out);
     assert!(
         stderr.contains(&format!(
             "--server-pid {} (chatd) does not listen on {}",
@@ -598,11 +591,6 @@ fn server_pid_listening_elsewhere_is_refused() {
             measured.addr
         )),
         "{stderr}"
-    );
-    assert!(
-        out.stdout.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
     );
     assert!(
         start.elapsed().as_secs_f64() >= 4.5,
@@ -650,4 +638,17 @@ fn prints_its_version() {
             format!("chatd-bench {}\n", env!("CARGO_PKG_VERSION"))
         );
     }
+}
+
+/// Checks that the generator refused to run (exit 2, no result printed);
+/// returns what it said.
+fn refused(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
 }
