@@ -82,6 +82,9 @@ pub struct Framer {
     pos: usize,
     /// Elements still to come in each open aggregate, outermost first.
     open: Vec<u64>,
+    /// Bytes after `pos` already searched for the header's newline, so a
+    /// header arriving in many pieces is searched once.
+    searched: usize,
     /// Deepest nesting accepted.
     max_depth: usize,
     /// Longest frame accepted, in bytes.
@@ -95,6 +98,7 @@ impl Framer {
         Framer {
             pos: 0,
             open: Vec::new(),
+            searched: 0,
             max_depth,
             max_len,
         }
@@ -104,6 +108,7 @@ impl Framer {
     pub fn reset(&mut self) {
         self.pos = 0;
         self.open.clear();
+        self.searched = 0;
     }
 
     /// The length of the complete frame at the front of `buf`, which holds
@@ -161,14 +166,24 @@ impl Framer {
 
     /// The header at `pos`: its type byte, the text before CRLF, and where
     /// it ends; `None` while its CRLF has not come.
-    fn header_at<'a>(&self, buf: &'a [u8]) -> Result<Option<Header<'a>>, Malformed> {
+    /// A header line (a type byte and a length, or a simple string or
+    /// error) is at most this long: Redis's are short.
+    const MAX_HEADER: usize = 64 << 10;
+
+    fn header_at<'a>(&mut self, buf: &'a [u8]) -> Result<Option<Header<'a>>, Malformed> {
         let Some(&kind) = buf.get(self.pos) else {
             return Ok(None);
         };
         let rest = &buf[self.pos + 1..];
-        let Some(nl) = memchr::memchr(b'\n', rest) else {
+        let Some(found) = memchr::memchr(b'\n', &rest[self.searched..]) else {
+            self.searched = rest.len();
+            if rest.len() > Self::MAX_HEADER {
+                return Err(Malformed("a header line too long".into()));
+            }
             return Ok(None);
         };
+        let nl = self.searched + found;
+        self.searched = 0;
         if nl == 0 || rest[nl - 1] != b'\r' {
             return Err(Malformed("a line without CRLF".into()));
         }
@@ -379,6 +394,8 @@ mod tests {
         let endless = [&b"*99999999\r\n"[..], &b":1\r\n".repeat(300)].concat();
         assert!(frames(&endless, 8, 1024).is_err(), "endless array");
         assert!(frames(b"+no crlf\n", 8, 1024).is_err());
+        let long = [&b"+"[..], &[b'a'; 70 << 10]].concat();
+        assert!(frames(&long, 8, 1 << 20).is_err(), "a header without end");
         assert!(frames(b"?what\r\n", 8, 1024).is_err());
         assert!(frames(b"$x\r\n", 8, 1024).is_err());
         // RESP2's null is not RESP3: the link speaks RESP3 from HELLO on.

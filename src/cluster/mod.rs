@@ -681,7 +681,8 @@ impl Cluster {
     /// Whether everything asked of Redis is answered and no message for
     /// this node can still come (see [`Cluster::quiesce`]).
     pub fn is_quiet(&self) -> bool {
-        self.state != State::Ready || (self.unsubscribed && self.pending.is_empty())
+        self.state != State::Ready
+            || (self.unsubscribed && self.pending.is_empty() && self.retries.is_empty())
     }
 
     /// The upgrade failed: the node listens on its channel again.

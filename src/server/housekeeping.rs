@@ -39,17 +39,16 @@ pub(super) struct Housekeeping {
 }
 
 impl Housekeeping {
-    /// Sets the first periodic deadlines and tells the notifier the
-    /// server is ready.
+    /// Sets the first periodic deadlines (the notifier is told the server
+    /// is ready by [`Housekeeping::ready`]).
     pub fn start(
         stats_interval_ms: u64,
-        mut notifier: Box<dyn Notifier>,
+        notifier: Box<dyn Notifier>,
         deadlines: &mut Deadlines,
     ) -> Housekeeping {
         if stats_interval_ms > 0 {
             deadlines.set(stats_interval_ms, Deadline::StatsLine);
         }
-        notifier.ready("listening, 0 connections");
         if let Some(every) = notifier.status_interval_ms() {
             deadlines.set(every, Deadline::Status);
         }
@@ -61,6 +60,15 @@ impl Housekeeping {
             notifier,
             stopping: false,
         }
+    }
+
+    /// Tells the notifier the server serves, with `conns` connections (a
+    /// new process of a live upgrade has some): only once the old process
+    /// has let them go, so that systemd never follows a process that may
+    /// still be stopped.
+    pub fn ready(&mut self, conns: usize) {
+        self.notifier
+            .ready(&format!("listening, {conns} connections"));
     }
 
     /// Called at the end of each turn: reaps the dead connections, keeps

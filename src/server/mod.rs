@@ -155,9 +155,11 @@ enum Life {
     /// of this turn.
     Serving { upgrade_asked: bool },
     /// Cluster mode, before an upgrade hands over: the node waits for
-    /// Redis's answers (at most `upgrade::QUIESCE_MS`, then it hands over
-    /// anyway). Clients are not read and nobody is accepted.
-    Quiescing { step: u32 },
+    /// Redis's answers (at most `upgrade::QUIESCE_MS`; then what is still
+    /// in flight fails as when the link resets, and it hands over at the
+    /// end of the turn: `timed_out`). Clients are not read and nobody is
+    /// accepted.
+    Quiescing { step: u32, timed_out: bool },
     /// This is the old process of a live upgrade: the new one is starting.
     /// No client socket is touched; scrapers are still served. A stop asked
     /// for meanwhile is passed on to the new process (`stop_asked`), and
@@ -362,6 +364,7 @@ impl Server {
         if let Some((inherited, adopted_input)) = inherited {
             self.take_over(inherited, adopted_input);
         }
+        self.housekeeping.ready(self.clients.len());
         // A request made before the loop attached its waker woke nobody.
         if let Some(exit) = self.on_requests() {
             return Ok(exit);

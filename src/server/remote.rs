@@ -112,6 +112,11 @@ impl Server {
                     }
                     _ => {}
                 }
+                // Lines held for a claimant that lost its claim go on now,
+                // before the answers after this one are applied.
+                if let Some(cluster) = &mut self.cluster {
+                    broker::sync_cluster(&mut self.clients, cluster, &mut self.deadlines);
+                }
             }
             Answer::Routed {
                 slot,

@@ -74,11 +74,17 @@ impl Server {
                 if self.cluster.as_mut().is_some_and(|c| c.quiesce()) {
                     info!("upgrade: waiting for Redis's answers before handing over");
                     let step = self.next_upgrade_step(QUIESCE_MS);
-                    self.life = Life::Quiescing { step };
+                    self.life = Life::Quiescing {
+                        step,
+                        timed_out: false,
+                    };
                 } else {
                     self.begin_upgrade(true);
                 }
             }
+            Life::Quiescing {
+                timed_out: true, ..
+            } => self.begin_upgrade(false),
             Life::Quiescing { .. } if self.cluster.as_ref().is_none_or(|c| c.is_quiet()) => {
                 self.begin_upgrade(true);
             }
@@ -86,15 +92,30 @@ impl Server {
         }
     }
 
-    /// A deadline of a live upgrade's step came: quiescing hands over
-    /// without waiting longer; a new process not ready yet has failed.
+    /// A deadline of a live upgrade's step came: quiescing gives up on
+    /// what Redis has not answered and hands over at the end of the turn;
+    /// a new process not ready yet has failed.
     pub(super) fn upgrade_step_due(&mut self, due: u32) {
         match self.life {
-            Life::Quiescing { step } if step == due => {
+            Life::Quiescing { step, .. } if step == due => {
                 info!(
                     "upgrade: Redis did not answer everything within {QUIESCE_MS} ms; handing over"
                 );
-                self.begin_upgrade(false);
+                // What is in flight fails as at a reset, now: its senders
+                // hear `unavailable` (a claimant is closed with it, and the
+                // lines held for it are reported), and the new process gets
+                // those lines in the clients' output. The hand-over follows
+                // at the end of this turn, once they are in the buffers and
+                // the closed connections are reaped.
+                let now = self.deadlines.now_ms();
+                if let Some(cluster) = &mut self.cluster {
+                    cluster.reset(now, "Redis did not answer before an upgrade");
+                }
+                self.apply_cluster_answers();
+                self.life = Life::Quiescing {
+                    step,
+                    timed_out: true,
+                };
             }
             Life::Upgrading { step, .. } if step == due => {
                 self.abort_upgrade("the new process was not ready in time");
