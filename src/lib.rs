@@ -10,9 +10,10 @@
 //! # Layout
 //!
 //! - [`run`] / [`run_with`] (`server/`): the reactor. One `mio::Poll` loop,
-//!   split by responsibility: `server/mod.rs` has the server's life (one
-//!   `Life` value: serving, quiescing, upgrading, retiring, shutting down)
-//!   and the loop, one turn as named phases, dispatching by poll token;
+//!   split by responsibility: `server/mod.rs` has the loop, one turn as
+//!   named phases, dispatching by poll token; `life.rs` the server's life
+//!   (one `Life` value: serving, quiescing, upgrading, retiring, shutting
+//!   down) and the requests that move it;
 //!   `clients.rs` is the connection table (slab, name index, pool, each
 //!   connection's life), with its read path in `input.rs` and its write
 //!   path in `output.rs`; `broker.rs` is what a line means (login,

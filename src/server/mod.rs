@@ -1,15 +1,20 @@
 //! The reactor: one `mio::Poll` loop that owns every connection.
 //!
-//! One loop turn: wait for events (at most until the next deadline),
-//! dispatch each by its `Source` (accept, read and route, where routing
-//! only appends to outbound buffers; scrapers; requests from the
-//! [`Control`]), serve connections that had input left over from the last
-//! turn, fire due deadlines, write every connection on the pending-write
-//! list once, and end the turn with housekeeping (reap the connections
-//! marked dead, hand memory back after a burst).
+//! One loop turn (`Server::run`): wait for events (at most until the next
+//! deadline), fence if the lease cannot be trusted, dispatch each event by
+//! its `Source` (accept, read and route, where routing only appends to
+//! outbound buffers; scrapers; the Redis link; requests from the
+//! [`Control`]) as the server's phase of life allows, serve connections
+//! that had input left over from the last turn, fire due deadlines, apply
+//! what the cluster link learned, write every connection on the
+//! pending-write list once, and end the turn with housekeeping (reap the
+//! connections marked dead, hand memory back after a burst) and the next
+//! step of an upgrade.
 //!
 //! The state is split by responsibility; this file only ties it together:
 //!
+//! - `life.rs`: the server's life (`Life`: serving, quiescing, upgrading,
+//!   retiring, shutting down), the requests that move it, shutdown.
 //! - `clients.rs`: the connection table (slab, name index, pool) and each
 //!   connection's life from accept to reap; `input.rs` and `output.rs`
 //!   are its read and write paths.
@@ -18,15 +23,18 @@
 //! - `scrapers.rs`: the metrics endpoint's listener and connections.
 //! - `remote.rs`: cluster mode: what the link to Redis learned, applied to
 //!   the clients; fencing.
-//! - `handover.rs`: a live upgrade: snapshot, hand over, wait or resume;
-//!   adopting connections in the new process.
+//! - `held.rs`: cluster mode: every line held for a client because of
+//!   Redis, in the one buffer account.
+//! - `upgrade.rs`: a live upgrade, in both processes: quiesce, snapshot,
+//!   hand over, wait, retire or resume; adopting connections in the new
+//!   process.
 //! - `crate::deadlines`: every deadline, in one heap, and the loop's clock.
 
 use std::fmt;
 use std::io;
 use std::time::Duration;
 
-use log::{info, warn};
+use log::info;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 
@@ -42,6 +50,7 @@ mod clients;
 mod held;
 mod housekeeping;
 mod input;
+mod life;
 mod output;
 mod remote;
 mod scrapers;
@@ -51,8 +60,9 @@ use broker::Broker;
 use clients::{Clients, Limits, default_buffer_memory, fit_max_clients};
 use housekeeping::Housekeeping;
 use input::{Drain, READ_CHUNK};
+use life::Life;
 use scrapers::Scrapers;
-use upgrade::{Upgrading, adopt};
+use upgrade::adopt;
 
 /// Events taken from the poller per turn.
 const EVENTS_CAPACITY: usize = 1024;
@@ -148,46 +158,9 @@ pub fn run_with(
     server.run(inherited)
 }
 
-/// Where the server is in its life. Each phase holds what only it needs;
-/// the loop asks the phase what to do with each kind of event.
-enum Life {
-    /// Serving clients. `upgrade_asked`: a live upgrade starts at the end
-    /// of this turn.
-    Serving { upgrade_asked: bool },
-    /// Cluster mode, before an upgrade hands over: the node waits for
-    /// Redis's answers (at most `upgrade::QUIESCE_MS`; then what is still
-    /// in flight fails as when the link resets, and it hands over at the
-    /// end of the turn: `timed_out`). Clients are not read and nobody is
-    /// accepted.
-    Quiescing { step: u32, timed_out: bool },
-    /// This is the old process of a live upgrade: the new one is starting.
-    /// No client socket is touched; scrapers are still served. A stop asked
-    /// for meanwhile is passed on to the new process (`stop_asked`), and
-    /// this one shuts down instead if the new one fails.
-    Upgrading {
-        upgrade: Upgrading,
-        step: u32,
-        stop_asked: bool,
-    },
-    /// The new process (`pid`) serves what this one handed over: this one
-    /// only finishes the scrapes it accepted (until `until_ms`, at most
-    /// `upgrade::RETIRE_MS`), then exits. A stop asked for meanwhile is
-    /// passed on to the new process (`stop_asked`: it was, once).
-    Retiring {
-        until_ms: u64,
-        pid: u32,
-        stop_asked: bool,
-    },
-    /// A graceful shutdown: clients get `error: shutting-down` and drain.
-    /// It ends once none is left and, in a cluster, the farewell (names
-    /// and lease dropped) is answered or cannot be sent; or at the
-    /// shutdown deadline (`gave_up`).
-    ShuttingDown { farewell_done: bool, gave_up: bool },
-}
-
 /// What a live upgrade handed the new process: the old process to tell
 /// once this one serves, and the adopted connections whose kept input holds
-/// whole lines (see `handover.rs`).
+/// whole lines (see `upgrade.rs`).
 type TakeOver = (Inherited, Vec<usize>);
 
 /// The reactor's state, by responsibility.
@@ -416,42 +389,6 @@ impl Server {
         }
     }
 
-    /// Whether the server's life is over: a shutdown done or given up, or
-    /// a retiring old process done with its scrapers.
-    fn has_ended(&mut self) -> Option<Exit> {
-        match self.life {
-            Life::ShuttingDown {
-                farewell_done,
-                gave_up,
-            } if (self.clients.len() == 0 && farewell_done) || gave_up => {
-                info!(
-                    "shutdown complete; {} connection(s) closed before draining; {}",
-                    self.clients.len(),
-                    self.counters()
-                );
-                Some(Exit::Graceful)
-            }
-            Life::Retiring { until_ms, .. }
-                if self.scrapers.as_ref().is_none_or(|s| s.len() == 0)
-                    || self.deadlines.now_ms() >= until_ms =>
-            {
-                Some(Exit::Upgraded)
-            }
-            _ => None,
-        }
-    }
-
-    /// Whether this process acts on its clients now (not while a live
-    /// upgrade hands them over, nor once it did).
-    pub(super) fn touches_clients(&self) -> bool {
-        !matches!(self.life, Life::Upgrading { .. } | Life::Retiring { .. })
-    }
-
-    /// Whether client input is read and connections accepted now.
-    fn reads_clients(&self) -> bool {
-        matches!(self.life, Life::Serving { .. } | Life::ShuttingDown { .. })
-    }
-
     /// Dispatches one poll event by its source, as the phase of life
     /// allows. Returns an exit when the life ends with it.
     fn dispatch(&mut self, event: &mio::event::Event) -> Option<Exit> {
@@ -661,95 +598,6 @@ impl Server {
                 }
             }
         }
-    }
-
-    /// Acts on the [`Control`]'s new requests. Returns `Some(Exit::Forced)`
-    /// on a second stop request.
-    fn on_requests(&mut self) -> Option<Exit> {
-        let now = self.control.requests();
-        let seen = std::mem::replace(&mut self.seen, now);
-        for _ in seen.stats..now.stats {
-            info!("stats: {}", self.counters());
-        }
-        if now.hangups > seen.hangups {
-            info!("hang-up signal ignored (chatd keeps running; stop it with SIGTERM)");
-        }
-        if now.upgrades > seen.upgrades {
-            match &mut self.life {
-                Life::Serving { .. } if self.successor.is_none() => {
-                    info!("upgrade refused: no binary to start (an embedded server)");
-                }
-                Life::Serving { upgrade_asked } => *upgrade_asked = true,
-                Life::Quiescing { .. } | Life::Upgrading { .. } | Life::Retiring { .. } => {
-                    info!("upgrade refused: one is under way");
-                }
-                Life::ShuttingDown { .. } => info!("upgrade refused: shutting down"),
-            }
-        }
-        if now.stops > seen.stops {
-            if now.stops >= 2 {
-                if let Life::Upgrading { .. } = self.life {
-                    self.abort_upgrade("a second shutdown request came");
-                }
-                warn!(
-                    "second shutdown request: exiting at once; {}",
-                    self.counters()
-                );
-                return Some(Exit::Forced);
-            }
-            match &mut self.life {
-                Life::Upgrading {
-                    stop_asked,
-                    upgrade,
-                    ..
-                } => {
-                    if !std::mem::replace(stop_asked, true) {
-                        upgrade::pass_stop_on(upgrade.pid());
-                    }
-                }
-                Life::Retiring {
-                    stop_asked, pid, ..
-                } => {
-                    if !std::mem::replace(stop_asked, true) {
-                        upgrade::pass_stop_on(*pid);
-                    }
-                }
-                _ => {
-                    info!(
-                        "shutdown requested: closing {} connection(s)",
-                        self.clients.len()
-                    );
-                    self.begin_shutdown();
-                }
-            }
-        }
-        None
-    }
-
-    /// Stops accepting and reading, queues `error: shutting-down` to every
-    /// client and lets the loop flush until the shutdown deadline. A live
-    /// upgrade asked for, or quiescing, does not start.
-    fn begin_shutdown(&mut self) {
-        let timeout = millis(self.config.shutdown_timeout);
-        self.deadlines.set(timeout, Deadline::ShutdownGiveUp);
-        // The metrics endpoint stays while the clients drain: /healthz
-        // then answers 503 `shutting down`, which load balancers want.
-        self.housekeeping.stopping();
-        self.clients
-            .begin_shutdown(self.poll.registry(), &mut self.deadlines);
-        let farewell_done = match &mut self.cluster {
-            Some(cluster) => {
-                // The names were released as their clients closed; now the
-                // rest, and the lease, so that no key stays behind.
-                broker::sync_cluster(&mut self.clients, cluster, &mut self.deadlines);
-                !cluster.farewell()
-            }
-            None => true,
-        };
-        self.life = Life::ShuttingDown {
-            farewell_done,
-            gave_up: false,
-        };
     }
 }
 
