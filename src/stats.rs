@@ -1,4 +1,6 @@
-//! The server's counters, logged by `--stats-interval`, SIGUSR1 and at exit.
+//! The server's counters, logged by `--stats-interval`, SIGUSR1 and at exit,
+//! served as metrics and carried across a live upgrade: [`COUNTERS`] is the
+//! one table of them that all three read.
 
 use std::fmt;
 

@@ -1,3 +1,7 @@
+//! Tests of the cluster link: the URL, node ids, and the link's logic
+//! without a socket (replies fed to `on_reply`, the commands read back
+//! from its output, the answers as the reactor would apply them).
+
 use super::*;
 
 #[test]
