@@ -71,7 +71,16 @@ impl Server {
                 self.life = Life::Serving {
                     upgrade_asked: false,
                 };
-                if self.cluster.as_mut().is_some_and(|c| c.quiesce()) {
+                let now = self.deadlines.now_ms();
+                let quiescing = self.cluster.as_mut().is_some_and(|c| {
+                    // Written now: the turn's writes are done, and nothing
+                    // else may wake the loop before the cap.
+                    c.quiesce() && {
+                        c.flush(now);
+                        true
+                    }
+                });
+                if quiescing {
                     info!("upgrade: waiting for Redis's answers before handing over");
                     let step = self.next_upgrade_step(QUIESCE_MS);
                     self.life = Life::Quiescing {
