@@ -243,39 +243,20 @@ impl Server {
             None => std::fs::read_dir("/proc/self/fd").map_or(16, |dir| dir.count()),
         };
         let max_clients = fit_max_clients(config.max_clients, reserve, base_fds);
-        let max_buffer_memory = config
-            .max_buffer_memory
-            .unwrap_or_else(default_buffer_memory);
-        info!(
-            "chatd listening on {} (max-clients {}, max-line {}, max-outbound {}, \
-             max-buffer-memory {}, login-timeout {}, idle-timeout {}{}{})",
-            listener.local_addr()?,
-            max_clients,
-            config.max_line,
-            config.max_outbound,
-            max_buffer_memory,
-            Seconds(config.login_timeout),
-            Seconds(config.idle_timeout),
-            match &config.cluster {
-                Some(c) => format!(", cluster redis://{} prefix {}", c.redis, c.prefix),
-                None => String::new(),
-            },
-            match socket2::SockRef::from(&listener).reuse_port() {
-                Ok(true) => ", reuse-port",
-                _ => "",
-            },
-        );
         let limits = Limits {
             max_line: config.max_line,
             max_outbound: config.max_outbound,
             login_timeout_ms: millis(config.login_timeout),
             idle_timeout_ms: millis(config.idle_timeout),
-            max_buffer_memory,
+            max_buffer_memory: config
+                .max_buffer_memory
+                .unwrap_or_else(default_buffer_memory),
         };
+        log_start(&listener, &config, &limits, max_clients)?;
         let mut deadlines = Deadlines::default();
         let mut clients = Clients::new(listener, limits, max_clients);
         let inherited_node = extras.inherited.as_ref().and_then(|i| i.state.node.clone());
-        let cluster = config.cluster.clone().map(|cluster| {
+        let mut cluster = config.cluster.clone().map(|cluster| {
             clients.released = Some(Vec::new());
             // After a live upgrade, the same node: its lease and names stay.
             let node = inherited_node.unwrap_or_else(crate::cluster::new_node_id);
@@ -285,24 +266,22 @@ impl Server {
             );
             Cluster::new(cluster, node, config.max_line)
         });
-        let mut cluster = cluster;
+        // The new process of a live upgrade: everything handed over is
+        // adopted before the loop starts (see `upgrade.rs`).
         let mut inherited = extras.inherited;
-        let adopted_input = match &mut inherited {
-            Some(inherited) => {
-                let state = &mut inherited.state;
-                let registry = poll.registry();
-                let head_room = config.max_line + 1;
-                adopt(
-                    state,
-                    &mut clients,
-                    cluster.as_mut(),
-                    registry,
-                    &mut deadlines,
-                    head_room,
-                )
-            }
-            None => Vec::new(),
-        };
+        let adopted_input = inherited.as_mut().map_or_else(Vec::new, |inherited| {
+            let (state, registry) = (&mut inherited.state, poll.registry());
+            let head_room = config.max_line + 1;
+            let link = cluster.as_mut();
+            adopt(
+                state,
+                &mut clients,
+                link,
+                registry,
+                &mut deadlines,
+                head_room,
+            )
+        });
         let notifier = extras.notifier.unwrap_or_else(|| Box::new(Silent));
         let housekeeping =
             Housekeeping::start(millis(config.stats_interval), notifier, &mut deadlines);
@@ -599,6 +578,36 @@ impl Server {
             }
         }
     }
+}
+
+/// The start line: where chatd listens and the limits in force (tests and
+/// scripts read the address from it).
+fn log_start(
+    listener: &TcpListener,
+    config: &Config,
+    limits: &Limits,
+    max_clients: usize,
+) -> io::Result<()> {
+    info!(
+        "chatd listening on {} (max-clients {}, max-line {}, max-outbound {}, \
+         max-buffer-memory {}, login-timeout {}, idle-timeout {}{}{})",
+        listener.local_addr()?,
+        max_clients,
+        limits.max_line,
+        limits.max_outbound,
+        limits.max_buffer_memory,
+        Seconds(config.login_timeout),
+        Seconds(config.idle_timeout),
+        match &config.cluster {
+            Some(c) => format!(", cluster redis://{} prefix {}", c.redis, c.prefix),
+            None => String::new(),
+        },
+        match socket2::SockRef::from(listener).reuse_port() {
+            Ok(true) => ", reuse-port",
+            _ => "",
+        },
+    );
+    Ok(())
 }
 
 /// The stats line: every counter, and in cluster mode the link's state,
