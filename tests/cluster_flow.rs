@@ -156,6 +156,33 @@ fn a_claimants_kept_input_is_bounded() {
     drop(claimants);
 }
 
+/// A login wave larger than Redis answers within the reply timeout does
+/// not collapse: with Redis reached at 100 KB/s (2,000 claims take two
+/// seconds to reach it; the reply timeout is half a second), the node
+/// admits claims at the rate they are answered, tells a slow Redis from a
+/// dead one, and keeps its lease; every client logs in.
+#[test]
+fn a_login_wave_slower_than_the_reply_timeout_does_not_collapse() {
+    let redis = redis_or_skip!();
+    let proxy = common::redis::Proxy::start(redis.addr());
+    let mut a = node(&proxy.url(), "2", &[]);
+    proxy.limit(100_000);
+    let mut wave: Vec<Client> = (0..2000)
+        .map(|i| {
+            let mut c = Client::connect_small(a.addr);
+            c.send(&format!("w{i}\nw{i}: in\n"));
+            c
+        })
+        .collect();
+    for (i, c) in wave.iter_mut().enumerate() {
+        c.expect(&format!("from w{i}: in"));
+    }
+    let log = a.log();
+    assert!(!log.contains("did not answer in time"), "{log}");
+    assert!(!log.contains("lease not renewed"), "{log}");
+    assert_eq!(a.stat("logins"), 2000);
+}
+
 /// Something that is not Redis on the link's port cannot crash, exhaust or
 /// stall a node: replies nested two million deep, an endless bulk string
 /// and an endless array each reset the link (logged); the node stays

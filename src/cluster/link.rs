@@ -30,6 +30,7 @@ impl Cluster {
         let _ = stream.set_nodelay(true);
         self.stream = Some(stream);
         self.state = State::Connecting;
+        self.last_reply_ms = now_ms;
         self.handshake(now_ms);
     }
 
@@ -227,6 +228,9 @@ impl Cluster {
         }
         self.read_pending = false;
         self.inflight_names = 0;
+        self.claims_in_flight = 0;
+        let queued = std::mem::take(&mut self.claim_queue);
+        self.fail_queued_claims(queued);
         for (_, slot, name) in std::mem::take(&mut self.retries) {
             self.answers.push(Answer::Claimed {
                 slot,

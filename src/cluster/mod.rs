@@ -68,6 +68,16 @@ const MAX_INFLIGHT_NAMES: usize = 100_000;
 /// read until they are in (a client cannot queue without bound behind a
 /// slow Redis).
 const MAX_WAITING_PER_CONN: u32 = 256;
+/// Claims in flight to Redis at most, at first: a login wave larger than
+/// Redis answers at once waits on the node, in the claiming phase (within
+/// `--login-timeout`), instead of in Redis's queue, where the lease's
+/// renewal would wait behind it. A thousand claims are a few milliseconds
+/// of a healthy Redis's time. The window then follows the claims' round
+/// trip (see [`Cluster::fit_claim_window`]).
+const CLAIM_WINDOW: usize = 1024;
+/// The window's bounds.
+const CLAIM_WINDOW_MIN: usize = 16;
+const CLAIM_WINDOW_MAX: usize = 4096;
 /// How long a claim found taken waits before it is tried once more: a
 /// client moving from one node to another often logs in on the second
 /// before the first has released the name in Redis.
@@ -207,6 +217,19 @@ pub(crate) struct Cluster {
     backoff_ms: u64,
     /// Whether the link was ever ready (reconnects are counted after).
     was_ready: bool,
+    /// When Redis last answered a command (ms): a Redis that answers, if
+    /// slowly, is busy, not gone (see [`Cluster::reply_timeout_ms`]).
+    last_reply_ms: u64,
+    /// Claims sent and not answered yet, at most `claim_window`.
+    claims_in_flight: usize,
+    /// How many claims may be in flight now (see [`CLAIM_WINDOW`]).
+    claim_window: usize,
+    /// The window is not halved again before this time (ms): once per
+    /// round trip at most.
+    window_cut_at: u64,
+    /// Claims waiting for room in the window, oldest first: for whom,
+    /// which name, whether it is a claim again, whether it was retried.
+    claim_queue: VecDeque<(Slot, Rc<str>, bool, bool)>,
     /// What the link learned, drained by the reactor.
     answers: Vec<Answer>,
     /// Recipient names in routes awaiting Redis.
@@ -260,6 +283,11 @@ impl Cluster {
             renew_at: 0,
             backoff_ms: FIRST_BACKOFF_MS,
             was_ready: false,
+            last_reply_ms: 0,
+            claims_in_flight: 0,
+            claim_window: CLAIM_WINDOW,
+            window_cut_at: 0,
+            claim_queue: VecDeque::new(),
             answers: Vec::new(),
             inflight_names: 0,
             throttled: Default::default(),
@@ -352,8 +380,8 @@ impl Cluster {
         if let Some(at) = self.hold_until {
             next = next.min(at);
         }
-        if let Some(sent) = self.pending.iter().find_map(Pending::sent_ms) {
-            next = next.min(sent + self.reply_timeout_ms());
+        if let Some(since) = self.waiting_since() {
+            next = next.min(since + self.reply_timeout_ms());
         }
         if let Some(&(at, _, _)) = self.retries.front() {
             next = next.min(at);
@@ -361,7 +389,16 @@ impl Cluster {
         next
     }
 
-    /// How long a reply may take before Redis counts as unreachable: a
+    /// Since when the link waits for Redis without news: the oldest timed
+    /// command in flight was sent, or Redis last answered, whichever is
+    /// later. `None`: nothing timed is in flight.
+    fn waiting_since(&self) -> Option<u64> {
+        let sent = self.pending.iter().find_map(Pending::sent_ms)?;
+        Some(sent.max(self.last_reply_ms))
+    }
+
+    /// How long Redis may go without answering anything while a command
+    /// waits before it counts as unreachable: a
     /// quarter of the lease (so a slow Redis is noticed in time to renew
     /// elsewhere... or to fence), at least 200 ms.
     fn reply_timeout_ms(&self) -> u64 {
@@ -379,8 +416,8 @@ impl Cluster {
             }
             return;
         }
-        if let Some(sent) = self.pending.iter().find_map(Pending::sent_ms) {
-            if now_ms >= sent + self.reply_timeout_ms() {
+        if let Some(since) = self.waiting_since() {
+            if now_ms >= since + self.reply_timeout_ms() {
                 self.reset(now_ms, "Redis did not answer in time");
                 return;
             }
@@ -519,8 +556,13 @@ impl Cluster {
         self.send_claim(slot, name, again, false, now_ms);
     }
 
-    /// Sends a claim (`retried`: it was found taken once already).
+    /// Sends a claim (`retried`: it was found taken once already), or
+    /// queues it while [`CLAIM_WINDOW`] claims are in flight.
     fn send_claim(&mut self, slot: Slot, name: Rc<str>, again: bool, retried: bool, now_ms: u64) {
+        if self.state == State::Ready && self.claims_in_flight >= self.claim_window {
+            self.claim_queue.push_back((slot, name, again, retried));
+            return;
+        }
         if self.state != State::Ready {
             let outcome = Claimed::Unavailable;
             self.answers.push(Answer::Claimed {
@@ -531,6 +573,7 @@ impl Cluster {
             });
             return;
         }
+        self.claims_in_flight += 1;
         self.node_script(
             Script::Claim,
             &[name.as_bytes()],
@@ -544,6 +587,36 @@ impl Cluster {
         );
     }
 
+    /// A claim sent at `sent_ms` was answered: the window follows its round
+    /// trip. Slower than a quarter of the reply timeout, it halves (once
+    /// per such round trip), so that what waits in Redis ahead of the
+    /// lease's renewal stays well inside the timeout; faster than an
+    /// eighth, it grows by one. Additive increase, multiplicative decrease,
+    /// as TCP's congestion window.
+    pub(super) fn fit_claim_window(&mut self, sent_ms: u64, now_ms: u64) {
+        let rtt = now_ms.saturating_sub(sent_ms);
+        let target = self.reply_timeout_ms() / 4;
+        if rtt > target {
+            if now_ms >= self.window_cut_at {
+                self.claim_window = (self.claim_window / 2).max(CLAIM_WINDOW_MIN);
+                self.window_cut_at = now_ms + rtt;
+            }
+        } else if rtt < target / 2 {
+            self.claim_window = (self.claim_window + 1).min(CLAIM_WINDOW_MAX);
+        }
+    }
+
+    /// A claim was answered: the oldest waiting ones are sent while the
+    /// window has room.
+    pub(super) fn admit_claims(&mut self, now_ms: u64) {
+        while self.claims_in_flight < self.claim_window {
+            let Some((slot, name, again, retried)) = self.claim_queue.pop_front() else {
+                return;
+            };
+            self.send_claim(slot, name, again, retried, now_ms);
+        }
+    }
+
     /// A first claim found `name` taken: it is tried once more in
     /// [`CLAIM_RETRY_MS`] (no answer meanwhile; the connection waits).
     pub(super) fn retry_claim(&mut self, slot: Slot, name: Rc<str>, now_ms: u64) {
@@ -555,6 +628,19 @@ impl Cluster {
     /// remembered as uncertain and settled when the link is back (see
     /// [`Answer::Reconcile`]).
     pub fn release(&mut self, name: &str) {
+        // A claim of it still waiting for room must not follow the release
+        // to Redis: its client is gone.
+        if self
+            .claim_queue
+            .iter()
+            .any(|(_, queued, ..)| &**queued == name)
+        {
+            let (gone, keep) = std::mem::take(&mut self.claim_queue)
+                .into_iter()
+                .partition(|(_, queued, ..)| &**queued == name);
+            self.claim_queue = keep;
+            self.fail_queued_claims(gone);
+        }
         if self.state != State::Ready {
             self.uncertain_name(name);
             return;
@@ -566,6 +652,20 @@ impl Cluster {
                 name: name.to_string(),
             },
         );
+    }
+
+    /// Claims that were never sent fail (`unavailable`); nothing of them is
+    /// uncertain in Redis.
+    pub(super) fn fail_queued_claims(&mut self, claims: VecDeque<(Slot, Rc<str>, bool, bool)>) {
+        for (slot, name, again, _) in claims {
+            let outcome = Claimed::Unavailable;
+            self.answers.push(Answer::Claimed {
+                slot,
+                name,
+                again,
+                outcome,
+            });
+        }
     }
 
     /// Remembers that `name`'s state in Redis is uncertain.
@@ -622,6 +722,7 @@ impl Cluster {
         self.has_waiting(slot)
             || self.answers.iter().any(|a| a.slot() == Some(slot))
             || self.retries.iter().any(|&(_, s, _)| s == slot)
+            || self.claim_queue.iter().any(|&(s, ..)| s == slot)
     }
 
     /// Whether the input of `slot` is held back (see
@@ -682,7 +783,10 @@ impl Cluster {
     /// this node can still come (see [`Cluster::quiesce`]).
     pub fn is_quiet(&self) -> bool {
         self.state != State::Ready
-            || (self.unsubscribed && self.pending.is_empty() && self.retries.is_empty())
+            || (self.unsubscribed
+                && self.pending.is_empty()
+                && self.retries.is_empty()
+                && self.claim_queue.is_empty())
     }
 
     /// The upgrade failed: the node listens on its channel again.

@@ -32,6 +32,11 @@ impl Cluster {
         let Some(entry) = self.pending.pop_front() else {
             return Err("a reply nobody asked for".into());
         };
+        self.last_reply_ms = now_ms;
+        let claim = match &entry {
+            Pending::Claim { sent_ms, .. } => Some(*sent_ms),
+            _ => None,
+        };
         // The entry's own answer goes first: a client whose input it lets
         // be read again must see its earlier lines' results before those of
         // the lines read then.
@@ -39,6 +44,13 @@ impl Cluster {
         let result = self.on_answer(entry, reply, now_ms);
         self.unthrottle(unthrottled);
         self.pop_held();
+        if let Some(sent_ms) = claim {
+            self.claims_in_flight -= 1;
+            if result.is_ok() {
+                self.fit_claim_window(sent_ms, now_ms);
+                self.admit_claims(now_ms);
+            }
+        }
         result
     }
 

@@ -319,3 +319,82 @@ fn a_reply_nobody_asked_for_is_an_error() {
     let mut link = ready_link();
     assert!(link.on_reply(Reply::Int(1), 0).is_err());
 }
+
+#[test]
+fn claims_past_the_window_wait_for_room_and_leave_with_their_client() {
+    let mut link = ready_link();
+    for i in 0..CLAIM_WINDOW as u32 + 2 {
+        link.claim(slot(i), Rc::from(format!("c{i}").as_str()), false, 0);
+    }
+    assert_eq!(
+        commands(&mut link).len(),
+        CLAIM_WINDOW,
+        "the window is full"
+    );
+    assert!(
+        link.owes(slot(CLAIM_WINDOW as u32)),
+        "a waiting claim is owed"
+    );
+    assert!(!link.is_quiet());
+    // The last one's client leaves: its claim is never sent.
+    link.release(&format!("c{}", CLAIM_WINDOW + 1));
+    let gone = link.take_answers();
+    assert!(matches!(
+        gone[..],
+        [Answer::Claimed {
+            outcome: Claimed::Unavailable,
+            ..
+        }]
+    ));
+    link.on_reply(Reply::Int(1), 1).unwrap();
+    let sent = commands(&mut link);
+    let words: Vec<&str> = sent.iter().map(|c| c[c.len() - 1].as_str()).collect();
+    let next = format!("c{CLAIM_WINDOW}");
+    let gone = format!("c{}", CLAIM_WINDOW + 1);
+    assert_eq!(
+        words,
+        [gone.as_str(), next.as_str()],
+        "the release, then the next claim"
+    );
+}
+
+#[test]
+fn a_busy_redis_is_not_a_dead_one() {
+    let mut link = ready_link();
+    let poll = mio::Poll::new().unwrap();
+    let timeout = link.reply_timeout_ms();
+    for i in 0..3 {
+        link.claim(slot(i), Rc::from(format!("c{i}").as_str()), false, 0);
+    }
+    // Redis answers one claim just before the timeout: the others may
+    // wait that long again.
+    link.on_reply(Reply::Int(1), timeout - 1).unwrap();
+    link.on_timer(poll.registry(), Token(0), timeout + 1);
+    assert_eq!(link.state, State::Ready, "answers came: busy, not gone");
+    assert!(
+        link.claim_window < CLAIM_WINDOW,
+        "a slow answer shrinks the window"
+    );
+    link.on_timer(poll.registry(), Token(0), 2 * timeout);
+    assert!(
+        matches!(link.state, State::Down { .. }),
+        "then nothing: gone"
+    );
+}
+
+#[test]
+fn a_reset_fails_the_claims_waiting_for_room_too() {
+    let mut link = ready_link();
+    for i in 0..CLAIM_WINDOW as u32 + 1 {
+        link.claim(slot(i), Rc::from(format!("c{i}").as_str()), false, 0);
+    }
+    link.reset(1, "test");
+    let failed = link.take_answers();
+    assert_eq!(failed.len(), CLAIM_WINDOW + 1);
+    let (_, uncertain, _) = link.handover_state(1);
+    assert_eq!(
+        uncertain.len(),
+        CLAIM_WINDOW,
+        "only the ones sent may have run"
+    );
+}

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -153,6 +153,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     frozen: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
+    /// Bytes per second it moves at most in each direction (0: no limit).
+    rate: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -163,7 +165,8 @@ impl Proxy {
         listener.set_nonblocking(true).unwrap();
         let frozen = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (f, s) = (Arc::clone(&frozen), Arc::clone(&stop));
+        let rate = Arc::new(AtomicU64::new(0));
+        let (f, s, r) = (Arc::clone(&frozen), Arc::clone(&stop), Arc::clone(&rate));
         thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -175,15 +178,20 @@ impl Proxy {
                             (client.try_clone().unwrap(), server.try_clone().unwrap()),
                             (server, client),
                         ] {
-                            let (f, s) = (Arc::clone(&f), Arc::clone(&s));
-                            thread::spawn(move || pump(from, to, &f, &s));
+                            let (f, s, r) = (Arc::clone(&f), Arc::clone(&s), Arc::clone(&r));
+                            thread::spawn(move || pump(from, to, &f, &s, &r));
                         }
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
-        Proxy { addr, frozen, stop }
+        Proxy {
+            addr,
+            frozen,
+            stop,
+            rate,
+        }
     }
 
     /// `redis://` URL of the proxy.
@@ -194,6 +202,12 @@ impl Proxy {
     /// Stops moving bytes, keeping the connections open.
     pub fn freeze(&self) {
         self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Moves at most `bytes_per_sec` each way from now on: a Redis that
+    /// answers, but slowly.
+    pub fn limit(&self, bytes_per_sec: u64) {
+        self.rate.store(bytes_per_sec, Ordering::SeqCst);
     }
 
     /// Moves bytes again, those held while frozen first.
@@ -210,7 +224,13 @@ impl Drop for Proxy {
 
 /// Copies `from` to `to` until either closes, the proxy stops, or (while
 /// frozen) not at all.
-fn pump(mut from: TcpStream, mut to: TcpStream, frozen: &AtomicBool, stop: &AtomicBool) {
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    frozen: &AtomicBool,
+    stop: &AtomicBool,
+    rate: &AtomicU64,
+) {
     from.set_read_timeout(Some(Duration::from_millis(20)))
         .unwrap();
     let mut buf = [0; 16 * 1024];
@@ -229,6 +249,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, frozen: &AtomicBool, stop: &Atom
                 }
                 if to.write_all(&buf[..n]).is_err() {
                     break;
+                }
+                // No limit (0): no pause.
+                let rate = rate.load(Ordering::SeqCst);
+                if let Some(pause) = (n as u64 * 1_000_000).checked_div(rate) {
+                    thread::sleep(Duration::from_micros(pause));
                 }
             }
             Err(e)
