@@ -27,6 +27,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::{Child, Command};
 
+use crate::cluster::ClusterStats;
 use crate::conn::Phase;
 use crate::stats::Stats;
 
@@ -535,12 +536,26 @@ fn phase_of(code: u8) -> Result<Phase, String> {
 /// The counters of [`Stats`] by name, what the state carries: a new
 /// binary takes the counters it knows by their names, whatever their order
 /// or number in the old one.
-pub fn counters_of(stats: &Stats) -> Vec<(String, u64)> {
-    stats.each()
+pub(crate) fn counters_of(stats: &Stats, cluster: Option<&ClusterStats>) -> Vec<(String, u64)> {
+    let mut all = stats.each();
+    if let Some(cluster) = cluster {
+        let totals = cluster.each().into_iter();
+        all.extend(totals.map(|(name, value)| (format!("cluster.{name}"), value)));
+    }
+    all
+}
+
+/// The cluster's totals from `counters` (see [`counters_of`]).
+pub(crate) fn cluster_stats_of(counters: &[(String, u64)], stats: &mut ClusterStats) {
+    for (name, value) in counters {
+        if let Some(name) = name.strip_prefix("cluster.") {
+            stats.set(name, *value);
+        }
+    }
 }
 
 /// See [`counters_of`]; a counter this binary does not know is dropped.
-pub fn stats_of(counters: &[(String, u64)]) -> Stats {
+pub(crate) fn stats_of(counters: &[(String, u64)]) -> Stats {
     let mut stats = Stats::default();
     for (name, value) in counters {
         stats.set(name, *value);
@@ -615,10 +630,16 @@ mod tests {
             stats.errors[crate::protocol::ErrorKind::NameTaken as usize],
             3
         );
-        assert_eq!(
-            stats_of(&counters_of(&stats)).to_string(),
-            stats.to_string()
-        );
+        let cluster = ClusterStats {
+            routed_out: 5,
+            fences: 2,
+            ..ClusterStats::default()
+        };
+        let carried = counters_of(&stats, Some(&cluster));
+        assert_eq!(stats_of(&carried).to_string(), stats.to_string());
+        let mut back = ClusterStats::default();
+        cluster_stats_of(&carried, &mut back);
+        assert_eq!(back.each(), cluster.each(), "the cluster's totals too");
     }
 
     /// A state with a descriptor named twice is refused: each is owned once.

@@ -561,6 +561,24 @@ fn a_node_upgraded_in_place_keeps_its_names() {
     assert_eq!(redis.keys(), keys, "the same lease and names");
 }
 
+/// The cluster's totals (lines routed out and in) are carried across a
+/// live upgrade with the other counters, not started again from zero.
+#[test]
+fn an_upgrade_carries_the_cluster_counters() {
+    let redis = redis_or_skip!();
+    let (mut a, b) = (node(&redis.url(), "10", &[]), node(&redis.url(), "10", &[]));
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    alice.send("bob: out\n");
+    bob.expect("from alice: out");
+    bob.send("alice: in\n");
+    alice.expect("from bob: in");
+    let (out, into) = (a.stat("routed_out"), a.stat("deliveries_in"));
+    assert_eq!((out, into), (1, 1));
+    a.upgrade(1);
+    assert_eq!((a.stat("routed_out"), a.stat("deliveries_in")), (out, into));
+}
+
 /// The quiesce before an upgrade is capped at a second: with Redis stopped
 /// (nothing answers) the node hands over at the cap, long before its reply
 /// timeout (a quarter of a 20 s lease), and the new process reads local

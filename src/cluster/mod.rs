@@ -175,6 +175,41 @@ pub(crate) struct ClusterStats {
     pub rtt_us: u64,
 }
 
+/// The cluster's totals by name, in the order the stats line shows them:
+/// the stats line and the upgrade state read this one table (`rtt_us` is
+/// a measurement, not a total: it is neither carried nor listed here).
+type ClusterCounter = (&'static str, fn(&mut ClusterStats) -> &mut u64);
+const CLUSTER_COUNTERS: &[ClusterCounter] = &[
+    ("routed_out", |s| &mut s.routed_out),
+    ("deliveries_in", |s| &mut s.deliveries_in),
+    ("deliveries_missed", |s| &mut s.deliveries_missed),
+    ("reconnects", |s| &mut s.reconnects),
+    ("fences", |s| &mut s.fences),
+    ("leases_lost", |s| &mut s.leases_lost),
+];
+
+impl ClusterStats {
+    /// Every total by its name in the stats line.
+    pub fn each(&self) -> Vec<(&'static str, u64)> {
+        let mut copy = *self;
+        CLUSTER_COUNTERS
+            .iter()
+            .map(|&(name, field)| (name, *field(&mut copy)))
+            .collect()
+    }
+
+    /// Sets the total called `name`; false for a name it does not know.
+    pub fn set(&mut self, name: &str, value: u64) -> bool {
+        match CLUSTER_COUNTERS.iter().find(|(n, _)| *n == name) {
+            Some((_, field)) => {
+                *field(self) = value;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// The link to Redis and the lease.
 pub(crate) struct Cluster {
     /// The flags.

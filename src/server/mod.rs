@@ -619,18 +619,11 @@ fn counters(clients: &Clients, cluster: Option<&Cluster>, now_ms: u64) -> String
         let lease = cluster
             .lease_age_ms(now_ms)
             .map_or_else(|| "none".to_string(), |ms| ms.to_string());
-        line += &format!(
-            " cluster={} lease_age_ms={lease} routed_out={} deliveries_in={} \
-             deliveries_missed={} reconnects={} fences={} leases_lost={} redis_rtt_us={}",
-            cluster.state_name(),
-            stats.routed_out,
-            stats.deliveries_in,
-            stats.deliveries_missed,
-            stats.reconnects,
-            stats.fences,
-            stats.leases_lost,
-            stats.rtt_us,
-        );
+        line += &format!(" cluster={} lease_age_ms={lease}", cluster.state_name());
+        for (name, value) in stats.each() {
+            line += &format!(" {name}={value}");
+        }
+        line += &format!(" redis_rtt_us={}", stats.rtt_us);
     }
     line
 }

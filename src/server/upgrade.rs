@@ -436,7 +436,10 @@ impl Server {
                 .scrapers
                 .as_ref()
                 .map(|s| raw(Some(s.listener().as_fd()))),
-            counters: handoff::counters_of(&self.clients.stats),
+            counters: handoff::counters_of(
+                &self.clients.stats,
+                self.cluster.as_ref().map(|c| &c.stats),
+            ),
             next_id: self.clients.next_id(),
             base_fds: self.base_fds as u64,
             node: self.cluster.as_ref().map(|c| c.node().to_string()),
@@ -484,6 +487,7 @@ pub(super) fn adopt(
         adopting.elapsed()
     );
     if let Some(cluster) = cluster {
+        handoff::cluster_stats_of(&state.counters, &mut cluster.stats);
         let uncertain = std::mem::take(&mut state.uncertain);
         let hold_ms = if state.link_quiet {
             HOLD_FOR_LINK_MS
