@@ -326,7 +326,11 @@ fn parse_args() -> Result<Command, UsageError> {
         None => chatd::cluster::DEFAULT_PREFIX.to_string(),
     };
     let lease = match get("cluster-lease") {
-        Some(v) => seconds(v)?,
+        Some((source, value)) => seconds((source, value)).map_err(|_| {
+            UsageError(format!(
+                "invalid value for {source}: '{value}' (seconds, at least 1)"
+            ))
+        })?,
         None => chatd::cluster::DEFAULT_LEASE,
     };
     if let Some((source, value)) = get("cluster") {
@@ -579,7 +583,13 @@ impl chatd::Notifier for Announcer {
             // without it); this process serves already.
             if let Some(path) = &self.pid_file {
                 if let Err(e) = write_pid_file(path) {
-                    log::error!("cannot write the pid file {}: {e}", path.display());
+                    // It names the old process, which is going: better no
+                    // pid file than one naming a process that is gone.
+                    let _ = std::fs::remove_file(path);
+                    log::error!(
+                        "cannot write the pid file {}: {e}; removed it (it named the old process)",
+                        path.display()
+                    );
                 }
             }
         }

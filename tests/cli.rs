@@ -146,7 +146,12 @@ fn sub_millisecond_seconds_are_refused() {
         "stats-interval",
         "cluster-lease",
     ] {
-        let why = "less than a millisecond";
+        // The lease says its own floor, a second.
+        let why = if flag == "cluster-lease" {
+            "at least 1"
+        } else {
+            "less than a millisecond"
+        };
         assert_refused(
             &[&format!("--{flag}"), "0.0004"],
             &[],
@@ -308,6 +313,24 @@ fn pid_file_follows_upgrades_and_goes_at_exit() {
     server.wait_log("shutdown complete");
     let gone = poll_until(|| (!path.exists()).then_some(()));
     assert!(gone.is_some(), "the pid file outlived chatd");
+}
+
+/// A new process that cannot rewrite the pid file after an upgrade
+/// removes it rather than leave it naming the old process, which exits.
+#[test]
+fn a_pid_file_the_new_process_cannot_write_is_removed() {
+    let dir = TempDir::new("pid-unwritable");
+    let path = dir.join("chatd.pid");
+    let pid_file = path.to_str().unwrap();
+    let mut server = Server::start(&["--pid-file", pid_file]);
+    let written = poll_until(|| path.exists().then_some(()));
+    assert!(written.is_some());
+    // The file is written through `PATH.new`: a directory there fails it.
+    std::fs::create_dir(dir.join("chatd.pid.new")).unwrap();
+    server.upgrade(1);
+    server.wait_log("cannot write the pid file");
+    let gone = poll_until(|| (!path.exists()).then_some(()));
+    assert!(gone.is_some(), "{:?}", std::fs::read_to_string(&path));
 }
 
 /// A pid file that cannot be written stops chatd at start (status 1, an

@@ -323,6 +323,11 @@ impl Server {
         }
         loop {
             if let Some(exit) = self.has_ended() {
+                if exit == Exit::Upgraded {
+                    // A stop that came since the last look is passed on to
+                    // the new process before this one goes.
+                    let _ = self.on_requests();
+                }
                 return Ok(exit);
             }
             self.schedule_cluster();
