@@ -122,6 +122,11 @@ pub trait Notifier {
     fn status(&mut self, _line: &str) {}
     /// A graceful shutdown has begun.
     fn stopping(&mut self) {}
+    /// A live upgrade succeeded: the process `new_pid` serves now. The old
+    /// process says so once the new one is ready and before it exits, so
+    /// that whoever tracks the serving process (a pid file, systemd's
+    /// `MAINPID`) switches exactly then, and never if the upgrade fails.
+    fn handed_over(&mut self, _new_pid: u32) {}
 }
 
 /// A notifier that tells nobody.

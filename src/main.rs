@@ -521,12 +521,25 @@ fn handle_signals(control: &chatd::Control) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `--pid-file`: writes this process's id and a newline, whole (through a
-/// temporary file renamed over it), so a reader never sees half of it.
-fn write_pid_file(path: &Path) -> std::io::Result<()> {
+/// After a live upgrade, the pid file names `pid`, the process serving
+/// now; if it cannot be written, it is removed: better no pid file than
+/// one naming a process that is gone.
+fn write_or_remove_pid_file(path: &Path, pid: u32) {
+    if let Err(e) = write_pid_file(path, pid) {
+        let _ = std::fs::remove_file(path);
+        log::error!(
+            "cannot write the pid file {}: {e}; removed it",
+            path.display()
+        );
+    }
+}
+
+/// `--pid-file`: writes `pid` and a newline, whole (through a temporary
+/// file renamed over it), so a reader never sees half of it.
+fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".new");
-    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::write(&tmp, format!("{pid}\n"))?;
     std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
@@ -546,10 +559,10 @@ fn remove_pid_file(path: &Path) {
 
 /// Tells the outside world the server's state: systemd when it started
 /// chatd as `Type=notify` (`NOTIFY_SOCKET` set): READY, a STATUS line
-/// every few seconds, STOPPING. After a live upgrade it also says this
-/// process is the service's main one now (`MAINPID=`, which needs
-/// `NotifyAccess=all` in the unit), and writes the new pid to the
-/// `--pid-file`.
+/// every few seconds, STOPPING. In a live upgrade the old process, as it
+/// lets go, says the new one is the service's main process now
+/// (`MAINPID=`, which needs `NotifyAccess=all` in the unit) and writes the
+/// new pid to the `--pid-file`; the new one says it again when ready.
 struct Announcer {
     /// Whether systemd listens (`NOTIFY_SOCKET`).
     systemd: bool,
@@ -578,22 +591,18 @@ impl chatd::Notifier for Announcer {
             sd_notify::NotifyState::Status(status),
         ];
         if self.upgraded {
+            // The old process switched the pid file to this one as it let
+            // go (see `handed_over`).
             states.insert(0, pid);
-            // A fresh start wrote it before serving (and would not start
-            // without it); this process serves already.
-            if let Some(path) = &self.pid_file {
-                if let Err(e) = write_pid_file(path) {
-                    // It names the old process, which is going: better no
-                    // pid file than one naming a process that is gone.
-                    let _ = std::fs::remove_file(path);
-                    log::error!(
-                        "cannot write the pid file {}: {e}; removed it (it named the old process)",
-                        path.display()
-                    );
-                }
-            }
         }
         self.notify(&states);
+    }
+
+    fn handed_over(&mut self, new_pid: u32) {
+        if let Some(path) = &self.pid_file {
+            write_or_remove_pid_file(path, new_pid);
+        }
+        self.notify(&[sd_notify::NotifyState::MainPid(new_pid)]);
     }
 
     fn status_interval_ms(&self) -> Option<u64> {
@@ -668,7 +677,7 @@ fn main() -> ExitCode {
     let upgraded = inherited.is_some();
     // After an upgrade, the notifier writes it once this process serves.
     if let (Some(path), false) = (&settings.pid_file, upgraded) {
-        if let Err(e) = write_pid_file(path) {
+        if let Err(e) = write_pid_file(path, std::process::id()) {
             log::error!("cannot write the pid file {}: {e}", path.display());
             return ExitCode::FAILURE;
         }

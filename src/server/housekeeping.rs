@@ -136,6 +136,11 @@ impl Housekeeping {
         deadlines.set(every, Deadline::Status);
     }
 
+    /// A live upgrade succeeded: the notifier is told who serves now.
+    pub fn handed_over(&mut self, new_pid: u32) {
+        self.notifier.handed_over(new_pid);
+    }
+
     /// Shutdown has begun: the notifier is told, status lines end.
     pub fn stopping(&mut self) {
         self.stopping = true;

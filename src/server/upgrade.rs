@@ -242,6 +242,7 @@ impl Server {
                 ""
             }
         );
+        self.housekeeping.handed_over(upgrade.pid());
         if let Some(scrapers) = &mut self.scrapers {
             scrapers.stop_accepting(self.poll.registry());
         }
