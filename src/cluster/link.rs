@@ -10,7 +10,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use super::codec::decode_reply;
-use super::{Answer, Claimed, Cluster, MAX_BACKOFF_MS, MAX_OUT, READ_BUDGET, State};
+use super::{Answer, Cluster, MAX_BACKOFF_MS, MAX_OUT, READ_BUDGET, State};
 
 impl Cluster {
     /// Starts a non-blocking connect and queues the handshake.
@@ -232,12 +232,7 @@ impl Cluster {
         let queued = std::mem::take(&mut self.claim_queue);
         self.fail_queued_claims(queued);
         for (_, slot, name) in std::mem::take(&mut self.retries) {
-            self.answers.push(Answer::Claimed {
-                slot,
-                name,
-                again: false,
-                outcome: Claimed::Unavailable,
-            });
+            self.claim_unavailable(slot, name, false);
         }
         if self.stream.take().is_some() && self.was_ready {
             self.stats.reconnects += 1;

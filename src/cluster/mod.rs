@@ -580,15 +580,22 @@ impl Cluster {
             self.is_ready()
         };
         if !ready {
-            self.answers.push(Answer::Claimed {
-                slot,
-                name,
-                again,
-                outcome: Claimed::Unavailable,
-            });
+            self.claim_unavailable(slot, name, again);
             return;
         }
         self.send_claim(slot, name, again, false, now_ms);
+    }
+
+    /// Answers a claim of `name` for `slot` with `unavailable`: Redis could
+    /// not be asked, or its answer will not come.
+    pub(super) fn claim_unavailable(&mut self, slot: Slot, name: Rc<str>, again: bool) {
+        let outcome = Claimed::Unavailable;
+        self.answers.push(Answer::Claimed {
+            slot,
+            name,
+            again,
+            outcome,
+        });
     }
 
     /// Sends a claim (`retried`: it was found taken once already), or
@@ -599,13 +606,7 @@ impl Cluster {
             return;
         }
         if self.state != State::Ready {
-            let outcome = Claimed::Unavailable;
-            self.answers.push(Answer::Claimed {
-                slot,
-                name,
-                again,
-                outcome,
-            });
+            self.claim_unavailable(slot, name, again);
             return;
         }
         self.claims_in_flight += 1;
@@ -693,13 +694,7 @@ impl Cluster {
     /// uncertain in Redis.
     pub(super) fn fail_queued_claims(&mut self, claims: VecDeque<(Slot, Rc<str>, bool, bool)>) {
         for (slot, name, again, _) in claims {
-            let outcome = Claimed::Unavailable;
-            self.answers.push(Answer::Claimed {
-                slot,
-                name,
-                again,
-                outcome,
-            });
+            self.claim_unavailable(slot, name, again);
         }
     }
 

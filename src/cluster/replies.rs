@@ -244,12 +244,7 @@ impl Cluster {
                 if may_have_run {
                     self.uncertain_name(&name);
                 }
-                self.answers.push(Answer::Claimed {
-                    slot,
-                    name,
-                    again,
-                    outcome: Claimed::Unavailable,
-                });
+                self.claim_unavailable(slot, name, again);
             }
             Pending::Release { name } => self.uncertain_name(&name),
             Pending::Route { slot, names, .. } => {
