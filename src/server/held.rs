@@ -28,7 +28,6 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use super::clients::Clients;
-use crate::conn::Phase;
 use crate::conn::Slot;
 use crate::deadlines::Deadlines;
 
@@ -93,36 +92,6 @@ impl Clients {
         held
     }
 
-    /// Makes room for `len` more held bytes for `key`: false (and `key`
-    /// is closed as a slow consumer) when its bound or the memory bound
-    /// leaves none. `sender` is never closed for `key`'s sake.
-    fn room_to_hold(
-        &mut self,
-        key: usize,
-        len: usize,
-        sender: Option<usize>,
-        deadlines: &mut Deadlines,
-    ) -> bool {
-        let max = self.limits.max_outbound;
-        let outbound = self.outbound(key);
-        if outbound + len > max {
-            log::warn!(
-                "closing slow consumer {:?}: {outbound} bytes queued and held, limit {max}",
-                self.conns[key].name,
-            );
-            self.close_slow_consumer(key, deadlines);
-            return false;
-        }
-        if self.buffered + len > self.limits.max_buffer_memory {
-            self.make_room(len, sender, deadlines);
-            let conn = &self.conns[key];
-            if conn.is_dead() || conn.phase() == Phase::Closing {
-                return false;
-            }
-        }
-        true
-    }
-
     /// Holds `line` for `key` behind the answers it is owed (the caller
     /// puts a marker in the cluster FIFO when this returns true). False:
     /// `key` was closed as a slow consumer instead.
@@ -133,7 +102,7 @@ impl Clients {
         delivery: bool,
         deadlines: &mut Deadlines,
     ) -> bool {
-        if !self.room_to_hold(key, line.len(), Some(key), deadlines) {
+        if !self.room_for(key, line.len(), Some(key), deadlines) {
             return false;
         }
         let held = self.held_for(key);
@@ -155,9 +124,7 @@ impl Clients {
         let Some((delivery, line)) = held.behind.pop_front() else {
             return;
         };
-        held.bytes -= line.len();
-        self.buffered -= line.len();
-        self.forget_empty(slot.key);
+        self.released(slot.key, line.len());
         if let Some(key) = self.find(slot) {
             if self.send_line(key, &line, deadlines) && delivery {
                 self.stats.deliveries += 1;
@@ -175,7 +142,7 @@ impl Clients {
         line: &[u8],
         deadlines: &mut Deadlines,
     ) -> bool {
-        if !self.room_to_hold(to, line.len(), Some(sender), deadlines) {
+        if !self.room_for(to, line.len(), Some(sender), deadlines) {
             return false;
         }
         let from = self.slot(sender);
@@ -200,10 +167,7 @@ impl Clients {
             return Vec::new();
         }
         let lines = std::mem::take(&mut held.for_claim);
-        let bytes: usize = lines.iter().map(|(_, line)| line.len()).sum();
-        held.bytes -= bytes;
-        self.buffered -= bytes;
-        self.forget_empty(key as u32);
+        self.released(key as u32, lines.iter().map(|(_, line)| line.len()).sum());
         lines
     }
 
@@ -239,10 +203,8 @@ impl Clients {
         let id = self.conns[key].id;
         if let Some(held) = self.held.by_key.get_mut(&(key as u32)) {
             if held.id == id {
-                let bytes: usize = held.behind.drain(..).map(|(_, line)| line.len()).sum();
-                held.bytes -= bytes;
-                self.buffered -= bytes;
-                self.forget_empty(key as u32);
+                let bytes = held.behind.drain(..).map(|(_, line)| line.len()).sum();
+                self.released(key as u32, bytes);
             }
         }
     }
@@ -276,9 +238,15 @@ impl Clients {
         (behind.collect(), held.for_claim.len())
     }
 
-    fn forget_empty(&mut self, key: u32) {
-        if self.held.by_key.get(&key).is_some_and(|h| h.bytes == 0) {
-            self.held.by_key.remove(&key);
+    /// `bytes` held for the connection at `key` left: out of the account,
+    /// and the entry gone once it holds nothing.
+    fn released(&mut self, key: u32, bytes: usize) {
+        self.buffered -= bytes;
+        if let Some(held) = self.held.by_key.get_mut(&key) {
+            held.bytes -= bytes;
+            if held.bytes == 0 {
+                self.held.by_key.remove(&key);
+            }
         }
     }
 }
@@ -286,7 +254,7 @@ impl Clients {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::Conn;
+    use crate::conn::{Conn, Phase};
     use crate::server::clients::Limits;
 
     /// A table of `n` connections over real loopback sockets (the peers

@@ -39,26 +39,45 @@ impl Clients {
                 }
             }
         }
+        if !self.room_for(key, bytes.len(), sender, deadlines) {
+            return false;
+        }
+        self.with_buffers(key, |conn, pool| conn.queue(bytes, pool));
+        self.mark_pending(key);
+        true
+    }
+
+    /// Whether `len` more bytes for `key` (queued or held for it) fit its
+    /// `--max-outbound` and `--max-buffer-memory`: over the first, `key`
+    /// is closed as a slow consumer; at the second, the largest holders
+    /// other than `sender` are closed first (which may be `key`). False
+    /// when `key` was closed.
+    pub(super) fn room_for(
+        &mut self,
+        key: usize,
+        len: usize,
+        sender: Option<usize>,
+        deadlines: &mut Deadlines,
+    ) -> bool {
+        let max = self.limits.max_outbound;
         let queued = self.outbound(key);
-        let conn = self.conn(key);
-        if queued + bytes.len() > max {
+        if queued + len > max {
+            let conn = self.conn(key);
             warn!(
-                "closing slow consumer {:?} ({}): {queued} bytes queued, limit {max}",
+                "closing slow consumer {:?} ({}): {queued} bytes queued or held, limit {max}",
                 conn.name,
                 peer(conn)
             );
             self.close_slow_consumer(key, deadlines);
             return false;
         }
-        if self.buffered + bytes.len() > self.limits.max_buffer_memory {
-            self.make_room(bytes.len(), sender, deadlines);
+        if self.buffered + len > self.limits.max_buffer_memory {
+            self.make_room(len, sender, deadlines);
             let conn = self.conn(key);
             if conn.is_dead() || conn.phase() == Phase::Closing {
                 return false; // closed to make room
             }
         }
-        self.with_buffers(key, |conn, pool| conn.queue(bytes, pool));
-        self.mark_pending(key);
         true
     }
 
