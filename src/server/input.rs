@@ -106,22 +106,12 @@ impl Server {
             let start = head - tail.len();
             scratch[start..head].copy_from_slice(tail);
             self.clients.stats.bytes_in += n as u64;
-            let tail = match self.handle_lines(key, &scratch[start..head + n]) {
-                Lines::Tail(tail) => tail,
-                Lines::Kept(rest) => {
-                    // Waiting for its claim: keep what was read, read no
-                    // more; what is kept counts against the memory bound.
-                    self.clients
-                        .with_buffers(key, |conn, pool| keep(conn, pool, rest));
-                    if self.clients.is_over_memory() {
-                        self.clients.make_room(0, None, &mut self.deadlines);
-                        let conn = self.clients.conn(key);
-                        if conn.phase() == Phase::Closing && !conn.is_dead() {
-                            self.clients.discard_input(key, &mut scratch);
-                        }
-                    }
-                    break;
-                }
+            // What is left to keep: an unterminated tail, or (`kept`)
+            // everything after the name while its claim is answered, read
+            // no further.
+            let (rest, kept) = match self.handle_lines(key, &scratch[start..head + n]) {
+                Lines::Tail(tail) => (tail, false),
+                Lines::Kept(rest) => (rest, true),
                 Lines::Closed => {
                     // Closing now: drain what is left, or no new event would
                     // come for input that already arrived, and closing a
@@ -134,17 +124,21 @@ impl Server {
                 }
             };
             self.clients
-                .with_buffers(key, |conn, pool| keep(conn, pool, tail));
+                .with_buffers(key, |conn, pool| keep(conn, pool, rest));
+            // What is kept counts against the memory bound, either way.
             if self.clients.is_over_memory() {
                 self.clients.make_room(0, None, &mut self.deadlines);
                 let conn = self.clients.conn(key);
-                if !conn.reads_lines() {
+                if conn.is_dead() || conn.phase() == Phase::Closing {
                     // Closed to make room: drain as on any closing error.
                     if !conn.is_dead() {
                         self.clients.discard_input(key, &mut scratch);
                     }
                     break;
                 }
+            }
+            if kept {
+                break;
             }
             let conn = self.clients.conn(key);
             budget = budget.saturating_sub(n);
