@@ -209,7 +209,7 @@ struct Server {
 impl Server {
     /// The server, and what a live upgrade handed it: the old process to
     /// tell once this one serves, and the adopted connections whose kept
-    /// input holds whole lines (see `handover.rs`).
+    /// input holds whole lines (see `upgrade.rs`).
     fn new(
         listener: std::net::TcpListener,
         config: Config,
@@ -380,17 +380,16 @@ impl Server {
         match source {
             Source::Waker => return self.on_requests(),
             Source::Upgrade => return self.on_upgrade_pipe(),
+            // (A retiring process stopped accepting scrapers: no event.)
             Source::MetricsListener => {
                 if let Some(scrapers) = &mut self.scrapers {
-                    if !matches!(self.life, Life::Retiring { .. }) {
-                        scrapers.accept_all(self.poll.registry(), &mut self.deadlines);
-                    }
+                    scrapers.accept_all(self.poll.registry(), &mut self.deadlines);
                 }
             }
             Source::Scraper(key) => self.on_scraper_event(key),
             // Handing over: what comes is the new process's (or acted on
             // when serving resumes, see `resume_serving`).
-            _ if !self.reads_clients() && !matches!(self.life, Life::Quiescing { .. }) => {}
+            _ if !self.touches_clients() => {}
             Source::Redis => {
                 if let Some(cluster) = &mut self.cluster {
                     cluster.on_event(event, self.deadlines.now_ms());
