@@ -21,8 +21,10 @@
 //! either is closed as a slow consumer, as for queued output. What a
 //! claimant held for others is then routed, not dropped.
 //!
-//! `broker.rs` decides what to hold, `remote.rs` releases it as answers
-//! come; nothing else touches it.
+//! `broker.rs` decides what to hold and `remote.rs` releases it as answers
+//! come; the connection table calls in here as a connection's life moves
+//! on (a claim ends, it is evicted or reaped), and a live upgrade hands
+//! over what is held behind answers (`held_for_handover`).
 
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
