@@ -210,6 +210,10 @@ impl ClusterStats {
     }
 }
 
+/// A claim waiting for room in the window: for whom, which name, whether
+/// it is a claim again, whether it was retried.
+type QueuedClaim = (Slot, Rc<str>, bool, bool);
+
 /// The link to Redis and the lease.
 pub(crate) struct Cluster {
     /// The flags.
@@ -264,7 +268,7 @@ pub(crate) struct Cluster {
     window_cut_at: u64,
     /// Claims waiting for room in the window, oldest first: for whom,
     /// which name, whether it is a claim again, whether it was retried.
-    claim_queue: VecDeque<(Slot, Rc<str>, bool, bool)>,
+    claim_queue: VecDeque<QueuedClaim>,
     /// What the link learned, drained by the reactor.
     answers: Vec<Answer>,
     /// Recipient names in routes awaiting Redis.
@@ -692,7 +696,7 @@ impl Cluster {
 
     /// Claims that were never sent fail (`unavailable`); nothing of them is
     /// uncertain in Redis.
-    pub(super) fn fail_queued_claims(&mut self, claims: VecDeque<(Slot, Rc<str>, bool, bool)>) {
+    pub(super) fn fail_queued_claims(&mut self, claims: VecDeque<QueuedClaim>) {
         for (slot, name, again, _) in claims {
             self.claim_unavailable(slot, name, again);
         }
