@@ -115,6 +115,23 @@ impl Framer {
     /// the bytes the last call saw and maybe more; `Ok(None)`: more bytes
     /// are needed. After `Some`, the caller consumes that many bytes and
     /// the next call starts a new frame.
+    /// The next whole reply at the front of `buf` and its length: the
+    /// framer finds a whole, sane frame first; only then does the codec
+    /// decode it (and it must take exactly that much). `Ok(None)`: more
+    /// bytes are needed. The error says why the link must be dropped.
+    pub fn next_reply(&mut self, buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
+        let len = match self.next_frame(buf) {
+            Ok(Some(len)) => len,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(format!("malformed reply from Redis: {}", e.0)),
+        };
+        match decode_reply(&buf[..len]) {
+            Ok(Some((reply, used))) if used == len => Ok(Some((reply, len))),
+            Ok(_) => Err("malformed reply from Redis: a frame cut short".into()),
+            Err(e) => Err(format!("malformed reply from Redis: {}", e.0)),
+        }
+    }
+
     pub fn next_frame(&mut self, buf: &[u8]) -> Result<Option<usize>, Malformed> {
         loop {
             let Some(header) = self.header_at(buf)? else {

@@ -9,7 +9,6 @@ use log::{debug, warn};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use super::codec::decode_reply;
 use super::{Answer, Cluster, MAX_BACKOFF_MS, MAX_OUT, READ_BUDGET, State};
 
 impl Cluster {
@@ -124,26 +123,27 @@ impl Cluster {
         }
     }
 
+    /// Reads both connections: after a failed upgrade, whose handing over
+    /// let readiness events pass unread.
+    pub fn catch_up(&mut self, now_ms: u64) {
+        self.read_more(now_ms);
+        let found = self.lease_link.read_more(now_ms);
+        self.renewed(found, now_ms);
+    }
+
     /// Decodes and handles every complete frame in `input`.
     pub(super) fn decode_all(&mut self, now_ms: u64) -> Result<(), String> {
         let mut at = 0;
         let result = loop {
-            // The framer finds a whole, sane frame first; only then does
-            // the codec decode it (and it must take exactly that much).
-            let len = match self.framer.next_frame(&self.input[at..]) {
-                Ok(Some(len)) => len,
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(format!("malformed reply from Redis: {}", e.0)),
-            };
-            match decode_reply(&self.input[at..at + len]) {
-                Ok(Some((reply, used))) if used == len => {
+            match self.framer.next_reply(&self.input[at..]) {
+                Ok(Some((reply, len))) => {
                     at += len;
                     if let Err(why) = self.on_reply(reply, now_ms) {
                         break Err(why);
                     }
                 }
-                Ok(_) => break Err("malformed reply from Redis: a frame cut short".into()),
-                Err(e) => break Err(format!("malformed reply from Redis: {}", e.0)),
+                Ok(None) => break Ok(()),
+                Err(why) => break Err(why),
             }
         };
         self.input.drain(..at);
@@ -181,9 +181,10 @@ impl Cluster {
         self.answers.push(Answer::Deliver { names, line });
     }
 
-    /// Writes what is queued for Redis; past `MAX_OUT` Redis counts as
-    /// unreachable.
+    /// Writes what is queued for Redis (on both connections); past
+    /// `MAX_OUT` on the data link Redis counts as unreachable.
     pub fn flush(&mut self, now_ms: u64) {
+        self.lease_link.flush(now_ms);
         if self.out.len() - self.out_pos > MAX_OUT {
             self.reset(now_ms, "Redis does not read fast enough");
             return;

@@ -17,18 +17,23 @@
 //! exponentially up to [`MAX_BACKOFF_MS`].
 //!
 //! The lease (docs/CLUSTER.md has the timeline): renewed every third of
-//! `--cluster-lease`. A renewal sent at `t` that succeeds makes the lease
+//! `--cluster-lease`, on a connection of its own (`lease.rs`) so that a
+//! renewal never waits behind the data link's claims, releases and routes
+//! (the data link renews too while that connection is down, and takes the
+//! lease in the first place). A renewal sent at `t` that succeeds makes the lease
 //! valid until `t + lease` at the earliest, in Redis's clock as in ours.
 //! If no renewal succeeds, the node fences at that time less a margin:
 //! `Cluster::must_fence` says so, and the reactor closes every logged-in
 //! client with `error: unavailable` before reading any more input.
 //!
 //! Files: this one has the link's state, the handshake, the commands and
-//! the lease; `link.rs` its I/O; `replies.rs` what each reply does;
+//! the lease; `lease.rs` the lease's own connection; `link.rs` the data
+//! link's I/O; `replies.rs` what each reply does;
 //! `pending.rs` the FIFO's entries and the answers; `codec.rs` the RESP3
 //! adapter; `scripts.rs` the Lua scripts and the keys.
 
 pub(crate) mod codec;
+mod lease;
 mod link;
 mod pending;
 mod replies;
@@ -44,6 +49,7 @@ use mio::{Registry, Token};
 
 use crate::conn::Slot;
 use codec::encode_command;
+use lease::{LeaseLink, Renewal};
 use pending::Pending;
 pub(crate) use pending::{Answer, Claimed};
 use scripts::Script;
@@ -98,6 +104,15 @@ const MAX_REPLY_DEPTH: usize = 8;
 /// Redis, or not sane: the node drops the link rather than buffer it.
 pub fn max_reply(max_line: usize) -> usize {
     (4 * max_line + (64 << 10)).max(1 << 20)
+}
+
+/// The poll tokens of the cluster's two connections to Redis.
+#[derive(Debug, Clone, Copy)]
+pub struct Tokens {
+    /// The data link: claims, releases, routes and the node's channel.
+    pub link: Token,
+    /// The lease's own connection.
+    pub lease: Token,
 }
 
 /// `--cluster-prefix` when not given.
@@ -250,8 +265,10 @@ pub(crate) struct Cluster {
     shas: [Vec<u8>; 5],
     /// When the lease stops being certain (ms); `None`: no lease.
     lease_until: Option<u64>,
-    /// When the next renewal is due (ms).
-    renew_at: u64,
+    /// When the next sweep of dead nodes is due on the data link (ms).
+    sweep_at: u64,
+    /// The lease's own connection.
+    lease_link: LeaseLink,
     /// The wait before the next reconnection attempt.
     backoff_ms: u64,
     /// Whether the link was ever ready (reconnects are counted after).
@@ -303,6 +320,7 @@ impl Cluster {
     pub fn new(config: ClusterConfig, node: String, max_line: usize) -> Cluster {
         let channel = format!("{}:node:{node}", config.prefix).into_bytes();
         let lost_channel = format!("{}:leases-lost", config.prefix).into_bytes();
+        let lease_link = LeaseLink::new(config.redis);
         Cluster {
             config,
             node,
@@ -319,7 +337,8 @@ impl Cluster {
             waiting: HashMap::new(),
             shas: Default::default(),
             lease_until: None,
-            renew_at: 0,
+            sweep_at: 0,
+            lease_link,
             backoff_ms: FIRST_BACKOFF_MS,
             was_ready: false,
             last_reply_ms: 0,
@@ -398,6 +417,8 @@ impl Cluster {
         );
         self.stats.fences += 1;
         self.lease_until = None;
+        // A renewal still in flight must not bring the lease back.
+        self.lease_link.reset(now_ms, "fenced");
         if self.state == State::Ready {
             // Redis answers but too slowly, or the lease is gone: start over.
             self.reset(now_ms, "lease expired");
@@ -410,9 +431,14 @@ impl Cluster {
         let mut next = u64::MAX;
         match self.state {
             State::Down { retry_at } => next = next.min(retry_at),
-            State::Ready => next = next.min(self.renew_at),
+            State::Ready => next = next.min(self.sweep_at),
             State::Connecting | State::Handshaking => {}
         }
+        let renews = self.renews();
+        next = next.min(
+            self.lease_link
+                .next_deadline(renews, self.reply_timeout_ms()),
+        );
         if let Some(until) = self.lease_until {
             next = next.min(until.saturating_sub(self.fence_margin_ms()));
         }
@@ -445,28 +471,65 @@ impl Cluster {
     }
 
     /// Time-driven work: connect, renew, time out a silent Redis.
-    pub fn on_timer(&mut self, registry: &Registry, token: Token, now_ms: u64) {
+    pub fn on_timer(&mut self, registry: &Registry, tokens: Tokens, now_ms: u64) {
+        let renew = self.renews().then(|| self.lease_key());
+        let lease = renew.as_deref().map(|key| (self.config.lease_ms, key));
+        let timeout = self.reply_timeout_ms();
+        self.lease_link
+            .on_timer(registry, tokens.lease, now_ms, lease, timeout);
         if self.hold_until.is_some_and(|at| now_ms >= at) {
             self.release_holds();
         }
         if let State::Down { retry_at } = self.state {
             if now_ms >= retry_at {
-                self.connect(registry, token, now_ms);
+                self.connect(registry, tokens.link, now_ms);
             }
             return;
         }
         if let Some(since) = self.waiting_since() {
-            if now_ms >= since + self.reply_timeout_ms() {
+            if now_ms >= since + timeout {
                 self.reset(now_ms, "Redis did not answer in time");
                 return;
             }
         }
-        if self.state == State::Ready && now_ms >= self.renew_at && !self.leaving {
-            self.renew(now_ms);
+        if self.state == State::Ready && now_ms >= self.sweep_at && !self.leaving {
+            self.sweep(now_ms);
         }
         while self.retries.front().is_some_and(|&(at, _, _)| now_ms >= at) {
             if let Some((_, slot, name)) = self.retries.pop_front() {
                 self.send_claim(slot, name, false, true, now_ms);
+            }
+        }
+    }
+
+    /// Whether the lease is renewed on its own connection now: while the
+    /// node holds one, is not leaving, and its data link is ready. A node
+    /// whose data link is down cannot release the names of clients that
+    /// leave, so it lets its lease lapse as it always did: fenced within a
+    /// lease of the outage, its names free within a lease more.
+    fn renews(&self) -> bool {
+        self.lease_until.is_some() && !self.leaving && self.state == State::Ready
+    }
+
+    /// A readiness event on the lease's connection.
+    pub fn on_lease_event(&mut self, event: &mio::event::Event, now_ms: u64) {
+        let found = self.lease_link.on_event(event, now_ms);
+        self.renewed(found, now_ms);
+    }
+
+    /// What renewals on the lease's connection found: a lease extended, or
+    /// gone (then the data link checks it, in order with its claims, and
+    /// takes a new one if it is).
+    fn renewed(&mut self, found: Vec<Renewal>, now_ms: u64) {
+        for renewal in found {
+            match renewal {
+                Renewal::Renewed { sent_ms } => {
+                    self.stats.rtt_us = now_ms.saturating_sub(sent_ms) * 1000;
+                    if let Some(until) = &mut self.lease_until {
+                        *until = (*until).max(sent_ms + self.config.lease_ms);
+                    }
+                }
+                Renewal::Gone => self.check_lease(now_ms),
             }
         }
     }
@@ -517,12 +580,17 @@ impl Cluster {
             &[b"SET", key.as_bytes(), b"1", b"PX", ms.as_bytes(), b"XX"],
             Pending::Renew { sent_ms: now_ms },
         );
-        self.renew_at = now_ms + self.config.lease_ms / 3;
+        self.sweep_at = now_ms + self.config.lease_ms / 3;
     }
 
-    /// Renews the lease and sweeps dead nodes away.
-    fn renew(&mut self, now_ms: u64) {
-        self.send_renew(now_ms);
+    /// Sweeps dead nodes away; renews the lease too while its own
+    /// connection is down.
+    fn sweep(&mut self, now_ms: u64) {
+        if self.lease_link.is_connected() {
+            self.sweep_at = now_ms + self.config.lease_ms / 3;
+        } else {
+            self.send_renew(now_ms);
+        }
         let prefix = self.config.prefix.clone();
         self.script(Script::Sweep, &[prefix.as_bytes()], Pending::Plain);
     }

@@ -222,7 +222,7 @@ impl Cluster {
     /// flushed): this one's may be gone too, and its names with it, which
     /// would make its clients look offline. It renews now instead of at its
     /// next renewal; a renewal that finds no lease takes a new one.
-    fn check_lease(&mut self, now_ms: u64) {
+    pub(super) fn check_lease(&mut self, now_ms: u64) {
         let renewing = self
             .pending
             .iter()

@@ -44,9 +44,16 @@ fn ready_link() -> Cluster {
     let mut link = Cluster::new(config, "n1".into(), 16 * 1024);
     link.state = State::Ready;
     link.lease_until = Some(10_000);
-    link.renew_at = 3_333;
+    link.sweep_at = 3_333;
+    // The lease's own connection is not tried in these tests.
+    link.lease_link.retry_at = u64::MAX;
     link
 }
+
+const TOKENS: Tokens = Tokens {
+    link: Token(0),
+    lease: Token(1),
+};
 
 fn slot(key: u32) -> Slot {
     Slot { key, id: key + 100 }
@@ -116,7 +123,7 @@ fn a_claim_found_taken_is_tried_once_more_then_refused() {
     assert!(link.take_answers().is_empty(), "no answer while it waits");
     assert!(link.owes(slot(2)));
     assert_eq!(link.next_deadline(), 12 + CLAIM_RETRY_MS);
-    link.on_timer(poll.registry(), Token(0), 12 + CLAIM_RETRY_MS);
+    link.on_timer(poll.registry(), TOKENS, 12 + CLAIM_RETRY_MS);
     assert_eq!(commands(&mut link)[0][3..], ["p", "n1", "bob"]);
     link.on_reply(Reply::Int(0), 200).unwrap();
     assert!(matches!(
@@ -369,13 +376,13 @@ fn a_busy_redis_is_not_a_dead_one() {
     // Redis answers one claim just before the timeout: the others may
     // wait that long again.
     link.on_reply(Reply::Int(1), timeout - 1).unwrap();
-    link.on_timer(poll.registry(), Token(0), timeout + 1);
+    link.on_timer(poll.registry(), TOKENS, timeout + 1);
     assert_eq!(link.state, State::Ready, "answers came: busy, not gone");
     assert!(
         link.claim_window < CLAIM_WINDOW,
         "a slow answer shrinks the window"
     );
-    link.on_timer(poll.registry(), Token(0), 2 * timeout);
+    link.on_timer(poll.registry(), TOKENS, 2 * timeout);
     assert!(
         matches!(link.state, State::Down { .. }),
         "then nothing: gone"

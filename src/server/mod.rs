@@ -86,6 +86,8 @@ pub(crate) enum Source {
     Redis,
     /// A live upgrade's readiness pipe.
     Upgrade,
+    /// Cluster mode: the lease's own connection to Redis.
+    Lease,
 }
 
 impl Source {
@@ -102,6 +104,7 @@ impl Source {
             Source::Waker => 4,
             Source::Redis => 5,
             Source::Upgrade => 6,
+            Source::Lease => 7,
         })
     }
 
@@ -112,11 +115,13 @@ impl Source {
         Some(match token.0 & Self::TAG_MASK {
             0 => Source::Client(index),
             1 => Source::Scraper(index),
+            _ if index != 0 => return None, // the others are one of a kind
             2 => Source::Listener,
             3 => Source::MetricsListener,
             4 => Source::Waker,
             5 => Source::Redis,
             6 => Source::Upgrade,
+            7 => Source::Lease,
             _ => return None,
         })
     }
@@ -398,6 +403,11 @@ impl Server {
                 // answers for its earlier lines.
                 self.apply_cluster_answers();
             }
+            Source::Lease => {
+                if let Some(cluster) = &mut self.cluster {
+                    cluster.on_lease_event(event, self.deadlines.now_ms());
+                }
+            }
             // Quiescing: clients wait (the new process, or the resumed
             // old one, reads them).
             Source::Client(_) | Source::Listener if !self.reads_clients() => {}
@@ -577,7 +587,11 @@ impl Server {
                 self.cluster_tick_at = u64::MAX;
                 if let Some(cluster) = &mut self.cluster {
                     let now = deadlines.now_ms();
-                    cluster.on_timer(registry, Source::Redis.token(), now);
+                    let tokens = crate::cluster::Tokens {
+                        link: Source::Redis.token(),
+                        lease: Source::Lease.token(),
+                    };
+                    cluster.on_timer(registry, tokens, now);
                 }
             }
         }
@@ -667,12 +681,13 @@ mod tests {
             Source::Waker,
             Source::Redis,
             Source::Upgrade,
+            Source::Lease,
         ];
         let mut tokens = std::collections::HashSet::new();
         for source in sources {
             assert_eq!(Source::of(source.token()), Some(source));
             assert!(tokens.insert(source.token()), "{source:?} shares a token");
         }
-        assert_eq!(Source::of(Token(7)), None);
+        assert_eq!(Source::of(Token(7 + 8)), None);
     }
 }

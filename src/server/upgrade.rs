@@ -350,7 +350,7 @@ impl Server {
         }
         if let Some(cluster) = &mut self.cluster {
             cluster.resubscribe();
-            cluster.read_more(self.deadlines.now_ms());
+            cluster.catch_up(self.deadlines.now_ms());
         }
     }
 

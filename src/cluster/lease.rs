@@ -1,0 +1,341 @@
+//! The lease's own connection to Redis, so that a renewal never waits
+//! behind data.
+//!
+//! Redis answers one connection's commands in order: on the data link, a
+//! renewal waits behind every claim, release and route queued before it,
+//! and a login or logout wave of a million clients makes that wait longer
+//! than the lease, so that a node whose Redis is only busy fences. On a
+//! connection of its own a renewal waits only for its turn among Redis's
+//! clients: Redis reads every connection in each pass of its event loop
+//! and runs what it read, so a deep pipeline on the data link delays the
+//! renewal by one pass, not by the whole backlog.
+//!
+//! This link only renews: `HELLO 3`, then `SET <lease> 1 PX <ms> XX` every
+//! third of the lease while the node holds one and its data link is ready
+//! (a node that cannot release names lets its lease lapse, as it did when
+//! the data link renewed). The data link still takes
+//! the lease (at its handshake, and anew when it is lost), in order with
+//! its claims, since names are bound to it; a renewal here that finds the
+//! lease gone has the data link check it (`Cluster::on_lease_event`).
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+
+use log::{debug, info, warn};
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use super::codec::{Framer, Reply, encode_command};
+use super::{FIRST_BACKOFF_MS, MAX_BACKOFF_MS, MAX_REPLY_DEPTH};
+
+/// The longest reply this link takes, and the most it reads at once: its
+/// replies are `OK`, nil and HELLO's map (well under 1 KiB).
+const MAX_LEASE_REPLY: usize = 64 << 10;
+
+/// What a renewal found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Renewal {
+    /// The lease existed and was extended by the renewal sent at `sent_ms`.
+    Renewed { sent_ms: u64 },
+    /// No lease to extend: Redis lost it, or it expired.
+    Gone,
+}
+
+/// What is in flight on the lease link, in the order Redis answers.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    Hello,
+    Renew { sent_ms: u64 },
+}
+
+pub(super) struct LeaseLink {
+    redis: SocketAddr,
+    /// The socket, while connecting or connected.
+    stream: Option<TcpStream>,
+    /// Whether the connect completed.
+    connected: bool,
+    /// Without a socket: when to connect again.
+    pub(super) retry_at: u64,
+    backoff_ms: u64,
+    /// Commands not yet written.
+    out: Vec<u8>,
+    /// Bytes read and not yet decoded.
+    input: Vec<u8>,
+    framer: Framer,
+    sent: VecDeque<Sent>,
+    /// When Redis last answered on this link (ms).
+    last_reply_ms: u64,
+    /// When the next renewal is due (ms).
+    renew_at: u64,
+    /// Whether the failure to reach Redis was logged (once per outage).
+    down_logged: bool,
+}
+
+impl LeaseLink {
+    pub fn new(redis: SocketAddr) -> LeaseLink {
+        LeaseLink {
+            redis,
+            stream: None,
+            connected: false,
+            retry_at: 0,
+            backoff_ms: FIRST_BACKOFF_MS,
+            out: Vec::new(),
+            input: Vec::new(),
+            framer: Framer::new(MAX_REPLY_DEPTH, MAX_LEASE_REPLY),
+            sent: VecDeque::new(),
+            last_reply_ms: 0,
+            renew_at: 0,
+            down_logged: false,
+        }
+    }
+
+    /// Whether the connection is up (else the data link renews too).
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// The earliest time the link wants to be woken: to connect, to renew
+    /// (while the node holds a lease), or to give up on a silent Redis.
+    pub fn next_deadline(&self, holds_lease: bool, reply_timeout_ms: u64) -> u64 {
+        let mut next = u64::MAX;
+        if self.stream.is_none() {
+            next = next.min(self.retry_at);
+        } else if holds_lease {
+            next = next.min(self.renew_at);
+        }
+        if let Some(since) = self.waiting_since() {
+            next = next.min(since + reply_timeout_ms);
+        }
+        next
+    }
+
+    /// Since when the link waits without news (see the data link's
+    /// `waiting_since`).
+    fn waiting_since(&self) -> Option<u64> {
+        let sent = self.sent.iter().find_map(|s| match s {
+            Sent::Renew { sent_ms } => Some(*sent_ms),
+            Sent::Hello => None,
+        })?;
+        Some(sent.max(self.last_reply_ms))
+    }
+
+    /// Time-driven work: connect, renew every third of `lease_ms` while the
+    /// node holds a lease (`renew`: its length and key), drop a link Redis
+    /// stopped answering on.
+    pub fn on_timer(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        now_ms: u64,
+        renew: Option<(u64, &str)>,
+        reply_timeout_ms: u64,
+    ) {
+        if self.stream.is_none() {
+            if now_ms >= self.retry_at {
+                self.connect(registry, token, now_ms);
+            }
+            return;
+        }
+        if self
+            .waiting_since()
+            .is_some_and(|since| now_ms >= since + reply_timeout_ms)
+        {
+            self.reset(now_ms, "Redis did not answer in time");
+            return;
+        }
+        if let Some((lease_ms, key)) = renew {
+            if now_ms >= self.renew_at {
+                self.renew(now_ms, lease_ms, key);
+            }
+        }
+    }
+
+    /// Queues a renewal of `key` for `lease_ms` now.
+    pub fn renew(&mut self, now_ms: u64, lease_ms: u64, key: &str) {
+        let ms = lease_ms.to_string();
+        encode_command(
+            &mut self.out,
+            &[b"SET", key.as_bytes(), b"1", b"PX", ms.as_bytes(), b"XX"],
+        );
+        self.sent.push_back(Sent::Renew { sent_ms: now_ms });
+        self.renew_at = now_ms + lease_ms / 3;
+    }
+
+    fn connect(&mut self, registry: &Registry, token: Token, now_ms: u64) {
+        let mut stream = match TcpStream::connect(self.redis) {
+            Ok(stream) => stream,
+            Err(e) => return self.back_off(now_ms, &e.to_string()),
+        };
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = registry.register(&mut stream, token, interest) {
+            return self.back_off(now_ms, &e.to_string());
+        }
+        let _ = stream.set_nodelay(true);
+        self.stream = Some(stream);
+        self.connected = false;
+        self.last_reply_ms = now_ms;
+        encode_command(&mut self.out, &[b"HELLO", b"3"]);
+        self.sent.push_back(Sent::Hello);
+    }
+
+    /// A readiness event on the link's socket: what renewals found.
+    pub fn on_event(&mut self, event: &mio::event::Event, now_ms: u64) -> Vec<Renewal> {
+        let mut found = Vec::new();
+        if self.stream.is_none() {
+            return found;
+        }
+        if !self.connected {
+            if event.is_error() || event.is_write_closed() || event.is_read_closed() {
+                self.reset(now_ms, "connection refused");
+                return found;
+            }
+            if !event.is_writable() {
+                return found;
+            }
+            match self.stream.as_ref().map(|s| s.peer_addr()) {
+                Some(Ok(_)) => {
+                    self.connected = true;
+                    debug!("cluster: the lease's connection to Redis is up");
+                }
+                _ => {
+                    self.reset(now_ms, "connection refused");
+                    return found;
+                }
+            }
+        }
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            self.read(now_ms, &mut found);
+        }
+        self.flush(now_ms);
+        found
+    }
+
+    /// Reads what came after an upgrade stopped the loop from looking.
+    pub fn read_more(&mut self, now_ms: u64) -> Vec<Renewal> {
+        let mut found = Vec::new();
+        if self.connected {
+            self.read(now_ms, &mut found);
+        }
+        found
+    }
+
+    /// Reads and handles what came. This link is owed a few short replies:
+    /// more than [`MAX_LEASE_REPLY`] at once is not Redis, or not sane,
+    /// and drops the link rather than keep the loop reading.
+    fn read(&mut self, now_ms: u64, found: &mut Vec<Renewal>) {
+        let mut buf = [0; 4096];
+        let mut budget = MAX_LEASE_REPLY;
+        loop {
+            if budget == 0 {
+                return self.reset(now_ms, "Redis sent more than the lease's replies");
+            }
+            let Some(stream) = &mut self.stream else {
+                return;
+            };
+            match stream.read(&mut buf) {
+                Ok(0) => return self.reset(now_ms, "Redis closed the connection"),
+                Ok(n) => {
+                    budget = budget.saturating_sub(n);
+                    self.input.extend_from_slice(&buf[..n]);
+                    if let Err(why) = self.decode_all(now_ms, found) {
+                        return self.reset(now_ms, &why);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.reset(now_ms, &e.to_string()),
+            }
+        }
+    }
+
+    fn decode_all(&mut self, now_ms: u64, found: &mut Vec<Renewal>) -> Result<(), String> {
+        let mut at = 0;
+        let result = loop {
+            let (reply, len) = match self.framer.next_reply(&self.input[at..]) {
+                Ok(Some(next)) => next,
+                Ok(None) => break Ok(()),
+                Err(why) => break Err(why),
+            };
+            at += len;
+            if matches!(reply, Reply::Message { .. } | Reply::OtherPush) {
+                continue; // nothing is subscribed here; ignored all the same
+            }
+            let Some(sent) = self.sent.pop_front() else {
+                break Err("a reply nobody asked for".into());
+            };
+            self.last_reply_ms = now_ms;
+            match (sent, reply) {
+                (_, Reply::Error(e)) => break Err(format!("Redis refused a command: {e}")),
+                (Sent::Hello, _) => {}
+                (Sent::Renew { .. }, Reply::Nil) => found.push(Renewal::Gone),
+                (Sent::Renew { sent_ms }, _) => {
+                    if self.down_logged {
+                        info!("cluster: the lease's connection to Redis is back");
+                        self.down_logged = false;
+                    }
+                    self.backoff_ms = FIRST_BACKOFF_MS;
+                    found.push(Renewal::Renewed { sent_ms });
+                }
+            }
+        };
+        self.input.drain(..at);
+        result
+    }
+
+    /// Writes what is queued (a few commands a lease at most).
+    pub fn flush(&mut self, now_ms: u64) {
+        if !self.connected || self.out.is_empty() {
+            return;
+        }
+        let Some(stream) = &mut self.stream else {
+            return;
+        };
+        let mut written = 0;
+        let mut failed = None;
+        while written < self.out.len() {
+            match stream.write(&self.out[written..]) {
+                Ok(0) => break,
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        self.out.drain(..written);
+        if let Some(why) = failed {
+            self.reset(now_ms, &why);
+        }
+    }
+
+    /// Drops the connection (renewals in flight are lost: the lease stays
+    /// until it must be fenced) and waits for the back-off.
+    pub fn reset(&mut self, now_ms: u64, why: &str) {
+        // Connect failures are the data link's to report (it logs each
+        // outage once); a connection that worked and failed is news.
+        if self.connected && !self.down_logged {
+            warn!(
+                "cluster: the lease's connection to Redis at {} failed ({why}); \
+                 connecting again with back-off",
+                self.redis
+            );
+            self.down_logged = true;
+        }
+        self.stream = None;
+        self.connected = false;
+        self.out.clear();
+        self.input.clear();
+        self.framer.reset();
+        self.sent.clear();
+        self.back_off(now_ms, why);
+    }
+
+    fn back_off(&mut self, now_ms: u64, why: &str) {
+        debug!("cluster: the lease's connection to Redis: {why}");
+        self.retry_at = now_ms + self.backoff_ms;
+        self.backoff_ms = (self.backoff_ms * 2).min(MAX_BACKOFF_MS);
+    }
+}
