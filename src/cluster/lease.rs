@@ -122,7 +122,9 @@ impl LeaseLink {
 
     /// Time-driven work: connect, renew every third of `lease_ms` while the
     /// node holds a lease (`renew`: its length and key), drop a link Redis
-    /// stopped answering on.
+    /// stopped answering on. Returns what renewals found: a reply is read
+    /// before the link is called silent, since a long turn of the loop may
+    /// have left it unread.
     pub fn on_timer(
         &mut self,
         registry: &Registry,
@@ -130,25 +132,41 @@ impl LeaseLink {
         now_ms: u64,
         renew: Option<(u64, &str)>,
         reply_timeout_ms: u64,
-    ) {
+    ) -> Vec<Renewal> {
+        let mut found = Vec::new();
         if self.stream.is_none() {
             if now_ms >= self.retry_at {
                 self.connect(registry, token, now_ms);
             }
-            return;
+            return found;
         }
-        if self
-            .waiting_since()
-            .is_some_and(|since| now_ms >= since + reply_timeout_ms)
-        {
+        let silent = |link: &LeaseLink| {
+            link.waiting_since()
+                .is_some_and(|since| now_ms >= since + reply_timeout_ms)
+        };
+        if silent(self) && self.connected {
+            self.read(now_ms, &mut found);
+        }
+        if silent(self) {
             self.reset(now_ms, "Redis did not answer in time");
-            return;
+            return found;
         }
         if let Some((lease_ms, key)) = renew {
             if now_ms >= self.renew_at {
                 self.renew(now_ms, lease_ms, key);
             }
         }
+        found
+    }
+
+    /// Reads the replies that came (before the node decides to fence, or
+    /// after an upgrade stopped the loop from looking).
+    pub fn read_more(&mut self, now_ms: u64) -> Vec<Renewal> {
+        let mut found = Vec::new();
+        if self.connected {
+            self.read(now_ms, &mut found);
+        }
+        found
     }
 
     /// Queues a renewal of `key` for `lease_ms` now.
@@ -208,15 +226,6 @@ impl LeaseLink {
             self.read(now_ms, &mut found);
         }
         self.flush(now_ms);
-        found
-    }
-
-    /// Reads what came after an upgrade stopped the loop from looking.
-    pub fn read_more(&mut self, now_ms: u64) -> Vec<Renewal> {
-        let mut found = Vec::new();
-        if self.connected {
-            self.read(now_ms, &mut found);
-        }
         found
     }
 
@@ -337,5 +346,142 @@ impl LeaseLink {
         debug!("cluster: the lease's connection to Redis: {why}");
         self.retry_at = now_ms + self.backoff_ms;
         self.backoff_ms = (self.backoff_ms * 2).min(MAX_BACKOFF_MS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    const TOKEN: Token = Token(1);
+    const TIMEOUT_MS: u64 = 2500;
+    const KEY: &str = "p:lease:n";
+
+    /// A lease link connected to a fake Redis (a plain socket the test
+    /// reads commands from and writes replies to), past HELLO.
+    struct Fake {
+        poll: mio::Poll,
+        link: LeaseLink,
+        redis: BufReader<std::net::TcpStream>,
+    }
+
+    impl Fake {
+        fn start() -> Fake {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let poll = mio::Poll::new().unwrap();
+            let mut link = LeaseLink::new(listener.local_addr().unwrap());
+            link.on_timer(poll.registry(), TOKEN, 0, None, TIMEOUT_MS);
+            let (redis, _) = listener.accept().unwrap();
+            redis
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut fake = Fake {
+                poll,
+                link,
+                redis: BufReader::new(redis),
+            };
+            fake.events(0);
+            assert!(fake.link.is_connected());
+            assert_eq!(fake.command(), ["HELLO", "3"]);
+            fake.reply(b"%1\r\n+server\r\n+redis\r\n");
+            assert!(fake.events(1).is_empty());
+            fake
+        }
+
+        /// Handles the link's readiness events until none come for a
+        /// moment (the replies written so far are read).
+        fn events(&mut self, now_ms: u64) -> Vec<Renewal> {
+            let mut events = mio::Events::with_capacity(8);
+            let mut found = Vec::new();
+            loop {
+                self.poll
+                    .poll(&mut events, Some(Duration::from_millis(200)))
+                    .unwrap();
+                if events.is_empty() {
+                    return found;
+                }
+                for event in events.iter() {
+                    found.extend(self.link.on_event(event, now_ms));
+                }
+            }
+        }
+
+        /// The next command the link wrote, as its words.
+        fn command(&mut self) -> Vec<String> {
+            let mut line = String::new();
+            self.redis.read_line(&mut line).unwrap();
+            let n: usize = line.trim_end()[1..].parse().unwrap();
+            (0..n)
+                .map(|_| {
+                    let mut len = String::new();
+                    self.redis.read_line(&mut len).unwrap();
+                    let mut word = String::new();
+                    self.redis.read_line(&mut word).unwrap();
+                    word.trim_end().to_string()
+                })
+                .collect()
+        }
+
+        fn reply(&mut self, bytes: &[u8]) {
+            self.redis.get_mut().write_all(bytes).unwrap();
+        }
+
+        fn renew(&mut self, now_ms: u64) -> Vec<Renewal> {
+            let renew = Some((3000, KEY));
+            let found = self
+                .link
+                .on_timer(self.poll.registry(), TOKEN, now_ms, renew, TIMEOUT_MS);
+            self.link.flush(now_ms);
+            found
+        }
+    }
+
+    #[test]
+    fn renews_and_reports_what_it_found() {
+        let mut fake = Fake::start();
+        fake.renew(10);
+        assert_eq!(fake.command(), ["SET", KEY, "1", "PX", "3000", "XX"]);
+        fake.reply(b"+OK\r\n");
+        assert_eq!(fake.events(20), [Renewal::Renewed { sent_ms: 10 }]);
+        fake.renew(11); // not due yet: a third of the lease after the last
+        fake.renew(1010);
+        assert_eq!(fake.command()[0], "SET");
+        fake.reply(b"_\r\n");
+        assert_eq!(fake.events(1020), [Renewal::Gone]);
+    }
+
+    #[test]
+    fn a_reply_a_long_turn_left_unread_is_not_a_silent_redis() {
+        let mut fake = Fake::start();
+        fake.renew(10);
+        fake.command();
+        fake.reply(b"+OK\r\n");
+        // The timer comes first, long after: the reply waits in the socket.
+        std::thread::sleep(Duration::from_millis(50));
+        let found = fake.renew(10 + TIMEOUT_MS + 1);
+        assert_eq!(found, [Renewal::Renewed { sent_ms: 10 }]);
+        assert!(fake.link.is_connected());
+    }
+
+    #[test]
+    fn a_silent_redis_drops_the_link() {
+        let mut fake = Fake::start();
+        fake.renew(10);
+        fake.command();
+        assert!(fake.renew(10 + TIMEOUT_MS).is_empty());
+        assert!(!fake.link.is_connected());
+        assert!(fake.link.next_deadline(true, TIMEOUT_MS) > 10 + TIMEOUT_MS);
+    }
+
+    #[test]
+    fn a_flood_drops_the_link_instead_of_keeping_the_loop_reading() {
+        let mut fake = Fake::start();
+        let push = b">2\r\n+message\r\n+x\r\n".repeat(8192); // pushes nobody asked for
+        fake.reply(&push);
+        fake.events(30);
+        assert!(!fake.link.is_connected());
     }
 }

@@ -396,7 +396,18 @@ impl Cluster {
     /// Whether the node must fence now: it has a lease it could not renew
     /// in time. The reactor checks this before it reads any input, so a
     /// node woken from a pause longer than its lease routes nothing first.
-    pub fn must_fence(&self, now_ms: u64) -> bool {
+    /// A renewal's answer that a long turn left unread is read first.
+    pub fn must_fence(&mut self, now_ms: u64) -> bool {
+        if !self.lease_ends_by(now_ms) {
+            return false;
+        }
+        let found = self.lease_link.read_more(now_ms);
+        self.renewed(found, now_ms);
+        self.lease_ends_by(now_ms)
+    }
+
+    /// Whether the lease's certain end, less the margin, is past.
+    fn lease_ends_by(&self, now_ms: u64) -> bool {
         self.lease_until
             .is_some_and(|until| now_ms + self.fence_margin_ms() >= until)
     }
@@ -475,8 +486,10 @@ impl Cluster {
         let renew = self.renews().then(|| self.lease_key());
         let lease = renew.as_deref().map(|key| (self.config.lease_ms, key));
         let timeout = self.reply_timeout_ms();
-        self.lease_link
+        let found = self
+            .lease_link
             .on_timer(registry, tokens.lease, now_ms, lease, timeout);
+        self.renewed(found, now_ms);
         if self.hold_until.is_some_and(|at| now_ms >= at) {
             self.release_holds();
         }
@@ -486,11 +499,17 @@ impl Cluster {
             }
             return;
         }
-        if let Some(since) = self.waiting_since() {
-            if now_ms >= since + timeout {
-                self.reset(now_ms, "Redis did not answer in time");
-                return;
-            }
+        let silent = |link: &Cluster| {
+            link.waiting_since()
+                .is_some_and(|since| now_ms >= since + timeout)
+        };
+        if silent(self) && self.wants_read() {
+            // A long turn may have left the answer unread.
+            self.read(now_ms);
+        }
+        if silent(self) {
+            self.reset(now_ms, "Redis did not answer in time");
+            return;
         }
         if self.state == State::Ready && now_ms >= self.sweep_at && !self.leaving {
             self.sweep(now_ms);
@@ -712,6 +731,12 @@ impl Cluster {
         } else if rtt < target / 2 {
             self.claim_window = (self.claim_window + 1).min(CLAIM_WINDOW_MAX);
         }
+    }
+
+    /// The claim window now and the claims waiting for room in it (for the
+    /// stats line).
+    pub fn claims_admitted(&self) -> (usize, usize) {
+        (self.claim_window, self.claim_queue.len())
     }
 
     /// A claim was answered: the oldest waiting ones are sent while the

@@ -314,7 +314,7 @@ fn a_client_waiting_for_many_answers_is_throttled_until_they_are_in() {
 
 #[test]
 fn the_node_fences_a_margin_before_its_lease_can_end() {
-    let link = ready_link();
+    let mut link = ready_link();
     let margin = 1000; // a tenth of the 10 s lease
     assert_eq!(link.fence_at(), Some(10_000 - margin));
     assert!(!link.must_fence(10_000 - margin - 1));

@@ -531,7 +531,7 @@ impl Server {
                 Deadline::Cluster if !self.touches_clients() => {
                     self.cluster_tick_at = u64::MAX;
                     let now = self.deadlines.now_ms();
-                    if self.cluster.as_ref().is_some_and(|c| c.must_fence(now)) {
+                    if self.cluster.as_mut().is_some_and(|c| c.must_fence(now)) {
                         // The lease cannot wait for a slow new process.
                         self.abort_upgrade(
                             "the lease would expire before the new process was ready",
@@ -641,7 +641,11 @@ fn counters(clients: &Clients, cluster: Option<&Cluster>, now_ms: u64) -> String
         for (name, value) in stats.each() {
             line += &format!(" {name}={value}");
         }
-        line += &format!(" redis_rtt_us={}", stats.rtt_us);
+        let (window, queued) = cluster.claims_admitted();
+        line += &format!(
+            " redis_rtt_us={} claim_window={window} claims_queued={queued}",
+            stats.rtt_us
+        );
     }
     line
 }
