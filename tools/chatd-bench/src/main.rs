@@ -207,6 +207,10 @@ fn parse_args() -> Result<Option<Args>, String> {
                 .filter(|n| *n <= max)
                 .ok_or_else(|| bad(&format!("a whole number up to {max}")))
         };
+        let count_from_1 = |max: usize| match count(max)? {
+            0 => Err(bad(&format!("a whole number from 1 to {max}"))),
+            n => Ok(n),
+        };
         let secs = || {
             value
                 .parse::<f64>()
@@ -255,12 +259,7 @@ fn parse_args() -> Result<Option<Args>, String> {
                     .collect::<Option<_>>()
                     .ok_or_else(|| bad("a process id, or a comma list of them"))?
             }
-            "threads" => {
-                threads = count(MAX_THREADS)?;
-                if threads == 0 {
-                    return Err(bad(&format!("a whole number from 1 to {MAX_THREADS}")));
-                }
-            }
+            "threads" => threads = count_from_1(MAX_THREADS)?,
             "hgrm" => hgrm = Some(PathBuf::from(&value)),
             _ => unreachable!("every flag of VALUE_FLAGS has an arm"),
         }
@@ -436,7 +435,8 @@ fn main() -> ExitCode {
         }
     }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    match run(&args) {
+    let result = Generator::new(args.plan.clone(), args.threads).and_then(|load| run(&args, load));
+    match result {
         Ok((report, ok)) => {
             if args.json {
                 println!("{}", report.json());
@@ -456,13 +456,103 @@ fn main() -> ExitCode {
     }
 }
 
+/// What the progress lines show of a generator.
+trait Figures {
+    /// Clients connected and logged in.
+    fn ready(&self) -> u64;
+    fn connect_failed(&self) -> u64;
+    /// Clients whose connection is still open.
+    fn connected(&self) -> usize;
+    fn deliveries(&self) -> u64;
+    /// Deliveries the lines sent so far should produce.
+    fn expected(&self) -> u64;
+}
+
+/// The phase a progress line is about.
+#[derive(Clone, Copy)]
+enum Phase {
+    Connect,
+    /// Holding the connections for this long.
+    Idle(Duration),
+    Traffic,
+}
+
+/// Where the phases report their progress: [`Progress`] on stderr.
+trait Watch {
+    /// After each turn of `phase`, which started at `since`.
+    fn tick(&mut self, phase: Phase, since: Instant, figures: &dyn Figures);
+}
+
+/// How the connect phase went.
+struct Logins {
+    logged_in: u64,
+    connect_failed: u64,
+    /// From the first connect started to the end of the phase (every
+    /// client logged in or failed, or the settle timeout).
+    secs: f64,
+    /// Connect start to confirmed login, µs.
+    latency: Histogram<u64>,
+}
+
+/// A generator the phases drive: this process's own ([`Generator`]).
+trait Driver: Figures + Sized {
+    /// Connects and logs in every client (until all are settled or the
+    /// settle timeout, after the connect rate's own time).
+    fn log_in(&mut self, plan: &Plan, watch: &mut dyn Watch) -> io::Result<Logins>;
+    /// Holds the connections for up to `wait`, reading what arrives.
+    fn hold(&mut self, wait: Duration) -> io::Result<()>;
+    /// Sends for `--duration`, waits for the deliveries still in flight (up
+    /// to `--settle-timeout`), and ends the run.
+    fn traffic(self, plan: &Plan, watch: &mut dyn Watch) -> io::Result<(Totals, TrafficTimes)>;
+    /// Ends a run without traffic.
+    fn end(self) -> io::Result<Totals>;
+}
+
+impl Driver for Generator {
+    fn log_in(&mut self, plan: &Plan, watch: &mut dyn Watch) -> io::Result<Logins> {
+        let start = Instant::now();
+        while !self.logins_settled() && start.elapsed() < plan.settle_timeout + connect_time(plan) {
+            self.connect_step(start, Duration::from_millis(50))?;
+            watch.tick(Phase::Connect, start, self);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        self.end_connect()?;
+        Ok(Logins {
+            logged_in: self.ready(),
+            connect_failed: self.connect_failed(),
+            secs,
+            latency: self.login_latency(),
+        })
+    }
+
+    fn hold(&mut self, wait: Duration) -> io::Result<()> {
+        self.traffic_step(wait)
+    }
+
+    fn traffic(mut self, plan: &Plan, watch: &mut dyn Watch) -> io::Result<(Totals, TrafficTimes)> {
+        let me_start = own_usage();
+        let start = Instant::now();
+        let sent_secs = traffic_phase(&mut self, plan, watch)?;
+        drain_phase(&mut self, plan)?;
+        let times = TrafficTimes {
+            sent_secs,
+            secs: start.elapsed().as_secs_f64(),
+            bench_cpu: own_usage().cpu.saturating_sub(me_start.cpu),
+        };
+        Ok((self.finish()?, times))
+    }
+
+    fn end(self) -> io::Result<Totals> {
+        self.finish()
+    }
+}
+
 /// Runs the phases in order (connect and log in, idle hold, traffic, the
 /// wait for the last deliveries) and reports each; true if nothing went
 /// wrong.
-fn run(args: &Args) -> io::Result<(Report, bool)> {
+fn run(args: &Args, mut load: impl Driver) -> io::Result<(Report, bool)> {
     let plan = &args.plan;
     let server = ServerProcesses::new(&args.server_pids);
-    let mut load = Generator::new(plan.clone(), args.threads)?;
     let mut progress = Progress::new();
     let mut report = Report { fields: Vec::new() };
     let addrs: Vec<String> = plan.addrs.iter().map(SocketAddr::to_string).collect();
@@ -470,91 +560,53 @@ fn run(args: &Args) -> io::Result<(Report, bool)> {
     report.int("clients", plan.clients as u64);
 
     let server_before = server.usage();
-    connect_phase(&mut load, plan, &mut progress, &mut report)?;
+    let logins = load.log_in(plan, &mut progress)?;
+    report_logins(&mut report, &logins);
     idle_phase(&mut load, args.idle, &mut progress)?;
     report_memory(&mut report, server_before, server.usage(), load.ready());
     let (counts, expected) = if plan.senders > 0 {
         report_traffic_plan(&mut report, plan);
         let server_start = server.usage();
-        let me_start = own_usage();
-        let start = Instant::now();
-        let sent_secs = traffic_phase(&mut load, plan, &mut progress)?;
-        drain_phase(&mut load, plan)?;
-        let times = TrafficTimes {
-            sent_secs,
-            secs: start.elapsed().as_secs_f64(),
-            bench_cpu: own_usage().cpu.saturating_sub(me_start.cpu),
-        };
+        let (totals, times) = load.traffic(plan, &mut progress)?;
         let server_cpu = match (server_start, server.usage()) {
             (Some(before), Some(after)) => Some(after.cpu.saturating_sub(before.cpu)),
             _ => None,
         };
         progress.end();
-        let totals = load.finish()?;
         report_traffic(&mut report, args, &totals, &times, server_cpu)?;
         // Summed over the threads after they ended.
         let expected = totals.counts.lines_sent * plan.fanout as u64;
         (totals.counts, expected)
     } else {
         progress.end();
-        (load.finish()?.counts, 0)
+        (load.end()?.counts, 0)
     };
     let ok = report_verdict(&mut report, plan, &counts, expected);
     Ok((report, ok))
 }
 
-/// Connects and logs in every client (until all are settled or the
-/// settle timeout, after the connect rate's own time), and reports how
-/// that went.
-fn connect_phase(
-    load: &mut Generator,
-    plan: &Plan,
-    progress: &mut Progress,
-    report: &mut Report,
-) -> io::Result<()> {
-    let start = Instant::now();
-    while !load.logins_settled() && start.elapsed() < plan.settle_timeout + connect_time(plan) {
-        load.connect_step(start, Duration::from_millis(50))?;
-        if progress.due() {
-            progress.show(format_args!(
-                "[connect] {:.0}s: {} logged in, {} failed",
-                start.elapsed().as_secs_f64(),
-                load.ready(),
-                load.connect_failed()
-            ));
-        }
-    }
-    let connect_secs = start.elapsed().as_secs_f64();
-    load.end_connect()?;
-    report.int("logged_in", load.ready());
-    report.int("connect_failed", load.connect_failed());
-    report.float("connect_secs", connect_secs);
-    report.float("logins_per_sec", load.ready() as f64 / connect_secs);
-    let login_latency = load.login_latency();
+/// How the connect phase went: logins, failures, time and latency.
+fn report_logins(report: &mut Report, logins: &Logins) {
+    report.int("logged_in", logins.logged_in);
+    report.int("connect_failed", logins.connect_failed);
+    report.float("connect_secs", logins.secs);
+    report.float("logins_per_sec", logins.logged_in as f64 / logins.secs);
     for (key, q) in [
         ("login_ms_p50", 0.5),
         ("login_ms_p99", 0.99),
         ("login_ms_max", 1.0),
     ] {
-        report.float(key, login_latency.value_at_quantile(q) as f64 / 1000.0);
+        report.float(key, logins.latency.value_at_quantile(q) as f64 / 1000.0);
     }
-    Ok(())
 }
 
 /// Holds the connections idle for `idle`, still reading what arrives.
-fn idle_phase(load: &mut Generator, idle: Duration, progress: &mut Progress) -> io::Result<()> {
+fn idle_phase(load: &mut impl Driver, idle: Duration, watch: &mut dyn Watch) -> io::Result<()> {
     let idle_start = Instant::now();
     while idle_start.elapsed() < idle {
         let left = idle.saturating_sub(idle_start.elapsed());
-        load.traffic_step(left.min(Duration::from_millis(100)))?;
-        if progress.due() {
-            progress.show(format_args!(
-                "[idle] {:.1}s of {:.1}s: {} connected",
-                idle_start.elapsed().as_secs_f64(),
-                idle.as_secs_f64(),
-                load.connected()
-            ));
-        }
+        load.hold(left.min(Duration::from_millis(100)))?;
+        watch.tick(Phase::Idle(idle), idle_start, load);
     }
     Ok(())
 }
@@ -585,22 +637,12 @@ fn report_traffic_plan(report: &mut Report, plan: &Plan) {
 
 /// Sends for `--duration` (progress each second), then stops sending;
 /// returns how long sending took, in seconds.
-fn traffic_phase(load: &mut Generator, plan: &Plan, progress: &mut Progress) -> io::Result<f64> {
+fn traffic_phase(load: &mut Generator, plan: &Plan, watch: &mut dyn Watch) -> io::Result<f64> {
     let start = Instant::now();
     load.start_traffic()?;
-    let mut last = (Instant::now(), 0);
     while start.elapsed() < plan.duration {
         load.traffic_step(Duration::from_millis(10))?;
-        if last.0.elapsed() >= Duration::from_secs(1) {
-            let d = load.deliveries();
-            progress.show(format_args!(
-                "[traffic] {:.0}s: {:.0} deliveries/s, {} in flight",
-                start.elapsed().as_secs_f64(),
-                (d - last.1) as f64 / last.0.elapsed().as_secs_f64(),
-                load.expected().saturating_sub(d),
-            ));
-            last = (Instant::now(), d);
-        }
+        watch.tick(Phase::Traffic, start, load);
     }
     load.stop_traffic()?;
     Ok(start.elapsed().as_secs_f64())
@@ -729,6 +771,41 @@ struct Progress {
     last: Instant,
     /// A line is on the terminal without its newline.
     drawn: bool,
+    /// Traffic: when the last line was shown, and the deliveries then.
+    rate_from: Option<(Instant, u64)>,
+}
+
+impl Watch for Progress {
+    fn tick(&mut self, phase: Phase, since: Instant, load: &dyn Figures) {
+        match phase {
+            Phase::Connect if self.due() => self.show(format_args!(
+                "[connect] {:.0}s: {} logged in, {} failed",
+                since.elapsed().as_secs_f64(),
+                load.ready(),
+                load.connect_failed()
+            )),
+            Phase::Idle(idle) if self.due() => self.show(format_args!(
+                "[idle] {:.1}s of {:.1}s: {} connected",
+                since.elapsed().as_secs_f64(),
+                idle.as_secs_f64(),
+                load.connected()
+            )),
+            Phase::Traffic => {
+                let (last, before) = *self.rate_from.get_or_insert((since, 0));
+                if last.elapsed() >= Duration::from_secs(1) {
+                    let d = load.deliveries();
+                    self.show(format_args!(
+                        "[traffic] {:.0}s: {:.0} deliveries/s, {} in flight",
+                        since.elapsed().as_secs_f64(),
+                        d.saturating_sub(before) as f64 / last.elapsed().as_secs_f64(),
+                        load.expected().saturating_sub(d),
+                    ));
+                    self.rate_from = Some((Instant::now(), d));
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Progress {
@@ -737,6 +814,7 @@ impl Progress {
             tty: std::io::stderr().is_terminal(),
             last: Instant::now(),
             drawn: false,
+            rate_from: None,
         }
     }
 

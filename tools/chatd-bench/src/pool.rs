@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use crate::Figures;
 use crate::load::{Counts, Load, Plan, Shared};
 
 /// The phases the main thread steps the workers through, in order.
@@ -139,27 +140,6 @@ impl Generator {
         }
     }
 
-    pub fn ready(&self) -> u64 {
-        match self {
-            Generator::One(load) => load.ready(),
-            Generator::Many(pool) => pool.sum(|b| &b.logged_in),
-        }
-    }
-
-    pub fn connect_failed(&self) -> u64 {
-        match self {
-            Generator::One(load) => load.counts.connect_failed,
-            Generator::Many(pool) => pool.sum(|b| &b.connect_failed),
-        }
-    }
-
-    pub fn connected(&self) -> usize {
-        match self {
-            Generator::One(load) => load.connected(),
-            Generator::Many(pool) => pool.sum(|b| &b.connected) as usize,
-        }
-    }
-
     /// Login latencies so far (with several threads, as of the end of the
     /// connect phase, [`Generator::end_connect`]).
     pub fn login_latency(&self) -> Histogram<u64> {
@@ -177,22 +157,6 @@ impl Generator {
                 }
                 sum.expect("at least one thread")
             }
-        }
-    }
-
-    pub fn deliveries(&self) -> u64 {
-        match self {
-            Generator::One(load) => load.counts.deliveries,
-            Generator::Many(pool) => pool.sum(|b| &b.deliveries),
-        }
-    }
-
-    /// Deliveries the lines sent so far should produce (with several
-    /// threads exact once [`Generator::stop_traffic`] returned).
-    pub fn expected(&self) -> u64 {
-        match self {
-            Generator::One(load) => load.expected(),
-            Generator::Many(pool) => pool.sum(|b| &b.lines_sent) * pool.fanout,
         }
     }
 
@@ -256,6 +220,42 @@ impl Generator {
             totals.send_lag.add(&load.send_lag).expect("same bounds");
         }
         Ok(totals)
+    }
+}
+
+impl Generator {
+    /// A figure of the one [`Load`], or the sum of the workers' boards.
+    fn figure(&self, one: fn(&Load) -> u64, many: fn(&Board) -> &AtomicU64) -> u64 {
+        match self {
+            Generator::One(load) => one(load),
+            Generator::Many(pool) => pool.sum(many),
+        }
+    }
+}
+
+impl Figures for Generator {
+    fn ready(&self) -> u64 {
+        self.figure(Load::ready, |b| &b.logged_in)
+    }
+
+    fn connect_failed(&self) -> u64 {
+        self.figure(|load| load.counts.connect_failed, |b| &b.connect_failed)
+    }
+
+    fn connected(&self) -> usize {
+        self.figure(|load| load.connected() as u64, |b| &b.connected) as usize
+    }
+
+    fn deliveries(&self) -> u64 {
+        self.figure(|load| load.counts.deliveries, |b| &b.deliveries)
+    }
+
+    /// With several threads exact once [`Generator::stop_traffic`] returned.
+    fn expected(&self) -> u64 {
+        match self {
+            Generator::One(load) => load.expected(),
+            Generator::Many(pool) => pool.sum(|b| &b.lines_sent) * pool.fanout,
+        }
     }
 }
 
