@@ -12,6 +12,7 @@
 
 mod load;
 mod pool;
+mod procs;
 mod server;
 
 use std::io::{self, IsTerminal, Write};
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use load::{Counts, Plan};
 use pool::{Generator, Totals};
+use procs::Children;
 use server::{ServerProcesses, Usage, own_usage};
 
 const USAGE: &str = "\
@@ -74,6 +76,21 @@ Generator:
                          bench_cpu_secs per thread is well below traffic_secs.
                          On a machine with few cores they compete with the
                          server for them.
+  --procs N              processes, up to 1024 [default: 1]: past about
+                         20,000 clients (or whatever one process may open:
+                         `ulimit -Hn`) spread the load over N child
+                         processes of this program, each a full generator
+                         (with its own --threads) over its share of
+                         --clients and --senders, of the --source-ips (or of
+                         the default list for all --clients; shared
+                         round-robin when there are fewer addresses than
+                         processes), with the name prefix <P>p<K> for the
+                         K-th. The phases start together in all of them and
+                         the report is the sum (histograms merged exactly).
+                         Each process needs at least --fanout + 1 clients
+                         when there is traffic: a sender's recipients are
+                         in its own process. The children run as
+                         `chatd-bench --procs-child K ...`, an internal flag.
 Measuring:
   --server-pid PID,...   read the server's RSS and CPU time from /proc; with
                          several (the nodes of a cluster), their sum
@@ -88,7 +105,7 @@ Measuring:
 Each connection uses one file descriptor here and one in the server. At
 start the generator raises its soft open-file limit to the hard limit; past
 that, raise the hard limit first (`ulimit -Hn`, as root: `prlimit --nofile=`,
-or LimitNOFILE= in systemd).
+or LimitNOFILE= in systemd), or spread the clients over --procs.
 
 The result goes to stdout (text, or JSON with --json); progress goes to
 stderr once a second (redrawn in place on a terminal, else one line each). Exit status 1 if anything was lost or went wrong.
@@ -111,6 +128,8 @@ const VALUE_FLAGS: &[&str] = &[
     "settle-timeout",
     "server-pid",
     "threads",
+    "procs",
+    "procs-child",
     "hgrm",
 ];
 
@@ -134,6 +153,8 @@ const MAX_PAIRS: usize = 100_000_000;
 const MAX_PREFIX: usize = 32;
 /// The most `--threads`.
 const MAX_THREADS: usize = 1024;
+/// The most `--procs`.
+const MAX_PROCS: usize = 1024;
 
 /// What the command line asked for.
 struct Args {
@@ -143,6 +164,10 @@ struct Args {
     server_pids: Vec<u32>,
     json: bool,
     threads: usize,
+    /// Generator processes (`--procs`); above 1 this one steers children.
+    procs: usize,
+    /// This process is the child `K` of a `--procs` run (`--procs-child`).
+    child: Option<usize>,
     /// Where to write the latency histogram (`--hgrm`).
     hgrm: Option<PathBuf>,
 }
@@ -168,6 +193,8 @@ fn parse_args() -> Result<Option<Args>, String> {
     let mut server_pids = Vec::new();
     let mut json = false;
     let mut threads = 1;
+    let mut procs = 1;
+    let mut child = None;
     let mut hgrm = None;
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
@@ -260,6 +287,8 @@ fn parse_args() -> Result<Option<Args>, String> {
                     .ok_or_else(|| bad("a process id, or a comma list of them"))?
             }
             "threads" => threads = count_from_1(MAX_THREADS)?,
+            "procs" => procs = count_from_1(MAX_PROCS)?,
+            "procs-child" => child = Some(count(MAX_PROCS - 1)?),
             "hgrm" => hgrm = Some(PathBuf::from(&value)),
             _ => unreachable!("every flag of VALUE_FLAGS has an arm"),
         }
@@ -295,12 +324,31 @@ fn parse_args() -> Result<Option<Args>, String> {
     if plan.senders > 0 && plan.rate == 0.0 && plan.window == 0 {
         return Err("--window must be at least 1 in closed loop".into());
     }
+    if plan.clients < procs {
+        return Err(format!(
+            "--procs {procs} needs at least {procs} --clients, one for each process"
+        ));
+    }
+    // The process with the fewest clients has this many.
+    let fewest = plan.clients / procs;
+    if plan.senders > 0 && fewest < plan.fanout + 1 {
+        return Err(format!(
+            "--procs {procs} leaves {fewest} clients in a process, fewer than --fanout + 1 = {}: \
+             each process sends to its own clients only; use fewer --procs or a smaller --fanout",
+            plan.fanout + 1
+        ));
+    }
+    if child.is_some_and(|k| k >= procs) {
+        return Err("--procs-child must be below --procs".into());
+    }
     Ok(Some(Args {
         plan,
         idle,
         server_pids,
         json,
         threads,
+        procs,
+        child,
         hgrm,
     }))
 }
@@ -422,6 +470,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(k) = args.child {
+        // The parent checked the server and measures it.
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+        return match procs::child_main(&args, k) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("chatd-bench: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     // Figures of the wrong process would look like the server's.
     match server::check_listening(&args.server_pids, &args.plan.addrs, server::LISTEN_WAIT) {
         Ok(warnings) => {
@@ -435,7 +494,11 @@ fn main() -> ExitCode {
         }
     }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let result = Generator::new(args.plan.clone(), args.threads).and_then(|load| run(&args, load));
+    let result = if args.procs > 1 {
+        Children::spawn(&args).and_then(|children| run(&args, children))
+    } else {
+        Generator::new(args.plan.clone(), args.threads).and_then(|load| run(&args, load))
+    };
     match result {
         Ok((report, ok)) => {
             if args.json {
@@ -456,7 +519,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// What the progress lines show of a generator.
+/// What the progress lines show of a generator: its own figures, or with
+/// `--procs` the sum of its children's.
 trait Figures {
     /// Clients connected and logged in.
     fn ready(&self) -> u64;
@@ -477,7 +541,8 @@ enum Phase {
     Traffic,
 }
 
-/// Where the phases report their progress: [`Progress`] on stderr.
+/// Where the phases report their progress: [`Progress`] on stderr, or a
+/// child's figures to its parent ([`procs`]).
 trait Watch {
     /// After each turn of `phase`, which started at `since`.
     fn tick(&mut self, phase: Phase, since: Instant, figures: &dyn Figures);
@@ -494,7 +559,8 @@ struct Logins {
     latency: Histogram<u64>,
 }
 
-/// A generator the phases drive: this process's own ([`Generator`]).
+/// A generator the phases drive: this process's own ([`Generator`]), or
+/// `--procs` child processes ([`Children`]).
 trait Driver: Figures + Sized {
     /// Connects and logs in every client (until all are settled or the
     /// settle timeout, after the connect rate's own time).
@@ -558,6 +624,7 @@ fn run(args: &Args, mut load: impl Driver) -> io::Result<(Report, bool)> {
     let addrs: Vec<String> = plan.addrs.iter().map(SocketAddr::to_string).collect();
     report.text("addr", addrs.join(","));
     report.int("clients", plan.clients as u64);
+    report.int("procs", args.procs as u64);
 
     let server_before = server.usage();
     let logins = load.log_in(plan, &mut progress)?;
@@ -708,7 +775,9 @@ fn report_traffic(
     report.int("threads", args.threads as u64);
     report.float("bench_cpu_secs", times.bench_cpu.as_secs_f64());
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let bound = is_generator_bound(times.bench_cpu, times.secs, args.threads, cores);
+    // Every process's threads.
+    let loops = args.threads * args.procs;
+    let bound = is_generator_bound(times.bench_cpu, times.secs, loops, cores);
     report.text("generator_bound", if bound { "yes" } else { "no" }.into());
     if bound {
         report.text("note", GENERATOR_BOUND_NOTE.into());

@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use mio::Waker;
 
 use crate::Figures;
 use crate::load::{Counts, Load, Plan, Shared};
@@ -137,6 +138,16 @@ impl Generator {
                 .boards
                 .iter()
                 .all(|b| b.logins_settled.load(Ordering::Acquire)),
+        }
+    }
+
+    /// A waker of the loop of the main thread when it runs the one [`Load`]
+    /// itself, so that another thread can cut its wait short; none for a
+    /// pool, whose main thread only ever sleeps [`LOOK_EVERY`].
+    pub fn waker(&self) -> io::Result<Option<Arc<Waker>>> {
+        match self {
+            Generator::One(load) => load.waker().map(Some),
+            Generator::Many(_) => Ok(None),
         }
     }
 
