@@ -12,6 +12,7 @@
 
 mod load;
 mod pool;
+mod procs;
 mod server;
 
 use std::io::{self, IsTerminal, Write};
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use load::{Counts, Plan};
 use pool::{Generator, Totals};
+use procs::Children;
 use server::{ServerProcesses, Usage, own_usage};
 
 const USAGE: &str = "\
@@ -74,6 +76,21 @@ Generator:
                          bench_cpu_secs per thread is well below traffic_secs.
                          On a machine with few cores they compete with the
                          server for them.
+  --procs N              processes, up to 1024 [default: 1]: past about
+                         20,000 clients (or whatever one process may open:
+                         `ulimit -Hn`) spread the load over N child
+                         processes of this program, each a full generator
+                         (with its own --threads) over its share of
+                         --clients and --senders, of the --source-ips (or of
+                         the default list for all --clients; shared
+                         round-robin when there are fewer addresses than
+                         processes), with the name prefix <P>p<K> for the
+                         K-th. The phases start together in all of them and
+                         the report is the sum (histograms merged exactly).
+                         Each process needs at least --fanout + 1 clients
+                         when there is traffic: a sender's recipients are
+                         in its own process. The children run as
+                         `chatd-bench --procs-child K ...`, an internal flag.
 Measuring:
   --server-pid PID,...   read the server's RSS and CPU time from /proc; with
                          several (the nodes of a cluster), their sum
@@ -88,7 +105,7 @@ Measuring:
 Each connection uses one file descriptor here and one in the server. At
 start the generator raises its soft open-file limit to the hard limit; past
 that, raise the hard limit first (`ulimit -Hn`, as root: `prlimit --nofile=`,
-or LimitNOFILE= in systemd).
+or LimitNOFILE= in systemd), or spread the clients over --procs.
 
 The result goes to stdout (text, or JSON with --json); progress goes to
 stderr once a second (redrawn in place on a terminal, else one line each). Exit status 1 if anything was lost or went wrong.
@@ -111,6 +128,8 @@ const VALUE_FLAGS: &[&str] = &[
     "settle-timeout",
     "server-pid",
     "threads",
+    "procs",
+    "procs-child",
     "hgrm",
 ];
 
@@ -134,6 +153,8 @@ const MAX_PAIRS: usize = 100_000_000;
 const MAX_PREFIX: usize = 32;
 /// The most `--threads`.
 const MAX_THREADS: usize = 1024;
+/// The most `--procs`.
+const MAX_PROCS: usize = 1024;
 
 /// What the command line asked for.
 struct Args {
@@ -143,6 +164,10 @@ struct Args {
     server_pids: Vec<u32>,
     json: bool,
     threads: usize,
+    /// Generator processes (`--procs`); above 1 this one steers children.
+    procs: usize,
+    /// This process is the child `K` of a `--procs` run (`--procs-child`).
+    child: Option<usize>,
     /// Where to write the latency histogram (`--hgrm`).
     hgrm: Option<PathBuf>,
 }
@@ -168,6 +193,8 @@ fn parse_args() -> Result<Option<Args>, String> {
     let mut server_pids = Vec::new();
     let mut json = false;
     let mut threads = 1;
+    let mut procs = 1;
+    let mut child = None;
     let mut hgrm = None;
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
@@ -206,6 +233,10 @@ fn parse_args() -> Result<Option<Args>, String> {
                 .ok()
                 .filter(|n| *n <= max)
                 .ok_or_else(|| bad(&format!("a whole number up to {max}")))
+        };
+        let count_from_1 = |max: usize| match count(max)? {
+            0 => Err(bad(&format!("a whole number from 1 to {max}"))),
+            n => Ok(n),
         };
         let secs = || {
             value
@@ -255,12 +286,9 @@ fn parse_args() -> Result<Option<Args>, String> {
                     .collect::<Option<_>>()
                     .ok_or_else(|| bad("a process id, or a comma list of them"))?
             }
-            "threads" => {
-                threads = count(MAX_THREADS)?;
-                if threads == 0 {
-                    return Err(bad(&format!("a whole number from 1 to {MAX_THREADS}")));
-                }
-            }
+            "threads" => threads = count_from_1(MAX_THREADS)?,
+            "procs" => procs = count_from_1(MAX_PROCS)?,
+            "procs-child" => child = Some(count(MAX_PROCS - 1)?),
             "hgrm" => hgrm = Some(PathBuf::from(&value)),
             _ => unreachable!("every flag of VALUE_FLAGS has an arm"),
         }
@@ -296,12 +324,31 @@ fn parse_args() -> Result<Option<Args>, String> {
     if plan.senders > 0 && plan.rate == 0.0 && plan.window == 0 {
         return Err("--window must be at least 1 in closed loop".into());
     }
+    if plan.clients < procs {
+        return Err(format!(
+            "--procs {procs} needs at least {procs} --clients, one for each process"
+        ));
+    }
+    // The process with the fewest clients has this many.
+    let fewest = plan.clients / procs;
+    if plan.senders > 0 && fewest < plan.fanout + 1 {
+        return Err(format!(
+            "--procs {procs} leaves {fewest} clients in a process, fewer than --fanout + 1 = {}: \
+             each process sends to its own clients only; use fewer --procs or a smaller --fanout",
+            plan.fanout + 1
+        ));
+    }
+    if child.is_some_and(|k| k >= procs) {
+        return Err("--procs-child must be below --procs".into());
+    }
     Ok(Some(Args {
         plan,
         idle,
         server_pids,
         json,
         threads,
+        procs,
+        child,
         hgrm,
     }))
 }
@@ -423,6 +470,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(k) = args.child {
+        // The parent checked the server and measures it.
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+        return match procs::child_main(&args, k) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("chatd-bench: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     // Figures of the wrong process would look like the server's.
     match server::check_listening(&args.server_pids, &args.plan.addrs, server::LISTEN_WAIT) {
         Ok(warnings) => {
@@ -436,7 +494,12 @@ fn main() -> ExitCode {
         }
     }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    match run(&args) {
+    let result = if args.procs > 1 {
+        Children::spawn(&args).and_then(|children| run(&args, children))
+    } else {
+        Generator::new(args.plan.clone(), args.threads).and_then(|load| run(&args, load))
+    };
+    match result {
         Ok((report, ok)) => {
             if args.json {
                 println!("{}", report.json());
@@ -456,105 +519,161 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs the phases in order (connect and log in, idle hold, traffic, the
-/// wait for the last deliveries) and reports each; true if nothing went
-/// wrong.
-fn run(args: &Args) -> io::Result<(Report, bool)> {
-    let plan = &args.plan;
-    let server = ServerProcesses::new(&args.server_pids);
-    let mut load = Generator::new(plan.clone(), args.threads)?;
-    let mut progress = Progress::new();
-    let mut report = Report { fields: Vec::new() };
-    let addrs: Vec<String> = plan.addrs.iter().map(SocketAddr::to_string).collect();
-    report.text("addr", addrs.join(","));
-    report.int("clients", plan.clients as u64);
+/// What the progress lines show of a generator: its own figures, or with
+/// `--procs` the sum of its children's.
+trait Figures {
+    /// Clients connected and logged in.
+    fn ready(&self) -> u64;
+    fn connect_failed(&self) -> u64;
+    /// Clients whose connection is still open.
+    fn connected(&self) -> usize;
+    fn deliveries(&self) -> u64;
+    /// Deliveries the lines sent so far should produce.
+    fn expected(&self) -> u64;
+}
 
-    let server_before = server.usage();
-    connect_phase(&mut load, plan, &mut progress, &mut report)?;
-    idle_phase(&mut load, args.idle, &mut progress)?;
-    report_memory(&mut report, server_before, server.usage(), load.ready());
-    let (counts, expected) = if plan.senders > 0 {
-        report_traffic_plan(&mut report, plan);
-        let server_start = server.usage();
+/// The phase a progress line is about.
+#[derive(Clone, Copy)]
+enum Phase {
+    Connect,
+    /// Holding the connections for this long.
+    Idle(Duration),
+    Traffic,
+}
+
+/// Where the phases report their progress: [`Progress`] on stderr, or a
+/// child's figures to its parent ([`procs`]).
+trait Watch {
+    /// After each turn of `phase`, which started at `since`.
+    fn tick(&mut self, phase: Phase, since: Instant, figures: &dyn Figures);
+}
+
+/// How the connect phase went.
+struct Logins {
+    logged_in: u64,
+    connect_failed: u64,
+    /// From the first connect started to the end of the phase (every
+    /// client logged in or failed, or the settle timeout).
+    secs: f64,
+    /// Connect start to confirmed login, µs.
+    latency: Histogram<u64>,
+}
+
+/// A generator the phases drive: this process's own ([`Generator`]), or
+/// `--procs` child processes ([`Children`]).
+trait Driver: Figures + Sized {
+    /// Connects and logs in every client (until all are settled or the
+    /// settle timeout, after the connect rate's own time).
+    fn log_in(&mut self, plan: &Plan, watch: &mut dyn Watch) -> io::Result<Logins>;
+    /// Holds the connections for up to `wait`, reading what arrives.
+    fn hold(&mut self, wait: Duration) -> io::Result<()>;
+    /// Sends for `--duration`, waits for the deliveries still in flight (up
+    /// to `--settle-timeout`), and ends the run.
+    fn traffic(self, plan: &Plan, watch: &mut dyn Watch) -> io::Result<(Totals, TrafficTimes)>;
+    /// Ends a run without traffic.
+    fn end(self) -> io::Result<Totals>;
+}
+
+impl Driver for Generator {
+    fn log_in(&mut self, plan: &Plan, watch: &mut dyn Watch) -> io::Result<Logins> {
+        let start = Instant::now();
+        while !self.logins_settled() && start.elapsed() < plan.settle_timeout + connect_time(plan) {
+            self.connect_step(start, Duration::from_millis(50))?;
+            watch.tick(Phase::Connect, start, self);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        self.end_connect()?;
+        Ok(Logins {
+            logged_in: self.ready(),
+            connect_failed: self.connect_failed(),
+            secs,
+            latency: self.login_latency(),
+        })
+    }
+
+    fn hold(&mut self, wait: Duration) -> io::Result<()> {
+        self.traffic_step(wait)
+    }
+
+    fn traffic(mut self, plan: &Plan, watch: &mut dyn Watch) -> io::Result<(Totals, TrafficTimes)> {
         let me_start = own_usage();
         let start = Instant::now();
-        let sent_secs = traffic_phase(&mut load, plan, &mut progress)?;
-        drain_phase(&mut load, plan)?;
+        let sent_secs = traffic_phase(&mut self, plan, watch)?;
+        drain_phase(&mut self, plan)?;
         let times = TrafficTimes {
             sent_secs,
             secs: start.elapsed().as_secs_f64(),
             bench_cpu: own_usage().cpu.saturating_sub(me_start.cpu),
         };
+        Ok((self.finish()?, times))
+    }
+
+    fn end(self) -> io::Result<Totals> {
+        self.finish()
+    }
+}
+
+/// Runs the phases in order (connect and log in, idle hold, traffic, the
+/// wait for the last deliveries) and reports each; true if nothing went
+/// wrong.
+fn run(args: &Args, mut load: impl Driver) -> io::Result<(Report, bool)> {
+    let plan = &args.plan;
+    let server = ServerProcesses::new(&args.server_pids);
+    let mut progress = Progress::new();
+    let mut report = Report { fields: Vec::new() };
+    let addrs: Vec<String> = plan.addrs.iter().map(SocketAddr::to_string).collect();
+    report.text("addr", addrs.join(","));
+    report.int("clients", plan.clients as u64);
+    report.int("procs", args.procs as u64);
+
+    let server_before = server.usage();
+    let logins = load.log_in(plan, &mut progress)?;
+    report_logins(&mut report, &logins);
+    idle_phase(&mut load, args.idle, &mut progress)?;
+    report_memory(&mut report, server_before, server.usage(), load.ready());
+    let (counts, expected) = if plan.senders > 0 {
+        report_traffic_plan(&mut report, plan);
+        let server_start = server.usage();
+        let (totals, times) = load.traffic(plan, &mut progress)?;
         let server_cpu = match (server_start, server.usage()) {
             (Some(before), Some(after)) => Some(after.cpu.saturating_sub(before.cpu)),
             _ => None,
         };
         progress.end();
-        let totals = load.finish()?;
         report_traffic(&mut report, args, &totals, &times, server_cpu)?;
         // Summed over the threads after they ended.
         let expected = totals.counts.lines_sent * plan.fanout as u64;
         (totals.counts, expected)
     } else {
         progress.end();
-        (load.finish()?.counts, 0)
+        (load.end()?.counts, 0)
     };
     let ok = report_verdict(&mut report, plan, &counts, expected);
     Ok((report, ok))
 }
 
-/// Connects and logs in every client (until all are settled or the
-/// settle timeout, after the connect rate's own time), and reports how
-/// that went.
-fn connect_phase(
-    load: &mut Generator,
-    plan: &Plan,
-    progress: &mut Progress,
-    report: &mut Report,
-) -> io::Result<()> {
-    let start = Instant::now();
-    while !load.logins_settled() && start.elapsed() < plan.settle_timeout + connect_time(plan) {
-        load.connect_step(start, Duration::from_millis(50))?;
-        if progress.due() {
-            progress.show(format_args!(
-                "[connect] {:.0}s: {} logged in, {} failed",
-                start.elapsed().as_secs_f64(),
-                load.ready(),
-                load.connect_failed()
-            ));
-        }
-    }
-    let connect_secs = start.elapsed().as_secs_f64();
-    load.end_connect()?;
-    report.int("logged_in", load.ready());
-    report.int("connect_failed", load.connect_failed());
-    report.float("connect_secs", connect_secs);
-    report.float("logins_per_sec", load.ready() as f64 / connect_secs);
-    let login_latency = load.login_latency();
+/// How the connect phase went: logins, failures, time and latency.
+fn report_logins(report: &mut Report, logins: &Logins) {
+    report.int("logged_in", logins.logged_in);
+    report.int("connect_failed", logins.connect_failed);
+    report.float("connect_secs", logins.secs);
+    report.float("logins_per_sec", logins.logged_in as f64 / logins.secs);
     for (key, q) in [
         ("login_ms_p50", 0.5),
         ("login_ms_p99", 0.99),
         ("login_ms_max", 1.0),
     ] {
-        report.float(key, login_latency.value_at_quantile(q) as f64 / 1000.0);
+        report.float(key, logins.latency.value_at_quantile(q) as f64 / 1000.0);
     }
-    Ok(())
 }
 
 /// Holds the connections idle for `idle`, still reading what arrives.
-fn idle_phase(load: &mut Generator, idle: Duration, progress: &mut Progress) -> io::Result<()> {
+fn idle_phase(load: &mut impl Driver, idle: Duration, watch: &mut dyn Watch) -> io::Result<()> {
     let idle_start = Instant::now();
     while idle_start.elapsed() < idle {
         let left = idle.saturating_sub(idle_start.elapsed());
-        load.traffic_step(left.min(Duration::from_millis(100)))?;
-        if progress.due() {
-            progress.show(format_args!(
-                "[idle] {:.1}s of {:.1}s: {} connected",
-                idle_start.elapsed().as_secs_f64(),
-                idle.as_secs_f64(),
-                load.connected()
-            ));
-        }
+        load.hold(left.min(Duration::from_millis(100)))?;
+        watch.tick(Phase::Idle(idle), idle_start, load);
     }
     Ok(())
 }
@@ -585,22 +704,12 @@ fn report_traffic_plan(report: &mut Report, plan: &Plan) {
 
 /// Sends for `--duration` (progress each second), then stops sending;
 /// returns how long sending took, in seconds.
-fn traffic_phase(load: &mut Generator, plan: &Plan, progress: &mut Progress) -> io::Result<f64> {
+fn traffic_phase(load: &mut Generator, plan: &Plan, watch: &mut dyn Watch) -> io::Result<f64> {
     let start = Instant::now();
     load.start_traffic()?;
-    let mut last = (Instant::now(), 0);
     while start.elapsed() < plan.duration {
         load.traffic_step(Duration::from_millis(10))?;
-        if last.0.elapsed() >= Duration::from_secs(1) {
-            let d = load.deliveries();
-            progress.show(format_args!(
-                "[traffic] {:.0}s: {:.0} deliveries/s, {} in flight",
-                start.elapsed().as_secs_f64(),
-                (d - last.1) as f64 / last.0.elapsed().as_secs_f64(),
-                load.expected().saturating_sub(d),
-            ));
-            last = (Instant::now(), d);
-        }
+        watch.tick(Phase::Traffic, start, load);
     }
     load.stop_traffic()?;
     Ok(start.elapsed().as_secs_f64())
@@ -666,7 +775,9 @@ fn report_traffic(
     report.int("threads", args.threads as u64);
     report.float("bench_cpu_secs", times.bench_cpu.as_secs_f64());
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let bound = is_generator_bound(times.bench_cpu, times.secs, args.threads, cores);
+    // Every process's threads.
+    let loops = args.threads * args.procs;
+    let bound = is_generator_bound(times.bench_cpu, times.secs, loops, cores);
     report.text("generator_bound", if bound { "yes" } else { "no" }.into());
     if bound {
         report.text("note", GENERATOR_BOUND_NOTE.into());
@@ -729,6 +840,41 @@ struct Progress {
     last: Instant,
     /// A line is on the terminal without its newline.
     drawn: bool,
+    /// Traffic: when the last line was shown, and the deliveries then.
+    rate_from: Option<(Instant, u64)>,
+}
+
+impl Watch for Progress {
+    fn tick(&mut self, phase: Phase, since: Instant, load: &dyn Figures) {
+        match phase {
+            Phase::Connect if self.due() => self.show(format_args!(
+                "[connect] {:.0}s: {} logged in, {} failed",
+                since.elapsed().as_secs_f64(),
+                load.ready(),
+                load.connect_failed()
+            )),
+            Phase::Idle(idle) if self.due() => self.show(format_args!(
+                "[idle] {:.1}s of {:.1}s: {} connected",
+                since.elapsed().as_secs_f64(),
+                idle.as_secs_f64(),
+                load.connected()
+            )),
+            Phase::Traffic => {
+                let (last, before) = *self.rate_from.get_or_insert((since, 0));
+                if last.elapsed() >= Duration::from_secs(1) {
+                    let d = load.deliveries();
+                    self.show(format_args!(
+                        "[traffic] {:.0}s: {:.0} deliveries/s, {} in flight",
+                        since.elapsed().as_secs_f64(),
+                        d.saturating_sub(before) as f64 / last.elapsed().as_secs_f64(),
+                        load.expected().saturating_sub(d),
+                    ));
+                    self.rate_from = Some((Instant::now(), d));
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Progress {
@@ -737,6 +883,7 @@ impl Progress {
             tty: std::io::stderr().is_terminal(),
             last: Instant::now(),
             drawn: false,
+            rate_from: None,
         }
     }
 

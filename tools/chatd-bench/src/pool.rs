@@ -13,7 +13,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use mio::Waker;
 
+use crate::Figures;
 use crate::load::{Counts, Load, Plan, Shared};
 
 /// The phases the main thread steps the workers through, in order.
@@ -139,24 +141,13 @@ impl Generator {
         }
     }
 
-    pub fn ready(&self) -> u64 {
+    /// A waker of the loop of the main thread when it runs the one [`Load`]
+    /// itself, so that another thread can cut its wait short; none for a
+    /// pool, whose main thread only ever sleeps [`LOOK_EVERY`].
+    pub fn waker(&self) -> io::Result<Option<Arc<Waker>>> {
         match self {
-            Generator::One(load) => load.ready(),
-            Generator::Many(pool) => pool.sum(|b| &b.logged_in),
-        }
-    }
-
-    pub fn connect_failed(&self) -> u64 {
-        match self {
-            Generator::One(load) => load.counts.connect_failed,
-            Generator::Many(pool) => pool.sum(|b| &b.connect_failed),
-        }
-    }
-
-    pub fn connected(&self) -> usize {
-        match self {
-            Generator::One(load) => load.connected(),
-            Generator::Many(pool) => pool.sum(|b| &b.connected) as usize,
+            Generator::One(load) => load.waker().map(Some),
+            Generator::Many(_) => Ok(None),
         }
     }
 
@@ -177,22 +168,6 @@ impl Generator {
                 }
                 sum.expect("at least one thread")
             }
-        }
-    }
-
-    pub fn deliveries(&self) -> u64 {
-        match self {
-            Generator::One(load) => load.counts.deliveries,
-            Generator::Many(pool) => pool.sum(|b| &b.deliveries),
-        }
-    }
-
-    /// Deliveries the lines sent so far should produce (with several
-    /// threads exact once [`Generator::stop_traffic`] returned).
-    pub fn expected(&self) -> u64 {
-        match self {
-            Generator::One(load) => load.expected(),
-            Generator::Many(pool) => pool.sum(|b| &b.lines_sent) * pool.fanout,
         }
     }
 
@@ -256,6 +231,42 @@ impl Generator {
             totals.send_lag.add(&load.send_lag).expect("same bounds");
         }
         Ok(totals)
+    }
+}
+
+impl Generator {
+    /// A figure of the one [`Load`], or the sum of the workers' boards.
+    fn figure(&self, one: fn(&Load) -> u64, many: fn(&Board) -> &AtomicU64) -> u64 {
+        match self {
+            Generator::One(load) => one(load),
+            Generator::Many(pool) => pool.sum(many),
+        }
+    }
+}
+
+impl Figures for Generator {
+    fn ready(&self) -> u64 {
+        self.figure(Load::ready, |b| &b.logged_in)
+    }
+
+    fn connect_failed(&self) -> u64 {
+        self.figure(|load| load.counts.connect_failed, |b| &b.connect_failed)
+    }
+
+    fn connected(&self) -> usize {
+        self.figure(|load| load.connected() as u64, |b| &b.connected) as usize
+    }
+
+    fn deliveries(&self) -> u64 {
+        self.figure(|load| load.counts.deliveries, |b| &b.deliveries)
+    }
+
+    /// With several threads exact once [`Generator::stop_traffic`] returned.
+    fn expected(&self) -> u64 {
+        match self {
+            Generator::One(load) => load.expected(),
+            Generator::Many(pool) => pool.sum(|b| &b.lines_sent) * pool.fanout,
+        }
     }
 }
 

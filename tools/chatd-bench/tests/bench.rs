@@ -652,3 +652,197 @@ fn refused(out: &Output) -> String {
     );
     stderr
 }
+
+/// The processes whose parent is `pid`, from the children lists of all its
+/// threads.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut children = Vec::new();
+    for task in tasks.flatten() {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        children.extend(list.split_whitespace().map(|p| p.parse::<u32>().unwrap()));
+    }
+    children
+}
+
+/// Whether process `pid` is gone: exited and reaped.
+fn gone(pid: u32) -> bool {
+    !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// `chatd-bench --json` against `server` with `args`, without the
+/// `--server-pid` check, which reads every TCP socket of the machine: slow
+/// while another load runs on it, and these tests wait for the children.
+fn procs_command(server: &Server, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BENCH);
+    cmd.args(["--addr", &server.addr.to_string(), "--json"])
+        .args(["--settle-timeout", "5"])
+        .args(args)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// A chatd-bench running in the background, killed and reaped if the test
+/// ends before it does.
+struct Running(std::process::Child);
+
+impl Running {
+    fn start(mut cmd: Command) -> Running {
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run chatd-bench");
+        Running(child)
+    }
+
+    /// Its `n` children, once it has them all.
+    fn children(&self, n: usize) -> Vec<u32> {
+        let mut seen = Vec::new();
+        poll_until(|| {
+            seen = children_of(self.0.id());
+            (seen.len() == n).then(|| seen.clone())
+        })
+        .unwrap_or_else(|| panic!("not {n} children, last seen {seen:?}"))
+    }
+
+    /// Waits for it to exit (within the harness's timeout) and takes what
+    /// it wrote.
+    fn output(mut self) -> Output {
+        let exited = poll_until(|| self.0.try_wait().unwrap());
+        assert!(exited.is_some(), "chatd-bench did not exit");
+        let mut out = Output {
+            status: exited.unwrap(),
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+        };
+        use std::io::Read;
+        self.0
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_end(&mut out.stdout)
+            .unwrap();
+        self.0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_end(&mut out.stderr)
+            .unwrap();
+        out
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `--procs 3`: three child processes, each over its share of the clients
+/// and senders under a name prefix of its own (no `name-taken`), and one
+/// report that adds them up: every client logged in, every line delivered,
+/// the merged histogram counting every delivery. The children are reaped
+/// when it exits.
+#[test]
+fn procs_split_the_run_and_merge_the_results() {
+    let server = Server::start(&[]);
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("bench-procs-{}.hgrm", std::process::id()));
+    let traffic = "--procs 3 --clients 31 --senders 7 --fanout 3 --window 4 --duration 0.5";
+    let mut args: Vec<&str> = traffic.split(' ').collect();
+    args.extend(["--hgrm", path.to_str().unwrap()]);
+    let run = Running::start(procs_command(&server, &args));
+    let children = run.children(3);
+    let out = run.output();
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{json}\n{stderr}");
+    for pid in children {
+        assert!(gone(pid), "child {pid} outlived the run");
+    }
+    assert_eq!(field(&out, "procs"), 3.0, "{json}");
+    assert_eq!(field(&out, "logged_in"), 31.0, "{json}");
+    assert!(field(&out, "connect_secs") > 0.0, "{json}");
+    let sent = field(&out, "lines_sent");
+    assert!(sent > 100.0, "only {sent} lines in 0.5 s: {json}");
+    let deliveries = field(&out, "deliveries");
+    assert_eq!(deliveries, sent * 3.0, "{json}");
+    assert_eq!(field(&out, "lost"), 0.0, "{json}");
+    assert_eq!(field(&out, "unexpected"), 0.0, "{json}");
+    assert_eq!(text_field(&json, "error_lines"), "none", "{json}");
+    assert_eq!(text_field(&json, "socket_errors"), "none", "{json}");
+    assert_eq!(text_field(&json, "result"), "ok", "{json}");
+    assert!(field(&out, "bench_cpu_secs") > 0.0, "{json}");
+    let text = std::fs::read_to_string(&path).expect("the .hgrm file");
+    let _ = std::fs::remove_file(&path);
+    let total = text
+        .lines()
+        .find_map(|l| l.split("Total count    =").nth(1))
+        .and_then(|rest| rest.trim().trim_end_matches(']').trim().parse::<f64>().ok());
+    assert_eq!(total, Some(deliveries), "{text}");
+}
+
+/// A child killed mid-run fails the run: exit 1, a message naming that
+/// child, no result; and the other children are killed and reaped, none
+/// left behind.
+#[test]
+fn a_killed_child_fails_the_run_and_leaves_none_behind() {
+    let mut server = Server::start(&[]);
+    let args = ["--procs", "3", "--clients", "9", "--idle", "30"];
+    let run = Running::start(procs_command(&server, &args));
+    let children = run.children(3);
+    let all_in = poll_until(|| (server.connections() == 9).then_some(()));
+    assert!(all_in.is_some(), "not every client connected");
+    let killed = children[1];
+    let kill = Command::new("kill")
+        .args(["-KILL", &killed.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = run.output();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty(), "a result after a failure");
+    assert!(
+        stderr.contains(&format!(
+            "child 1 of 3 (pid {killed}) ended before the run did"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("SIGKILL"), "{stderr}");
+    for pid in children {
+        assert!(gone(pid), "child {pid} outlived the run: {stderr}");
+    }
+}
+
+/// `--procs` that would leave a process fewer clients than a sender needs
+/// recipients (or none at all) is a usage error, one line, exit 2.
+#[test]
+fn too_many_procs_is_a_usage_error() {
+    for (args, says) in [
+        (
+            &["--clients", "2"][..],
+            "--procs 3 needs at least 3 --clients",
+        ),
+        (
+            &["--clients", "8", "--senders", "1", "--fanout", "2"][..],
+            "--procs 3 leaves 2 clients in a process, fewer than --fanout + 1 = 3",
+        ),
+    ] {
+        let out = Command::new(BENCH)
+            .args(["--procs", "3"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = refused(&out);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with(&format!("chatd-bench: {says}")),
+            "{stderr}"
+        );
+    }
+}
