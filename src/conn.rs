@@ -18,7 +18,7 @@ use crate::pool::{Buf, BufPool};
 /// from Redis, a held line): its slab key and its id. Slab keys are
 /// reused, so whoever holds one checks that the id still matches
 /// (`Clients::find`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Slot {
     /// The slab key.
     pub key: u32,

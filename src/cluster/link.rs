@@ -230,7 +230,7 @@ impl Cluster {
         self.read_pending = false;
         self.inflight_names = 0;
         self.claims_in_flight = 0;
-        let queued = std::mem::take(&mut self.claim_queue);
+        let queued = self.claim_queue.take_all();
         self.fail_queued_claims(queued);
         for (_, slot, name) in std::mem::take(&mut self.retries) {
             self.claim_unavailable(slot, name, false);

@@ -36,6 +36,7 @@ pub(crate) mod codec;
 mod lease;
 mod link;
 mod pending;
+mod queue;
 mod replies;
 pub(crate) mod scripts;
 
@@ -52,6 +53,7 @@ use codec::encode_command;
 use lease::{LeaseLink, Renewal};
 use pending::Pending;
 pub(crate) use pending::{Answer, Claimed};
+use queue::{ClaimQueue, QueuedClaim};
 use scripts::Script;
 
 /// The longest wait between reconnection attempts.
@@ -225,10 +227,6 @@ impl ClusterStats {
     }
 }
 
-/// A claim waiting for room in the window: for whom, which name, whether
-/// it is a claim again, whether it was retried.
-type QueuedClaim = (Slot, Rc<str>, bool, bool);
-
 /// The link to Redis and the lease.
 pub(crate) struct Cluster {
     /// The flags.
@@ -285,7 +283,7 @@ pub(crate) struct Cluster {
     window_cut_at: u64,
     /// Claims waiting for room in the window, oldest first: for whom,
     /// which name, whether it is a claim again, whether it was retried.
-    claim_queue: VecDeque<QueuedClaim>,
+    claim_queue: ClaimQueue,
     /// What the link learned, drained by the reactor.
     answers: Vec<Answer>,
     /// Recipient names in routes awaiting Redis.
@@ -345,7 +343,7 @@ impl Cluster {
             claims_in_flight: 0,
             claim_window: CLAIM_WINDOW,
             window_cut_at: 0,
-            claim_queue: VecDeque::new(),
+            claim_queue: ClaimQueue::default(),
             answers: Vec::new(),
             inflight_names: 0,
             throttled: Default::default(),
@@ -611,7 +609,12 @@ impl Cluster {
             self.send_renew(now_ms);
         }
         let prefix = self.config.prefix.clone();
-        self.script(Script::Sweep, &[prefix.as_bytes()], Pending::Plain);
+        let budget = scripts::SWEEP_BUDGET.to_string();
+        self.script(
+            Script::Sweep,
+            &[prefix.as_bytes(), budget.as_bytes()],
+            Pending::Plain,
+        );
     }
 
     fn lease_key(&self) -> String {
@@ -763,17 +766,8 @@ impl Cluster {
     pub fn release(&mut self, name: &str) {
         // A claim of it still waiting for room must not follow the release
         // to Redis: its client is gone.
-        if self
-            .claim_queue
-            .iter()
-            .any(|(_, queued, ..)| &**queued == name)
-        {
-            let (gone, keep) = std::mem::take(&mut self.claim_queue)
-                .into_iter()
-                .partition(|(_, queued, ..)| &**queued == name);
-            self.claim_queue = keep;
-            self.fail_queued_claims(gone);
-        }
+        let gone = self.claim_queue.take_name(name);
+        self.fail_queued_claims(gone);
         if self.state != State::Ready {
             self.uncertain_name(name);
             return;
@@ -849,7 +843,7 @@ impl Cluster {
         self.has_waiting(slot)
             || self.answers.iter().any(|a| a.slot() == Some(slot))
             || self.retries.iter().any(|&(_, s, _)| s == slot)
-            || self.claim_queue.iter().any(|&(s, ..)| s == slot)
+            || self.claim_queue.has_slot(slot)
     }
 
     /// Whether the input of `slot` is held back (see

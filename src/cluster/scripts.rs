@@ -84,53 +84,54 @@ end
 return {offline, unreachable}
 ";
 
-/// A Lua function both [`DROP_NAMES`] and [`SWEEP`] start with:
-/// `drop_names(prefix, node)` frees every name `node` holds and forgets its
-/// set of names (a name another node took since is left alone).
-macro_rules! lua_drop_names {
-    () => {
-        r"
-local function drop_names(prefix, node)
-  local set = prefix .. ':names:' .. node
-  for _, name in ipairs(redis.call('SMEMBERS', set)) do
-    local key = prefix .. ':name:' .. name
-    if redis.call('GET', key) == node then redis.call('DEL', key) end
-  end
-  redis.call('DEL', set)
+/// `drop_names(prefix, node)`: frees every name `node` holds and forgets
+/// its set of names (a name another node took since is left alone), at
+/// shutdown or when a node takes a new lease after losing its old one
+/// (what it still holds is claimed again, one by one, after). One call:
+/// the claims again must come after all of it. O(names of the node).
+pub const DROP_NAMES: &str = r"
+local prefix, node = ARGV[1], ARGV[2]
+local set = prefix .. ':names:' .. node
+for _, name in ipairs(redis.call('SMEMBERS', set)) do
+  local key = prefix .. ':name:' .. name
+  if redis.call('GET', key) == node then redis.call('DEL', key) end
 end
-"
-    };
-}
-
-/// `drop_names(prefix, node)`: frees every name `node` holds (shutdown, or
-/// a new lease after the old one was lost: what it still holds is claimed
-/// again, one by one).
-pub const DROP_NAMES: &str = concat!(
-    lua_drop_names!(),
-    r"
-drop_names(ARGV[1], ARGV[2])
+redis.call('DEL', set)
 return 1
-"
-);
+";
 
-/// `sweep(prefix)`: forgets the nodes whose lease is gone, and their names
-/// (which are free already, but still take memory). O(nodes) when nobody
-/// died; run with each lease renewal.
-pub const SWEEP: &str = concat!(
-    lua_drop_names!(),
-    r"
-local prefix = ARGV[1]
+/// `sweep(prefix, budget)`: forgets the nodes whose lease is gone, and
+/// their names (which are free already, but still take memory), at most
+/// `budget` names a call, so that no call keeps Redis from its other
+/// clients for long: a million names of dead nodes in one call kept a
+/// Redis on a busy machine past its `busy-reply-threshold` (5 s; every
+/// command then fails with `BUSY`). What is left waits for the next
+/// sweep, which every node runs with each lease renewal. O(nodes) when
+/// nobody died. Returns how many nodes were forgotten.
+pub const SWEEP: &str = r"
+local prefix, left = ARGV[1], tonumber(ARGV[2])
 local swept = 0
 for _, node in ipairs(redis.call('SMEMBERS', prefix .. ':nodes')) do
+  if left <= 0 then break end
   if redis.call('EXISTS', prefix .. ':lease:' .. node) == 0 then
-    drop_names(prefix, node)
-    redis.call('SREM', prefix .. ':nodes', node)
-    swept = swept + 1
+    local set = prefix .. ':names:' .. node
+    for _, name in ipairs(redis.call('SPOP', set, left)) do
+      local key = prefix .. ':name:' .. name
+      if redis.call('GET', key) == node then redis.call('DEL', key) end
+      left = left - 1
+    end
+    if redis.call('EXISTS', set) == 0 then
+      redis.call('SREM', prefix .. ':nodes', node)
+      swept = swept + 1
+    end
   end
 end
 return swept
-"
-);
+";
+
+/// Names one sweep frees at most (see [`SWEEP`]): about 10 ms of a
+/// healthy Redis's time.
+pub const SWEEP_BUDGET: usize = 2000;
 
 /// Every script, in the order the link loads them (`Script as usize`).
 pub const ALL: [&str; 5] = [CLAIM, RELEASE, ROUTE, DROP_NAMES, SWEEP];
