@@ -10,7 +10,8 @@
 //! and runs what it read, so a deep pipeline on the data link delays the
 //! renewal by one pass, not by the whole backlog.
 //!
-//! This link only renews: `HELLO 3`, then `SET <lease> 1 PX <ms> XX` every
+//! This link only renews: `HELLO 3` (naming the connection
+//! `chatd-<node>-lease`), then `SET <lease> 1 PX <ms> XX` every
 //! third of the lease while the node holds one and its data link is ready
 //! (a node that cannot release names lets its lease lapse, as it did when
 //! the data link renewed). The data link still takes
@@ -51,6 +52,8 @@ enum Sent {
 
 pub(super) struct LeaseLink {
     redis: SocketAddr,
+    /// The connection's name in Redis's `CLIENT LIST`.
+    name: String,
     /// The socket, while connecting or connected.
     stream: Option<TcpStream>,
     /// Whether the connect completed.
@@ -73,9 +76,11 @@ pub(super) struct LeaseLink {
 }
 
 impl LeaseLink {
-    pub fn new(redis: SocketAddr) -> LeaseLink {
+    /// A link to `redis`, named `name` there (`CLIENT LIST`).
+    pub fn new(redis: SocketAddr, name: String) -> LeaseLink {
         LeaseLink {
             redis,
+            name,
             stream: None,
             connected: false,
             retry_at: 0,
@@ -193,7 +198,11 @@ impl LeaseLink {
         self.stream = Some(stream);
         self.connected = false;
         self.last_reply_ms = now_ms;
-        encode_command(&mut self.out, &[b"HELLO", b"3"]);
+        let name = self.name.clone();
+        encode_command(
+            &mut self.out,
+            &[b"HELLO", b"3", b"SETNAME", name.as_bytes()],
+        );
         self.sent.push_back(Sent::Hello);
     }
 
@@ -372,7 +381,7 @@ mod tests {
         fn start() -> Fake {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let poll = mio::Poll::new().unwrap();
-            let mut link = LeaseLink::new(listener.local_addr().unwrap());
+            let mut link = LeaseLink::new(listener.local_addr().unwrap(), "n-lease".into());
             link.on_timer(poll.registry(), TOKEN, 0, None, TIMEOUT_MS);
             let (redis, _) = listener.accept().unwrap();
             redis
@@ -385,7 +394,7 @@ mod tests {
             };
             fake.events(0);
             assert!(fake.link.is_connected());
-            assert_eq!(fake.command(), ["HELLO", "3"]);
+            assert_eq!(fake.command(), ["HELLO", "3", "SETNAME", "n-lease"]);
             fake.reply(b"%1\r\n+server\r\n+redis\r\n");
             assert!(fake.events(1).is_empty());
             fake

@@ -318,7 +318,7 @@ impl Cluster {
     pub fn new(config: ClusterConfig, node: String, max_line: usize) -> Cluster {
         let channel = format!("{}:node:{node}", config.prefix).into_bytes();
         let lost_channel = format!("{}:leases-lost", config.prefix).into_bytes();
-        let lease_link = LeaseLink::new(config.redis);
+        let lease_link = LeaseLink::new(config.redis, format!("chatd-{node}-lease"));
         Cluster {
             config,
             node,
