@@ -136,7 +136,11 @@ impl Cluster {
                     // The lease is gone: Redis lost its data, or it expired.
                     self.take_new_lease(now_ms);
                 } else {
-                    self.lease_until = Some(sent_ms + self.config.lease_ms);
+                    // Never shortened: the lease's own connection may have
+                    // renewed since this renewal, queued behind the data
+                    // link's backlog, was sent.
+                    let until = sent_ms + self.config.lease_ms;
+                    self.lease_until = Some(self.lease_until.map_or(until, |held| held.max(until)));
                     if self.state != State::Ready {
                         self.become_ready();
                         self.reconcile();
