@@ -287,7 +287,7 @@ impl LeaseLink {
                 (_, Reply::Error(e)) => break Err(format!("Redis refused a command: {e}")),
                 (Sent::Hello, _) => {}
                 (Sent::Renew { .. }, Reply::Nil) => found.push(Renewal::Gone),
-                (Sent::Renew { sent_ms }, _) => {
+                (Sent::Renew { sent_ms }, Reply::Status(ok)) if ok == "OK" => {
                     if self.down_logged {
                         info!("cluster: the lease's connection to Redis is back");
                         self.down_logged = false;
@@ -295,6 +295,7 @@ impl LeaseLink {
                     self.backoff_ms = FIRST_BACKOFF_MS;
                     found.push(Renewal::Renewed { sent_ms });
                 }
+                (Sent::Renew { .. }, _) => break Err("unexpected reply to a renewal".into()),
             }
         };
         self.input.drain(..at);
@@ -329,6 +330,13 @@ impl LeaseLink {
         }
     }
 
+    /// The node fenced: renewals in flight are dropped (none may bring the
+    /// lease back) and the connection is made anew at once, quietly.
+    pub fn drop_in_flight(&mut self, now_ms: u64) {
+        self.close();
+        self.retry_at = now_ms;
+    }
+
     /// Drops the connection (renewals in flight are lost: the lease stays
     /// until it must be fenced) and waits for the back-off.
     pub fn reset(&mut self, now_ms: u64, why: &str) {
@@ -342,13 +350,17 @@ impl LeaseLink {
             );
             self.down_logged = true;
         }
+        self.close();
+        self.back_off(now_ms, why);
+    }
+
+    fn close(&mut self) {
         self.stream = None;
         self.connected = false;
         self.out.clear();
         self.input.clear();
         self.framer.reset();
         self.sent.clear();
-        self.back_off(now_ms, why);
     }
 
     fn back_off(&mut self, now_ms: u64, why: &str) {
@@ -434,6 +446,14 @@ mod tests {
                 .collect()
         }
 
+        /// Started, with a renewal sent at `now_ms` and read by Redis.
+        fn renewing_at(now_ms: u64) -> Fake {
+            let mut fake = Fake::start();
+            fake.renew(now_ms);
+            assert_eq!(fake.command()[0], "SET");
+            fake
+        }
+
         fn reply(&mut self, bytes: &[u8]) {
             self.redis.get_mut().write_all(bytes).unwrap();
         }
@@ -464,9 +484,7 @@ mod tests {
 
     #[test]
     fn a_reply_a_long_turn_left_unread_is_not_a_silent_redis() {
-        let mut fake = Fake::start();
-        fake.renew(10);
-        fake.command();
+        let mut fake = Fake::renewing_at(10);
         fake.reply(b"+OK\r\n");
         // The timer comes first, long after: the reply waits in the socket.
         std::thread::sleep(Duration::from_millis(50));
@@ -477,12 +495,27 @@ mod tests {
 
     #[test]
     fn a_silent_redis_drops_the_link() {
-        let mut fake = Fake::start();
-        fake.renew(10);
-        fake.command();
+        let mut fake = Fake::renewing_at(10);
         assert!(fake.renew(10 + TIMEOUT_MS).is_empty());
         assert!(!fake.link.is_connected());
         assert!(fake.link.next_deadline(true, TIMEOUT_MS) > 10 + TIMEOUT_MS);
+    }
+
+    #[test]
+    fn only_ok_renews() {
+        let mut fake = Fake::renewing_at(10);
+        fake.reply(b":1\r\n");
+        assert!(fake.events(20).is_empty(), "not a renewal");
+        assert!(!fake.link.is_connected());
+    }
+
+    #[test]
+    fn a_fence_drops_what_is_in_flight_and_connects_again_at_once() {
+        let mut fake = Fake::renewing_at(10);
+        fake.link.drop_in_flight(20);
+        fake.reply(b"+OK\r\n"); // to the old connection: nobody reads it
+        assert!(!fake.link.is_connected());
+        assert_eq!(fake.link.next_deadline(false, TIMEOUT_MS), 20);
     }
 
     #[test]

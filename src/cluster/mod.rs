@@ -427,7 +427,7 @@ impl Cluster {
         self.stats.fences += 1;
         self.lease_until = None;
         // A renewal still in flight must not bring the lease back.
-        self.lease_link.reset(now_ms, "fenced");
+        self.lease_link.drop_in_flight(now_ms);
         if self.state == State::Ready {
             // Redis answers but too slowly, or the lease is gone: start over.
             self.reset(now_ms, "lease expired");
