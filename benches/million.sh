@@ -45,8 +45,8 @@ fail() {
 
 # --- What the run needs, checked before anything starts -----------------
 missing=()
-for tool in redis-server redis-cli python3 ss; do
-    command -v "$tool" >/dev/null || missing+=("$tool (Debian: redis-server, redis-tools, python3, iproute2)")
+for tool in redis-server redis-cli python3; do
+    command -v "$tool" >/dev/null || missing+=("$tool (Debian: redis-server, redis-tools, python3)")
 done
 hard=$(ulimit -Hn)
 [ "$hard" = unlimited ] && hard=1048576
@@ -63,6 +63,11 @@ fi
 # generator; a fifth more for the waves.
 need_kb=$((clients * 13 + 512 * 1024))
 avail_kb=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)
+# Inside a container, its memory limit counts, not the host's.
+limit=$(cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || echo max)
+if [ "$limit" != max ] && [ $((limit / 1024)) -lt "$avail_kb" ]; then
+    avail_kb=$((limit / 1024))
+fi
 if [ "$avail_kb" -lt "$need_kb" ]; then
     missing+=("memory: about $((need_kb / 1024)) MiB needed, $((avail_kb / 1024)) MiB available")
 fi
@@ -77,8 +82,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 cargo build --release --quiet --bin chatd --bin chatd-bench
-chatd=$PWD/target/release/chatd
-bench=$PWD/target/release/chatd-bench
+target=${CARGO_TARGET_DIR:-$PWD/target}
+chatd=$target/release/chatd
+bench=$target/release/chatd-bench
 rm -rf "$out"
 mkdir -p "$out"
 
@@ -135,10 +141,19 @@ for i in $(seq 1 "$nodes"); do
         --cluster "redis://127.0.0.1:$redis_port" --cluster-lease "$lease" \
         --pid-file "$out/node$i.pid" \
         --stats-interval 10 >"$out/node$i.log" 2>&1 &
+    node_pid[i]=$!
     pids+=("$!")
 done
+node_ready() { # i: ready, or fail at once if the node has exited
+    grep -q " ready (Redis at " "$out/node$1.log" && return 0
+    kill -0 "${node_pid[$1]}" 2>/dev/null || {
+        tail -5 "$out/node$1.log" >&2
+        fail "node $1 exited (its log: $out/node$1.log)"
+    }
+    return 1
+}
 for i in $(seq 1 "$nodes"); do
-    wait_for 20 "node $i" grep -q " ready (Redis at " "$out/node$i.log"
+    wait_for 20 "node $i" node_ready "$i"
 done
 echo "== $nodes nodes on 127.0.0.1:$port, Redis on $redis_port" >&2
 
@@ -236,7 +251,11 @@ def window(start, end):
     return (w[0], w[-1]) if len(w) >= 2 else None
 print(f"# {clients:,} clients, {nodes} nodes, {procs} generator processes\n")
 for run, rate in enumerate(rates, 1):
-    r = json.load(open(f"{out}/run{run}.json"))
+    try:
+        r = json.load(open(f"{out}/run{run}.json"))
+    except (OSError, ValueError):
+        print(f"## Run {run}: the generator gave no result: see {out}/run{run}.progress\n")
+        continue
     prog = [l.split(" ", 1) for l in open(f"{out}/run{run}.progress")]
     first = lambda tag: next((float(t) for t, l in prog if l.startswith(tag)), None)
     print(f"## Run {run}: {rate} lines/s\n")
@@ -250,10 +269,17 @@ for run, rate in enumerate(rates, 1):
         if w:
             a, b = w
             secs = b[0] - a[0]
-            conns = clients
+            conns = max(r.get("logged_in", 0), 1)
             print(f"- idle ({secs:.0f} s sampled): chatd {100 * (b[1] - a[1]) / hz / secs:.2f} % of a core "
                   f"(all nodes), Redis {100 * (b[4] - a[4]) / hz / secs:.2f} %, "
                   f"Redis {(b[5] - a[5]) / secs:,.0f} commands/s")
+            # Once the wave's tail is over (each login's deadline, 30 s).
+            late = window(idle_at + 30, idle_at + idle - 2) if idle >= 40 else None
+            if late:
+                c, d = late
+                t = d[0] - c[0]
+                print(f"- idle from 30 s in ({t:.0f} s): chatd {100 * (d[1] - c[1]) / hz / t:.2f} % of a core, "
+                      f"Redis {100 * (d[4] - c[4]) / hz / t:.2f} %, {(d[5] - c[5]) / t:,.0f} commands/s")
             print(f"- memory: chatd {b[2] * 1024 / conns:,.0f} B per connection (PSS of all nodes, "
                   f"{b[2] / 1024:,.0f} MiB), generator {b[3] * 1024 / conns:,.0f} B per connection; "
                   f"kernel slab {(b[7] - before[7]) * 1024 / conns:,.0f} B per connection pair; "
