@@ -157,39 +157,13 @@ for i in $(seq 1 "$nodes"); do
 done
 echo "== $nodes nodes on 127.0.0.1:$port, Redis on $redis_port" >&2
 
-node_pids() { cat "$out"/node*.pid | paste -sd' '; }
-
 # --- Sampling ------------------------------------------------------------
-# Once a second: time, chatd's CPU ticks and memory (PSS), the
-# generator's RSS, Redis's commands and memory, kernel slab, MemAvailable.
-# field AWK FILE: what AWK prints of FILE, or 0 if FILE is gone.
-field() { awk "$1" "$2" 2>/dev/null | grep . || echo 0; }
-sample() {
-    local ticks=0 rss=0 gen_rss=0 pid
-    for pid in $(node_pids); do
-        ticks=$((ticks + $(field '{print $14 + $15}' "/proc/$pid/stat")))
-        # PSS, not RSS: the binary's and libc's pages are shared by every
-        # node, and RSS would count them once per node.
-        rss=$((rss + $(field '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup")))
-    done
-    for pid in $(pgrep -x chatd-bench); do
-        gen_rss=$((gen_rss + $(field '/^VmRSS:/ {print $2}' "/proc/$pid/status")))
-    done
-    local info
-    info=$(rcli info all 2>/dev/null | tr -d '\r')
-    printf '%s %s %s %s %s %s %s %s %s %s\n' \
-        "$(date +%s.%N)" "$ticks" "$rss" "$gen_rss" \
-        "$(awk '{print $14 + $15}' "/proc/$redis_pid/stat")" \
-        "$(echo "$info" | awk -F: '/^total_commands_processed:/ {print $2}')" \
-        "$(echo "$info" | awk -F: '/^used_memory:/ {print $2}')" \
-        "$(awk '/^Slab:/ {print $2}' /proc/meminfo)" \
-        "$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)" \
-        "$(rcli dbsize 2>/dev/null || echo 0)"
-}
-sample >"$out/samples.txt" # the machine before any client
-# (Not stopped by a failed read: a node being upgraded, a generator
-# process exiting, may vanish between two reads.)
-(set +e +o pipefail; while sleep 1; do sample; done) >>"$out/samples.txt" 2>/dev/null &
+# Once a second (benches/million_sample.py, one process that forks
+# nothing): the nodes' CPU ticks and PSS, the generator's RSS, Redis's CPU,
+# commands and memory, kernel slab, MemAvailable, the keys in Redis.
+sampler=(python3 benches/million_sample.py "$out" "$redis_port" "$redis_pid")
+"${sampler[@]}" once # the machine before any client
+"${sampler[@]}" &
 pids+=("$!")
 
 # --- The runs ------------------------------------------------------------

@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# A million clients on one machine, in one name space: Redis, the chatd
+# nodes on one port (--cluster, --reuse-port) and chatd-bench as several
+# processes, all on loopback; each figure goes to BENCHMARKS.md
+# ("A million connections").
+#
+#   benches/million.sh                      # the full run: 1,000,000 clients
+#   CLIENTS=50000 NODES=3 PROCS=3 IDLE=5 DURATION=3 RATES=1000 benches/million.sh
+#                                           # the small version .ci/run runs
+#
+# For each rate in RATES (lines/s) one chatd-bench run connects and logs in
+# every client as fast as the machine allows, holds them idle IDLE seconds
+# (the script samples CPU, memory and Redis meanwhile), then sends at that
+# rate from 1 % of the clients for DURATION seconds while all stay
+# connected. While the first run idles, one node is upgraded live
+# (SIGUSR2; UPGRADE=0 skips it). Exit status 1 if a client was refused or
+# a line lost, or anything the script needs is missing (it says what,
+# before starting anything).
+#
+# Environment: CLIENTS (1000000), NODES (one per 18,900 clients), PROCS
+# (generator processes, as many as nodes), IDLE (60), RATES ("10000
+# 100000"), DURATION (20), UPGRADE (1), LEASE (--cluster-lease, 30), OUT
+# (target/million).
+#
+# It stops every process it started, also on failure or Ctrl-C. Traffic
+# goes to 127.0.0.0/8 only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+clients=${CLIENTS:-1000000}
+per_node=18900
+nodes=${NODES:-$(((clients + per_node - 1) / per_node))}
+procs=${PROCS:-$nodes}
+idle=${IDLE:-60}
+rates=${RATES:-"10000 100000"}
+duration=${DURATION:-20}
+upgrade=${UPGRADE:-1}
+out=${OUT:-target/million}
+senders=$((clients / 100))
+
+fail() {
+    echo "million.sh: $*" >&2
+    exit 1
+}
+
+# --- What the run needs, checked before anything starts -----------------
+missing=()
+for tool in redis-server redis-cli python3; do
+    command -v "$tool" >/dev/null || missing+=("$tool (Debian: redis-server, redis-tools, python3)")
+done
+hard=$(ulimit -Hn)
+[ "$hard" = unlimited ] && hard=1048576
+per_process=$(((clients + nodes - 1) / nodes + 200))
+if [ "$hard" -lt "$per_process" ]; then
+    missing+=("open files: each node needs about $per_process descriptors, the hard limit is $hard: use more NODES (and PROCS)")
+fi
+per_proc=$(((clients + procs - 1) / procs + 200))
+if [ "$hard" -lt "$per_proc" ]; then
+    missing+=("open files: each generator process needs about $per_proc descriptors, the hard limit is $hard: use more PROCS")
+fi
+# Measured here: about 10.3 KB of kernel memory per loopback connection
+# pair, 0.2 KB in chatd, 0.2 KB per name in Redis, about 0.5 KB in the
+# generator; a fifth more for the waves.
+need_kb=$((clients * 13 + 512 * 1024))
+avail_kb=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)
+# Inside a container, its memory limit counts, not the host's.
+limit=$(cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || echo max)
+if [ "$limit" != max ] && [ $((limit / 1024)) -lt "$avail_kb" ]; then
+    avail_kb=$((limit / 1024))
+fi
+if [ "$avail_kb" -lt "$need_kb" ]; then
+    missing+=("memory: about $((need_kb / 1024)) MiB needed, $((avail_kb / 1024)) MiB available")
+fi
+file_max=$(cat /proc/sys/fs/file-max)
+if [ "$file_max" -lt $((2 * clients + 10000)) ]; then
+    missing+=("fs.file-max is $file_max: at least $((2 * clients + 10000)) (sysctl -w fs.file-max=...)")
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "million.sh: this machine lacks what $clients clients need:" >&2
+    printf '  - %s\n' "${missing[@]}" >&2
+    exit 1
+fi
+
+cargo build --release --quiet --bin chatd --bin chatd-bench
+target=${CARGO_TARGET_DIR:-$PWD/target}
+chatd=$target/release/chatd
+bench=$target/release/chatd-bench
+rm -rf "$out"
+mkdir -p "$out"
+
+# --- Everything started is stopped at the end ----------------------------
+pids=()
+cleanup() {
+    set +e
+    # An upgraded node has a new pid: its pid file names it.
+    for file in "$out"/node*.pid; do
+        [ -f "$file" ] && pids+=("$(cat "$file")")
+    done
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+    wait 2>/dev/null
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_for() { # seconds what command...
+    local until=$((SECONDS + $1)) what=$2
+    shift 2
+    until "$@"; do
+        [ "$SECONDS" -lt "$until" ] || fail "timed out waiting for $what"
+        sleep 0.05
+    done
+}
+
+# --- Redis and the nodes -------------------------------------------------
+redis_port=$(free_port)
+# Higher priority for Redis where allowed: on a machine with few cores the
+# generator and the nodes can otherwise starve it during a wave (see
+# docs/CLUSTER.md, "A million on one machine").
+nice_redis=()
+[ "$(id -u)" = 0 ] && nice_redis=(nice -n -10)
+"${nice_redis[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" \
+    --appendonly no --protected-mode no --maxclients $((4 * nodes + 100)) \
+    --slowlog-log-slower-than 10000 >"$out/redis.log" 2>&1 &
+redis_pid=$!
+pids+=("$redis_pid")
+rcli() { redis-cli -p "$redis_port" "$@"; }
+wait_for 20 "Redis" sh -c "redis-cli -p $redis_port ping 2>/dev/null | grep -q PONG"
+
+# A lease of 30 s instead of 10: two cores shared by 53 nodes, 53
+# generator processes and Redis can leave one node without the CPU to renew
+# for the 9 s a 10 s lease allows in a wave, and a node that cannot renew
+# in time fences, correctly (docs/TUNING.md). On a real server, with a node
+# per core, the default is right.
+lease=${LEASE:-30}
+port=$(free_port)
+for i in $(seq 1 "$nodes"); do
+    "$chatd" --addr "127.0.0.1:$port" --reuse-port \
+        --cluster "redis://127.0.0.1:$redis_port" --cluster-lease "$lease" \
+        --pid-file "$out/node$i.pid" \
+        --stats-interval 10 >"$out/node$i.log" 2>&1 &
+    node_pid[i]=$!
+    pids+=("$!")
+done
+node_ready() { # i: ready, or fail at once if the node has exited
+    grep -q " ready (Redis at " "$out/node$1.log" && return 0
+    kill -0 "${node_pid[$1]}" 2>/dev/null || {
+        tail -5 "$out/node$1.log" >&2
+        fail "node $1 exited (its log: $out/node$1.log)"
+    }
+    return 1
+}
+for i in $(seq 1 "$nodes"); do
+    wait_for 20 "node $i" node_ready "$i"
+done
+echo "== $nodes nodes on 127.0.0.1:$port, Redis on $redis_port" >&2
+
+node_pids() { cat "$out"/node*.pid | paste -sd' '; }
+
+# --- Sampling ------------------------------------------------------------
+# Once a second: time, chatd's CPU ticks and memory (PSS), the
+# generator's RSS, Redis's commands and memory, kernel slab, MemAvailable.
+# field AWK FILE: what AWK prints of FILE, or 0 if FILE is gone.
+field() { awk "$1" "$2" 2>/dev/null | grep . || echo 0; }
+sample() {
+    local ticks=0 rss=0 gen_rss=0 pid
+    for pid in $(node_pids); do
+        ticks=$((ticks + $(field '{print $14 + $15}' "/proc/$pid/stat")))
+        # PSS, not RSS: the binary's and libc's pages are shared by every
+        # node, and RSS would count them once per node.
+        rss=$((rss + $(field '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup")))
+    done
+    for pid in $(pgrep -x chatd-bench); do
+        gen_rss=$((gen_rss + $(field '/^VmRSS:/ {print $2}' "/proc/$pid/status")))
+    done
+    local info
+    info=$(rcli info all 2>/dev/null | tr -d '\r')
+    printf '%s %s %s %s %s %s %s %s %s %s\n' \
+        "$(date +%s.%N)" "$ticks" "$rss" "$gen_rss" \
+        "$(awk '{print $14 + $15}' "/proc/$redis_pid/stat")" \
+        "$(echo "$info" | awk -F: '/^total_commands_processed:/ {print $2}')" \
+        "$(echo "$info" | awk -F: '/^used_memory:/ {print $2}')" \
+        "$(awk '/^Slab:/ {print $2}' /proc/meminfo)" \
+        "$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)" \
+        "$(rcli dbsize 2>/dev/null || echo 0)"
+}
+sample >"$out/samples.txt" # the machine before any client
+# (Not stopped by a failed read: a node being upgraded, a generator
+# process exiting, may vanish between two reads.)
+(set +e +o pipefail; while sleep 1; do echo it >&2; sample; done) >>"$out/samples.txt" 2>"$out/sampler.err" &
+pids+=("$!")
+
+# --- The runs ------------------------------------------------------------
+status=0
+run=0
+# One source address per 1,000 clients, a new range each run (the last
+# run's closed connections wait in TIME_WAIT): Linux's connect searches the
+# port range of its address, and the generator's connects slow down many
+# times over as that range fills.
+addresses=$((clients / 1000 > procs ? clients / 1000 : procs))
+for rate in $rates; do
+    run=$((run + 1))
+    echo "== run $run: $clients clients, idle $idle s, $senders senders at $rate lines/s for $duration s" >&2
+    "$bench" --addr "127.0.0.1:$port" --clients "$clients" --procs "$procs" \
+        --source-ips "127.$((19 + run)).0.1-127.$((19 + run)).$((addresses / 256)).$((addresses % 256))" \
+        --name-prefix "r$run" --idle "$idle" --senders "$senders" --rate "$rate" \
+        --duration "$duration" --settle-timeout 120 --json \
+        >"$out/run$run.json" 2> >(while IFS= read -r line; do
+            printf '%s %s\n' "$(date +%s.%N)" "$line"
+        done >"$out/run$run.progress") &
+    bench_pid=$!
+    pids+=("$bench_pid")
+    if [ "$run" = 1 ] && [ "$upgrade" = 1 ]; then
+        # A live upgrade of one node while every client is connected and
+        # the rest of the cluster runs; the traffic after it goes through
+        # the new process. (Not during the traffic: lines routed to a node
+        # in the ~50 ms it hands over are refused with `unavailable`, which
+        # the generator counts as lost; docs/CLUSTER.md says why.)
+        while kill -0 "$bench_pid" 2>/dev/null && ! grep -qs '\[idle\]' "$out/run$run.progress"; do
+            sleep 0.2
+        done
+        if kill -0 "$bench_pid" 2>/dev/null; then
+            old=$(cat "$out/node1.pid")
+            echo "== live upgrade of node 1 (pid $old)" >&2
+            date +%s.%N >"$out/upgrade.at"
+            kill -USR2 "$old"
+            wait_for 30 "the upgrade" sh -c "[ \"\$(cat $out/node1.pid)\" != $old ]"
+            echo "== node 1 is pid $(cat "$out/node1.pid") now" >&2
+        fi
+    fi
+    wait "$bench_pid" || status=1
+    rcli slowlog get 20 >"$out/run$run.slowlog" || true
+    # The next run's login wave starts once this run's logout wave is over
+    # (every name released), so that each run measures one wave.
+    wait_for 600 "the logout wave" sh -c "[ \"\$(redis-cli -p $redis_port dbsize)\" -le $((2 * nodes + 1)) ]"
+    echo "== logged out: $(rcli dbsize) keys left in Redis" >&2
+done
+rcli info all | tr -d '\r' >"$out/redis-info.txt"
+
+# --- The figures ---------------------------------------------------------
+python3 - "$out" "$clients" "$nodes" "$procs" "$idle" "$rates" <<'EOF' | tee "$out/summary.md"
+import json, os, sys
+out, clients, nodes, procs, idle, rates = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6].split()
+hz = os.sysconf("SC_CLK_TCK")
+rows = [list(map(float, l.split())) for l in open(f"{out}/samples.txt") if len(l.split()) == 10]
+before = rows[0]
+def window(start, end):
+    w = [r for r in rows if start <= r[0] <= end]
+    return (w[0], w[-1]) if len(w) >= 2 else None
+print(f"# {clients:,} clients, {nodes} nodes, {procs} generator processes\n")
+for run, rate in enumerate(rates, 1):
+    try:
+        r = json.load(open(f"{out}/run{run}.json"))
+    except (OSError, ValueError):
+        print(f"## Run {run}: the generator gave no result: see {out}/run{run}.progress\n")
+        continue
+    prog = [l.split(" ", 1) for l in open(f"{out}/run{run}.progress")]
+    first = lambda tag: next((float(t) for t, l in prog if l.startswith(tag)), None)
+    print(f"## Run {run}: {rate} lines/s\n")
+    print(f"- logged in {r.get('logged_in', 0):,} of {r['clients']:,} in {r.get('connect_secs', 0):.1f} s "
+          f"({r.get('logins_per_sec', 0):,.0f}/s), login p99 {r.get('login_ms_p99', 0):.0f} ms, "
+          f"max {r.get('login_ms_max', 0):.0f} ms; refused or failed {r.get('connect_failed', 0)}, "
+          f"closed by the server {r.get('closed_by_server', 0)}, errors {r.get('error_lines', '?')}")
+    idle_at = first("[idle]")
+    if idle_at and idle >= 10:
+        w = window(idle_at + 5, idle_at + idle - 2)
+        if w:
+            a, b = w
+            secs = b[0] - a[0]
+            conns = max(r.get("logged_in", 0), 1)
+            print(f"- idle ({secs:.0f} s sampled): chatd {100 * (b[1] - a[1]) / hz / secs:.2f} % of a core "
+                  f"(all nodes), Redis {100 * (b[4] - a[4]) / hz / secs:.2f} %, "
+                  f"Redis {(b[5] - a[5]) / secs:,.0f} commands/s")
+            # Once the wave's tail is over (each login's deadline, 30 s).
+            late = window(idle_at + 30, idle_at + idle - 2) if idle >= 40 else None
+            if late:
+                c, d = late
+                t = d[0] - c[0]
+                print(f"- idle from 30 s in ({t:.0f} s): chatd {100 * (d[1] - c[1]) / hz / t:.2f} % of a core, "
+                      f"Redis {100 * (d[4] - c[4]) / hz / t:.2f} %, {(d[5] - c[5]) / t:,.0f} commands/s")
+            print(f"- memory: chatd {b[2] * 1024 / conns:,.0f} B per connection (PSS of all nodes, "
+                  f"{b[2] / 1024:,.0f} MiB), generator {b[3] * 1024 / conns:,.0f} B per connection; "
+                  f"kernel slab {(b[7] - before[7]) * 1024 / conns:,.0f} B per connection pair; "
+                  f"Redis used_memory {(b[6] - before[6]) / conns:,.0f} B per name; "
+                  f"MemAvailable left {b[8] / 1024 / 1024:.1f} GiB (of {before[8] / 1024 / 1024:.1f} before)")
+    print(f"- traffic: {r.get('lines_sent', 0):,} lines, {r.get('deliveries', 0):,} delivered, "
+          f"lost {r.get('lost', '?')}, p50 {r.get('latency_us_p50', 0) / 1000:.1f} ms, "
+          f"p99 {r.get('latency_us_p99', 0) / 1000:.1f} ms, max {r.get('latency_us_max', 0) / 1000:.1f} ms; "
+          f"send lag p99 {r.get('send_lag_us_p99', 0) / 1000:.1f} ms; result {r.get('result')}")
+    print()
+if os.path.exists(f"{out}/upgrade.at"):
+    print("- live upgrade of node 1 while run 1 idled (its log: "
+          + "; ".join(l.split("]", 1)[-1].strip() for l in open(f"{out}/node1.log") if "upgrade" in l.lower())[:400] + ")")
+EOF
+for i in $(seq 1 "$nodes"); do
+    grep -H -E "WARN|ERROR" "$out/node$i.log" | head -3
+done >&2 || true
+exit "$status"
