@@ -540,15 +540,23 @@ impl Cluster {
     fn renewed(&mut self, found: Vec<Renewal>, now_ms: u64) {
         for renewal in found {
             match renewal {
-                Renewal::Renewed { sent_ms } => {
-                    self.stats.rtt_us = now_ms.saturating_sub(sent_ms) * 1000;
-                    if let Some(until) = &mut self.lease_until {
-                        *until = (*until).max(sent_ms + self.config.lease_ms);
-                    }
+                // Only a lease the node still holds (not one it fenced).
+                Renewal::Renewed { sent_ms } if self.lease_until.is_some() => {
+                    self.lease_renewed(sent_ms, now_ms);
                 }
+                Renewal::Renewed { .. } => {}
                 Renewal::Gone => self.check_lease(now_ms),
             }
         }
+    }
+
+    /// A renewal sent at `sent_ms` succeeded, on either connection: the
+    /// lease is certain until a lease after it, and never shortened (the
+    /// other connection may have renewed since).
+    pub(super) fn lease_renewed(&mut self, sent_ms: u64, now_ms: u64) {
+        self.stats.rtt_us = now_ms.saturating_sub(sent_ms) * 1000;
+        let until = sent_ms + self.config.lease_ms;
+        self.lease_until = Some(self.lease_until.map_or(until, |held| held.max(until)));
     }
 
     /// Queues the handshake: RESP3, the scripts, the lease (renewed if it
@@ -577,6 +585,7 @@ impl Cluster {
             Pending::Plain,
         );
         self.send_renew(now_ms);
+        self.sweep_at = now_ms + self.config.lease_ms / 3;
         let channel = self.channel.clone();
         let lost = self.lost_channel.clone();
         // Under RESP3 the confirmations are pushes, not replies: no entry.
@@ -597,15 +606,13 @@ impl Cluster {
             &[b"SET", key.as_bytes(), b"1", b"PX", ms.as_bytes(), b"XX"],
             Pending::Renew { sent_ms: now_ms },
         );
-        self.sweep_at = now_ms + self.config.lease_ms / 3;
     }
 
-    /// Sweeps dead nodes away; renews the lease too while its own
-    /// connection is down.
+    /// Sweeps dead nodes away, every third of a lease; renews the lease
+    /// too while its own connection is down.
     fn sweep(&mut self, now_ms: u64) {
-        if self.lease_link.is_connected() {
-            self.sweep_at = now_ms + self.config.lease_ms / 3;
-        } else {
+        self.sweep_at = now_ms + self.config.lease_ms / 3;
+        if !self.lease_link.is_connected() {
             self.send_renew(now_ms);
         }
         let prefix = self.config.prefix.clone();

@@ -129,18 +129,13 @@ impl Cluster {
                 _ => return Err("unexpected SCRIPT LOAD reply".into()),
             },
             Pending::Renew { sent_ms } => {
-                self.stats.rtt_us = now_ms.saturating_sub(sent_ms) * 1000;
                 if self.leaving {
                     // Shutting down: the farewell drops the lease.
                 } else if reply == Reply::Nil {
                     // The lease is gone: Redis lost its data, or it expired.
                     self.take_new_lease(now_ms);
                 } else {
-                    // Never shortened: the lease's own connection may have
-                    // renewed since this renewal, queued behind the data
-                    // link's backlog, was sent.
-                    let until = sent_ms + self.config.lease_ms;
-                    self.lease_until = Some(self.lease_until.map_or(until, |held| held.max(until)));
+                    self.lease_renewed(sent_ms, now_ms);
                     if self.state != State::Ready {
                         self.become_ready();
                         self.reconcile();
