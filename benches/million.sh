@@ -58,9 +58,10 @@ per_proc=$(((clients + procs - 1) / procs + 200))
 if [ "$hard" -lt "$per_proc" ]; then
     missing+=("open files: each generator process needs about $per_proc descriptors, the hard limit is $hard: use more PROCS")
 fi
-# Measured here: about 10.3 KB of kernel memory per loopback connection
-# pair, 0.2 KB in chatd, 0.2 KB per name in Redis, about 0.5 KB in the
-# generator; a fifth more for the waves.
+# Measured here: about 8.4 KB of kernel slab per loopback connection pair,
+# 0.2-0.34 KB in chatd, 0.19 KB per name in Redis, 0.32 KB in the
+# generator (6.8 GB used in all for a million); 13 KB a client leaves room
+# for the waves and the traffic.
 need_kb=$((clients * 13 + 512 * 1024))
 avail_kb=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)
 # Inside a container, its memory limit counts, not the host's.

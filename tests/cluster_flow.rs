@@ -181,6 +181,10 @@ fn a_login_wave_slower_than_the_reply_timeout_does_not_collapse() {
     assert!(!log.contains("did not answer in time"), "{log}");
     assert!(!log.contains("lease not renewed"), "{log}");
     assert_eq!(a.stat("logins"), 2000);
+    // The stats line shows the window and that nothing waits for it now.
+    let window = a.stat("claim_window");
+    assert!((16..=4096).contains(&window), "claim_window={window}");
+    assert_eq!(a.stat("claims_queued"), 0);
 }
 
 /// The lease never waits behind data: with Redis reached at 100 KB/s per
