@@ -37,10 +37,11 @@ const violations = [
 test('protocol violations close with 1002, no error text, nothing routed', T, async (t) => {
   const server = await chatd(t);
   const bob = await TcpClient.login(server.tcp, 'bob');
+  let n = 0;
   for (const [what, bytes] of violations) {
     for (const loggedIn of [false, true]) {
       const raw = await RawWs.connect(server.ws);
-      if (loggedIn) raw.text('mallory');
+      if (loggedIn) raw.text(`mallory${n++}`);
       raw.write(bytes());
       await expectCloseIn(raw, [1002], `${what}${loggedIn ? ' (logged in)' : ''}`);
       raw.destroy();
@@ -71,7 +72,7 @@ test('a 2^63-byte length field is refused at once; the server keeps serving', T,
   // for --max-line (1009). Either way at once, from the header alone.
   for (const len of [2n ** 63n, 2n ** 64n - 1n, 2n ** 63n - 1n, 2n ** 32n, 65536n]) {
     const raw = await RawWs.connect(server.ws);
-    raw.text('mallory');
+    raw.text(`mallory${len}`);
     raw.write(frame(OP.TEXT, 'bob: x', { len }));
     await expectTooBig(raw, len >= 2n ** 63n, `length ${len}`);
     raw.destroy();
