@@ -41,11 +41,12 @@ test('name-taken closes with 1008', T, async (t) => {
   await expectErrorClose(mallory, 'error: name-taken: alice', 1008);
 });
 
-test('line-too-long closes with 1009; earlier lines still count', T, async (t) => {
+test('line-too-long closes with 1009 after its error line; earlier messages still count', T, async (t) => {
   const server = await chatd(t, ['--max-line', '32']);
   const bob = await TcpClient.login(server.tcp, 'bob');
   const carol = await WsClient.login(server.ws, 'carol');
-  carol.send('bob: first\nbob: ' + 'x'.repeat(40));
+  carol.send('bob: first');
+  carol.send('bob: ' + 'x'.repeat(40));
   await bob.expect('from carol: first');
   await expectErrorClose(carol, 'error: line-too-long: max 32 bytes', 1009);
   // Exactly --max-line bytes is fine.
