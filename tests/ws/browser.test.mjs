@@ -12,6 +12,9 @@ import { chatd, REPO, TcpClient } from './lib.mjs';
 
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const WAIT = { timeout: 10000 };
+// Poll on a timer: a page in the background gets few animation frames, and
+// Playwright's default polling waits for them.
+const POLL = { timeout: 10000, polling: 50 };
 const T = { timeout: 60000 };
 
 let context;
@@ -44,26 +47,32 @@ after(async () => {
   if (userDataDir) rmSync(userDataDir, { recursive: true, force: true });
 });
 
-async function openPage(server) {
+async function openPage(t, server) {
   const page = await context.newPage();
+  t.after(() => page.close());
   page.on('pageerror', (e) => pageErrors.push(e));
   await page.goto(`http://${server.ws}/`, WAIT);
   return page;
 }
 
+/** Waits until `fn(arg)` is true in the page. */
+const until = (page, fn, arg, options = POLL) => page.waitForFunction(fn, arg, options);
+
 async function login(page, name) {
+  await page.bringToFront();
   await page.fill('#name', name);
   await page.click('#login');
 }
 
 /** Waits until the log has a line with exactly `text`; returns its class. */
 async function logLine(page, text) {
-  await page.waitForFunction((t) => [...document.querySelectorAll('#log p')].some((p) => p.textContent === t), text, WAIT);
+  await until(page, (t) => [...document.querySelectorAll('#log p')].some((p) => p.textContent === t), text, POLL);
   return page.$eval('#log', (log, t) => [...log.querySelectorAll('p')].find((p) => p.textContent === t).className, text);
 }
 
 async function send(page, to, msg) {
-  await page.waitForSelector('#send:not([disabled])', WAIT);
+  await page.bringToFront();
+  await until(page, () => !document.querySelector('#send').disabled);
   await page.fill('#to', to);
   await page.fill('#msg', msg);
   await page.click('#send');
@@ -74,15 +83,15 @@ const logTexts = (page) => page.$$eval('#log p', (ps) => ps.map((p) => [p.classN
 test('two pages and a TCP client talk; markup arrives as text; errors are marked', T, async (t) => {
   const server = await chatd(t);
   const carol = await TcpClient.login(server.tcp, 'carol');
-  const alice = await openPage(server);
-  const bob = await openPage(server);
+  const alice = await openPage(t, server);
+  const bob = await openPage(t, server);
   assert.equal(await alice.title(), 'chatd');
   for (const id of ['name', 'to', 'msg']) {
     assert.ok(await alice.$eval(`#${id}`, (el) => el.labels.length > 0), `#${id} has a label`);
   }
   await login(alice, 'alice');
   await login(bob, 'bob');
-  await alice.waitForSelector('#status[data-state=open]', WAIT);
+  await until(alice, () => document.querySelector('#status').dataset.state === 'open');
   // Each page's first line proves its login was routed.
   await send(alice, 'carol', 'hi carol');
   await carol.expect('from alice: hi carol');
@@ -126,6 +135,7 @@ test('two pages and a TCP client talk; markup arrives as text; errors are marked
   await carol.expect('from bob: to all');
   await logLine(alice, 'from bob: to all');
   await logLine(bob, 'from bob: to all');
+  await alice.bringToFront();
   await alice.fill('#to', 'bob, carol');
   await alice.fill('#msg', '');
   const shot = await alice.screenshot({ fullPage: false });
@@ -142,17 +152,17 @@ test('two pages and a TCP client talk; markup arrives as text; errors are marked
 test('a refused name is not retried; another name then logs in', T, async (t) => {
   const server = await chatd(t);
   const carol = await TcpClient.login(server.tcp, 'carol');
-  const page = await openPage(server);
+  const page = await openPage(t, server);
   await login(page, 'car ol');
   assert.equal(await logLine(page, 'error: invalid-name: contains whitespace'), 'error');
-  await page.waitForFunction(() => [...document.querySelectorAll('#log p.info')].some((p) => /^connection closed: code 1008( \(.*\))?$/.test(p.textContent)), null, WAIT);
-  await page.waitForFunction(() => /login refused/.test(document.querySelector('#status').textContent), null, WAIT);
+  await until(page, () => [...document.querySelectorAll('#log p.info')].some((p) => /^connection closed: code 1008( \(.*\))?$/.test(p.textContent)));
+  await until(page, () => /login refused/.test(document.querySelector('#status').textContent));
   assert.equal(await page.isEnabled('#login'), true);
   assert.equal(await page.isEnabled('#name'), true);
   assert.equal(await page.isEnabled('#send'), false);
   await login(page, 'carol');
   assert.equal(await logLine(page, 'error: name-taken: carol'), 'error');
-  await page.waitForFunction(() => document.querySelectorAll('#log p.info').length === 2, null, WAIT);
+  await until(page, () => document.querySelectorAll('#log p.info').length === 2);
   await login(page, 'carla');
   await send(page, 'carol', 'third time lucky');
   await carol.expect('from carla: third time lucky');
@@ -163,13 +173,13 @@ test('a refused name is not retried; another name then logs in', T, async (t) =>
 
 test('after the server closes it, the page reconnects with the same name, backing off', T, async (t) => {
   const server = await chatd(t, ['--idle-timeout', '2']);
-  const page = await openPage(server);
+  const page = await openPage(t, server);
   await login(page, 'erin');
   // Silent for 2 s: the server closes it; the page says so and comes back.
   assert.equal(await logLine(page, 'error: idle-timeout'), 'error');
   const frank = await TcpClient.login(server.tcp, 'frank'); // idle from now on, too
-  await page.waitForFunction(() => [...document.querySelectorAll('#log p.info')].some((p) => /^connection closed: code 1008( \(.*\))?; reconnecting in [0-9.]+ s$/.test(p.textContent)), null, WAIT);
-  await page.waitForSelector('#status[data-state=open]', WAIT);
+  await until(page, () => [...document.querySelectorAll('#log p.info')].some((p) => /^connection closed: code 1008( \(.*\))?; reconnecting in [0-9.]+ s$/.test(p.textContent)));
+  await until(page, () => document.querySelector('#status').dataset.state === 'open');
   // Logged in again as erin (the login is routed a moment after the page
   // sent it: until then frank is told erin is not online).
   for (let tries = 0; ; tries++) {
@@ -186,7 +196,7 @@ test('after the server closes it, the page reconnects with the same name, backin
   const before = await page.evaluate(() => document.querySelectorAll('#log p.info').length);
   server.signal('SIGTERM');
   assert.equal(await logLine(page, 'error: shutting-down'), 'error');
-  await page.waitForFunction((n) => document.querySelectorAll('#log p.info').length >= n + 2, before, { timeout: 15000 });
+  await until(page, (n) => document.querySelectorAll('#log p.info').length >= n + 2, before, { timeout: 15000, polling: 50 });
   const infos = (await logTexts(page)).filter(([kind]) => kind === 'info').map(([, text]) => text);
   assert.match(infos[before], /^connection closed: code 1001( \(.*\))?; reconnecting in [0-9.]+ s$/, JSON.stringify(infos));
   assert.match(infos[before + 1], /^connection closed: code 1006; reconnecting in [0-9.]+ s$/, JSON.stringify(infos));
