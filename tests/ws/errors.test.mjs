@@ -55,6 +55,9 @@ test('line-too-long closes with 1009 after its error line; earlier messages stil
   assert.equal(Buffer.byteLength(line), 32);
   dave.send(line);
   await bob.expect('from dave: ' + 'y'.repeat(27));
+  // One byte more is allowed for a final \r (removed as before a line end).
+  dave.send(line + '\r');
+  await bob.expect('from dave: ' + 'y'.repeat(27));
   // A long line split over fragments is caught too.
   dave.send('bob: ' + 'z'.repeat(20), { fin: false });
   dave.send('z'.repeat(20), { fin: true });
@@ -102,6 +105,44 @@ test('idle-timeout closes with 1008', T, async (t) => {
   const server = await chatd(t, ['--idle-timeout', '1']);
   const c = await WsClient.login(server.ws, 'idler');
   await expectErrorClose(c, 'error: idle-timeout', 1008);
+});
+
+test('pings count as input for --idle-timeout', T, async (t) => {
+  const server = await chatd(t, ['--idle-timeout', '1']);
+  const bob = await TcpClient.login(server.tcp, 'bob');
+  const c = await WsClient.login(server.ws, 'pinger');
+  // Ping every 200 ms for 2.5 s, over twice the idle timeout; bob keeps
+  // himself alive with empty lines.
+  const until = Date.now() + 2500;
+  while (Date.now() < until) {
+    c.ws.ping();
+    bob.send('\n');
+    await withTimeout(new Promise((resolve) => c.ws.once('pong', resolve)), 1000, 'pong');
+    await withTimeout(new Promise((resolve) => setTimeout(resolve, 200)), 1000, 'pacing');
+  }
+  bob.send('pinger: still here\n');
+  await c.expect('from bob: still here');
+  // Once it stops, it is timed out.
+  await expectErrorClose(c, 'error: idle-timeout', 1008);
+});
+
+test('a client that ends TCP without a Close still gets what is queued', T, async (t) => {
+  const server = await chatd(t);
+  const raw = await RawWs.connect(server.ws);
+  raw.text('quitter');
+  raw.text('quitter: one\nquitter: two');
+  raw.socket.end(); // FIN, no Close frame
+  await raw.expectText('from quitter: one');
+  await raw.expectText('from quitter: two');
+  for (;;) {
+    // Maybe a Close frame; then EOF.
+    const f = await raw.next();
+    if (f === null) break;
+    assert.equal(f.opcode, OP.CLOSE, describe(f));
+  }
+  const bob = await TcpClient.login(server.tcp, 'bob');
+  bob.send('quitter: there?\n');
+  await bob.expect('error: not-online: quitter');
 });
 
 test('server-full closes with 1013', T, async (t) => {

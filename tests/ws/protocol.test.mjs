@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { chatd, withTimeout, httpRaw, connectSocket, REPO, TcpClient, RawWs, OP, frame, describe } from './lib.mjs';
+import { chatd, withTimeout, httpRaw, connectSocket, REPO, TcpClient, RawWs, OP, frame, closePayload, describe } from './lib.mjs';
 
 const T = { timeout: 30000 };
 
@@ -32,6 +32,8 @@ const violations = [
   ['a new text frame inside a fragmented message', () => Buffer.concat([frame(OP.TEXT, 'bob: a', { fin: false }), frame(OP.TEXT, 'bob: b')])],
   ['a binary frame inside a fragmented text message', () => Buffer.concat([frame(OP.TEXT, 'bob: a', { fin: false }), frame(OP.BINARY, 'b')])],
   ['a close with a 1-byte payload', () => frame(OP.CLOSE, Buffer.from([3]))],
+  // Close codes no endpoint may send (RFC 6455 7.4).
+  ...[999, 1004, 1005, 1006, 1015, 2999, 5000].map((code) => [`a close with code ${code}`, () => frame(OP.CLOSE, closePayload(code))]),
 ];
 
 test('protocol violations close with 1002, no error text, nothing routed', T, async (t) => {
@@ -103,6 +105,9 @@ test('GET / serves the web client page; other paths are 404', T, async (t) => {
   assert.match(res.status, /^HTTP\/1\.1 200 /);
   assert.match(res.headers['content-type'], /^text\/html/);
   assert.equal(res.body, page);
+  const index = await httpRaw(server.ws, `GET /index.html HTTP/1.1\r\nHost: ${server.ws}\r\n\r\n`);
+  assert.match(index.status, /^HTTP\/1\.1 200 /);
+  assert.equal(index.body, page);
   const nope = await httpRaw(server.ws, `GET /nope HTTP/1.1\r\nHost: ${server.ws}\r\n\r\n`);
   assert.match(nope.status, /^HTTP\/1\.1 404 /);
   // Node's own HTTP client agrees.
@@ -160,14 +165,15 @@ test('bad upgrades: 400, and 426 with Sec-WebSocket-Version: 13 for another vers
 
 test('an oversized or unfinished HTTP request is not kept', T, async (t) => {
   const server = await chatd(t, ['--login-timeout', '1']);
-  // Past 8 KiB of request head: refused (a 4xx, or just closed).
+  // Past 8 KiB of request head: 400.
   const huge = await httpRaw(server.ws, `GET / HTTP/1.1\r\nHost: x\r\nX-Filler: ${'a'.repeat(9000)}\r\n\r\n`);
-  if (huge.status) assert.match(huge.status, /^HTTP\/1\.1 4\d\d /);
-  // Half a request: closed once --login-timeout passes.
+  assert.match(String(huge.status), /^HTTP\/1\.1 400 /);
+  // Half a request: 408 once --login-timeout passes.
   const started = Date.now();
   const half = await httpRaw(server.ws, 'GET / HTTP/1.1\r\nHost: x\r\n', 4000);
   assert.ok(Date.now() - started >= 900, `closed after ${Date.now() - started} ms`);
-  if (half.status) assert.match(half.status, /^HTTP\/1\.1 4\d\d /);
+  assert.match(String(half.status), /^HTTP\/1\.1 408 /);
+  assert.equal(half.body.trim(), 'error: login-timeout');
   const bob = await TcpClient.login(server.tcp, 'bob');
   bob.close();
 });
