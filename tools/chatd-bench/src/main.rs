@@ -1,5 +1,6 @@
 //! `chatd-bench`: a load generator for high-connection-count benchmarks of
-//! chatd, or of any server speaking the same line protocol.
+//! chatd, or of any server speaking the same line protocol, over TCP or
+//! (`--ws`) WebSocket.
 //!
 //! Phases: connect and log in every client (at a rate, or as fast as
 //! possible), confirm each login with a message to itself, hold the
