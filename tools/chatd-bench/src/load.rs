@@ -1022,11 +1022,7 @@ impl Load {
                     );
                 }
                 self.counts.closed_by_server += 1;
-                // The answer, sent while the socket is still ours.
-                let echo = payload.get(..2).unwrap_or_default();
-                self.queue_frame(i, ws::CLOSE, echo);
-                self.flush(i);
-                self.close(i);
+                self.close_with(i, payload.get(..2).unwrap_or_default());
                 false
             }
             _ => self.ws_fail(i, "an unknown opcode"),
@@ -1055,10 +1051,28 @@ impl Load {
             &mut self.counts.socket_errors,
             &format!("ws-protocol: {why}"),
         );
-        self.queue_frame(i, ws::CLOSE, &1002u16.to_be_bytes());
-        self.flush(i);
-        self.close(i);
+        self.close_with(i, &1002u16.to_be_bytes());
         false
+    }
+
+    /// Sends local client `i` a Close frame carrying `code` (what it has
+    /// queued first), as far as its socket takes it at once, and closes
+    /// it. A failed write is not counted: the close is, by the caller.
+    fn close_with(&mut self, i: usize, code: &[u8]) {
+        let mask = self.rng.mask();
+        let client = &mut self.clients[i];
+        ws::push_frame(&mut client.out, ws::CLOSE, code, mask);
+        // Connected: frames come after the upgrade.
+        if let Some(stream) = &mut client.stream {
+            while client.out_pos < client.out.len() {
+                match stream.write(&client.out[client.out_pos..]) {
+                    Ok(n) => client.out_pos += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        self.close(i);
     }
 }
 
