@@ -29,6 +29,9 @@ pub struct Config {
     pub stats_interval: Duration,
     /// Cluster mode (`--cluster`): the Redis to share names through.
     pub cluster: Option<ClusterConfig>,
+    /// `--ws-echo`: WebSocket messages are echoed back instead of routed
+    /// (a testing aid for conformance suites such as Autobahn|Testsuite).
+    pub ws_echo: bool,
 }
 
 impl Default for Config {
@@ -43,6 +46,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(5),
             stats_interval: Duration::ZERO,
             cluster: None,
+            ws_echo: false,
         }
     }
 }

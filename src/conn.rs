@@ -46,22 +46,29 @@ pub enum Phase {
 }
 
 /// On the reactor's pending-write list.
-const PENDING_WRITE: u8 = 1 << 0;
+const PENDING_WRITE: u16 = 1 << 0;
 /// Input may be left in the socket; on the come-back list.
-const MORE_INPUT: u8 = 1 << 1;
+const MORE_INPUT: u16 = 1 << 1;
 /// Registered for writable events as well as readable.
-const WRITABLE_ARMED: u8 = 1 << 2;
+const WRITABLE_ARMED: u16 = 1 << 2;
 /// Its sending side was shut down (lingering close).
-const WRITE_SHUT: u8 = 1 << 3;
+const WRITE_SHUT: u16 = 1 << 3;
 /// Marked for removal by the reactor's reap step.
-const DEAD: u8 = 1 << 4;
+const DEAD: u16 = 1 << 4;
 /// Turned away with `server-full`.
-const REJECTED: u8 = 1 << 5;
+const REJECTED: u16 = 1 << 5;
 /// The last write hit `WouldBlock`; a writable event will come.
-const WRITE_BLOCKED: u8 = 1 << 6;
+const WRITE_BLOCKED: u16 = 1 << 6;
 /// The client's input ended: EOF was read (while draining after the
 /// client half-closed, or while lingering after an error line).
-const INPUT_DONE: u8 = 1 << 7;
+const INPUT_DONE: u16 = 1 << 7;
+/// Accepted on the WebSocket listener.
+const WS: u16 = 1 << 8;
+/// A WebSocket connection past its handshake: its output is framed.
+const WS_OPEN: u16 = 1 << 9;
+/// A WebSocket client sent its Close frame: answered once what is queued
+/// for it (and, in a cluster, owed to it) is written.
+const WS_CLOSE_RECEIVED: u16 = 1 << 10;
 
 /// A client connection. Idle ones own no buffers: `partial` and `out` are
 /// `None` until needed and go back to the pool when empty. The fields are
@@ -80,12 +87,14 @@ pub struct Conn {
     /// The number of the last message routed to this connection, so a
     /// recipient named twice in one line gets it once.
     pub route_mark: u32,
-    /// Bytes discarded while lingering, bounded by the reactor.
+    /// Bytes discarded while lingering, bounded by the reactor. (While a
+    /// WebSocket connection drains after the client's Close, the close code
+    /// to answer with: it lingers only after that.)
     pub discarded: u32,
     /// Where the connection is in its life.
     phase: Phase,
     /// Bit set of the `PENDING_WRITE`, `MORE_INPUT`, ... flags above.
-    flags: u8,
+    flags: u16,
     /// The login name, shared with the name index; empty before login.
     pub name: Rc<str>,
     /// The unterminated tail of the input, kept between reads.
@@ -111,6 +120,14 @@ impl Conn {
         }
     }
 
+    /// A connection accepted on the WebSocket listener, before its
+    /// handshake (in the login phase: the handshake counts as logging in).
+    pub fn new_websocket(stream: TcpStream, id: u32, now_ms: u32) -> Conn {
+        let mut conn = Conn::new(stream, id, now_ms);
+        conn.flags |= WS;
+        conn
+    }
+
     /// A connection handed over by a live upgrade, in `phase`, with the
     /// flags it had (see `crate::handoff`).
     pub fn restore(
@@ -118,16 +135,17 @@ impl Conn {
         id: u32,
         last_input_ms: u32,
         phase: Phase,
-        write_shut: bool,
-        input_done: bool,
-        rejected: bool,
+        flags: &crate::handoff::ConnFlags,
     ) -> Conn {
         let mut conn = Conn::new(stream, id, last_input_ms);
         conn.phase = phase;
         for (set, flag) in [
-            (write_shut, WRITE_SHUT),
-            (input_done, INPUT_DONE),
-            (rejected, REJECTED),
+            (flags.write_shut, WRITE_SHUT),
+            (flags.input_done, INPUT_DONE),
+            (flags.rejected, REJECTED),
+            (flags.websocket, WS),
+            (flags.ws_open, WS_OPEN),
+            (flags.ws_close_received, WS_CLOSE_RECEIVED),
         ] {
             if set {
                 conn.flags |= flag;
@@ -136,7 +154,7 @@ impl Conn {
         conn
     }
 
-    fn has(&self, flag: u8) -> bool {
+    fn has(&self, flag: u16) -> bool {
         self.flags & flag != 0
     }
 
@@ -275,6 +293,45 @@ impl Conn {
         self.has(REJECTED)
     }
 
+    /// Whether it was accepted on the WebSocket listener.
+    pub fn is_websocket(&self) -> bool {
+        self.has(WS)
+    }
+
+    /// Whether it is a WebSocket connection past its handshake (its output
+    /// is framed).
+    pub fn is_ws_open(&self) -> bool {
+        self.has(WS_OPEN)
+    }
+
+    /// The handshake was answered with `101`: from now on it speaks frames.
+    pub fn set_ws_open(&mut self) {
+        self.flags |= WS_OPEN;
+    }
+
+    /// Whether the client's Close frame came and waits for its answer.
+    pub fn is_ws_close_received(&self) -> bool {
+        self.has(WS_CLOSE_RECEIVED)
+    }
+
+    /// The client's Close frame came, with `code` to answer with.
+    pub fn set_ws_close_received(&mut self, code: u16) {
+        self.flags |= WS_CLOSE_RECEIVED;
+        self.discarded = u32::from(code);
+    }
+
+    /// The state a live upgrade hands over besides the phase.
+    pub fn handoff_flags(&self) -> crate::handoff::ConnFlags {
+        crate::handoff::ConnFlags {
+            write_shut: self.is_write_shut(),
+            input_done: self.is_input_done(),
+            rejected: self.is_rejected(),
+            websocket: self.is_websocket(),
+            ws_open: self.is_ws_open(),
+            ws_close_received: self.is_ws_close_received(),
+        }
+    }
+
     /// Bytes of buffer memory it holds: the capacity of its outbound buffer
     /// and of its kept input (what `--max-buffer-memory` bounds).
     pub fn footprint(&self) -> usize {
@@ -287,16 +344,43 @@ impl Conn {
         self.out.as_ref().map_or(0, |out| out.len())
     }
 
-    /// Appends `bytes` to the outbound buffer, taking one from the pool if
-    /// there is none. The caller enforces `--max-outbound`.
-    pub fn queue(&mut self, bytes: &[u8], pool: &mut BufPool) {
-        let out = self.out.get_or_insert_with(|| pool.take(bytes.len()));
-        if out.pos > 0 && out.data.len() + bytes.len() > out.data.capacity() {
-            // Reclaim the written front before the buffer grows.
-            out.data.drain(..out.pos);
-            out.pos = 0;
+    /// Appends `lines` (each ending in `\n`) to the outbound buffer, taking
+    /// one from the pool if there is none; a WebSocket connection gets each
+    /// line as one text message. The caller enforces `--max-outbound`.
+    pub fn queue(&mut self, lines: &[u8], pool: &mut BufPool) {
+        if self.is_ws_open() {
+            let len = crate::ws::framed_len(lines);
+            crate::ws::write_lines(self.room(len, pool), lines);
+        } else {
+            self.room(lines.len(), pool).extend_from_slice(lines);
         }
-        out.data.extend_from_slice(bytes);
+    }
+
+    /// Appends bytes as they are: WebSocket control frames, or (`http`)
+    /// the handshake's answer, which the frames that follow come after.
+    pub fn queue_raw(&mut self, bytes: &[u8], http: bool, pool: &mut BufPool) {
+        self.room(bytes.len(), pool).extend_from_slice(bytes);
+        if http {
+            let out = self.out.as_mut().expect("room made");
+            out.mark = out.data.len();
+        }
+    }
+
+    /// Appends one WebSocket frame (a pong, a Close, an echo).
+    pub fn queue_frame(&mut self, opcode: u8, fin: bool, payload: &[u8], pool: &mut BufPool) {
+        let out = self.room(payload.len() + 10, pool);
+        crate::ws::write_frame(out, opcode, fin, payload);
+    }
+
+    /// The outbound buffer, with its written front reclaimed if `len` more
+    /// bytes would make it grow.
+    fn room(&mut self, len: usize, pool: &mut BufPool) -> &mut Vec<u8> {
+        let frames = self.is_ws_open();
+        let out = self.out.get_or_insert_with(|| pool.take(len));
+        if out.pos > 0 && out.data.len() + len > out.data.capacity() {
+            out.reclaim(frames);
+        }
+        &mut out.data
     }
 
     /// Writes queued output until it is all written or the socket is full.

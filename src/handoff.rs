@@ -33,11 +33,56 @@ use crate::stats::Stats;
 
 /// The first line of every state, with its version: a new binary that
 /// does not know the version refuses the state.
-const MAGIC: &[u8] = b"chatd-state 2\n";
+const MAGIC: &[u8] = b"chatd-state 3\n";
 /// The variable naming the state's descriptor.
 pub const STATE_VAR: &str = "CHATD_UPGRADE_STATE";
 /// The variable naming the readiness pipe's descriptor.
 pub const READY_VAR: &str = "CHATD_UPGRADE_READY";
+
+/// A connection's flags, as a live upgrade hands them over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnFlags {
+    /// Its sending side is shut down (a lingering close).
+    pub write_shut: bool,
+    /// EOF was read.
+    pub input_done: bool,
+    /// It was turned away with `server-full`.
+    pub rejected: bool,
+    /// It came through the WebSocket listener.
+    pub websocket: bool,
+    /// Its WebSocket handshake is done: it speaks frames.
+    pub ws_open: bool,
+    /// Its WebSocket Close came and waits to be answered.
+    pub ws_close_received: bool,
+}
+
+impl ConnFlags {
+    fn bits(&self) -> u8 {
+        [
+            self.write_shut,
+            self.input_done,
+            self.rejected,
+            self.websocket,
+            self.ws_open,
+            self.ws_close_received,
+        ]
+        .iter()
+        .enumerate()
+        .fold(0, |bits, (i, &set)| bits | u8::from(set) << i)
+    }
+
+    fn of(bits: u8) -> ConnFlags {
+        let has = |i: u8| bits & (1 << i) != 0;
+        ConnFlags {
+            write_shut: has(0),
+            input_done: has(1),
+            rejected: has(2),
+            websocket: has(3),
+            ws_open: has(4),
+            ws_close_received: has(5),
+        }
+    }
+}
 
 /// One connection as the old process hands it over.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,19 +100,22 @@ pub struct ConnState {
     pub silent_ms: u32,
     /// Time left of its login or close deadline, in ms, if it has one.
     pub deadline_ms: Option<u64>,
-    /// Its sending side is shut down (a lingering close).
-    pub write_shut: bool,
-    /// EOF was read.
-    pub input_done: bool,
-    /// It was turned away with `server-full`.
-    pub rejected: bool,
-    /// Bytes discarded while lingering.
+    /// Its flags.
+    pub flags: ConnFlags,
+    /// Bytes discarded while lingering (see `Conn::discarded`).
     pub discarded: u32,
     /// Its unterminated input (or, claiming in a cluster, all it sent
-    /// after its name: then the name line is put back in front).
+    /// after its name: then the name line is put back in front). For a
+    /// WebSocket connection, the decoded text, then `ws.raw` bytes of an
+    /// incomplete frame.
     pub input: Vec<u8>,
+    /// A WebSocket connection: where it is in the client's frames.
+    pub ws: crate::ws::InState,
     /// Output queued and not yet written.
     pub output: Vec<u8>,
+    /// A WebSocket connection: how many bytes at the front of `output`
+    /// finish a frame (or the handshake's answer) begun before.
+    pub output_opaque: u32,
 }
 
 /// Everything the old process hands over.
@@ -77,6 +125,8 @@ pub struct State {
     pub listener: RawFd,
     /// The metrics listener's descriptor, if any.
     pub metrics: Option<RawFd>,
+    /// The WebSocket listener's descriptor, if any.
+    pub websocket: Option<RawFd>,
     /// The counters, by name (see [`counters_of`]).
     pub counters: Vec<(String, u64)>,
     /// The id the next connection gets.
@@ -110,6 +160,7 @@ impl State {
         let mut out = MAGIC.to_vec();
         put_i64(&mut out, i64::from(self.listener));
         put_i64(&mut out, self.metrics.map_or(-1, i64::from));
+        put_i64(&mut out, self.websocket.map_or(-1, i64::from));
         put_u64(&mut out, self.counters.len() as u64);
         for (name, value) in &self.counters {
             put_bytes(&mut out, name.as_bytes());
@@ -132,12 +183,16 @@ impl State {
             put_bytes(&mut out, c.name.as_bytes());
             put_u64(&mut out, u64::from(c.silent_ms));
             put_i64(&mut out, c.deadline_ms.map_or(-1, |ms| ms as i64));
-            out.push(
-                u8::from(c.write_shut) | u8::from(c.input_done) << 1 | u8::from(c.rejected) << 2,
-            );
+            out.push(c.flags.bits());
             put_u64(&mut out, u64::from(c.discarded));
             put_bytes(&mut out, &c.input);
+            let ws = &c.ws;
+            put_u64(&mut out, u64::from(ws.raw));
+            put_u64(&mut out, u64::from(ws.msg_len));
+            out.push(ws.message);
+            out.extend_from_slice(&ws.utf8.to_bytes());
             put_bytes(&mut out, &c.output);
+            put_u64(&mut out, u64::from(c.output_opaque));
         }
         out
     }
@@ -155,6 +210,7 @@ impl State {
         let mut r = Reader(rest);
         let listener = r.fd()?.ok_or("no listener")?;
         let metrics = r.fd()?;
+        let websocket = r.fd()?;
         let mut counters = Vec::new();
         for _ in 0..r.count()? {
             let name = String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad counter name")?;
@@ -179,10 +235,25 @@ impl State {
             let name = String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad name")?;
             let silent_ms = r.u32()?;
             let deadline = r.i64()?;
-            let flags = r.byte()?;
+            let flags = ConnFlags::of(r.byte()?);
             let discarded = r.u32()?;
             let input = r.bytes()?.to_vec();
+            let (raw, msg_len, message) = (r.u32()?, r.u32()?, r.byte()?);
+            let utf8 = crate::ws::Utf8::of_bytes(r.take(3)?).ok_or("bad UTF-8 state")?;
+            let ws = crate::ws::InState {
+                raw,
+                msg_len,
+                message,
+                utf8,
+            };
+            if ws.raw as usize > input.len() {
+                return Err("bad WebSocket input state".into());
+            }
             let output = r.bytes()?.to_vec();
+            let output_opaque = r.u32()?;
+            if output_opaque as usize > output.len() {
+                return Err("bad WebSocket output state".into());
+            }
             conns.push(ConnState {
                 fd,
                 id,
@@ -190,12 +261,12 @@ impl State {
                 name,
                 silent_ms,
                 deadline_ms: u64::try_from(deadline).ok(),
-                write_shut: flags & 1 != 0,
-                input_done: flags & 2 != 0,
-                rejected: flags & 4 != 0,
+                flags,
                 discarded,
                 input,
+                ws,
                 output,
+                output_opaque,
             });
         }
         if !r.0.is_empty() {
@@ -204,6 +275,7 @@ impl State {
         Ok(State {
             listener,
             metrics,
+            websocket,
             counters,
             next_id,
             base_fds,
@@ -221,7 +293,7 @@ impl State {
     /// (owned) once, and a second owner would close it under the first.
     fn check_descriptors(self) -> Result<State, String> {
         let mut seen = std::collections::HashSet::new();
-        let fds = [Some(self.listener), self.metrics]
+        let fds = [Some(self.listener), self.metrics, self.websocket]
             .into_iter()
             .flatten()
             .chain(self.conns.iter().map(|c| c.fd));
@@ -491,13 +563,18 @@ impl Inherited {
             return Err("the listeners were taken already".into());
         }
         let metrics = self.state.metrics.take();
+        let websocket = self.state.websocket.take();
         let take = |fd| std::net::TcpListener::from(take_fd(fd));
-        Ok((take(listener), metrics.map(take)))
+        Ok((take(listener), metrics.map(take), websocket.map(take)))
     }
 }
 
-/// The chat listener, and the metrics listener if any.
-pub type Listeners = (std::net::TcpListener, Option<std::net::TcpListener>);
+/// The chat listener, and the metrics and WebSocket listeners if any.
+pub type Listeners = (
+    std::net::TcpListener,
+    Option<std::net::TcpListener>,
+    Option<std::net::TcpListener>,
+);
 
 /// Takes ownership of a descriptor inherited from the old process. Only
 /// for a descriptor of a decoded [`State`] (which names each once), taken
@@ -571,6 +648,7 @@ mod tests {
         State {
             listener: 3,
             metrics: Some(4),
+            websocket: Some(11),
             counters: vec![
                 ("connections".into(), 1),
                 ("errors.not-online".into(), u64::MAX),
@@ -590,12 +668,12 @@ mod tests {
                     name: "alice".into(),
                     silent_ms: 1234,
                     deadline_ms: None,
-                    write_shut: false,
-                    input_done: false,
-                    rejected: false,
+                    flags: ConnFlags::default(),
                     discarded: 0,
                     input: b"bob: hal".to_vec(),
+                    ws: crate::ws::InState::default(),
                     output: b"from carol: hi\n".to_vec(),
+                    output_opaque: 0,
                 },
                 ConnState {
                     fd: 10,
@@ -604,12 +682,24 @@ mod tests {
                     name: String::new(),
                     silent_ms: 0,
                     deadline_ms: Some(800),
-                    write_shut: true,
-                    input_done: true,
-                    rejected: true,
+                    flags: ConnFlags {
+                        write_shut: true,
+                        input_done: true,
+                        rejected: true,
+                        websocket: true,
+                        ws_open: true,
+                        ws_close_received: true,
+                    },
                     discarded: 12,
-                    input: Vec::new(),
-                    output: b"error: server-full\n".to_vec(),
+                    input: b"bob: h\x81\x85".to_vec(),
+                    ws: crate::ws::InState {
+                        raw: 2,
+                        msg_len: 9,
+                        message: 1,
+                        utf8: crate::ws::Utf8::of_bytes(&[1, 0x80, 0xBF]).unwrap(),
+                    },
+                    output: b"\x81\x12error: server-full".to_vec(),
+                    output_opaque: 3,
                 },
             ],
         }

@@ -38,6 +38,9 @@
 //!   the transitions between phases; `Slot`, a handle on it that outlives
 //!   a turn. No protocol.
 //! - `deadlines`: every deadline in one min-heap, keyed by what it is for.
+//! - [`ws`]: WebSocket (RFC 6455) as pure functions: the handshake, client
+//!   frames decoded in place into lines, the server's frames; the
+//!   reactor's side is `server/websocket.rs`.
 //! - [`protocol`]: the wire protocol as pure functions over byte slices.
 //! - [`names`]: which connection holds which name. No sockets.
 //! - `pool`: the buffer pool, so idle connections own no buffers.
@@ -75,6 +78,7 @@ pub(crate) mod pool;
 pub mod protocol;
 pub mod server;
 pub mod stats;
+pub mod ws;
 
 pub use config::Config;
 pub use control::{Control, Exit, Notifier};

@@ -146,6 +146,19 @@ const FLAGS: &[Flag] = &[
         default: || "off".into(),
         help: "serve GET /metrics (Prometheus text format) and GET /healthz here",
     },
+    Flag {
+        name: "ws-addr",
+        value: "HOST:PORT",
+        default: || "off".into(),
+        help: "also take WebSocket clients here (RFC 6455; GET / serves a web client)",
+    },
+    Flag {
+        name: "ws-echo",
+        value: "",
+        default: || "off".into(),
+        help: "testing aid for conformance suites: WebSocket messages are echoed back, \
+               not routed (CHATD_WS_ECHO=true)",
+    },
 ];
 
 fn usage() -> String {
@@ -187,6 +200,7 @@ struct Settings {
     addr: SocketAddr,
     reuse_port: bool,
     metrics_addr: Option<SocketAddr>,
+    ws_addr: Option<SocketAddr>,
     pid_file: Option<PathBuf>,
     backlog: i32,
     log_level: LevelFilter,
@@ -349,15 +363,17 @@ fn parse_args() -> Result<Command, UsageError> {
             lease_ms,
         });
     }
-    let reuse_port = match get("reuse-port") {
-        Some((_, "true" | "1" | "yes")) => true,
-        Some((_, "false" | "0" | "no")) | None => false,
-        Some((source, value)) => {
-            return Err(UsageError(format!(
-                "invalid value for {source}: '{value}' (expected true, false, yes, no, 1 or 0)"
-            )));
-        }
+    let reuse_port = switch(get("reuse-port"))?;
+    config.ws_echo = switch(get("ws-echo"))?;
+    let ws_addr = match get("ws-addr") {
+        Some((source, value)) => Some(resolve(source, value)?),
+        None => None,
     };
+    if config.ws_echo && ws_addr.is_none() {
+        return Err(UsageError(
+            "--ws-echo needs --ws-addr (it echoes WebSocket messages)".into(),
+        ));
+    }
     let metrics_addr = match get("metrics-addr") {
         Some((source, value)) => Some(resolve(source, value)?),
         None => None,
@@ -375,11 +391,24 @@ fn parse_args() -> Result<Command, UsageError> {
         addr,
         reuse_port,
         metrics_addr,
+        ws_addr,
         pid_file,
         backlog,
         log_level,
         config,
     })))
+}
+
+/// An on/off flag: given alone (`--reuse-port`) or as true, false, yes,
+/// no, 1 or 0.
+fn switch(value: Option<(&str, &str)>) -> Result<bool, UsageError> {
+    match value {
+        Some((_, "true" | "1" | "yes")) => Ok(true),
+        Some((_, "false" | "0" | "no")) | None => Ok(false),
+        Some((source, value)) => Err(UsageError(format!(
+            "invalid value for {source}: '{value}' (expected true, false, yes, no, 1 or 0)"
+        ))),
+    }
 }
 
 /// A whole number in `min..=max`.
@@ -482,7 +511,17 @@ fn bind_listeners(settings: &Settings) -> Option<chatd::handoff::Listeners> {
             }
         },
     };
-    Some((listener, metrics))
+    let websocket = match settings.ws_addr {
+        None => None,
+        Some(addr) => match chatd::bind_with(addr, settings.backlog, settings.reuse_port) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                log::error!("cannot take WebSocket clients on {addr}: {e}");
+                return None;
+            }
+        },
+    };
+    Some((listener, metrics, websocket))
 }
 
 /// Raises the soft open-file limit to the hard limit, so that
@@ -661,7 +700,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (listener, metrics) = match &mut inherited {
+    let (listener, metrics, websocket) = match &mut inherited {
         Some(inherited) => match inherited.take_listeners() {
             Ok(listeners) => listeners,
             Err(why) => {
@@ -696,6 +735,7 @@ fn main() -> ExitCode {
     };
     let extras = chatd::Extras {
         metrics,
+        websocket,
         notifier,
         successor,
         inherited,

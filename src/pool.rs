@@ -15,6 +15,14 @@ pub struct Buf {
     pub data: Vec<u8>,
     /// Bytes at the front already consumed.
     pub pos: usize,
+    /// A WebSocket connection's output: where the walkable run of the
+    /// server's own frames begins. The bytes before it are opaque (the
+    /// handshake's answer, or the end of a frame whose start was dropped);
+    /// from it, frames follow one another to the end. Zero otherwise.
+    pub mark: usize,
+    /// A WebSocket connection's kept input: where it is in the client's
+    /// frames (see `crate::ws::InState`); default otherwise.
+    pub ws: crate::ws::InState,
 }
 
 impl Buf {
@@ -45,6 +53,65 @@ impl Buf {
         self.data = kept;
         self.pos = 0;
     }
+
+    /// WebSocket output: moves `mark` over the whole frames written.
+    fn settle_frames(&mut self) {
+        self.mark = settled(&self.data, self.mark, self.pos);
+    }
+
+    /// Drops the written front before the buffer grows. For WebSocket
+    /// output (`frames`), only whole frames go, so `mark` stays walkable.
+    pub fn reclaim(&mut self, frames: bool) {
+        if self.pos == 0 {
+            return;
+        }
+        let cut = if frames {
+            self.settle_frames();
+            self.pos.min(self.mark)
+        } else {
+            self.pos
+        };
+        self.data.drain(..cut);
+        self.pos -= cut;
+        if frames {
+            self.mark -= cut;
+        }
+    }
+
+    /// WebSocket output: keeps only the rest of the frame being written,
+    /// in a buffer of its size (as [`Buf::keep_first_line`] does for lines).
+    pub fn keep_current_frame(&mut self) {
+        let end = self.pos + self.opaque_front();
+        self.data = self.data[self.pos..end].to_vec();
+        self.pos = 0;
+        self.mark = self.data.len();
+    }
+
+    /// WebSocket output: how many of the live bytes must go out before a
+    /// frame of the server's can start (the rest of the frame, or of the
+    /// handshake's answer, being written). A live upgrade hands it over as
+    /// the new buffer's `mark`.
+    pub fn opaque_front(&self) -> usize {
+        let mark = settled(&self.data, self.mark, self.pos);
+        let end = if self.pos <= mark {
+            mark
+        } else {
+            let len = crate::ws::server_frame_len(&self.data, mark).unwrap_or(0);
+            (mark + len).min(self.data.len())
+        };
+        end - self.pos
+    }
+}
+
+/// `mark` moved over the whole frames that end at or before `pos`.
+fn settled(data: &[u8], mut mark: usize, pos: usize) -> usize {
+    while let Some(len) = crate::ws::server_frame_len(data, mark) {
+        if mark + len > pos {
+            break;
+        }
+        mark += len;
+    }
+    mark
 }
 
 /// The capacity a fresh buffer starts with.
@@ -107,7 +174,7 @@ impl BufPool {
             }
             None => Box::new(Buf {
                 data: Vec::with_capacity(INITIAL_CAPACITY),
-                pos: 0,
+                ..Buf::default()
             }),
         };
         buf.data.reserve(min_capacity);
@@ -127,6 +194,8 @@ impl BufPool {
         {
             buf.data.clear();
             buf.pos = 0;
+            buf.mark = 0;
+            buf.ws = crate::ws::InState::default();
             self.bytes += capacity;
             self.free.push(buf);
         }
@@ -173,6 +242,7 @@ mod tests {
         let mut buf = Buf {
             data: b"from a: hello\nfrom b: more\n".to_vec(),
             pos: 10,
+            ..Buf::default()
         };
         buf.keep_first_line(false);
         assert_eq!(buf.data, b"llo\n");
@@ -180,21 +250,57 @@ mod tests {
         let mut unended = Buf {
             data: b"abc".to_vec(),
             pos: 1,
+            ..Buf::default()
         };
         unended.keep_first_line(false);
         assert_eq!(unended.data, b"bc");
         let mut closing = Buf {
             data: b"from a: x\nfrom a: y\nfrom a: z\nerror: slow-consumer\n".to_vec(),
             pos: 3,
+            ..Buf::default()
         };
         closing.keep_first_line(true);
         assert_eq!(closing.data, b"m a: x\nerror: slow-consumer\n");
         let mut two = Buf {
             data: b"ab\nerror: x\n".to_vec(),
-            pos: 0,
+            ..Buf::default()
         };
         two.keep_first_line(true);
         assert_eq!(two.data, b"ab\nerror: x\n");
+    }
+
+    /// WebSocket output: whole frames are reclaimed, the frame being
+    /// written is finished, and a handover knows where frames resume.
+    #[test]
+    fn websocket_output_keeps_frame_boundaries() {
+        let mut data = Vec::new();
+        crate::ws::write_upgrade(&mut data, &[b'a'; 28]);
+        let http = data.len();
+        crate::ws::write_lines(&mut data, b"from a: hello\nfrom b: more\n");
+        let mut buf = Buf {
+            data,
+            pos: 5,
+            mark: http,
+            ..Buf::default()
+        };
+        assert_eq!(buf.opaque_front(), http - 5, "the answer first");
+        buf.reclaim(true);
+        assert_eq!((buf.pos, buf.mark), (0, http - 5));
+        buf.pos = http - 5 + 4; // inside the first frame (2 + 13 bytes)
+        assert_eq!(buf.opaque_front(), 11);
+        buf.reclaim(true);
+        assert_eq!((buf.pos, buf.mark), (4, 0), "the frame being written stays");
+        buf.keep_current_frame();
+        assert_eq!(buf.data, b"om a: hello");
+        assert_eq!((buf.pos, buf.mark), (0, 11));
+        crate::ws::write_lines(&mut buf.data, b"x\n");
+        buf.pos = 11;
+        assert_eq!(buf.opaque_front(), 0);
+        buf.reclaim(true);
+        assert_eq!(
+            (buf.pos, buf.mark, &buf.data[..]),
+            (0, 0, &b"\x81\x01x"[..])
+        );
     }
 
     fn limits(keep: usize, max_free: usize) -> PoolLimits {
@@ -208,7 +314,7 @@ mod tests {
     fn give_new(pool: &mut BufPool, capacity: usize) {
         pool.give(&mut Some(Box::new(Buf {
             data: Vec::with_capacity(capacity),
-            pos: 0,
+            ..Buf::default()
         })));
     }
 

@@ -35,6 +35,14 @@ pub struct Stats {
     /// `--max-buffer-memory`: closed as slow consumers (counted in
     /// `slow_consumers` too), or closing already.
     pub memory_evictions: u64,
+    /// Connections accepted on the WebSocket listener (in `accepted` too).
+    pub ws_accepted: u64,
+    /// WebSocket handshakes answered with `101`.
+    pub ws_handshakes: u64,
+    /// Web client pages served (`GET /` on the WebSocket listener).
+    pub ws_pages: u64,
+    /// WebSocket pings answered.
+    pub ws_pings: u64,
     /// `error:` lines sent, indexed by `ErrorKind as usize`.
     pub errors: [u64; ErrorKind::ALL.len()],
 }
@@ -156,6 +164,34 @@ pub const COUNTERS: &[Counter] = &[
         kind: Kind::Counter,
         help: "Clients closed because all buffers together reached --max-buffer-memory.",
         field: |s| &mut s.memory_evictions,
+    },
+    Counter {
+        name: "ws_accepted",
+        metric: "chatd_ws_accepted_total",
+        kind: Kind::Counter,
+        help: "Connections accepted on the WebSocket listener.",
+        field: |s| &mut s.ws_accepted,
+    },
+    Counter {
+        name: "ws_handshakes",
+        metric: "chatd_ws_handshakes_total",
+        kind: Kind::Counter,
+        help: "WebSocket handshakes answered with 101 Switching Protocols.",
+        field: |s| &mut s.ws_handshakes,
+    },
+    Counter {
+        name: "ws_pages",
+        metric: "chatd_ws_pages_total",
+        kind: Kind::Counter,
+        help: "Web client pages served on the WebSocket listener.",
+        field: |s| &mut s.ws_pages,
+    },
+    Counter {
+        name: "ws_pings",
+        metric: "chatd_ws_pings_total",
+        kind: Kind::Counter,
+        help: "WebSocket pings answered.",
+        field: |s| &mut s.ws_pings,
     },
 ];
 

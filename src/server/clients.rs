@@ -36,7 +36,7 @@ const SPARE_FDS: usize = 8;
 /// How long accepting pauses after the process runs out of descriptors.
 pub(super) const ACCEPT_BACKOFF_MS: u64 = 100;
 /// The most time a connection closed with an error gets to flush and linger.
-const CLOSE_GRACE_MS: u64 = 2000;
+pub(super) const CLOSE_GRACE_MS: u64 = 2000;
 /// What the buffer pool may hold: 256 buffers for good, up to 8,192 (and
 /// 4 MiB) while a busy second needs them.
 const POOL_LIMITS: PoolLimits = PoolLimits {
@@ -64,6 +64,9 @@ pub(super) struct Limits {
 pub(super) struct Clients {
     /// The listening socket; `None` once shutdown has begun.
     listener: Option<TcpListener>,
+    /// The WebSocket listener (`--ws-addr`), if any; `None` once shutdown
+    /// has begun.
+    ws_listener: Option<TcpListener>,
     /// Every connection, keyed by slab key (its poll token is
     /// `Source::Client(key)`).
     pub(super) conns: Slab<Conn>,
@@ -115,9 +118,15 @@ pub(super) struct Clients {
 
 impl Clients {
     /// An empty table serving `listener` (registered already).
-    pub fn new(listener: TcpListener, limits: Limits, max_clients: usize) -> Clients {
+    pub fn new(
+        listener: TcpListener,
+        ws_listener: Option<TcpListener>,
+        limits: Limits,
+        max_clients: usize,
+    ) -> Clients {
         Clients {
             listener: Some(listener),
+            ws_listener,
             // Reserved for max_clients up front, so a connect storm never
             // stops to copy a grown slab; untouched pages cost no memory. (The
             // name index grows instead: a hash table's pages are touched at
@@ -154,6 +163,11 @@ impl Clients {
     /// The listening socket, until shutdown begins.
     pub fn listener(&self) -> Option<&TcpListener> {
         self.listener.as_ref()
+    }
+
+    /// The WebSocket listener, if any, until shutdown begins.
+    pub fn ws_listener(&self) -> Option<&TcpListener> {
+        self.ws_listener.as_ref()
     }
 
     /// The id the next connection gets.
@@ -434,18 +448,31 @@ impl Clients {
         if conn.is_dead() || conn.phase() == Phase::Closing {
             return;
         }
-        self.enter(key, Phase::Closing);
+        let (websocket, open) = (conn.is_websocket(), conn.is_ws_open());
         let line = self.format_error(kind, detail);
-        self.with_buffers(key, |conn, pool| {
-            pool.give(&mut conn.partial);
-            // The final line may go past --max-outbound: it is small and last.
-            conn.queue(&line, pool);
-        });
-        self.error_line = line;
-        self.mark_pending(key);
-        if !self.shutting_down {
-            self.set_deadline(key, deadlines, CLOSE_GRACE_MS, Deadline::Close);
+        if websocket && !open {
+            // Still in its handshake: an HTTP answer.
+            let status = super::websocket::http_status(kind);
+            self.close_http(key, status, "", &line, deadlines);
+        } else {
+            // The final line may go past --max-outbound: it is small and
+            // last. A WebSocket client gets it as a text message, then a
+            // Close with a code that says why.
+            let code = super::websocket::close_code(kind);
+            let (close, len) = crate::ws::close_payload(code, kind.as_str());
+            self.close_with(key, deadlines, |conn, pool| {
+                conn.queue(&line, pool);
+                if open {
+                    conn.queue_frame(crate::ws::CLOSE, true, &close[..len], pool);
+                }
+            });
         }
+        self.error_line = line;
+    }
+
+    /// Whether shutdown has begun.
+    pub(super) fn is_shutting_down(&self) -> bool {
+        self.shutting_down
     }
 
     /// Changes the buffers of `key` with `change`, keeping the total of
@@ -508,14 +535,20 @@ impl Clients {
             // only the end of a line it may be writing stays, so that its
             // error line starts a line, and the error line of a connection
             // closing already.
+            let websocket = conn.is_ws_open();
             self.with_buffers(key, |conn, pool| {
                 pool.give(&mut conn.partial);
-                if let Some(out) = &mut conn.out {
-                    out.keep_first_line(closing);
+                match &mut conn.out {
+                    Some(out) if websocket => out.keep_current_frame(),
+                    Some(out) => out.keep_first_line(closing),
+                    None => {}
                 }
             });
             self.drop_behind(key);
-            if !closing {
+            if closing && websocket {
+                // Its error message and Close went with the queue.
+                self.kill(key);
+            } else if !closing {
                 self.close_slow_consumer(key, deadlines);
             }
         }
@@ -541,8 +574,10 @@ impl Clients {
     /// Stops accepting and queues `error: shutting-down` to every client.
     pub fn begin_shutdown(&mut self, registry: &Registry, deadlines: &mut Deadlines) {
         self.shutting_down = true;
-        if let Some(mut listener) = self.listener.take() {
-            let _ = registry.deregister(&mut listener);
+        for listener in [&mut self.listener, &mut self.ws_listener] {
+            if let Some(mut listener) = listener.take() {
+                let _ = registry.deregister(&mut listener);
+            }
         }
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
@@ -596,21 +631,27 @@ impl Clients {
         }
     }
 
-    /// Accepts until `WouldBlock`. Errors never end the server: running out
-    /// of descriptors (or kernel memory) pauses accepting for a moment, so
-    /// the backlog waits instead of the loop spinning on a ready listener.
-    pub fn accept_all(&mut self, registry: &Registry, deadlines: &mut Deadlines) {
+    /// Accepts until `WouldBlock`, on the WebSocket listener if
+    /// `websocket`. Errors never end the server: running out of descriptors
+    /// (or kernel memory) pauses accepting for a moment, so the backlog
+    /// waits instead of the loop spinning on a ready listener.
+    pub fn accept_all(&mut self, registry: &Registry, deadlines: &mut Deadlines, websocket: bool) {
         if self.accept_paused {
             return;
         }
         loop {
-            let Some(listener) = &self.listener else {
+            let listener = if websocket {
+                &self.ws_listener
+            } else {
+                &self.listener
+            };
+            let Some(listener) = listener else {
                 return;
             };
             match listener.accept() {
                 Ok((stream, addr)) => {
                     self.exhaustion_logged = false;
-                    self.on_accept(stream, addr, registry, deadlines);
+                    self.on_accept(stream, addr, websocket, registry, deadlines);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if is_transient_accept_error(&e) => debug!("accept: {e}"),
@@ -636,7 +677,8 @@ impl Clients {
     /// The accept pause is over: accept what waited.
     pub fn resume_accepting(&mut self, registry: &Registry, deadlines: &mut Deadlines) {
         self.accept_paused = false;
-        self.accept_all(registry, deadlines);
+        self.accept_all(registry, deadlines, false);
+        self.accept_all(registry, deadlines, true);
     }
 
     /// Registers a new connection, or turns it away when the server is full.
@@ -644,15 +686,21 @@ impl Clients {
         &mut self,
         mut stream: TcpStream,
         addr: std::net::SocketAddr,
+        websocket: bool,
         registry: &Registry,
         deadlines: &mut Deadlines,
     ) {
         self.stats.accepted += 1;
+        self.stats.ws_accepted += u64::from(websocket);
         let full = self.conns.len() - self.rejecting >= self.max_clients;
         if full && self.rejecting >= REJECT_SLOTS {
             self.stats.rejected += 1;
             self.stats.error_sent(ErrorKind::ServerFull);
-            let _ = (&stream).write(b"error: server-full\n");
+            let _ = if websocket {
+                (&stream).write(SERVER_FULL_HTTP)
+            } else {
+                (&stream).write(b"error: server-full\n")
+            };
             let _ = stream.shutdown(Shutdown::Write);
             return;
         }
@@ -665,13 +713,24 @@ impl Clients {
         }
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        entry.insert(Conn::new(stream, id, deadlines.now_ms() as u32));
+        let now = deadlines.now_ms() as u32;
+        entry.insert(if websocket {
+            Conn::new_websocket(stream, id, now)
+        } else {
+            Conn::new(stream, id, now)
+        });
         if full {
             self.stats.rejected += 1;
             self.rejecting += 1;
             self.conns[key].reject();
             debug!("rejected {addr}: server full");
-            self.error(key, ErrorKind::ServerFull, format_args!(""), deadlines);
+            if websocket {
+                // Told after its handshake, with a close code; it has the
+                // close grace to send it.
+                self.set_deadline(key, deadlines, CLOSE_GRACE_MS, Deadline::Login);
+            } else {
+                self.error(key, ErrorKind::ServerFull, format_args!(""), deadlines);
+            }
             return;
         }
         self.stats.opened();
@@ -686,6 +745,10 @@ impl Clients {
         }
     }
 }
+
+/// What a WebSocket client beyond the reject slots is told, best effort.
+const SERVER_FULL_HTTP: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+    Content-Length: 19\r\nConnection: close\r\n\r\nerror: server-full\n";
 
 /// The peer address of a connection, for log lines.
 pub(super) fn peer(conn: &Conn) -> String {

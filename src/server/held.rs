@@ -274,7 +274,7 @@ mod tests {
         };
         listener.set_nonblocking(true).unwrap();
         let mio_listener = mio::net::TcpListener::from_std(listener.try_clone().unwrap());
-        let mut clients = Clients::new(mio_listener, limits, 16);
+        let mut clients = Clients::new(mio_listener, None, limits, 16);
         clients.released = Some(Vec::new());
         let mut deadlines = Deadlines::default();
         let mut peers = Vec::new();

@@ -60,7 +60,9 @@ impl Server {
                 return; // read again when its answers are in
             }
         }
-        match self.clients.conn(key).phase() {
+        let conn = self.clients.conn(key);
+        match conn.phase() {
+            Phase::Login | Phase::Chat if conn.is_websocket() => self.read_ws(key, drain),
             Phase::Login | Phase::Chat => self.read_lines(key, drain),
             Phase::Claiming => {} // its input waits for the claim's answer
             Phase::Closing => self.clients.discard_input(key, &mut self.scratch),
@@ -123,8 +125,9 @@ impl Server {
                     break;
                 }
             };
-            self.clients
-                .with_buffers(key, |conn, pool| keep(conn, pool, rest));
+            self.clients.with_buffers(key, |conn, pool| {
+                keep_input(conn, pool, rest, &[], Default::default())
+            });
             // What is kept counts against the memory bound, either way.
             if self.clients.is_over_memory() {
                 self.clients.make_room(0, None, &mut self.deadlines);
@@ -137,19 +140,8 @@ impl Server {
                     break;
                 }
             }
-            if kept {
+            if kept || !self.clients.read_on(key, n, &mut budget, drain) {
                 break;
-            }
-            let conn = self.clients.conn(key);
-            budget = budget.saturating_sub(n);
-            if budget == 0 {
-                if conn.mark_more_input() {
-                    self.clients.more_input.push(key);
-                }
-                break;
-            }
-            if n < READ_CHUNK && drain == Drain::UntilShortRead {
-                break; // drained: anything arriving later raises a new edge
             }
         }
         self.scratch = scratch;
@@ -158,7 +150,7 @@ impl Server {
     /// Handles every complete line in `data` in order, and says what is
     /// left: a tail to keep, the input to keep while a claim is answered,
     /// or nothing when the connection stopped reading lines.
-    fn handle_lines<'a>(&mut self, key: usize, data: &'a [u8]) -> Lines<'a> {
+    pub(super) fn handle_lines<'a>(&mut self, key: usize, data: &'a [u8]) -> Lines<'a> {
         let max = self.clients.limits.max_line;
         let Server {
             clients,
@@ -209,16 +201,20 @@ impl Server {
         let mut paused = false;
         if let Some(mut kept) = kept {
             let data = std::mem::take(&mut kept.data);
-            match self.handle_lines(key, &data[kept.pos..]) {
+            // A WebSocket connection's kept input ends in frame bytes, kept
+            // as they are.
+            let state = kept.ws;
+            let (text, raw) = data[kept.pos..].split_at(data.len() - kept.pos - state.raw as usize);
+            match self.handle_lines(key, text) {
                 Lines::Tail(tail) => {
                     self.clients
-                        .with_buffers(key, |conn, pool| keep(conn, pool, tail));
+                        .with_buffers(key, |conn, pool| keep_input(conn, pool, tail, raw, state));
                 }
                 Lines::Kept(rest) => {
                     // Held back again: the rest waits for the next resume.
                     paused = true;
                     self.clients
-                        .with_buffers(key, |conn, pool| keep(conn, pool, rest));
+                        .with_buffers(key, |conn, pool| keep_input(conn, pool, rest, raw, state));
                 }
                 Lines::Closed => {
                     if !self.clients.conn(key).is_dead() {
@@ -261,21 +257,32 @@ impl Server {
     /// A half-closed connection closes once nothing is queued for it and,
     /// in a cluster, no answer for its lines is still awaited (an answer
     /// for a line read before the EOF is still sent).
+    ///
+    /// A WebSocket client's Close is answered as soon as no answer is owed:
+    /// the answer goes after what is queued.
     pub(super) fn close_if_drained(&mut self, key: usize) {
         let conn = self.clients.conn(key);
-        if conn.phase() != Phase::Draining || conn.is_dead() || conn.pending_out() > 0 {
+        let answer_close = conn.is_ws_close_received();
+        if conn.phase() != Phase::Draining || conn.is_dead() {
+            return;
+        }
+        if conn.pending_out() > 0 && !answer_close {
             return;
         }
         let slot = self.clients.slot(key);
         if self.cluster.as_ref().is_some_and(|c| c.owes(slot)) {
             return; // its answers come first
         }
-        self.clients.kill(key);
+        if answer_close {
+            self.clients.answer_ws_close(key, &mut self.deadlines);
+        } else {
+            self.clients.kill(key);
+        }
     }
 }
 
 /// What is left of a read once its lines are handled.
-enum Lines<'a> {
+pub(super) enum Lines<'a> {
     /// An unterminated tail, kept for the next read.
     Tail(&'a [u8]),
     /// The connection waits for its claim: everything after the login line
@@ -285,20 +292,55 @@ enum Lines<'a> {
     Closed,
 }
 
-/// Keeps `bytes` as the connection's unread input (none: its buffer goes
-/// back to the pool).
-fn keep(conn: &mut Conn, pool: &mut BufPool, bytes: &[u8]) {
-    if bytes.is_empty() {
+/// Keeps `text`, then `raw` (a WebSocket connection's incomplete frame),
+/// as the connection's unread input, with its frame state `ws` (nothing to
+/// keep: its buffer goes back to the pool).
+pub(super) fn keep_input(
+    conn: &mut Conn,
+    pool: &mut BufPool,
+    text: &[u8],
+    raw: &[u8],
+    ws: crate::ws::InState,
+) {
+    if text.is_empty() && raw.is_empty() && ws == crate::ws::InState::default() {
         pool.give(&mut conn.partial);
     } else {
-        let partial = conn.partial.get_or_insert_with(|| pool.take(bytes.len()));
+        let partial = conn
+            .partial
+            .get_or_insert_with(|| pool.take(text.len() + raw.len()));
         partial.data.clear();
         partial.pos = 0;
-        partial.data.extend_from_slice(bytes);
+        partial.data.extend_from_slice(text);
+        partial.data.extend_from_slice(raw);
+        partial.ws = crate::ws::InState {
+            raw: raw.len() as u32,
+            ..ws
+        };
     }
 }
 
 impl Clients {
+    /// After a read of `n` bytes (out of a turn's `budget`): whether to read
+    /// on. At the budget, the connection goes on the come-back list; see
+    /// [`Drain`] for when a short read ends it.
+    pub(super) fn read_on(
+        &mut self,
+        key: usize,
+        n: usize,
+        budget: &mut usize,
+        drain: Drain,
+    ) -> bool {
+        *budget = budget.saturating_sub(n);
+        if *budget == 0 {
+            if self.conn(key).mark_more_input() {
+                self.more_input.push(key);
+            }
+            return false;
+        }
+        // Drained: anything arriving later raises a new edge.
+        !(n < READ_CHUNK && drain == Drain::UntilShortRead)
+    }
+
     /// Reads and drops input from a closing connection; EOF after the
     /// sending side is shut down, or too much input, ends it.
     pub(super) fn discard_input(&mut self, key: usize, scratch: &mut [u8]) {

@@ -55,6 +55,7 @@ mod output;
 mod remote;
 mod scrapers;
 mod upgrade;
+mod websocket;
 
 use broker::Broker;
 use clients::{Clients, Limits, default_buffer_memory, fit_max_clients};
@@ -88,10 +89,12 @@ pub(crate) enum Source {
     Upgrade,
     /// Cluster mode: the lease's own connection to Redis.
     Lease,
+    /// The WebSocket listener.
+    WsListener,
 }
 
 impl Source {
-    const TAG_BITS: u32 = 3;
+    const TAG_BITS: u32 = 4;
     const TAG_MASK: usize = (1 << Self::TAG_BITS) - 1;
 
     /// The poll token for this source.
@@ -105,6 +108,7 @@ impl Source {
             Source::Redis => 5,
             Source::Upgrade => 6,
             Source::Lease => 7,
+            Source::WsListener => 8,
         })
     }
 
@@ -122,6 +126,7 @@ impl Source {
             5 => Source::Redis,
             6 => Source::Upgrade,
             7 => Source::Lease,
+            8 => Source::WsListener,
             _ => return None,
         })
     }
@@ -132,6 +137,8 @@ impl Source {
 pub struct Extras {
     /// A listener for `GET /metrics` and `GET /healthz`, if any.
     pub metrics: Option<std::net::TcpListener>,
+    /// A listener for WebSocket clients (`--ws-addr`), if any.
+    pub websocket: Option<std::net::TcpListener>,
     /// Told when the server is ready, its status, and when it stops; by
     /// default nobody is.
     pub notifier: Option<Box<dyn Notifier>>,
@@ -183,7 +190,9 @@ struct Server {
     /// The metrics endpoint, when served; `None` after shutdown begins.
     scrapers: Option<Scrapers>,
     /// Shared read buffer: `max_line + 2` bytes of room in front for a
-    /// connection's unterminated tail, then `READ_CHUNK` for the read.
+    /// connection's unterminated tail, then `READ_CHUNK` for the read
+    /// (with a WebSocket listener, room for a kept frame between them: see
+    /// `websocket.rs`).
     scratch: Vec<u8>,
     /// The tunables.
     config: Config,
@@ -230,6 +239,16 @@ impl Server {
         let poll = Poll::new()?;
         let registry = poll.registry();
         registry.register(&mut listener, Source::Listener.token(), Interest::READABLE)?;
+        let ws_listener = match extras.websocket {
+            Some(ws) => {
+                ws.set_nonblocking(true)?;
+                socket2::SockRef::from(&ws).set_tcp_nodelay(true)?;
+                let mut ws = TcpListener::from_std(ws);
+                registry.register(&mut ws, Source::WsListener.token(), Interest::READABLE)?;
+                Some(ws)
+            }
+            None => None,
+        };
         control.attach(Waker::new(registry, Source::Waker.token())?)?;
         let scrapers = match extras.metrics {
             Some(metrics) => Some(Scrapers::new(metrics, registry)?),
@@ -258,8 +277,23 @@ impl Server {
                 .unwrap_or_else(default_buffer_memory),
         };
         log_start(&listener, &config, &limits, max_clients)?;
+        if let Some(ws) = &ws_listener {
+            let addr = ws.local_addr()?;
+            info!(
+                "chatd websocket on ws://{addr}/ (web client at http://{addr}/){}",
+                if config.ws_echo {
+                    "; --ws-echo: messages are echoed, not routed"
+                } else {
+                    ""
+                }
+            );
+        }
         let mut deadlines = Deadlines::default();
-        let mut clients = Clients::new(listener, limits, max_clients);
+        let scratch_len = match &ws_listener {
+            Some(_) => config.max_line + 2 + websocket::raw_room(config.max_line) + READ_CHUNK,
+            None => config.max_line + 2 + READ_CHUNK,
+        };
+        let mut clients = Clients::new(listener, ws_listener, limits, max_clients);
         let inherited_node = extras.inherited.as_ref().and_then(|i| i.state.node.clone());
         let mut cluster = config.cluster.clone().map(|cluster| {
             clients.released = Some(Vec::new());
@@ -297,7 +331,7 @@ impl Server {
             deadlines,
             housekeeping,
             scrapers,
-            scratch: vec![0; config.max_line + 2 + READ_CHUNK],
+            scratch: vec![0; scratch_len],
             config,
             control,
             seen: Requests::default(),
@@ -410,11 +444,13 @@ impl Server {
             }
             // Quiescing: clients wait (the new process, or the resumed
             // old one, reads them).
-            Source::Client(_) | Source::Listener if !self.reads_clients() => {}
+            Source::Client(_) | Source::Listener | Source::WsListener if !self.reads_clients() => {}
             Source::Client(key) => self.on_client_event(key, event),
-            Source::Listener => {
+            Source::Listener | Source::WsListener => {
                 let registry = self.poll.registry();
-                self.clients.accept_all(registry, &mut self.deadlines);
+                let websocket = source == Source::WsListener;
+                self.clients
+                    .accept_all(registry, &mut self.deadlines, websocket);
             }
         }
         None
@@ -440,7 +476,11 @@ impl Server {
     /// Zero while input is left over; else until the earliest deadline.
     fn poll_timeout(&self) -> Option<Duration> {
         let redis_unread = self.cluster.as_ref().is_some_and(Cluster::has_unread);
-        if !self.clients.more_input.is_empty() || redis_unread {
+        // (A connection put on the pending-write list while the list was
+        // being written, such as a WebSocket Close answered then, is
+        // written next turn, at once.)
+        let pending = !self.clients.pending_write.is_empty();
+        if !self.clients.more_input.is_empty() || redis_unread || pending {
             return Some(Duration::ZERO);
         }
         let now = self.deadlines.now_ms();
@@ -686,12 +726,14 @@ mod tests {
             Source::Redis,
             Source::Upgrade,
             Source::Lease,
+            Source::WsListener,
         ];
         let mut tokens = std::collections::HashSet::new();
         for source in sources {
             assert_eq!(Source::of(source.token()), Some(source));
             assert!(tokens.insert(source.token()), "{source:?} shares a token");
         }
-        assert_eq!(Source::of(Token(7 + 8)), None);
+        assert_eq!(Source::of(Token(7 + 16)), None);
+        assert_eq!(Source::of(Token(9)), None);
     }
 }

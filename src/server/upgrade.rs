@@ -344,7 +344,9 @@ impl Server {
             }
         }
         let registry = self.poll.registry();
-        self.clients.accept_all(registry, &mut self.deadlines);
+        self.clients
+            .accept_all(registry, &mut self.deadlines, false);
+        self.clients.accept_all(registry, &mut self.deadlines, true);
         if let Some(scrapers) = &mut self.scrapers {
             scrapers.accept_all(registry, &mut self.deadlines);
         }
@@ -386,6 +388,9 @@ impl Server {
         }
         if let Some(scrapers) = &self.scrapers {
             fds.push(scrapers.listener().as_fd());
+        }
+        if let Some(ws) = self.clients.ws_listener() {
+            fds.push(ws.as_fd());
         }
         let conns = self.clients.conns.iter();
         fds.extend(conns.map(|(_, conn)| conn.stream.as_fd()));
@@ -437,6 +442,7 @@ impl Server {
                 .scrapers
                 .as_ref()
                 .map(|s| raw(Some(s.listener().as_fd()))),
+            websocket: self.clients.ws_listener().map(|l| raw(Some(l.as_fd()))),
             counters: handoff::counters_of(
                 &self.clients.stats,
                 self.cluster.as_ref().map(|c| &c.stats),
@@ -517,6 +523,10 @@ pub(super) fn adopt(
 /// sent after: the new process claims it again.
 fn conn_state(conn: &Conn, deadline_ms: Option<u64>, now: u64) -> ConnState {
     let kept = conn.partial.as_ref().map_or(&[][..], |p| &p.data[p.pos..]);
+    let ws = conn
+        .partial
+        .as_ref()
+        .map_or_else(Default::default, |p| p.ws);
     let (phase, input) = match conn.phase() {
         Phase::Claiming => {
             let mut input = format!("{}\n", conn.name).into_bytes();
@@ -536,15 +546,18 @@ fn conn_state(conn: &Conn, deadline_ms: Option<u64>, now: u64) -> ConnState {
         name,
         silent_ms: (now as u32).wrapping_sub(conn.last_input_ms),
         deadline_ms,
-        write_shut: conn.is_write_shut(),
-        input_done: conn.is_input_done(),
-        rejected: conn.is_rejected(),
+        flags: conn.handoff_flags(),
         discarded: conn.discarded,
         input,
+        ws,
         output: conn
             .out
             .as_ref()
             .map_or(Vec::new(), |o| o.data[o.pos..].to_vec()),
+        output_opaque: match &conn.out {
+            Some(out) if conn.is_ws_open() => out.opaque_front() as u32,
+            _ => 0,
+        },
     }
 }
 
@@ -619,14 +632,12 @@ impl Clients {
             state.id,
             now.wrapping_sub(state.silent_ms),
             phase,
-            state.write_shut,
-            state.input_done,
-            state.rejected,
+            &state.flags,
         );
         conn.discarded = state.discarded;
         conn.name = Rc::from(state.name.as_str());
         entry.insert(conn);
-        if state.rejected {
+        if state.flags.rejected {
             self.adopt_rejected();
         } else {
             self.stats.connections += 1;
@@ -637,15 +648,17 @@ impl Clients {
             return None;
         }
         self.with_buffers(key, |conn, pool| {
-            for (bytes, slot) in [
-                (&state.input, &mut conn.partial),
-                (&state.output, &mut conn.out),
-            ] {
-                if !bytes.is_empty() {
-                    let mut buf = pool.take(bytes.len());
-                    buf.data.extend_from_slice(bytes);
-                    *slot = Some(buf);
-                }
+            if !state.input.is_empty() || state.ws != crate::ws::InState::default() {
+                let mut buf = pool.take(state.input.len());
+                buf.data.extend_from_slice(&state.input);
+                buf.ws = state.ws;
+                conn.partial = Some(buf);
+            }
+            if !state.output.is_empty() {
+                let mut buf = pool.take(state.output.len());
+                buf.data.extend_from_slice(&state.output);
+                buf.mark = state.output_opaque as usize;
+                conn.out = Some(buf);
             }
         });
         if !state.output.is_empty() {
