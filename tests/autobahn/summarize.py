@@ -174,7 +174,7 @@ def main():
         args.mode, ", ".join("`%s`" % c for c in spec.get("cases", [])),
         ", ".join("`%s`" % c for c in spec.get("exclude-cases", [])) or "none"))
     w("| date | %s |" % time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    w("| chatd commit | `%s` |" % args.commit)
+    w("| chatd commit | %s |" % one_line(args.commit))
     w("| suite | %s, %s |" % (args.suite, args.python))
     w("| cases run | %d, in %d s (%s) |" % (len(ids), args.elapsed, "%d min %02d s" % divmod(args.elapsed, 60)))
     w("| verdict | **%s** |" % verdict)
