@@ -34,6 +34,9 @@ use crate::stats::Stats;
 /// The first line of every state, with its version: a new binary that
 /// does not know the version refuses the state.
 const MAGIC: &[u8] = b"chatd-state 3\n";
+/// The version before WebSocket (no WebSocket listener or frame state):
+/// still read, so that a server of that version can hand over to this one.
+const MAGIC_2: &[u8] = b"chatd-state 2\n";
 /// The variable naming the state's descriptor.
 pub const STATE_VAR: &str = "CHATD_UPGRADE_STATE";
 /// The variable naming the readiness pipe's descriptor.
@@ -199,7 +202,11 @@ impl State {
 
     /// Reads a state; an unknown version or malformed bytes are refused.
     pub fn decode(bytes: &[u8]) -> Result<State, String> {
-        let rest = bytes.strip_prefix(MAGIC).ok_or_else(|| {
+        let (rest, v3) = match bytes.strip_prefix(MAGIC) {
+            Some(rest) => (Some(rest), true),
+            None => (bytes.strip_prefix(MAGIC_2), false),
+        };
+        let rest = rest.ok_or_else(|| {
             let first = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
             format!(
                 "unknown state format {:?} (this binary reads {:?})",
@@ -210,7 +217,7 @@ impl State {
         let mut r = Reader(rest);
         let listener = r.fd()?.ok_or("no listener")?;
         let metrics = r.fd()?;
-        let websocket = r.fd()?;
+        let websocket = if v3 { r.fd()? } else { None };
         let mut counters = Vec::new();
         for _ in 0..r.count()? {
             let name = String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad counter name")?;
@@ -235,22 +242,26 @@ impl State {
             let name = String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad name")?;
             let silent_ms = r.u32()?;
             let deadline = r.i64()?;
-            let flags = ConnFlags::of(r.byte()?);
+            let flags = ConnFlags::of(r.byte()? & if v3 { 0xFF } else { 0b111 });
             let discarded = r.u32()?;
             let input = r.bytes()?.to_vec();
-            let (raw, msg_len, message) = (r.u32()?, r.u32()?, r.byte()?);
-            let utf8 = crate::ws::Utf8::of_bytes(r.take(3)?).ok_or("bad UTF-8 state")?;
-            let ws = crate::ws::InState {
-                raw,
-                msg_len,
-                message,
-                utf8,
+            let ws = if v3 {
+                let (raw, msg_len, message) = (r.u32()?, r.u32()?, r.byte()?);
+                let utf8 = crate::ws::Utf8::of_bytes(r.take(3)?).ok_or("bad UTF-8 state")?;
+                crate::ws::InState {
+                    raw,
+                    msg_len,
+                    message,
+                    utf8,
+                }
+            } else {
+                crate::ws::InState::default()
             };
             if ws.raw as usize > input.len() {
                 return Err("bad WebSocket input state".into());
             }
             let output = r.bytes()?.to_vec();
-            let output_opaque = r.u32()?;
+            let output_opaque = if v3 { r.u32()? } else { 0 };
             if output_opaque as usize > output.len() {
                 return Err("bad WebSocket output state".into());
             }
@@ -750,6 +761,51 @@ mod tests {
         assert_eq!(State::decode(&state.encode()), Ok(state));
         let empty = State::default();
         assert_eq!(State::decode(&empty.encode()), Ok(empty));
+    }
+
+    /// A server of the version before WebSocket hands over to this one:
+    /// its state (version 2) is read, with no WebSocket in it.
+    #[test]
+    fn reads_the_state_of_the_version_before() {
+        let mut state = sample();
+        state.websocket = None;
+        state.conns[1].flags.websocket = false;
+        state.conns[1].flags.ws_open = false;
+        state.conns[1].flags.ws_close_received = false;
+        state.conns[1].ws = crate::ws::InState::default();
+        state.conns[1].output_opaque = 0;
+        // Version 2's layout, as its encoder wrote it.
+        let mut v2 = MAGIC_2.to_vec();
+        put_i64(&mut v2, i64::from(state.listener));
+        put_i64(&mut v2, state.metrics.map_or(-1, i64::from));
+        put_u64(&mut v2, state.counters.len() as u64);
+        for (name, value) in &state.counters {
+            put_bytes(&mut v2, name.as_bytes());
+            put_u64(&mut v2, *value);
+        }
+        put_u64(&mut v2, u64::from(state.next_id));
+        put_u64(&mut v2, state.base_fds);
+        put_bytes(&mut v2, state.node.as_deref().unwrap_or("").as_bytes());
+        put_i64(&mut v2, state.lease_left_ms.map_or(-1, |ms| ms as i64));
+        put_u64(&mut v2, state.uncertain.len() as u64);
+        for name in &state.uncertain {
+            put_bytes(&mut v2, name.as_bytes());
+        }
+        v2.push(u8::from(state.uncertain_overflow) | u8::from(state.link_quiet) << 1);
+        put_u64(&mut v2, state.conns.len() as u64);
+        for c in &state.conns {
+            put_i64(&mut v2, i64::from(c.fd));
+            put_u64(&mut v2, u64::from(c.id));
+            v2.push(phase_code(c.phase));
+            put_bytes(&mut v2, c.name.as_bytes());
+            put_u64(&mut v2, u64::from(c.silent_ms));
+            put_i64(&mut v2, c.deadline_ms.map_or(-1, |ms| ms as i64));
+            v2.push(c.flags.bits());
+            put_u64(&mut v2, u64::from(c.discarded));
+            put_bytes(&mut v2, &c.input);
+            put_bytes(&mut v2, &c.output);
+        }
+        assert_eq!(State::decode(&v2), Ok(state));
     }
 
     #[test]

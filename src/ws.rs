@@ -329,6 +329,74 @@ pub fn decode(
     }
 }
 
+/// Decodes a client's byte stream the way the reactor does across reads:
+/// each chunk goes after the text of the message not ended yet and the
+/// bytes of the incomplete frame that the last one left. For tests and
+/// fuzzing (the reactor keeps the same two parts in a connection's pooled
+/// buffer, see `server/websocket.rs`).
+#[derive(Debug, Default)]
+pub struct Reader {
+    /// The text not ended yet, then `state.raw` bytes of an incomplete frame.
+    kept: Vec<u8>,
+    state: InState,
+    stopped: Option<Stop>,
+}
+
+/// What a [`Reader`] made of the stream so far.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Decodings {
+    /// Chat mode: the text of every message, each followed by `\n` (a
+    /// message not ended yet is not in it).
+    pub text: Vec<u8>,
+    /// Pings and (echo mode) data frames, in order, as `(opcode, fin,
+    /// payload)`: 9 for a ping.
+    pub events: Vec<(u8, bool, Vec<u8>)>,
+    /// Why decoding stopped, if it did.
+    pub stop: Option<Stop>,
+}
+
+impl Reader {
+    /// Feeds one read's worth of bytes.
+    pub fn push(&mut self, chunk: &[u8], max_message: usize, lines: bool, out: &mut Decodings) {
+        if self.stopped.is_some() {
+            return;
+        }
+        let text_len = self.kept.len() - self.state.raw as usize;
+        let mut buf = std::mem::take(&mut self.kept);
+        buf.extend_from_slice(chunk);
+        let events = &mut out.events;
+        let decoded = decode(
+            &mut buf,
+            text_len,
+            text_len,
+            &mut self.state,
+            max_message,
+            lines,
+            |event| match event {
+                Event::Ping(p) => events.push((PING, true, p.to_vec())),
+                Event::Data {
+                    payload,
+                    opcode,
+                    fin,
+                } => events.push((opcode, fin, payload.to_vec())),
+            },
+        );
+        // Whole messages go out; the text of one not ended stays.
+        let text = &buf[..decoded.text_end];
+        let ended = memchr::memrchr(b'\n', text).map_or(0, |i| i + 1);
+        out.text.extend_from_slice(&text[..ended]);
+        if let Some(stop) = decoded.stop {
+            self.stopped = Some(stop);
+            out.stop = Some(stop);
+            return;
+        }
+        let mut kept = text[ended..].to_vec();
+        kept.extend_from_slice(&buf[decoded.raw_start..]);
+        self.state.raw = (buf.len() - decoded.raw_start) as u32;
+        self.kept = kept;
+    }
+}
+
 /// A frame header, checked.
 struct Frame {
     opcode: u8,
@@ -630,6 +698,66 @@ mod tests {
             }
         });
         (buf[..d.text_end].to_vec(), pings, d)
+    }
+
+    /// Valid or not, a byte stream decodes the same whatever the read
+    /// boundaries; frames built from arbitrary messages decode to them.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn decode_in(input: &[u8], cuts: &[usize], max: usize, lines: bool) -> Decodings {
+            let mut reader = Reader::default();
+            let mut out = Decodings::default();
+            let mut start = 0;
+            for &cut in cuts.iter().chain([&input.len()]) {
+                let cut = cut.clamp(start, input.len());
+                reader.push(&input[start..cut], max, lines, &mut out);
+                start = cut;
+            }
+            out
+        }
+
+        proptest! {
+            #[test]
+            fn any_bytes_any_boundaries(
+                input in proptest::collection::vec(any::<u8>(), 0..400),
+                mut cuts in proptest::collection::vec(0usize..400, 0..12),
+                max in 1usize..300,
+                lines: bool,
+            ) {
+                cuts.sort_unstable();
+                let whole = decode_in(&input, &[], max, lines);
+                prop_assert_eq!(decode_in(&input, &cuts, max, lines), whole);
+            }
+
+            #[test]
+            fn messages_in_frames_come_back(
+                messages in proptest::collection::vec(
+                    (proptest::collection::vec("[a-z: ,\\n\u{e9}\u{1F600}]{0,40}", 1..4), any::<[u8; 4]>()),
+                    1..6,
+                ),
+                mut cuts in proptest::collection::vec(0usize..2000, 0..12),
+            ) {
+                let mut input = Vec::new();
+                let mut want = Vec::new();
+                for (fragments, mask) in &messages {
+                    for (i, fragment) in fragments.iter().enumerate() {
+                        let first = if i == 0 { TEXT } else { CONTINUATION };
+                        let fin = if i + 1 == fragments.len() { 0x80 } else { 0 };
+                        input.extend(client_frame(first | fin, fragment.as_bytes(), *mask));
+                        input.extend(client_frame(0x89, b"p", *mask));
+                        want.extend_from_slice(fragment.as_bytes());
+                    }
+                    want.push(b'\n');
+                }
+                cuts.sort_unstable();
+                let got = decode_in(&input, &cuts, 1000, true);
+                prop_assert_eq!(got.stop, None);
+                prop_assert_eq!(got.text, want);
+                prop_assert!(got.events.iter().all(|e| e.0 == PING && e.2 == b"p"));
+            }
+        }
     }
 
     #[test]

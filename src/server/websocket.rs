@@ -165,7 +165,8 @@ impl Server {
             }
         }
         let echo = self.config.ws_echo;
-        let max = self.clients.limits.max_line;
+        // A message may end in a `\r` after the longest line, as on TCP.
+        let max = self.clients.limits.max_line + 1;
         let clients = &mut self.clients;
         let deadlines = &mut self.deadlines;
         let decoded = ws::decode(
@@ -357,9 +358,15 @@ impl Clients {
     /// said in an `error:` line first.
     fn fail_ws(&mut self, key: usize, code: u16, why: &str, echo: bool, deadlines: &mut Deadlines) {
         let mut line = Vec::new();
-        if code == code::INVALID_DATA && !echo {
-            crate::protocol::write_error(&mut line, ErrorKind::InvalidUtf8, format_args!(""));
-            self.stats.error_sent(ErrorKind::InvalidUtf8);
+        let max = self.limits.max_line;
+        let said = match code {
+            code::INVALID_DATA => Some((ErrorKind::InvalidUtf8, format_args!(""))),
+            code::TOO_BIG => Some((ErrorKind::LineTooLong, format_args!("max {max} bytes"))),
+            _ => None,
+        };
+        if let (Some((kind, detail)), false) = (said, echo) {
+            crate::protocol::write_error(&mut line, kind, detail);
+            self.stats.error_sent(kind);
         }
         let (close, len) = ws::close_payload(code, why);
         self.close_with(key, deadlines, |conn, pool| {
