@@ -349,8 +349,9 @@ impl Conn {
     /// line as one text message. The caller enforces `--max-outbound`.
     pub fn queue(&mut self, lines: &[u8], pool: &mut BufPool) {
         if self.is_ws_open() {
-            let len = crate::ws::framed_len(lines);
-            crate::ws::write_lines(self.room(len, pool), lines);
+            // One line's header takes at most 4 bytes below 64 KiB (more
+            // lines, or longer, grow the buffer as they are written).
+            crate::ws::write_lines(self.room(lines.len() + 4, pool), lines);
         } else {
             self.room(lines.len(), pool).extend_from_slice(lines);
         }

@@ -634,16 +634,6 @@ pub fn write_lines(out: &mut Vec<u8>, mut lines: &[u8]) {
     }
 }
 
-/// The bytes [`write_lines`] appends for `lines`.
-pub fn framed_len(lines: &[u8]) -> usize {
-    let mut total = 0;
-    for line in lines.split_inclusive(|&b| b == b'\n') {
-        let len = line.len() - usize::from(line.last() == Some(&b'\n'));
-        total += header(0, len).1 + len;
-    }
-    total
-}
-
 /// A Close frame's payload: `code` and a short ASCII reason. Returns the
 /// buffer and how much of it is used.
 pub fn close_payload(code: u16, reason: &str) -> ([u8; MAX_CONTROL], usize) {
@@ -919,7 +909,6 @@ mod tests {
         write_lines(&mut out, &vec![b'x'; 300]);
         let (close, n) = close_payload(1008, "bye");
         write_frame(&mut out, CLOSE, true, &close[..n]);
-        assert_eq!(framed_len(b"from a: hi\nerror: x\n"), 2 + 10 + 2 + 8);
         assert_eq!(&out[..12], b"\x81\x0afrom a: hi");
         let mut at = 0;
         let mut frames = 0;

@@ -389,3 +389,51 @@ fn cluster_routes_between_websocket_and_tcp_clients() {
     alice.expect_close(1000);
     alice.expect_eof();
 }
+
+/// At `--max-buffer-memory`, a WebSocket client holding the most is closed
+/// with its queue dropped: it still reads whole frames (the one being
+/// written is finished), then `error: slow-consumer` and 1008.
+#[test]
+fn a_websocket_hoarder_is_dropped_on_a_frame_boundary() {
+    let mut s = server(&[
+        "--max-buffer-memory",
+        "1048576",
+        "--max-outbound",
+        "67108864",
+    ]);
+    let mut hoarder = s.ws_login("h"); // reads only once it is closed
+    let mut fast = s.login("fast");
+    let mut replies = fast.stream().try_clone().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut replies, &mut sink);
+    });
+    let message = format!("fast: {}", "x".repeat(1000));
+    let chunk = format!("h: {}\n", "x".repeat(1000)).repeat(256);
+    let mut chunks = 0;
+    while !s.log().contains("closing \"h\"") {
+        assert!(chunks < 400, "the hoarder was never closed");
+        fast.send(&chunk);
+        chunks += 1;
+    }
+    let want = format!("from {message}");
+    let mut delivered = 0;
+    loop {
+        let frame = hoarder.frame();
+        assert_eq!(frame.opcode, 1, "whole text frames, then the Close");
+        if frame.payload.starts_with(b"error:") {
+            assert_eq!(frame.payload, b"error: slow-consumer");
+            break;
+        }
+        assert_eq!(frame.payload, want.as_bytes());
+        delivered += 1;
+    }
+    assert!(delivered < chunks * 256, "the queue was dropped");
+    hoarder.expect_close(1008);
+    assert_eq!(s.stat("memory_evictions"), 1);
+    fast.shutdown_write();
+    drop(drain);
+    let mut probe = s.ws_login("probe");
+    probe.text("probe: still here");
+    probe.expect_text("from probe: still here");
+}
