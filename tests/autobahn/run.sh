@@ -173,12 +173,14 @@ if [ -n "$quick" ]; then mode="quick"; else mode="full"; fi
 if [ -n "${CASES:-}" ] || [ "$exclude" != "$default_exclude" ]; then mode="custom"; fi
 say "$mode run: cases $(tr -d '\n ' <"$spec" | grep -o '"cases":\[[^]]*\]'), exclude [$exclude]; wstest log in $out/wstest.log"
 started=$(date +%s)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
 set +e
 (cd "$out" && timeout --kill-after=10 "$wstest_timeout" "$root/$venv/bin/wstest" -m fuzzingclient -s fuzzingclient.json) \
     >"$out/wstest.log" 2>&1
 rc=$?
 set -e
 elapsed=$(($(date +%s) - started))
+load_after=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
 kill -0 "$chatd_pid" 2>/dev/null || { tail -n 20 "$log" >&2; die "chatd died during the run (exit status below, log $log)"; }
 if [ "$rc" -ne 0 ]; then
     tail -n 30 "$out/wstest.log" >&2
@@ -199,5 +201,6 @@ mkdir -p "$(dirname "$summary")"
 "$venv/bin/python" "$here/summarize.py" \
     --reports "$out/reports" --spec "$spec" --agent chatd \
     --mode "$mode" --commit "$commit" --elapsed "$elapsed" \
+    --load "$load_before before, $load_after after ($(nproc) cores)" \
     --suite "$suite_version" --python "$("$py27" -V 2>&1)" \
     --markdown "$summary"

@@ -102,6 +102,7 @@ def main():
     ap.add_argument("--suite", default="")
     ap.add_argument("--python", default="")
     ap.add_argument("--markdown", default="")
+    ap.add_argument("--load", default="")
     args = ap.parse_args()
 
     with io.open(os.path.join(args.reports, "index.json"), encoding="utf-8") as f:
@@ -177,6 +178,8 @@ def main():
     w("| chatd commit | %s |" % one_line(args.commit))
     w("| suite | %s, %s |" % (args.suite, args.python))
     w("| cases run | %d, in %d s (%s) |" % (len(ids), args.elapsed, "%d min %02d s" % divmod(args.elapsed, 60)))
+    if args.load:
+        w("| load average | %s: durations are wall-clock, other work on the machine lengthens them |" % args.load)
     w("| verdict | **%s** |" % verdict)
     w("")
     w("Rules: sections 1-7 and 10 must be OK, NON-STRICT or INFORMATIONAL; "
