@@ -18,6 +18,12 @@
 //! checks the order of what it receives (the sequence number is in the
 //! body); in closed loop it tells the sender's thread, through that
 //! thread's inbox ([`Shared`]), when one of its lines was delivered.
+//!
+//! With `--ws` ([`Plan::ws`]) the same lines go over WebSocket ([`ws`]):
+//! a client's connect is followed by the HTTP upgrade, its login waits
+//! for the `101` (so the login latency includes the handshake), each line
+//! it sends is one masked text frame and each text message it receives
+//! one line, parsed in place from the read buffer like the lines of TCP.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -27,6 +33,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
+
+use crate::ws;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use nix::sys::time::TimeSpec;
@@ -73,12 +81,17 @@ pub struct Plan {
     pub duration: Duration,
     /// Longest wait for the last logins, and for the last deliveries.
     pub settle_timeout: Duration,
+    /// Speak WebSocket (`--ws`): an upgrade first, then each line a text
+    /// frame.
+    pub ws: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     NotStarted,
     Connecting,
+    /// WebSocket: the upgrade request is sent, its answer awaited.
+    Upgrading,
     LoggingIn,
     Ready,
     Closed,
@@ -91,8 +104,13 @@ struct Client {
     /// Bytes to send; `out[out_pos..]` is unsent.
     out: Vec<u8>,
     out_pos: usize,
-    /// Unterminated input.
+    /// Unterminated input: a line's start, or with WebSocket the
+    /// handshake's answer so far, then a frame cut by the end of a read.
     partial: Vec<u8>,
+    /// WebSocket: a fragmented message so far, and its opcode while one
+    /// is open (0 when none is).
+    message: Vec<u8>,
+    message_op: u8,
     /// When the connect started, for the login latency.
     started: Instant,
     /// Whether it is on the generator's list of clients to write.
@@ -198,6 +216,13 @@ pub struct Load {
     name_head: Vec<u8>,
     /// `from <name_head>`, what a delivery starts with.
     from_head: Vec<u8>,
+    /// WebSocket: a line's text before it is framed, the `Host` of each
+    /// server, the seed the clients' keys derive from, and the masks'
+    /// generator.
+    line: Vec<u8>,
+    hosts: Vec<String>,
+    key_seed: u64,
+    rng: ws::Rng,
 }
 
 impl Load {
@@ -217,6 +242,8 @@ impl Load {
                 out: Vec::new(),
                 out_pos: 0,
                 partial: Vec::new(),
+                message: Vec::new(),
+                message_op: 0,
                 started: Instant::now(),
                 dirty: false,
             })
@@ -267,6 +294,10 @@ impl Load {
             padding: vec![b'p'; plan.payload],
             name_head: format!("{}b", plan.name_prefix).into_bytes(),
             from_head: format!("from {}b", plan.name_prefix).into_bytes(),
+            line: Vec::new(),
+            hosts: plan.addrs.iter().map(SocketAddr::to_string).collect(),
+            key_seed: ws::Rng::new(!(thread as u64)).next_u64(),
+            rng: ws::Rng::new(thread as u64),
             plan,
         })
     }
@@ -398,13 +429,18 @@ impl Load {
             Token(j),
             Interest::READABLE | Interest::WRITABLE,
         )?;
-        let mut name = self.name_head.clone();
-        name.extend_from_slice(itoa(i as u64, &mut [0; 20]));
         let client = &mut self.clients[j];
         client.stream = Some(stream);
         client.state = State::Connecting;
         client.started = Instant::now();
-        client.out = [&name[..], b"\n", &name, b": l\n"].concat();
+        client.out = if self.plan.ws {
+            // The login waits for the upgrade's answer (RFC 6455 4.1).
+            ws::request(&self.hosts[i % servers], &ws::key(self.key_seed, i))
+        } else {
+            let mut name = self.name_head.clone();
+            name.extend_from_slice(itoa(i as u64, &mut [0; 20]));
+            [&name[..], b"\n", &name, b": l\n"].concat()
+        };
         Ok(())
     }
 
@@ -502,24 +538,32 @@ impl Load {
             client.out.clear();
             client.out_pos = 0;
         }
+        // With WebSocket the text goes to `line` first, then framed (its
+        // length leads the frame): one more copy of a short line.
+        let out = if self.plan.ws {
+            self.line.clear();
+            &mut self.line
+        } else {
+            &mut client.out
+        };
         for k in 0..self.plan.fanout {
             if k > 0 {
-                client.out.push(b',');
+                out.push(b',');
             }
-            client.out.extend_from_slice(&self.name_head);
-            client
-                .out
-                .extend_from_slice(itoa(((s + 1 + k) % n) as u64, &mut [0; 20]));
+            out.extend_from_slice(&self.name_head);
+            out.extend_from_slice(itoa(((s + 1 + k) % n) as u64, &mut [0; 20]));
         }
-        client.out.extend_from_slice(b": ");
-        client.out.extend_from_slice(itoa(seq, &mut [0; 20]));
-        client.out.push(b' ');
-        client
-            .out
-            .extend_from_slice(itoa(intended.as_nanos() as u64, &mut [0; 20]));
-        client.out.push(b' ');
-        client.out.extend_from_slice(&self.padding);
-        client.out.push(b'\n');
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(itoa(seq, &mut [0; 20]));
+        out.push(b' ');
+        out.extend_from_slice(itoa(intended.as_nanos() as u64, &mut [0; 20]));
+        out.push(b' ');
+        out.extend_from_slice(&self.padding);
+        if self.plan.ws {
+            ws::push_frame(&mut client.out, ws::TEXT, &self.line, self.rng.mask());
+        } else {
+            client.out.push(b'\n');
+        }
         self.counts.lines_sent += 1;
         if !client.dirty {
             client.dirty = true;
@@ -624,7 +668,11 @@ impl Load {
         }
         match stream.peer_addr() {
             Ok(_) => {
-                self.clients[i].state = State::LoggingIn;
+                self.clients[i].state = if self.plan.ws {
+                    State::Upgrading
+                } else {
+                    State::LoggingIn
+                };
                 true
             }
             Err(_) => false, // not yet
@@ -656,6 +704,19 @@ impl Load {
         let mut scratch = std::mem::take(&mut self.scratch);
         while let Some(stream) = &mut self.clients[i].stream {
             match stream.read(&mut scratch) {
+                Ok(0) if self.clients[i].state == State::Upgrading => {
+                    // Not a WebSocket server, most likely (chatd's TCP port
+                    // says `error: invalid-name` to `GET / HTTP/1.1`).
+                    let answer = &self.clients[i].partial;
+                    let key = ws::key(self.key_seed, self.global(i));
+                    let why = match ws::check_response(answer, &key) {
+                        _ if answer.is_empty() => "closed before answering".to_string(),
+                        Err(why) => why,
+                        Ok(()) => "closed mid-answer".to_string(),
+                    };
+                    self.handshake_failed(i, &why);
+                    break;
+                }
                 Ok(0) => {
                     self.counts.closed_by_server += 1;
                     self.close(i);
@@ -674,6 +735,14 @@ impl Load {
     }
 
     fn on_input(&mut self, i: usize, mut data: &[u8]) {
+        if self.plan.ws {
+            if self.clients[i].state == State::Upgrading {
+                self.on_handshake(i, data);
+            } else {
+                self.on_frames(i, data);
+            }
+            return;
+        }
         let mut partial = std::mem::take(&mut self.clients[i].partial);
         while let Some(end) = memchr::memchr(b'\n', data) {
             if partial.is_empty() {
@@ -790,6 +859,220 @@ impl Load {
         client.state = State::Closed;
         client.out = Vec::new();
         client.partial = Vec::new();
+        client.message = Vec::new();
+    }
+
+    /// WebSocket: more of the answer to local client `i`'s upgrade; once
+    /// it is all in and right, the client logs in (and what followed it is
+    /// frames).
+    fn on_handshake(&mut self, i: usize, data: &[u8]) {
+        let client = &mut self.clients[i];
+        client.partial.extend_from_slice(data);
+        let Some(end) = ws::response_end(&client.partial) else {
+            if client.partial.len() > ws::MAX_RESPONSE {
+                self.handshake_failed(i, "an answer over 8 KiB");
+            }
+            return;
+        };
+        let answer = std::mem::take(&mut client.partial);
+        let key = ws::key(self.key_seed, self.global(i));
+        if let Err(why) = ws::check_response(&answer[..end], &key) {
+            self.handshake_failed(i, &why);
+            return;
+        }
+        self.clients[i].state = State::LoggingIn;
+        // The name, then a message to itself confirming the login.
+        let mut name = std::mem::take(&mut self.line);
+        name.clear();
+        name.extend_from_slice(&self.name_head);
+        name.extend_from_slice(itoa(self.global(i) as u64, &mut [0; 20]));
+        self.queue_frame(i, ws::TEXT, &name);
+        name.extend_from_slice(b": l");
+        self.queue_frame(i, ws::TEXT, &name);
+        self.line = name;
+        self.on_frames(i, &answer[end..]);
+    }
+
+    fn handshake_failed(&mut self, i: usize, why: &str) {
+        self.counts.connect_failed += 1;
+        bump(
+            &mut self.counts.socket_errors,
+            &format!("ws-handshake: {why}"),
+        );
+        self.close(i);
+    }
+
+    /// WebSocket: frames from the server to local client `i`, parsed in
+    /// place; only a frame that `data` cuts short is kept, in `partial`.
+    fn on_frames(&mut self, i: usize, mut data: &[u8]) {
+        let mut partial = std::mem::take(&mut self.clients[i].partial);
+        if !partial.is_empty() {
+            // Complete the frame cut by the last read, taking no byte of
+            // the next.
+            loop {
+                let need = ws::Header::need(&partial);
+                if partial.len() as u64 >= need {
+                    break;
+                }
+                if need > ws::MAX_MESSAGE + 14 || data.is_empty() {
+                    self.clients[i].partial = partial;
+                    if need > ws::MAX_MESSAGE + 14 {
+                        self.ws_fail(i, "a frame over 16 MiB");
+                    }
+                    return;
+                }
+                let take = ((need - partial.len() as u64) as usize).min(data.len());
+                partial.extend_from_slice(&data[..take]);
+                data = &data[take..];
+            }
+            if !self.on_frame(i, &partial) {
+                return;
+            }
+            partial.clear();
+        }
+        while !data.is_empty() {
+            let need = ws::Header::need(data);
+            if need > ws::MAX_MESSAGE + 14 {
+                self.ws_fail(i, "a frame over 16 MiB");
+                return;
+            }
+            if (data.len() as u64) < need {
+                break;
+            }
+            let (frame, rest) = data.split_at(need as usize);
+            if !self.on_frame(i, frame) {
+                return;
+            }
+            data = rest;
+        }
+        partial.extend_from_slice(data);
+        self.clients[i].partial = partial;
+    }
+
+    /// One whole frame from the server; false if it closed the client.
+    fn on_frame(&mut self, i: usize, frame: &[u8]) -> bool {
+        let h = ws::Header::parse(frame).expect("a whole frame");
+        let payload = &frame[h.len..];
+        if h.mask.is_some() {
+            return self.ws_fail(i, "a masked frame");
+        }
+        if h.rsv != 0 {
+            return self.ws_fail(i, "reserved bits set");
+        }
+        let client = &mut self.clients[i];
+        match h.opcode {
+            ws::TEXT | ws::BINARY if client.message_op != 0 => {
+                self.ws_fail(i, "a new message inside a fragmented one")
+            }
+            ws::TEXT if h.fin => {
+                self.on_line(i, payload);
+                true
+            }
+            ws::BINARY if h.fin => {
+                self.counts.unexpected += 1;
+                true
+            }
+            ws::TEXT | ws::BINARY => {
+                client.message_op = h.opcode;
+                client.message.clear();
+                client.message.extend_from_slice(payload);
+                true
+            }
+            ws::CONTINUATION if client.message_op == 0 => {
+                self.ws_fail(i, "a continuation outside a message")
+            }
+            ws::CONTINUATION => {
+                if client.message.len() as u64 + h.payload > ws::MAX_MESSAGE {
+                    return self.ws_fail(i, "a message over 16 MiB");
+                }
+                client.message.extend_from_slice(payload);
+                if h.fin {
+                    let op = std::mem::take(&mut client.message_op);
+                    let message = std::mem::take(&mut client.message);
+                    if op == ws::TEXT {
+                        self.on_line(i, &message);
+                    } else {
+                        self.counts.unexpected += 1;
+                    }
+                    self.clients[i].message = message; // its room, for the next
+                }
+                true
+            }
+            ws::CLOSE | ws::PING | ws::PONG if !h.fin || h.payload > 125 => {
+                self.ws_fail(i, "a fragmented or long control frame")
+            }
+            ws::PING => {
+                self.queue_frame(i, ws::PONG, payload);
+                true
+            }
+            ws::PONG => true,
+            ws::CLOSE => {
+                // What a closed TCP connection is; the error line before it
+                // says why, except after a protocol error (the generator's
+                // own, or a frame it sent that the server refused).
+                let code = match payload {
+                    [a, b, ..] => u16::from_be_bytes([*a, *b]),
+                    _ => 1005,
+                };
+                if matches!(code, 1002 | 1003) {
+                    let reason = String::from_utf8_lossy(&payload[2..]);
+                    bump(
+                        &mut self.counts.socket_errors,
+                        &format!("ws-close: {code} {reason}"),
+                    );
+                }
+                self.counts.closed_by_server += 1;
+                self.close_with(i, payload.get(..2).unwrap_or_default());
+                false
+            }
+            _ => self.ws_fail(i, "an unknown opcode"),
+        }
+    }
+
+    /// Queues one frame of `opcode` to local client `i` (written at the end
+    /// of the turn).
+    fn queue_frame(&mut self, i: usize, opcode: u8, payload: &[u8]) {
+        let client = &mut self.clients[i];
+        if client.out_pos == client.out.len() {
+            client.out.clear();
+            client.out_pos = 0;
+        }
+        ws::push_frame(&mut client.out, opcode, payload, self.rng.mask());
+        if !client.dirty {
+            client.dirty = true;
+            self.dirty.push(i);
+        }
+    }
+
+    /// The server broke RFC 6455: the client closes with 1002 (protocol
+    /// error), counted by `why`. Returns false, for [`Load::on_frame`].
+    fn ws_fail(&mut self, i: usize, why: &str) -> bool {
+        bump(
+            &mut self.counts.socket_errors,
+            &format!("ws-protocol: {why}"),
+        );
+        self.close_with(i, &1002u16.to_be_bytes());
+        false
+    }
+
+    /// Sends local client `i` a Close frame carrying `code` (what it has
+    /// queued first), as far as its socket takes it at once, and closes
+    /// it. A failed write is not counted: the close is, by the caller.
+    fn close_with(&mut self, i: usize, code: &[u8]) {
+        let mask = self.rng.mask();
+        let client = &mut self.clients[i];
+        ws::push_frame(&mut client.out, ws::CLOSE, code, mask);
+        // Connected: frames come after the upgrade.
+        if let Some(stream) = &mut client.stream {
+            while client.out_pos < client.out.len() {
+                match stream.write(&client.out[client.out_pos..]) {
+                    Ok(n) => client.out_pos += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        self.close(i);
     }
 }
 
@@ -873,6 +1156,7 @@ mod tests {
                         rate: 0.0,
                         duration: Duration::ZERO,
                         settle_timeout: Duration::ZERO,
+                        ws: false,
                     };
                     for t in 0..threads {
                         let load = Load::new_part(plan.clone(), t, threads).unwrap();

@@ -1,5 +1,6 @@
 //! `chatd-bench`: a load generator for high-connection-count benchmarks of
-//! chatd, or of any server speaking the same line protocol.
+//! chatd, or of any server speaking the same line protocol, over TCP or
+//! (`--ws`) WebSocket.
 //!
 //! Phases: connect and log in every client (at a rate, or as fast as
 //! possible), confirm each login with a message to itself, hold the
@@ -14,6 +15,7 @@ mod load;
 mod pool;
 mod procs;
 mod server;
+mod ws;
 
 use std::io::{self, IsTerminal, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -50,6 +52,13 @@ Connection phase:
                          (give each its own prefix); up to 32 ASCII letters,
                          digits, '-' or '_' [default: empty]
   --idle SECS            hold the connections idle after login [default: 0]
+  --ws                   speak WebSocket instead of TCP lines (give the
+                         server's WebSocket address, chatd's --ws-addr): each
+                         client upgrades over HTTP/1.1 (GET /, checking the
+                         101 and its Sec-WebSocket-Accept), then sends each
+                         line as one masked text frame and takes each text
+                         message as one line. The login time includes the
+                         upgrade. The report says transport ws (else tcp)
 Traffic phase:
   --senders S            clients that send [default: 0 = no traffic]
   --fanout F             recipients per line [default: 1]
@@ -188,6 +197,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         rate: 0.0,
         duration: Duration::from_secs(10),
         settle_timeout: Duration::from_secs(30),
+        ws: false,
     };
     let mut idle = Duration::ZERO;
     let mut server_pids = Vec::new();
@@ -217,6 +227,10 @@ fn parse_args() -> Result<Option<Args>, String> {
         }
         if flag == "json" {
             json = true;
+            continue;
+        }
+        if flag == "ws" {
+            plan.ws = true;
             continue;
         }
         // Known before its value is taken, so a misspelt flag is reported
@@ -626,6 +640,8 @@ fn run(args: &Args, mut load: impl Driver) -> io::Result<(Report, bool)> {
     let mut report = Report { fields: Vec::new() };
     let addrs: Vec<String> = plan.addrs.iter().map(SocketAddr::to_string).collect();
     report.text("addr", addrs.join(","));
+    let transport = if plan.ws { "ws" } else { "tcp" };
+    report.text("transport", transport.into());
     report.int("clients", plan.clients as u64);
     report.int("procs", args.procs as u64);
 

@@ -758,6 +758,7 @@ mod tests {
             rate: 500.0,
             duration: Duration::ZERO,
             settle_timeout: Duration::ZERO,
+            ws: true,
         }
     }
 
@@ -774,6 +775,7 @@ mod tests {
             assert!((sum(|p| p.connect_rate) - 1000.0).abs() < 1e-6);
             assert!((sum(|p| p.rate) - 500.0).abs() < 1e-6);
             for p in &parts {
+                assert!(p.ws, "every child speaks the run's transport");
                 assert!(p.clients.abs_diff(clients / procs) <= 1);
                 assert!(p.senders.abs_diff(senders / procs) <= 1);
             }

@@ -846,3 +846,141 @@ fn too_many_procs_is_a_usage_error() {
         );
     }
 }
+
+/// The WebSocket address a chatd started with `--ws-addr 127.0.0.1:0`
+/// logged (`chatd websocket on ws://ADDR/ ...`).
+fn ws_addr(server: &mut Server) -> String {
+    let line = server.wait_log("websocket on ws://");
+    line.split("websocket on ws://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("an address after 'websocket on ws://'")
+        .to_string()
+}
+
+/// `chatd-bench --ws --json` against the WebSocket address `ws`, with
+/// `args` after (no `--server-pid` unless they give it).
+fn ws_command(ws: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BENCH);
+    cmd.args(["--ws", "--addr", ws, "--json", "--settle-timeout", "5"])
+        .args(args)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Asserts a run that went right over WebSocket: exit 0, `transport` ws,
+/// every client logged in, every line delivered to each of its `fanout`
+/// recipients once and in order. Returns the lines sent.
+fn assert_ws_run_ok(out: &Output, clients: f64, fanout: f64) -> f64 {
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{json}\n{stderr}");
+    assert_eq!(text_field(&json, "transport"), "ws", "{json}");
+    assert_eq!(text_field(&json, "result"), "ok", "{json}");
+    assert_eq!(field(out, "logged_in"), clients, "{json}");
+    let sent = field(out, "lines_sent");
+    assert_eq!(field(out, "deliveries"), sent * fanout, "{json}");
+    assert_eq!(field(out, "lost"), 0.0, "{json}");
+    assert_eq!(field(out, "unexpected"), 0.0, "{json}");
+    assert_eq!(text_field(&json, "error_lines"), "none", "{json}");
+    assert_eq!(text_field(&json, "socket_errors"), "none", "{json}");
+    sent
+}
+
+/// `--ws` against chatd's `--ws-addr`: closed loop (with `--server-pid`,
+/// which finds chatd listening on the WebSocket address), then open loop
+/// over two threads, every line delivered; the login latency, which
+/// includes the upgrade, is reported. Over TCP the same run says
+/// `transport` tcp.
+#[test]
+fn ws_runs_closed_and_open_loop_over_websocket() {
+    let mut server = Server::start(&["--ws-addr", "127.0.0.1:0"]);
+    let ws = ws_addr(&mut server);
+    let pid = server.pid().to_string();
+    let closed = "--clients 20 --senders 5 --fanout 3 --window 4 --duration 0.5";
+    let mut args: Vec<&str> = closed.split(' ').collect();
+    args.extend(["--server-pid", &pid, "--name-prefix", "c"]);
+    let out = ws_command(&ws, &args).output().expect("run chatd-bench");
+    let sent = assert_ws_run_ok(&out, 20.0, 3.0);
+    assert!(sent > 100.0, "only {sent} lines in 0.5 s");
+    assert!(field(&out, "login_ms_p50") > 0.0);
+    assert!(field(&out, "latency_us_p99") >= field(&out, "latency_us_p50"));
+    assert!(field(&out, "server_rss_after_kb") > 0.0);
+
+    let open = "--threads 2 --clients 11 --senders 5 --fanout 3 --rate 2000 --duration 1";
+    let mut args: Vec<&str> = open.split(' ').collect();
+    args.extend(["--name-prefix", "o"]);
+    let out = ws_command(&ws, &args).output().expect("run chatd-bench");
+    let sent = assert_ws_run_ok(&out, 11.0, 3.0);
+    // Not past the rate; short of it by what a starved last turn leaves
+    // unsent (under 1,900 once, the whole suite running on two busy cores).
+    assert!((1500.0..=2100.0).contains(&sent), "sent {sent} at 2000/s");
+    assert_eq!(field(&out, "threads"), 2.0);
+
+    let out = bench(&server, &["--clients", "2", "--name-prefix", "t"]);
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{json}");
+    assert_eq!(text_field(&json, "transport"), "tcp", "{json}");
+}
+
+/// `--ws --procs 3`: the children speak WebSocket too (they get `--ws`
+/// with the rest of the arguments), and the report adds them up.
+#[test]
+fn ws_procs_split_the_run() {
+    let mut server = Server::start(&["--ws-addr", "127.0.0.1:0"]);
+    let ws = ws_addr(&mut server);
+    let traffic = "--procs 3 --clients 31 --senders 7 --fanout 3 --window 4 --duration 0.5";
+    let args: Vec<&str> = traffic.split(' ').collect();
+    let run = Running::start(ws_command(&ws, &args));
+    let children = run.children(3);
+    let out = run.output();
+    let sent = assert_ws_run_ok(&out, 31.0, 3.0);
+    assert!(sent > 100.0, "only {sent} lines in 0.5 s");
+    assert_eq!(field(&out, "procs"), 3.0);
+    for pid in children {
+        assert!(gone(pid), "child {pid} outlived the run");
+    }
+}
+
+/// What goes wrong over WebSocket is told as over TCP: a server that
+/// closes its silent recipients (`--idle-timeout`) sends each its error
+/// line and a Close, counted as lines lost, `error_lines` and
+/// `closed_by_server`; and `--ws` pointed at chatd's TCP port fails every
+/// upgrade, saying why (exit 1).
+#[test]
+fn ws_failures_are_reported() {
+    let mut server = Server::start(&["--idle-timeout", "0.3", "--ws-addr", "127.0.0.1:0"]);
+    let ws = ws_addr(&mut server);
+    let lossy = "--clients 10 --senders 5 --window 16 --payload 150 --duration 1";
+    let mut args: Vec<&str> = lossy.split(' ').collect();
+    args.extend(["--settle-timeout", "1"]);
+    let out = ws_command(&ws, &args).output().expect("run chatd-bench");
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert_eq!(text_field(&json, "result"), "FAILED", "{json}");
+    assert!(field(&out, "lost") > 0.0, "{json}");
+    assert!(field(&out, "closed_by_server") > 0.0, "{json}");
+    assert!(
+        text_field(&json, "error_lines").contains("idle-timeout"),
+        "{json}"
+    );
+    // The Close frames were read as closes, not as frames gone wrong.
+    assert!(
+        !text_field(&json, "socket_errors").contains("ws-"),
+        "{json}"
+    );
+
+    let tcp = server.addr.to_string();
+    let out = ws_command(&tcp, &["--clients", "3", "--name-prefix", "w"])
+        .output()
+        .expect("run chatd-bench");
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert_eq!(field(&out, "logged_in"), 0.0, "{json}");
+    assert_eq!(field(&out, "connect_failed"), 3.0, "{json}");
+    assert!(
+        text_field(&json, "socket_errors")
+            .starts_with("ws-handshake: not HTTP: error: invalid-name"),
+        "{json}"
+    );
+}
