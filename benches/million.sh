@@ -19,8 +19,9 @@
 #
 # Environment: CLIENTS (1000000), NODES (one per 18,900 clients), PROCS
 # (generator processes, as many as nodes), IDLE (60), RATES ("10000
-# 100000"), DURATION (20), UPGRADE (1), LEASE (--cluster-lease, 30), OUT
-# (target/million).
+# 100000"), DURATION (20), UPGRADE (1), LEASE (--cluster-lease, 30),
+# TRANSPORT (tcp, or ws: the clients are WebSocket clients of the nodes'
+# --ws-addr, on one port too), OUT (target/million).
 #
 # It stops every process it started, also on failure or Ctrl-C. Traffic
 # goes to 127.0.0.0/8 only.
@@ -37,6 +38,11 @@ duration=${DURATION:-20}
 upgrade=${UPGRADE:-1}
 out=${OUT:-target/million}
 senders=$((clients / 100))
+transport=${TRANSPORT:-tcp}
+case $transport in
+    tcp | ws) ;;
+    *) echo "TRANSPORT is tcp or ws, not $transport" >&2; exit 2 ;;
+esac
 
 fail() {
     echo "million.sh: $*" >&2
@@ -137,8 +143,16 @@ wait_for 20 "Redis" sh -c "redis-cli -p $redis_port ping 2>/dev/null | grep -q P
 # per core, the default is right.
 lease=${LEASE:-30}
 port=$(free_port)
+node_args=()
+client_port=$port
+bench_args=()
+if [ "$transport" = ws ]; then
+    client_port=$(free_port)
+    node_args=(--ws-addr "127.0.0.1:$client_port")
+    bench_args=(--ws)
+fi
 for i in $(seq 1 "$nodes"); do
-    "$chatd" --addr "127.0.0.1:$port" --reuse-port \
+    "$chatd" --addr "127.0.0.1:$port" --reuse-port "${node_args[@]}" \
         --cluster "redis://127.0.0.1:$redis_port" --cluster-lease "$lease" \
         --pid-file "$out/node$i.pid" \
         --stats-interval 10 >"$out/node$i.log" 2>&1 &
@@ -156,7 +170,7 @@ node_ready() { # i: ready, or fail at once if the node has exited
 for i in $(seq 1 "$nodes"); do
     wait_for 20 "node $i" node_ready "$i"
 done
-echo "== $nodes nodes on 127.0.0.1:$port, Redis on $redis_port" >&2
+echo "== $nodes nodes on 127.0.0.1:$port ($transport clients on port $client_port), Redis on $redis_port" >&2
 
 # --- Sampling ------------------------------------------------------------
 # Once a second (benches/million_sample.py, one process that forks
@@ -178,7 +192,7 @@ addresses=$((clients / 1000 > procs ? clients / 1000 : procs))
 for rate in $rates; do
     run=$((run + 1))
     echo "== run $run: $clients clients, idle $idle s, $senders senders at $rate lines/s for $duration s" >&2
-    "$bench" --addr "127.0.0.1:$port" --clients "$clients" --procs "$procs" \
+    "$bench" "${bench_args[@]}" --addr "127.0.0.1:$client_port" --clients "$clients" --procs "$procs" \
         --source-ips "127.$((19 + run)).0.1-127.$((19 + run)).$((addresses / 256)).$((addresses % 256))" \
         --name-prefix "r$run" --idle "$idle" --senders "$senders" --rate "$rate" \
         --duration "$duration" --settle-timeout 120 --json \
