@@ -195,7 +195,7 @@ if [ "$commit" != unknown ] && ! git diff --quiet HEAD -- src Cargo.toml Cargo.l
     commit="$commit+uncommitted changes in src"
 fi
 # The daemon's own last change, which is what the run tested.
-src_commit=$(git log -1 --format='%h %s' -- src Cargo.toml Cargo.lock 2>/dev/null | cut -c1-100 || true)
+src_commit=$(git log -1 --no-merges --format='%h %s' -- src Cargo.toml Cargo.lock 2>/dev/null | cut -c1-100 || true)
 [ -n "$src_commit" ] && commit="$commit (src last changed in $src_commit)"
 mkdir -p "$(dirname "$summary")"
 "$venv/bin/python" "$here/summarize.py" \
