@@ -131,6 +131,14 @@ fn what_it_asks(req: &httparse::Request<'_, '_>) -> Request {
     let Some(key) = header("sec-websocket-key").map(<[u8]>::trim_ascii) else {
         return Request::Bad("no Sec-WebSocket-Key");
     };
+    let keys = req.headers.iter();
+    if keys
+        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-key"))
+        .count()
+        > 1
+    {
+        return Request::Bad("Sec-WebSocket-Key given twice");
+    }
     let engine = base64::engine::general_purpose::STANDARD;
     match engine.decode(key) {
         Ok(nonce) if nonce.len() == 16 => Request::Upgrade {
@@ -214,23 +222,22 @@ pub struct InState {
     pub utf8: Utf8,
 }
 
-/// What [`decode`] tells its caller about as it goes.
+/// Echo mode: a data frame's payload, unmasked, with its opcode (0 for a
+/// continuation) and whether it ends its message.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Event<'a> {
-    /// A ping: answer with a pong carrying this payload.
-    Ping(&'a [u8]),
-    /// Echo mode: a data frame's payload, unmasked, with its opcode
-    /// (0 for a continuation) and whether it ends its message.
-    Data {
-        payload: &'a [u8],
-        opcode: u8,
-        fin: bool,
-    },
+pub struct Data<'a> {
+    pub payload: &'a [u8],
+    pub opcode: u8,
+    pub fin: bool,
 }
 
 /// Why [`decode`] stopped before the end of its input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
+    /// A ping, whose payload is `buf[.0...1]`: answer it once the text
+    /// before it is handled (so that the pong comes after the answers to
+    /// the lines sent before the ping), then decode on from `raw_start`.
+    Ping(usize, usize),
     /// The client's Close frame, with the code to answer with.
     Close(u16),
     /// The client broke the rules: fail the connection with this code.
@@ -243,7 +250,8 @@ pub struct Decoded {
     /// The decoded text ends here (it starts at the `out` passed in).
     pub text_end: usize,
     /// The first byte not decoded: an incomplete frame runs from here to the
-    /// end of the input (unless `stop` is set: then the rest is ignored).
+    /// end of the input (after a ping: the frames after it; after a Close
+    /// or a failure, the rest is ignored).
     pub raw_start: usize,
     /// Why it stopped early, if it did.
     pub stop: Option<Stop>,
@@ -254,10 +262,9 @@ pub struct Decoded {
 /// With `lines` (chat mode), text messages are moved down to
 /// `buf[out..]`, each followed by `\n`, so that the caller frames lines
 /// from one slice exactly as it does for TCP; binary messages fail with
-/// 1003. Without (echo mode), each data frame is handed to `on_event`.
+/// 1003. Without (echo mode), each data frame is handed to `on_data`.
 /// `out <= start`: every frame header is at least six bytes, so the text
-/// never overtakes the frames it comes from. Pings are handed to
-/// `on_event` either way. Messages longer than `max_message` fail with
+/// never overtakes the frames it comes from. It stops at each ping. Messages longer than `max_message` fail with
 /// 1009 as soon as a frame header says so; invalid UTF-8 fails with 1007
 /// once its frame is complete, fragments included.
 pub fn decode(
@@ -267,7 +274,7 @@ pub fn decode(
     state: &mut InState,
     max_message: usize,
     lines: bool,
-    mut on_event: impl FnMut(Event<'_>),
+    mut on_data: impl FnMut(Data<'_>),
 ) -> Decoded {
     debug_assert!(out <= start);
     let (mut w, mut r) = (out, start);
@@ -282,7 +289,7 @@ pub fn decode(
         unmask(payload, frame.mask);
         r = p + frame.len;
         match frame.opcode {
-            PING => on_event(Event::Ping(&buf[p..r])),
+            PING => break Some(Stop::Ping(p, r)),
             PONG => {}
             CLOSE => break Some(close_code(&buf[p..r])),
             opcode => {
@@ -307,12 +314,10 @@ pub fn decode(
                         w += 1;
                     }
                 } else {
-                    let payload = &buf[p..r];
-                    let fin = frame.fin;
-                    on_event(Event::Data {
-                        payload,
+                    on_data(Data {
+                        payload: &buf[p..r],
                         opcode,
-                        fin,
+                        fin: frame.fin,
                     });
                 }
                 if frame.fin {
@@ -364,23 +369,25 @@ impl Reader {
         let text_len = self.kept.len() - self.state.raw as usize;
         let mut buf = std::mem::take(&mut self.kept);
         buf.extend_from_slice(chunk);
-        let events = &mut out.events;
-        let decoded = decode(
-            &mut buf,
-            text_len,
-            text_len,
-            &mut self.state,
-            max_message,
-            lines,
-            |event| match event {
-                Event::Ping(p) => events.push((PING, true, p.to_vec())),
-                Event::Data {
-                    payload,
-                    opcode,
-                    fin,
-                } => events.push((opcode, fin, payload.to_vec())),
-            },
-        );
+        let (mut text_end, mut start) = (text_len, text_len);
+        let decoded = loop {
+            let events = &mut out.events;
+            let decoded = decode(
+                &mut buf,
+                text_end,
+                start,
+                &mut self.state,
+                max_message,
+                lines,
+                |d| events.push((d.opcode, d.fin, d.payload.to_vec())),
+            );
+            text_end = decoded.text_end;
+            start = decoded.raw_start;
+            match decoded.stop {
+                Some(Stop::Ping(a, b)) => out.events.push((PING, true, buf[a..b].to_vec())),
+                _ => break decoded,
+            }
+        };
         // Whole messages go out; the text of one not ended stays.
         let text = &buf[..decoded.text_end];
         let ended = memchr::memrchr(b'\n', text).map_or(0, |i| i + 1);
@@ -682,12 +689,15 @@ mod tests {
         let mut buf = frames.to_vec();
         let mut pings = Vec::new();
         let mut state = InState::default();
-        let d = decode(&mut buf, 0, 0, &mut state, max, true, |e| {
-            if let Event::Ping(p) = e {
-                pings.push(p.to_vec());
+        let (mut out, mut start) = (0, 0);
+        loop {
+            let d = decode(&mut buf, out, start, &mut state, max, true, |_| {});
+            (out, start) = (d.text_end, d.raw_start);
+            match d.stop {
+                Some(Stop::Ping(a, b)) => pings.push(buf[a..b].to_vec()),
+                _ => return (buf[..d.text_end].to_vec(), pings, d),
             }
-        });
-        (buf[..d.text_end].to_vec(), pings, d)
+        }
     }
 
     /// Valid or not, a byte stream decodes the same whatever the read

@@ -127,7 +127,7 @@ fn errors_close_with_their_codes() {
         Some("error: invalid-utf8"),
         1007,
     );
-    assert_eq!(reason, "invalid UTF-8");
+    assert_eq!(reason, "invalid-utf8");
     // Invalid UTF-8 split over fragments.
     close_after(
         "a4",
@@ -252,6 +252,13 @@ fn server_full_is_try_again_later() {
     bob.expect_text("error: server-full");
     assert_eq!(bob.expect_close(1013), "server-full");
     bob.expect_eof();
+    // One that never finishes its handshake is told so in HTTP, within
+    // the close grace.
+    let mut slow = Ws::raw(s.ws_addr());
+    slow.send_bytes(b"GET / HTTP/1.1\r\n");
+    let head = slow.http_head();
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    assert_eq!(slow.rest(), b"error: server-full\n");
 }
 
 /// Pings are answered, and a ping flood from a client that never reads is

@@ -387,6 +387,11 @@ impl Clients {
             return; // the connection it was set for is gone or moved on
         };
         match deadline {
+            // (A WebSocket connection over --max-clients has this long
+            // to finish its handshake and hear why it is turned away.)
+            Deadline::Login(_) if self.conns[key].is_rejected() => {
+                self.error(key, ErrorKind::ServerFull, format_args!(""), deadlines)
+            }
             Deadline::Login(_) => {
                 self.error(key, ErrorKind::LoginTimeout, format_args!(""), deadlines)
             }
@@ -536,8 +541,10 @@ impl Clients {
             // error line starts a line, and the error line of a connection
             // closing already.
             let websocket = conn.is_ws_open();
-            self.with_buffers(key, |conn, pool| {
-                pool.give(&mut conn.partial);
+            self.with_buffers(key, |conn, _| {
+                // Freed, not pooled: the error line below would take the
+                // same buffer back from the pool, and free nothing.
+                conn.partial = None;
                 match &mut conn.out {
                     Some(out) if websocket => out.keep_current_frame(),
                     Some(out) => out.keep_first_line(closing),
@@ -550,6 +557,13 @@ impl Clients {
                 self.kill(key);
             } else if !closing {
                 self.close_slow_consumer(key, deadlines);
+                // What is left is small: hold it in a buffer of its size,
+                // whichever buffer the error line was queued in.
+                self.with_buffers(key, |conn, _| {
+                    if let Some(out) = &mut conn.out {
+                        out.data.shrink_to_fit();
+                    }
+                });
             }
         }
     }

@@ -28,7 +28,7 @@ use super::input::{Drain, Lines, READ_CHUNK, keep_input};
 use crate::conn::Phase;
 use crate::deadlines::{Deadline, Deadlines};
 use crate::protocol::ErrorKind;
-use crate::ws::{self, Event, Request, Stop, code};
+use crate::ws::{self, Request, Stop, code};
 
 /// Bytes before a WebSocket read's new bytes for the kept incomplete
 /// frame (or the handshake so far).
@@ -157,7 +157,7 @@ impl Server {
                 };
                 self.clients
                     .with_buffers(key, |conn, pool| keep_input(conn, pool, &[], request, raw));
-                return true;
+                return self.within_memory(key, scratch);
             }
             if self.clients.conn(key).phase() != Phase::Login {
                 self.clients.discard_input(key, scratch);
@@ -167,44 +167,54 @@ impl Server {
         let echo = self.config.ws_echo;
         // A message may end in a `\r` after the longest line, as on TCP.
         let max = self.clients.limits.max_line + 1;
-        let clients = &mut self.clients;
-        let deadlines = &mut self.deadlines;
-        let decoded = ws::decode(
-            &mut scratch[..end],
-            text_room,
-            start,
-            &mut state,
-            max,
-            !echo,
-            |event| match event {
-                Event::Ping(payload) => {
-                    clients.enqueue_frame(key, ws::PONG, true, payload, deadlines);
+        // The text not handled yet: scratch[unhandled..out]. Decoding stops
+        // at each ping, so that the lines before it are handled (and
+        // answered) before its pong is queued. While a claim is answered
+        // (`held`), lines wait and the rest is only decoded.
+        let (mut unhandled, mut out, mut from) = (text_room - text_len, text_room, start);
+        let mut held = false;
+        let decoded = loop {
+            let clients = &mut self.clients;
+            let deadlines = &mut self.deadlines;
+            let decoded = ws::decode(
+                &mut scratch[..end],
+                out,
+                from,
+                &mut state,
+                max,
+                !echo,
+                |data| clients.enqueue_frame(key, data.opcode, data.fin, data.payload, deadlines),
+            );
+            (out, from) = (decoded.text_end, decoded.raw_start);
+            if !held {
+                match self.handle_lines(key, &scratch[unhandled..out]) {
+                    Lines::Tail(tail) => unhandled = out - tail.len(),
+                    Lines::Kept(rest) => {
+                        unhandled = out - rest.len();
+                        held = true;
+                    }
+                    Lines::Closed => {
+                        if !self.clients.conn(key).is_dead() {
+                            self.clients.discard_input(key, scratch);
+                        }
+                        return false;
+                    }
                 }
-                Event::Data {
-                    payload,
-                    opcode,
-                    fin,
-                } => {
-                    clients.enqueue_frame(key, opcode, fin, payload, deadlines);
-                }
-            },
-        );
-        if !self.clients.conn(key).reads_lines() {
-            // Closed by its pongs or echoes (a slow consumer).
-            self.clients.discard_input(key, scratch);
-            return false;
-        }
-        let text = &scratch[text_room - text_len..decoded.text_end];
-        let (kept_text, held) = match self.handle_lines(key, text) {
-            Lines::Tail(tail) => (tail, false),
-            Lines::Kept(rest) => (rest, true),
-            Lines::Closed => {
-                if !self.clients.conn(key).is_dead() {
-                    self.clients.discard_input(key, scratch);
-                }
+            }
+            let Some(Stop::Ping(a, b)) = decoded.stop else {
+                break decoded;
+            };
+            let pong = &scratch[a..b];
+            self.clients
+                .enqueue_frame(key, ws::PONG, true, pong, &mut self.deadlines);
+            if self.closed_while_decoding(key, scratch) {
                 return false;
             }
         };
+        if self.closed_while_decoding(key, scratch) {
+            return false;
+        }
+        let kept_text = &scratch[unhandled..out];
         // Input kept while a claim is answered waits whole: a Close after
         // the lines kept is kept too, as a frame to decode on resume.
         let mut close = [0x88, 0x82, 0, 0, 0, 0, 0, 0];
@@ -221,7 +231,7 @@ impl Server {
             keep_input(conn, pool, kept_text, raw, state)
         });
         match decoded.stop {
-            None => {}
+            None | Some(Stop::Ping(..)) => {}
             Some(Stop::Close(_)) if held => return false,
             Some(Stop::Close(code)) => {
                 self.ws_close_received(key, code);
@@ -235,6 +245,27 @@ impl Server {
                 return false;
             }
         }
+        if !self.within_memory(key, scratch) {
+            return false;
+        }
+        !held
+    }
+
+    /// Whether its pongs or echoes closed `key` as a slow consumer (then its
+    /// input is drained, as on any closing error).
+    fn closed_while_decoding(&mut self, key: usize, scratch: &mut [u8]) -> bool {
+        let conn = self.clients.conn(key);
+        let closed = conn.is_dead() || conn.phase() == Phase::Closing;
+        if closed && !conn.is_dead() {
+            self.clients.discard_input(key, scratch);
+        }
+        closed
+    }
+
+    /// What a connection keeps counts against `--max-buffer-memory`: at
+    /// the bound the largest holders are closed. Returns whether `key`
+    /// still reads (else its input is drained, as on any closing error).
+    fn within_memory(&mut self, key: usize, scratch: &mut [u8]) -> bool {
         if self.clients.is_over_memory() {
             self.clients.make_room(0, None, &mut self.deadlines);
             let conn = self.clients.conn(key);
@@ -245,7 +276,7 @@ impl Server {
                 return false;
             }
         }
-        !held
+        true
     }
 
     /// Answers the opening handshake in `request` if it is complete.
@@ -368,7 +399,12 @@ impl Clients {
             crate::protocol::write_error(&mut line, kind, detail);
             self.stats.error_sent(kind);
         }
-        let (close, len) = ws::close_payload(code, why);
+        // The reason is the error's kind where there is an `error:` line.
+        let reason = match (said, echo) {
+            (Some((kind, _)), false) => kind.as_str(),
+            _ => why,
+        };
+        let (close, len) = ws::close_payload(code, reason);
         self.close_with(key, deadlines, |conn, pool| {
             conn.queue(&line, pool);
             conn.queue_frame(ws::CLOSE, true, &close[..len], pool);

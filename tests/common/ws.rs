@@ -1,8 +1,10 @@
 //! A small WebSocket client for the tests, written from RFC 6455 on its
 //! own (it shares no code with the daemon's `ws` module): the handshake,
 //! masked client frames, and the server's frames read one at a time.
-//! Included by tests/websocket.rs only (chatd-bench's tests share
-//! tests/common, but not this).
+//! Included by tests/websocket.rs and tests/websocket_attack.rs
+//! (chatd-bench's tests share tests/common, but not this).
+
+#![allow(dead_code)] // each test file uses a different part of it
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
