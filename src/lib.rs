@@ -23,7 +23,8 @@
 //!   stats and status; `scrapers.rs` serves the metrics endpoint's
 //!   connections; `remote.rs` applies what the cluster link learned and
 //!   fences; `upgrade.rs` is a live upgrade's side of the loop, in the old
-//!   process and in the new one.
+//!   process and in the new one; `websocket.rs` the WebSocket transport's
+//!   side (handshake, frames into lines, pongs, closing with a code).
 //! - [`cluster`]: cluster mode: the link to Redis (one more source in the
 //!   loop), the lease and fencing; `link.rs` its I/O, `replies.rs` what
 //!   each reply does, `pending.rs` the FIFO's entries and the answers,
