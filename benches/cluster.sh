@@ -6,7 +6,7 @@
 #   benches/cluster.sh
 #
 # Environment: DURATION (traffic seconds, default 10), SCENARIOS (space
-# separated subset of: local cross scale36k storm reuseport), OUT (directory
+# separated subset of: local cross saturated scale36k storm reuseport), OUT (directory
 # for the JSON results, default target/cluster).
 # Needs redis-server and redis-cli (Debian: redis-server). Traffic goes to
 # 127.0.0.1 only.
@@ -14,11 +14,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 duration=${DURATION:-10}
-scenarios=${SCENARIOS:-"local cross scale36k storm reuseport"}
+scenarios=${SCENARIOS:-"local cross saturated scale36k storm reuseport"}
 out=${OUT:-target/cluster}
 mkdir -p "$out"
 cargo build --release --quiet --bin chatd --bin chatd-bench
-chatd=$PWD/target/release/chatd
+chatd=${CHATD:-$PWD/target/release/chatd} # CHATD: another build to compare
 bench=$PWD/target/release/chatd-bench
 
 pids=()
@@ -130,6 +130,30 @@ for scenario in $scenarios; do
                 --clients 1000 --senders 100 --fanout 1 --rate "$rate" --duration "$duration"
             stop "$a_pid" "$b_pid"
         done
+        ;;
+    saturated)
+        # Closed loop as fast as it goes, every recipient on another node:
+        # fan-out 1 over two nodes, fan-out 10 over three; one node alone
+        # beside them. Redis's CPU per delivery is the cross-node data
+        # plane's cost (BENCHMARKS.md, "Cluster").
+        for f in 1 10; do
+            start_node single
+            run "saturated.fanout$f.single" no --addr "127.0.0.1:$single_port" \
+                --server-pid "$single_pid" --clients 1000 --senders 100 --fanout "$f" \
+                --window 32 --duration "$duration"
+            stop "$single_pid"
+        done
+        start_node a "${cluster[@]}"
+        start_node b "${cluster[@]}"
+        run saturated.fanout1.cluster2 yes --addr "127.0.0.1:$a_port,127.0.0.1:$b_port" \
+            --server-pid "$a_pid,$b_pid" --clients 1000 --senders 100 --fanout 1 --window 32 \
+            --duration "$duration"
+        start_node c "${cluster[@]}"
+        run saturated.fanout10.cluster3 yes \
+            --addr "127.0.0.1:$a_port,127.0.0.1:$b_port,127.0.0.1:$c_port" \
+            --server-pid "$a_pid,$b_pid,$c_pid" --clients 1002 --senders 99 --fanout 10 \
+            --window 32 --duration "$duration"
+        stop "$a_pid" "$b_pid" "$c_pid"
         ;;
     scale36k)
         # More connections than one process may hold here: two nodes with

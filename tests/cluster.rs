@@ -2,23 +2,14 @@
 //! name space. Each test starts its own Redis (tests/common/redis.rs) and
 //! its own nodes, and stops them all, also when it fails.
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::redis::{Proxy, Redis, node};
+use common::redis::{Proxy, node};
 
-/// A fresh Redis for the test, or a return (the test is skipped, saying
-/// so) where `redis-server` is not installed outside CI.
-macro_rules! redis_or_skip {
-    () => {
-        match Redis::start_or_skip() {
-            Some(redis) => redis,
-            None => return,
-        }
-    };
-}
 use common::{Client, Server, TIMEOUT, poll_until};
 
 /// Messages go from a client on one node to a client on another, both
@@ -159,12 +150,14 @@ fn names_of_a_killed_node_free_within_a_lease() {
         "{:?}",
         killed.elapsed()
     );
-    // Left (the probe released alice): b's lease and the set of nodes, with
-    // b alone; a's set of names and its entry in the nodes are gone.
+    // Left (the probe released alice): b's lease and epoch and the set of
+    // nodes, with b alone; a's set of names, epoch and entry in the nodes
+    // are gone.
     let swept = poll_until(|| {
         let keys = redis.keys();
         let nodes = redis.cli(&["SCARD", "chatd:nodes"]);
-        (keys.len() == 2 && keys[0].starts_with("chatd:lease:") && nodes == "1").then_some(())
+        let kinds: Vec<&str> = keys.iter().filter_map(|k| k.split(':').nth(1)).collect();
+        (kinds == ["epoch", "lease", "nodes"] && nodes == "1").then_some(())
     });
     assert!(swept.is_some(), "dead node not swept: {:?}", redis.keys());
 }

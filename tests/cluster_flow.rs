@@ -4,25 +4,15 @@
 //! whatever answers on Redis's port. Each test starts its own Redis and
 //! nodes (tests/common/redis.rs) and stops them all, also when it fails.
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::redis::{Redis, node};
+use common::redis::node;
 use common::{Client, Server, TIMEOUT, poll_until};
-
-/// A fresh Redis for the test, or a return (the test is skipped, saying
-/// so) where `redis-server` is not installed outside CI.
-macro_rules! redis_or_skip {
-    () => {
-        match Redis::start_or_skip() {
-            Some(redis) => redis,
-            None => return,
-        }
-    };
-}
 
 /// Lets the node handle a line just sent before the next one is sent from
 /// another connection (the order the test needs; nothing to poll for

@@ -168,22 +168,17 @@ impl Cluster {
         }
     }
 
-    /// A message from another node: `<names>\n<line>`.
-    pub(super) fn on_message(&mut self, payload: Vec<u8>) {
-        let Some(split) = payload.iter().position(|&b| b == b'\n') else {
-            return;
-        };
-        let names = String::from_utf8_lossy(&payload[..split])
-            .split(',')
-            .map(str::to_string)
-            .collect();
-        let line = payload[split + 1..].to_vec();
-        self.answers.push(Answer::Deliver { names, line });
+    /// A message from a node of an earlier version: `<names>\n<line>`.
+    pub(super) fn on_message(&mut self, message: &[u8]) {
+        if let Some(payload) = super::batch::record_of_message(message) {
+            self.answers.push(Answer::Deliver { payload });
+        }
     }
 
     /// Writes what is queued for Redis (on both connections); past
     /// `MAX_OUT` on the data link Redis counts as unreachable.
     pub fn flush(&mut self, now_ms: u64) {
+        self.seal_batch();
         self.lease_link.flush(now_ms);
         if self.out.len() - self.out_pos > MAX_OUT {
             self.reset(now_ms, "Redis does not read fast enough");
@@ -245,6 +240,10 @@ impl Cluster {
         self.waiting.clear();
         for entry in std::mem::take(&mut self.pending) {
             self.fail(entry, true);
+        }
+        if !self.batch.is_empty() {
+            let staged = self.batch.abandon();
+            self.unroutable(&staged);
         }
         // After what was in flight: a client read again must see its
         // earlier lines' results first.

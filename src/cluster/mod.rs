@@ -32,6 +32,7 @@
 //! `pending.rs` the FIFO's entries and the answers; `codec.rs` the RESP3
 //! adapter; `scripts.rs` the Lua scripts and the keys.
 
+mod batch;
 pub(crate) mod codec;
 mod lease;
 mod link;
@@ -49,6 +50,7 @@ use mio::net::TcpStream;
 use mio::{Registry, Token};
 
 use crate::conn::Slot;
+pub(crate) use batch::records;
 use codec::encode_command;
 use lease::{LeaseLink, Renewal};
 use pending::Pending;
@@ -106,6 +108,31 @@ const MAX_REPLY_DEPTH: usize = 8;
 /// Redis, or not sane: the node drops the link rather than buffer it.
 pub fn max_reply(max_line: usize) -> usize {
     (4 * max_line + (64 << 10)).max(1 << 20)
+}
+
+/// Hashes connection slab keys (looked up for every routed line) with one
+/// multiplication instead of SipHash: the server hands out slab keys, a
+/// client cannot choose them to collide.
+type SlabKeys = std::hash::BuildHasherDefault<SlabKeyHasher>;
+
+#[derive(Default)]
+pub(crate) struct SlabKeyHasher(u64);
+
+impl std::hash::Hasher for SlabKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u32(&mut self, key: u32) {
+        // Fibonacci hashing: the high bits, which the table uses, mix all.
+        self.0 = (u64::from(key) ^ self.0).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 /// The poll tokens of the cluster's two connections to Redis.
@@ -233,7 +260,9 @@ pub(crate) struct Cluster {
     config: ClusterConfig,
     /// This node's id (random, fixed for the process's life).
     node: String,
-    /// The channel other nodes publish this node's messages on.
+    /// The channel other nodes publish this node's lines on.
+    lines_channel: Vec<u8>,
+    /// The channel nodes of earlier versions publish them on.
     channel: Vec<u8>,
     /// The channel every node listens on for word that leases were lost
     /// (Redis restarted empty or flushed): each then checks its own at
@@ -258,7 +287,7 @@ pub(crate) struct Cluster {
     pending: VecDeque<Pending>,
     /// Entries in `pending` per connection slab key, so that an `error:`
     /// line for a connection with answers outstanding waits behind them.
-    waiting: HashMap<u32, u32>,
+    waiting: HashMap<u32, u32, SlabKeys>,
     /// The loaded scripts' SHA1s, by `Script as usize`.
     shas: [Vec<u8>; 5],
     /// When the lease stops being certain (ms); `None`: no lease.
@@ -286,10 +315,16 @@ pub(crate) struct Cluster {
     claim_queue: ClaimQueue,
     /// What the link learned, drained by the reactor.
     answers: Vec<Answer>,
+    /// The lines to other nodes staged this turn, sent as one command.
+    batch: batch::Batch,
+    /// When the first of them was staged (ms).
+    batch_since: u64,
+    /// Where recipient names were last found, to group the lines by node.
+    holders: batch::Holders,
     /// Recipient names in routes awaiting Redis.
     inflight_names: usize,
     /// Connections whose input is held back until their answers are in.
-    throttled: HashMap<u32, Slot>,
+    throttled: HashMap<u32, Slot, SlabKeys>,
     /// Names whose state in Redis is uncertain (see [`Answer::Reconcile`]).
     uncertain: std::collections::HashSet<String>,
     /// Whether `uncertain` overflowed: all names are dropped and claimed
@@ -317,11 +352,13 @@ impl Cluster {
     /// may send: see [`max_reply`]).
     pub fn new(config: ClusterConfig, node: String, max_line: usize) -> Cluster {
         let channel = format!("{}:node:{node}", config.prefix).into_bytes();
+        let lines_channel = format!("{}:lines:{node}", config.prefix).into_bytes();
         let lost_channel = format!("{}:leases-lost", config.prefix).into_bytes();
         let lease_link = LeaseLink::new(config.redis, format!("chatd-{node}-lease"));
         Cluster {
             config,
             node,
+            lines_channel,
             channel,
             lost_channel,
             retries: VecDeque::new(),
@@ -332,7 +369,7 @@ impl Cluster {
             input: Vec::new(),
             framer: codec::Framer::new(MAX_REPLY_DEPTH, max_reply(max_line)),
             pending: VecDeque::new(),
-            waiting: HashMap::new(),
+            waiting: HashMap::default(),
             shas: Default::default(),
             lease_until: None,
             sweep_at: 0,
@@ -345,6 +382,9 @@ impl Cluster {
             window_cut_at: 0,
             claim_queue: ClaimQueue::default(),
             answers: Vec::new(),
+            batch: batch::Batch::default(),
+            batch_since: 0,
+            holders: batch::Holders::default(),
             inflight_names: 0,
             throttled: Default::default(),
             uncertain: Default::default(),
@@ -567,7 +607,7 @@ impl Cluster {
             let which = [
                 Script::Claim,
                 Script::Release,
-                Script::Route,
+                Script::Send,
                 Script::DropNames,
                 Script::Sweep,
             ][i];
@@ -584,12 +624,16 @@ impl Cluster {
             &[b"CLIENT", b"SETNAME", client_name.as_bytes()],
             Pending::Plain,
         );
+        // A lease that survived keeps its epoch (a node of an earlier
+        // version, upgraded in place, had none).
+        self.set_epoch(false);
         self.send_renew(now_ms);
         self.sweep_at = now_ms + self.config.lease_ms / 3;
+        let lines = self.lines_channel.clone();
         let channel = self.channel.clone();
         let lost = self.lost_channel.clone();
         // Under RESP3 the confirmations are pushes, not replies: no entry.
-        encode_command(&mut self.out, &[b"SUBSCRIBE", &channel, &lost]);
+        encode_command(&mut self.out, &[b"SUBSCRIBE", &lines, &channel, &lost]);
         let nodes = format!("{}:nodes", self.config.prefix);
         let node = self.node.clone();
         self.command(
@@ -628,10 +672,48 @@ impl Cluster {
         format!("{}:lease:{}", self.config.prefix, self.node)
     }
 
-    /// Appends a command and its entry.
+    fn epoch_key(&self) -> String {
+        format!("{}:epoch:{}", self.config.prefix, self.node)
+    }
+
+    /// Sets the node's epoch to a random number (`fresh`: with a new
+    /// lease, whatever it was; else only if it has none): other nodes'
+    /// guesses of where a name is, made at an epoch before it, then fail
+    /// their check and are looked up again (`scripts::SEND`). A random
+    /// start (below 2^62, so that it can be bumped for ever) cannot equal
+    /// an epoch a guess was made at before Redis lost its data.
+    fn set_epoch(&mut self, fresh: bool) {
+        let key = self.epoch_key();
+        let start = u64::from_str_radix(&new_node_id(), 16).unwrap_or(1) >> 2;
+        let start = start.to_string();
+        let mut args: Vec<&[u8]> = vec![b"SET", key.as_bytes(), start.as_bytes()];
+        if !fresh {
+            args.push(b"NX");
+        }
+        self.command(&args, Pending::Plain);
+    }
+
+    /// Appends a command and its entry, after the lines staged before it.
     fn command(&mut self, args: &[&[u8]], pending: Pending) {
+        self.seal_batch();
         encode_command(&mut self.out, args);
         self.expect(pending);
+    }
+
+    /// Sends the lines staged this turn as one `EVALSHA send`.
+    pub(super) fn seal_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let (args, sent) = self.batch.seal();
+        let sha = &self.shas[Script::Send as usize];
+        let mut all: Vec<&[u8]> = Vec::with_capacity(5 + args.len());
+        all.extend_from_slice(&[b"EVALSHA", sha, b"0"]);
+        all.extend_from_slice(&[self.config.prefix.as_bytes(), self.node.as_bytes()]);
+        all.extend(args.iter().map(Vec::as_slice));
+        encode_command(&mut self.out, &all);
+        let sent_ms = self.batch_since;
+        self.expect(Pending::Batch { sent, sent_ms });
     }
 
     /// Records what the command just appended is for.
@@ -661,6 +743,7 @@ impl Cluster {
     /// Appends `EVALSHA <sha> 0 <first...> <rest...>` (the caller records
     /// what it is for with [`Cluster::expect`]).
     fn encode_script(&mut self, script: Script, first: &[&[u8]], rest: &[&[u8]]) {
+        self.seal_batch();
         let sha = std::mem::take(&mut self.shas[script as usize]);
         let mut all: Vec<&[u8]> = Vec::with_capacity(3 + first.len() + rest.len());
         all.extend_from_slice(&[b"EVALSHA", &sha, b"0"]);
@@ -806,25 +889,23 @@ impl Cluster {
     }
 
     /// Routes `line` (a formatted delivery) from `slot` to `names`, none of
-    /// them held here. Returns false (and sends nothing) when Redis cannot
-    /// be asked now: the caller reports the names as `unavailable`.
-    pub fn route(&mut self, slot: Slot, names: Vec<String>, line: &[u8], now_ms: u64) -> bool {
+    /// them held here, each once: staged in this turn's batch (`batch.rs`),
+    /// answered as an [`Answer::Routed`]. Returns false (and sends nothing)
+    /// when Redis cannot be asked now: the caller reports the names as
+    /// `unavailable`.
+    pub fn route(&mut self, slot: Slot, names: &[&str], line: &[u8], now_ms: u64) -> bool {
         if !self.is_ready() || self.inflight_names + names.len() > MAX_INFLIGHT_NAMES {
             return false;
         }
+        if self.batch.is_full_for(line.len(), names.len()) {
+            self.seal_batch();
+        }
+        if self.batch.is_empty() {
+            self.batch_since = now_ms;
+        }
         self.inflight_names += names.len();
-        // Encoded in place (the names move into the entry after).
-        let sha = &self.shas[Script::Route as usize];
-        let mut all: Vec<&[u8]> = Vec::with_capacity(6 + names.len());
-        all.extend_from_slice(&[b"EVALSHA", sha, b"0"]);
-        all.extend_from_slice(&[self.config.prefix.as_bytes(), self.node.as_bytes(), line]);
-        all.extend(names.iter().map(|n| n.as_bytes()));
-        encode_command(&mut self.out, &all);
-        self.expect(Pending::Route {
-            slot,
-            names,
-            sent_ms: now_ms,
-        });
+        *self.waiting.entry(slot.key).or_default() += 1;
+        self.batch.add(&self.holders, slot, names, line);
         self.stats.routed_out += 1;
         true
     }
@@ -868,6 +949,7 @@ impl Cluster {
     /// Queues a marker for a line the reactor holds for `slot`: an
     /// [`Answer::Held`] says when the answers before it are in.
     pub fn hold_marker(&mut self, slot: Slot) {
+        self.seal_batch();
         *self.waiting.entry(slot.key).or_default() += 1;
         self.pending.push_back(Pending::Held { slot });
         self.pop_held();
@@ -888,6 +970,8 @@ impl Cluster {
             &[b"SREM", nodes.as_bytes(), node.as_bytes()],
             Pending::Plain,
         );
+        let epoch = self.epoch_key();
+        self.command(&[b"DEL", epoch.as_bytes()], Pending::Plain);
         self.command(&[b"DEL", lease.as_bytes()], Pending::Farewell);
         true
     }
@@ -900,10 +984,13 @@ impl Cluster {
         if self.state != State::Ready {
             return false;
         }
+        self.seal_batch();
         self.unsubscribed = false;
+        let lines = self.lines_channel.clone();
         let channel = self.channel.clone();
-        // The confirmation is a push, not a reply: no entry.
-        encode_command(&mut self.out, &[b"UNSUBSCRIBE", &channel]);
+        // The confirmations are pushes, not replies: no entry. Both come
+        // at once, after every message published on either before.
+        encode_command(&mut self.out, &[b"UNSUBSCRIBE", &lines, &channel]);
         true
     }
 
@@ -913,6 +1000,7 @@ impl Cluster {
         self.state != State::Ready
             || (self.unsubscribed
                 && self.pending.is_empty()
+                && self.batch.is_empty()
                 && self.retries.is_empty()
                 && self.claim_queue.is_empty())
     }
@@ -920,8 +1008,9 @@ impl Cluster {
     /// The upgrade failed: the node listens on its channel again.
     pub fn resubscribe(&mut self) {
         if self.state == State::Ready {
+            let lines = self.lines_channel.clone();
             let channel = self.channel.clone();
-            encode_command(&mut self.out, &[b"SUBSCRIBE", &channel]);
+            encode_command(&mut self.out, &[b"SUBSCRIBE", &lines, &channel]);
         }
     }
 

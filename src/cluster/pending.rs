@@ -5,6 +5,7 @@
 
 use std::rc::Rc;
 
+use super::batch::Sent;
 use super::scripts::Script;
 use crate::conn::Slot;
 
@@ -35,12 +36,9 @@ pub(super) enum Pending {
         retried: bool,
         sent_ms: u64,
     },
-    /// A message routed from `slot` to `names` (the remote ones).
-    Route {
-        slot: Slot,
-        names: Vec<String>,
-        sent_ms: u64,
-    },
+    /// One turn's lines to other nodes (`batch.rs`), the first staged at
+    /// `sent_ms`.
+    Batch { sent: Sent, sent_ms: u64 },
     /// A line held for `slot` (by the reactor) that must follow the
     /// answers before it.
     Held { slot: Slot },
@@ -49,12 +47,11 @@ pub(super) enum Pending {
 }
 
 impl Pending {
-    /// The connection the entry speaks for, if any.
+    /// The connection the entry speaks for, if one (a batch speaks for
+    /// each of its lines' senders: see `Cluster::unwait`).
     pub(super) fn slot(&self) -> Option<Slot> {
         match self {
-            Pending::Claim { slot, .. }
-            | Pending::Route { slot, .. }
-            | Pending::Held { slot, .. } => Some(*slot),
+            Pending::Claim { slot, .. } | Pending::Held { slot, .. } => Some(*slot),
             _ => None,
         }
     }
@@ -65,7 +62,7 @@ impl Pending {
             Pending::Renew { sent_ms }
             | Pending::Acquire { sent_ms }
             | Pending::Claim { sent_ms, .. }
-            | Pending::Route { sent_ms, .. } => Some(*sent_ms),
+            | Pending::Batch { sent_ms, .. } => Some(*sent_ms),
             _ => None,
         }
     }
@@ -106,8 +103,9 @@ pub(crate) enum Answer {
     /// The oldest line the reactor holds for `slot` behind earlier answers
     /// may be sent now.
     Held { slot: Slot },
-    /// Another node sent `line` to the local clients `names`.
-    Deliver { names: Vec<String>, line: Vec<u8> },
+    /// Other nodes sent lines to local clients: records of names and a
+    /// line (`batch::records`).
+    Deliver { payload: Vec<u8> },
     /// The lease was lost and taken anew: every name still held here must
     /// be claimed again (`Cluster::claim` with `again`).
     ClaimAgain,
@@ -118,6 +116,11 @@ pub(crate) enum Answer {
     /// The connection `slot` waits for no more answers: its input, held
     /// back meanwhile, can be read again.
     Unthrottle { slot: Slot },
+    /// The connection `slot` waits for no more answers (a client that
+    /// half-closed may be closed now). Said of a batch's senders, whose
+    /// lines all reached their recipients: no [`Answer::Routed`] is
+    /// needed for those.
+    Settled { slot: Slot },
     /// The farewell (shutdown) was answered.
     FarewellDone,
 }
@@ -130,7 +133,8 @@ impl Answer {
             | Answer::Routed { slot, .. }
             | Answer::Unroutable { slot, .. }
             | Answer::Held { slot, .. }
-            | Answer::Unthrottle { slot } => Some(*slot),
+            | Answer::Unthrottle { slot }
+            | Answer::Settled { slot } => Some(*slot),
             _ => None,
         }
     }

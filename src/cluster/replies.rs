@@ -6,17 +6,28 @@
 
 use log::{info, warn};
 
+use super::batch::Sent;
 use super::codec::Reply;
 use super::scripts::Script;
 use super::{Answer, Claimed, Cluster, FIRST_BACKOFF_MS, Pending, State};
+use crate::conn::Slot;
+
+/// A connection that waits for no more answers: its input was held back,
+/// or not.
+enum Waited {
+    Unthrottled,
+    Done,
+}
 
 impl Cluster {
     /// Handles one frame: a push, or the answer to the oldest command.
     pub(super) fn on_reply(&mut self, reply: Reply, now_ms: u64) -> Result<(), String> {
         match reply {
             Reply::Message { channel, payload } => {
-                if channel == self.channel {
-                    self.on_message(payload);
+                if channel == self.lines_channel {
+                    self.answers.push(Answer::Deliver { payload });
+                } else if channel == self.channel {
+                    self.on_message(&payload);
                 } else if channel == self.lost_channel {
                     self.check_lease(now_ms);
                 }
@@ -54,28 +65,46 @@ impl Cluster {
         result
     }
 
-    /// Counts an entry out of `waiting`. Returns the connection whose input
-    /// may be read again now that it waits for nothing (the caller says so
-    /// with [`Cluster::unthrottle`] once the entry's own answer is out).
-    pub(super) fn unwait(&mut self, entry: &Pending) -> Option<crate::conn::Slot> {
-        if let Pending::Route { names, .. } = entry {
-            self.inflight_names -= names.len();
+    /// Counts an entry out of `waiting`. Returns what to say once the
+    /// entry's own answer is out ([`Cluster::unthrottle`]): the connections
+    /// whose input may be read again now that they wait for nothing, and
+    /// (for a batch, which answers only the lines that need it) the
+    /// senders that wait for nothing more.
+    pub(super) fn unwait(&mut self, entry: &Pending) -> Vec<Answer> {
+        let mut after = Vec::new();
+        if let Pending::Batch { sent, .. } = entry {
+            self.inflight_names -= sent.occurrences.len();
+            for &(slot, _, _) in &sent.lines {
+                match self.unwait_one(slot) {
+                    Some(Waited::Unthrottled) => after.push(Answer::Unthrottle { slot }),
+                    Some(Waited::Done) => after.push(Answer::Settled { slot }),
+                    None => {}
+                }
+            }
+        } else if let Some(slot) = entry.slot() {
+            if let Some(Waited::Unthrottled) = self.unwait_one(slot) {
+                after.push(Answer::Unthrottle { slot });
+            }
         }
-        let slot = entry.slot()?;
+        after
+    }
+
+    fn unwait_one(&mut self, slot: Slot) -> Option<Waited> {
         let n = self.waiting.get_mut(&slot.key)?;
         *n -= 1;
         if *n > 0 {
             return None;
         }
         self.waiting.remove(&slot.key);
-        self.throttled.remove(&slot.key)
+        Some(match self.throttled.remove(&slot.key) {
+            Some(_) => Waited::Unthrottled,
+            None => Waited::Done,
+        })
     }
 
-    /// Lets the input of `slot` (from [`Cluster::unwait`]) be read again.
-    pub(super) fn unthrottle(&mut self, slot: Option<crate::conn::Slot>) {
-        if let Some(slot) = slot {
-            self.answers.push(Answer::Unthrottle { slot });
-        }
+    /// Says what [`Cluster::unwait`] found.
+    pub(super) fn unthrottle(&mut self, after: Vec<Answer>) {
+        self.answers.extend(after);
     }
 
     /// Releases the held lines whose markers have reached the head.
@@ -180,37 +209,13 @@ impl Cluster {
                     outcome,
                 });
             }
-            Pending::Route { slot, names, .. } if reply == Reply::Int(-1) => {
+            Pending::Batch { sent, .. } if reply == Reply::Int(-1) => {
                 // This node's lease is gone from Redis (it lost its data):
                 // nothing routed as its clients until the lease is back.
-                self.answers.push(Answer::Unroutable { slot, names });
+                self.unroutable(&sent);
                 self.take_new_lease(now_ms);
             }
-            Pending::Route { slot, .. } => {
-                let names = |reply: Option<Reply>| -> Vec<String> {
-                    match reply {
-                        Some(Reply::Array(names)) => names
-                            .into_iter()
-                            .filter_map(|n| match n {
-                                Reply::Bulk(b) => String::from_utf8(b).ok(),
-                                _ => None,
-                            })
-                            .collect(),
-                        _ => Vec::new(),
-                    }
-                };
-                let Reply::Array(lists) = reply else {
-                    return Err("unexpected route reply".into());
-                };
-                let mut lists = lists.into_iter();
-                let offline = names(lists.next());
-                let unreachable = names(lists.next());
-                self.answers.push(Answer::Routed {
-                    slot,
-                    offline,
-                    unreachable,
-                });
-            }
+            Pending::Batch { sent, .. } => self.on_sent(&sent, reply)?,
             Pending::Held { .. } => {} // handled by pop_held
             Pending::Farewell => self.answers.push(Answer::FarewellDone),
         }
@@ -246,9 +251,7 @@ impl Cluster {
                 self.claim_unavailable(slot, name, again);
             }
             Pending::Release { name } => self.uncertain_name(&name),
-            Pending::Route { slot, names, .. } => {
-                self.answers.push(Answer::Unroutable { slot, names });
-            }
+            Pending::Batch { sent, .. } => self.unroutable(&sent),
             Pending::Held { slot } => self.answers.push(Answer::Held { slot }),
             Pending::Farewell => self.answers.push(Answer::FarewellDone),
             Pending::Hello
@@ -257,6 +260,75 @@ impl Cluster {
             | Pending::Acquire { .. }
             | Pending::Plain
             | Pending::Policy => {}
+        }
+    }
+
+    /// A batch was answered (`scripts::SEND`): each line's offline and
+    /// unreachable names, in the line's order, for its sender; where the
+    /// names looked up were found, for the cache.
+    fn on_sent(&mut self, sent: &Sent, reply: Reply) -> Result<(), String> {
+        const OFFLINE: u8 = 1;
+        const UNREACHABLE: u8 = 2;
+        let Reply::Array(lists) = reply else {
+            return Err("unexpected send reply".into());
+        };
+        let mut lists = lists.into_iter();
+        let mut status = vec![0u8; sent.names.len()];
+        let index = |n: &Reply| match n {
+            Reply::Int(i) if *i >= 1 && (*i as usize) <= sent.names.len() => Some(*i as usize - 1),
+            _ => None,
+        };
+        for mark in [OFFLINE, UNREACHABLE] {
+            if let Some(Reply::Array(numbers)) = lists.next() {
+                for i in numbers.iter().filter_map(index) {
+                    status[i] = mark;
+                }
+            }
+        }
+        if let Some(Reply::Array(found)) = lists.next() {
+            for entry in found.chunks_exact(3) {
+                let (Some(i), Reply::Bulk(node), Reply::Bulk(epoch)) =
+                    (index(&entry[0]), &entry[1], &entry[2])
+                else {
+                    continue;
+                };
+                // A node of an earlier version has no epoch: not cached.
+                if let Some(epoch) = std::str::from_utf8(epoch).ok().and_then(|e| e.parse().ok()) {
+                    self.holders.learn(sent.names.get(i), node, epoch);
+                }
+            }
+        }
+        for (i, name) in sent.names.iter().enumerate() {
+            if status[i] == OFFLINE {
+                self.holders.forget(name);
+            }
+        }
+        for &(slot, from, to) in &sent.lines {
+            let marked = |mark: u8| -> Vec<String> {
+                sent.occurrences[from as usize..to as usize]
+                    .iter()
+                    .filter(|&&n| status[n as usize] == mark)
+                    .map(|&n| sent.names.get(n as usize).to_string())
+                    .collect()
+            };
+            let (offline, unreachable) = (marked(OFFLINE), marked(UNREACHABLE));
+            if offline.is_empty() && unreachable.is_empty() {
+                continue; // the sender hears nothing (see Answer::Settled)
+            }
+            self.answers.push(Answer::Routed {
+                slot,
+                offline,
+                unreachable,
+            });
+        }
+        Ok(())
+    }
+
+    /// Every line of a batch could not be routed: its names `unavailable`.
+    pub(super) fn unroutable(&mut self, sent: &Sent) {
+        for (i, &(slot, _, _)) in sent.lines.iter().enumerate() {
+            let names = sent.line_names(i).map(str::to_string).collect();
+            self.answers.push(Answer::Unroutable { slot, names });
         }
     }
 
@@ -272,6 +344,7 @@ impl Cluster {
         let node = self.node.clone();
         self.command(&[b"PUBLISH", &lost, node.as_bytes()], Pending::Plain);
         self.node_script(Script::DropNames, &[], Pending::Plain);
+        self.set_epoch(true);
         let key = self.lease_key();
         let ms = self.config.lease_ms.to_string();
         self.command(

@@ -11,7 +11,12 @@
 //! - `P:names:N`: the set of names node N claimed, for releasing them all
 //!   at once (shutdown, sweep of a dead node).
 //! - `P:nodes`: the set of node ids, for the sweep.
-//! - channel `P:node:N`: what node N's clients are sent by other nodes.
+//! - `P:epoch:N`: a number node N bumps with every name it releases (set
+//!   to a random number with each new lease): while it and the lease stay,
+//!   no name found on N can have left it (see `SEND`).
+//! - channel `P:lines:N`: what node N's clients are sent by other nodes.
+//! - channel `P:node:N`: the same, from nodes of earlier versions (one
+//!   message per line).
 //!
 //! Every script takes no `KEYS` and builds key names itself: the cluster
 //! runs on one Redis (or one shard of names per Redis, see docs/CLUSTER.md),
@@ -39,49 +44,123 @@ local prefix, me, name = ARGV[1], ARGV[2], ARGV[3]
 local key = prefix .. ':name:' .. name
 if redis.call('GET', key) == me then redis.call('DEL', key) end
 redis.call('SREM', prefix .. ':names:' .. me, name)
+redis.call('INCR', prefix .. ':epoch:' .. me)
 return 1
 ";
 
-/// `route(prefix, node, payload, name...)`: publishes
-/// `<names>\n<payload>` once to each live node holding some of the names
-/// (`<names>` being those it holds, comma-separated), and returns two lists
-/// in the order given: the names nobody holds, and the names whose node
-/// is not subscribed to its channel right now (its link to Redis is down:
-/// the message could not be handed to it). -1 when `node`'s own lease is
-/// gone: a node without a lease routes nothing as its clients.
-pub const ROUTE: &str = r"
-local prefix, payload = ARGV[1], ARGV[3]
-if redis.call('EXISTS', prefix .. ':lease:' .. ARGV[2]) == 0 then return -1 end
-local holder, by_node, order = {}, {}, {}
-for i = 4, #ARGV do
-  local name = ARGV[i]
-  local owner = redis.call('GET', prefix .. ':name:' .. name)
-  if owner and redis.call('EXISTS', prefix .. ':lease:' .. owner) == 1 then
-    if not by_node[owner] then
-      by_node[owner] = {}
-      order[#order + 1] = owner
+/// `send(prefix, node, groups, [dest, epoch, count, payload]...)`: one
+/// turn's lines from `node` to other nodes (`batch.rs` writes the
+/// arguments; a payload is records `<names> <length>\n<line>`, a group's
+/// `count` names in all). A group whose `dest` still holds a lease and
+/// whose epoch is still `epoch` cannot have lost a name since its names
+/// were found there: its payload is published as it is, on the node's
+/// channel `P:lines:<dest>`. Every other group, and the group of names not
+/// known (`dest` empty), is looked up name by name, and its records are
+/// published to the nodes found holding them. Names are numbered from 1
+/// over all groups in order; the answer is three lists: the numbers of the
+/// names nobody holds, of those whose node did not receive the line (its
+/// link is down: nobody listens on its channel), and (number, node, epoch)
+/// for up to 1,000 names found by lookup, for the sender's cache. A node
+/// without an epoch is of an earlier version: it is sent the previous
+/// format (`<names>\n<line>` per line on `P:node:<dest>`). -1 when
+/// `node`'s own lease is gone: a node without a lease routes nothing as
+/// its clients.
+pub const SEND: &str = r"
+local prefix, me, groups = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if redis.call('EXISTS', prefix .. ':lease:' .. me) == 0 then return -1 end
+local epochs = {}
+local function epoch_of(node)
+  local epoch = epochs[node]
+  if epoch == nil then
+    local state = redis.call('MGET', prefix .. ':lease:' .. node, prefix .. ':epoch:' .. node)
+    epoch = (state[1] and (state[2] or '')) or false
+    epochs[node] = epoch
+  end
+  return epoch
+end
+local offline, unreachable, resolved = {}, {}, {}
+local slow, keys, base = {}, {}, 0
+for g = 0, groups - 1 do
+  local at = 4 + 4 * g
+  local dest, epoch, count, payload = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2]), ARGV[at + 3]
+  if dest ~= '' and epoch_of(dest) == epoch then
+    if redis.call('PUBLISH', prefix .. ':lines:' .. dest, payload) == 0 then
+      for i = base + 1, base + count do unreachable[#unreachable + 1] = i end
     end
-    local names = by_node[owner]
-    names[#names + 1] = name
-    holder[i] = owner
+  else
+    local pos, size, i = 1, #payload, base
+    while pos <= size do
+      local nl = string.find(payload, '\n', pos, true)
+      local header = string.sub(payload, pos, nl - 1)
+      local space = string.find(header, ' [^ ]*$')
+      local len = tonumber(string.sub(header, space + 1))
+      local names = {}
+      for name in string.gmatch(string.sub(header, 1, space - 1), '[^,]+') do
+        names[#names + 1] = name
+        keys[#keys + 1] = prefix .. ':name:' .. name
+      end
+      slow[#slow + 1] = {names, string.sub(payload, nl + 1, nl + len), i}
+      i = i + #names
+      pos = nl + len + 1
+    end
+  end
+  base = base + count
+end
+if #slow == 0 then return {offline, unreachable, resolved} end
+local owners = {}
+for from = 1, #keys, 1000 do
+  local part = redis.call('MGET', unpack(keys, from, math.min(from + 999, #keys)))
+  for k = 1, #part do owners[from + k - 1] = part[k] end
+end
+local out, old, reached, order, n = {}, {}, {}, {}, 0
+for _, record in ipairs(slow) do
+  local names, line, i = record[1], record[2], record[3]
+  local here, seen = {}, {}
+  for _, name in ipairs(names) do
+    n, i = n + 1, i + 1
+    local owner = owners[n]
+    local epoch = owner and epoch_of(owner)
+    if epoch then
+      if not here[owner] then here[owner] = {}; seen[#seen + 1] = owner end
+      local list = here[owner]
+      list[#list + 1] = name
+      if not reached[owner] then
+        reached[owner], out[owner], old[owner] = {}, {}, {}
+        order[#order + 1] = owner
+      end
+      local r = reached[owner]
+      r[#r + 1] = i
+      if #resolved < 3000 then
+        resolved[#resolved + 1] = i
+        resolved[#resolved + 1] = owner
+        resolved[#resolved + 1] = epoch
+      end
+    else
+      offline[#offline + 1] = i
+    end
+  end
+  for _, owner in ipairs(seen) do
+    local list, t, o = table.concat(here[owner], ','), out[owner], old[owner]
+    t[#t + 1] = list .. ' ' .. #line .. '\n'
+    t[#t + 1] = line
+    o[#o + 1] = list .. '\n' .. line
   end
 end
-local unreached = {}
-for _, node in ipairs(order) do
-  local channel = prefix .. ':node:' .. node
-  local message = table.concat(by_node[node], ',') .. '\n' .. payload
-  if redis.call('PUBLISH', channel, message) == 0 then unreached[node] = true end
-end
-local offline, unreachable = {}, {}
-for i = 4, #ARGV do
-  local node = holder[i]
-  if not node then
-    offline[#offline + 1] = ARGV[i]
-  elseif unreached[node] then
-    unreachable[#unreachable + 1] = ARGV[i]
+for _, owner in ipairs(order) do
+  local got = 0
+  if epochs[owner] ~= '' then
+    got = redis.call('PUBLISH', prefix .. ':lines:' .. owner, table.concat(out[owner]))
+  else
+    for _, message in ipairs(old[owner]) do
+      got = redis.call('PUBLISH', prefix .. ':node:' .. owner, message)
+      if got == 0 then break end
+    end
+  end
+  if got == 0 then
+    for _, i in ipairs(reached[owner]) do unreachable[#unreachable + 1] = i end
   end
 end
-return {offline, unreachable}
+return {offline, unreachable, resolved}
 ";
 
 /// `drop_names(prefix, node)`: frees every name `node` holds and forgets
@@ -97,6 +176,7 @@ for _, name in ipairs(redis.call('SMEMBERS', set)) do
   if redis.call('GET', key) == node then redis.call('DEL', key) end
 end
 redis.call('DEL', set)
+redis.call('INCR', prefix .. ':epoch:' .. node)
 return 1
 ";
 
@@ -122,6 +202,7 @@ for _, node in ipairs(redis.call('SMEMBERS', prefix .. ':nodes')) do
     end
     if redis.call('EXISTS', set) == 0 then
       redis.call('SREM', prefix .. ':nodes', node)
+      redis.call('DEL', prefix .. ':epoch:' .. node)
       swept = swept + 1
     end
   end
@@ -134,14 +215,14 @@ return swept
 pub const SWEEP_BUDGET: usize = 2000;
 
 /// Every script, in the order the link loads them (`Script as usize`).
-pub const ALL: [&str; 5] = [CLAIM, RELEASE, ROUTE, DROP_NAMES, SWEEP];
+pub const ALL: [&str; 5] = [CLAIM, RELEASE, SEND, DROP_NAMES, SWEEP];
 
 /// Indexes into [`ALL`] and into the link's loaded SHA1s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Script {
     Claim = 0,
     Release = 1,
-    Route = 2,
+    Send = 2,
     DropNames = 3,
     Sweep = 4,
 }

@@ -76,15 +76,6 @@ fn commands(link: &mut Cluster) -> Vec<Vec<String>> {
     all
 }
 
-fn bulks(names: &[&str]) -> Reply {
-    Reply::Array(
-        names
-            .iter()
-            .map(|n| Reply::Bulk(n.as_bytes().to_vec()))
-            .collect(),
-    )
-}
-
 #[test]
 fn a_claim_without_a_ready_link_is_unavailable_at_once() {
     let config = ready_link().config.clone();
@@ -136,48 +127,140 @@ fn a_claim_found_taken_is_tried_once_more_then_refused() {
     assert!(!link.owes(slot(2)));
 }
 
+/// A send script's answer: the numbers of the offline and of the
+/// unreachable names, and (number, node, epoch) of names found by lookup.
+fn sent_reply(offline: &[i64], unreachable: &[i64], found: &[(i64, &str, &str)]) -> Reply {
+    let ints = |list: &[i64]| Reply::Array(list.iter().map(|&i| Reply::Int(i)).collect());
+    let found = found
+        .iter()
+        .flat_map(|&(i, node, epoch)| {
+            [
+                Reply::Int(i),
+                Reply::Bulk(node.into()),
+                Reply::Bulk(epoch.into()),
+            ]
+        })
+        .collect();
+    Reply::Array(vec![ints(offline), ints(unreachable), Reply::Array(found)])
+}
+
 #[test]
-fn a_route_answer_names_the_offline_and_the_unreachable() {
+fn a_turns_lines_go_to_redis_as_one_command() {
     let mut link = ready_link();
-    let names = vec!["bob".to_string(), "dave".to_string(), "erin".to_string()];
-    assert!(link.route(slot(1), names, b"from alice: hi\n", 0));
+    let names = ["bob", "dave", "erin"];
+    assert!(link.route(slot(1), &names, b"from alice: hi\n", 0));
+    assert!(link.route(slot(2), &["bob"], b"from carol: yo\n", 0));
+    link.flush(0);
     let sent = commands(&mut link);
+    assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(
         sent[0][3..],
-        ["p", "n1", "from alice: hi\n", "bob", "dave", "erin"]
+        [
+            "p",
+            "n1",
+            "1",
+            "",
+            "0",
+            "4",
+            "bob,dave,erin 15\nfrom alice: hi\nbob 15\nfrom carol: yo\n"
+        ]
     );
-    let reply = Reply::Array(vec![bulks(&["dave"]), bulks(&["erin"])]);
+    // Names numbered in the order of the records: bob dave erin bob.
+    let reply = sent_reply(&[2], &[3], &[(1, "n2", "41"), (4, "n2", "41")]);
     link.on_reply(reply, 1).unwrap();
     match &link.take_answers()[..] {
         [
             Answer::Routed {
+                slot: first,
                 offline,
                 unreachable,
-                ..
             },
+            Answer::Settled { slot: one },
+            Answer::Settled { slot: two },
         ] => {
+            assert_eq!(*first, slot(1));
             assert_eq!(offline, &["dave"]);
             assert_eq!(unreachable, &["erin"]);
+            assert_eq!((*one, *two), (slot(1), slot(2)), "nothing to say to 2");
         }
         other => panic!("{other:?}"),
     }
+    assert!(!link.has_waiting(slot(1)) && !link.has_waiting(slot(2)));
+    // Next turn, bob is guessed on n2 at epoch 41; dave is not guessed.
+    assert!(link.route(slot(1), &["dave", "bob"], b"x\n", 2));
+    link.flush(2);
+    let sent = commands(&mut link);
+    assert_eq!(
+        sent[0][5..],
+        [
+            "2",
+            "",
+            "0",
+            "1",
+            "dave 2\nx\n",
+            "n2",
+            "41",
+            "1",
+            "bob 2\nx\n"
+        ]
+    );
+}
+
+#[test]
+fn any_other_command_sends_the_lines_staged_before_it_first() {
+    let mut link = ready_link();
+    assert!(link.route(slot(1), &["bob"], b"x\n", 0));
+    link.release("gone");
+    assert!(link.route(slot(1), &["bob"], b"y\n", 0));
+    link.flush(0);
+    let sent = commands(&mut link);
+    let payloads: Vec<&str> = sent.iter().map(|c| c.last().unwrap().as_str()).collect();
+    assert_eq!(payloads, ["bob 2\nx\n", "gone", "bob 2\ny\n"], "{sent:?}");
+}
+
+#[test]
+fn a_batch_past_its_bounds_is_sent_in_several_commands_in_order() {
+    let mut link = ready_link();
+    let line = vec![b'x'; 6 << 10];
+    for _ in 0..5 {
+        assert!(link.route(slot(1), &["bob"], &line, 0));
+    }
+    link.flush(0);
+    let sent = commands(&mut link);
+    assert_eq!(sent.len(), 3, "16 KiB a batch: 2 + 2 + 1 lines");
+    for (command, lines) in sent.iter().zip([2, 2, 1]) {
+        assert_eq!(command[9].matches("bob 6144\n").count(), lines);
+    }
+    for _ in 0..3 {
+        link.on_reply(sent_reply(&[], &[], &[]), 1).unwrap();
+    }
+    assert!(
+        matches!(link.take_answers()[..], [Answer::Settled { .. }]),
+        "no answer for lines that reached everyone; one when all are in"
+    );
 }
 
 #[test]
 fn a_route_that_finds_the_lease_gone_takes_a_new_one_and_tells_the_others() {
     let mut link = ready_link();
-    assert!(link.route(slot(1), vec!["bob".into()], b"x\n", 0));
+    assert!(link.route(slot(1), &["bob"], b"x\n", 0));
+    link.flush(0);
     commands(&mut link);
     link.on_reply(Reply::Int(-1), 1).unwrap();
     assert!(matches!(
         link.take_answers()[..],
-        [Answer::Unroutable { .. }]
+        [Answer::Unroutable { .. }, Answer::Settled { .. }]
     ));
     let sent = commands(&mut link);
     let words: Vec<&str> = sent.iter().map(|c| c[0].as_str()).collect();
-    assert_eq!(words, ["PUBLISH", "EVALSHA", "SET", "SADD"], "{sent:?}");
+    assert_eq!(
+        words,
+        ["PUBLISH", "EVALSHA", "SET", "SET", "SADD"],
+        "{sent:?}"
+    );
     assert_eq!(sent[0][1..], ["p:leases-lost", "n1"]);
-    assert_eq!(sent[2][1..], ["p:lease:n1", "1", "PX", "10000", "NX"]);
+    assert_eq!(sent[2][1], "p:epoch:n1", "a new epoch with the new lease");
+    assert_eq!(sent[3][1..], ["p:lease:n1", "1", "PX", "10000", "NX"]);
 }
 
 #[test]
@@ -200,18 +283,28 @@ fn word_that_leases_were_lost_renews_at_once() {
 }
 
 #[test]
-fn a_message_for_this_node_is_delivered_as_it_came() {
+fn lines_for_this_node_are_delivered_as_they_came_in_either_format() {
     let mut link = ready_link();
-    let channel = link.channel.clone();
-    let push = Reply::Message {
-        channel,
+    let payload = b"bob,carol 15\nfrom alice: hi\nbob 13\nfrom z: yo\n".to_vec();
+    let lines = Reply::Message {
+        channel: link.lines_channel.clone(),
+        payload: payload.clone(),
+    };
+    link.on_reply(lines, 0).unwrap();
+    // A node of an earlier version sends one line a message.
+    let old = Reply::Message {
+        channel: link.channel.clone(),
         payload: b"bob,carol\nfrom alice: hi\n".to_vec(),
     };
-    link.on_reply(push, 0).unwrap();
+    link.on_reply(old, 0).unwrap();
     match &link.take_answers()[..] {
-        [Answer::Deliver { names, line }] => {
-            assert_eq!(names, &["bob", "carol"]);
-            assert_eq!(line, b"from alice: hi\n");
+        [
+            Answer::Deliver { payload: first },
+            Answer::Deliver { payload: second },
+        ] => {
+            assert_eq!(first, &payload);
+            let got: Vec<_> = records(second).collect();
+            assert_eq!(got, [(&b"bob,carol"[..], &b"from alice: hi\n"[..])]);
         }
         other => panic!("{other:?}"),
     }
@@ -221,15 +314,14 @@ fn a_message_for_this_node_is_delivered_as_it_came() {
 #[test]
 fn held_markers_follow_the_answers_before_them() {
     let mut link = ready_link();
-    assert!(link.route(slot(1), vec!["bob".into()], b"x\n", 0));
+    assert!(link.route(slot(1), &["bob"], b"x\n", 0));
     link.hold_marker(slot(1));
     link.hold_marker(slot(2));
     assert!(link.take_answers().is_empty());
     assert!(link.has_waiting(slot(1)) && link.has_waiting(slot(2)));
-    link.on_reply(Reply::Array(vec![bulks(&[]), bulks(&[])]), 1)
-        .unwrap();
+    link.on_reply(sent_reply(&[], &[], &[]), 1).unwrap();
     let order: Vec<Option<Slot>> = link.take_answers().iter().map(Answer::slot).collect();
-    assert_eq!(order, [Some(slot(1)), Some(slot(1)), Some(slot(2))]);
+    assert_eq!(order, [Some(slot(1)), Some(slot(2))], "the held lines");
     assert!(!link.has_waiting(slot(1)) && !link.has_waiting(slot(2)));
     // Nothing before it: released at once.
     link.hold_marker(slot(3));
@@ -241,7 +333,7 @@ fn a_reset_fails_everything_in_flight_in_order_and_remembers_what_is_uncertain()
     let mut link = ready_link();
     link.claim(slot(1), Rc::from("alice"), false, 0);
     link.release("gone");
-    assert!(link.route(slot(2), vec!["bob".into()], b"x\n", 0));
+    assert!(link.route(slot(2), &["bob"], b"x\n", 0));
     link.hold_marker(slot(2));
     link.reset(1, "test");
     let answers = link.take_answers();
@@ -288,20 +380,18 @@ fn a_client_waiting_for_many_answers_is_throttled_until_they_are_in() {
     let mut link = ready_link();
     for i in 0..MAX_WAITING_PER_CONN {
         assert!(!link.must_throttle(slot(1)), "{i}");
-        assert!(link.route(slot(1), vec!["bob".into()], b"x\n", 0));
+        assert!(link.route(slot(1), &["bob"], b"x\n", 0));
     }
     assert!(link.must_throttle(slot(1)));
     link.throttle(slot(1));
     assert!(link.is_throttled(slot(1)));
-    for _ in 0..MAX_WAITING_PER_CONN {
-        assert!(
-            link.take_answers()
-                .iter()
-                .all(|a| !matches!(a, Answer::Unthrottle { .. }))
-        );
-        link.on_reply(Reply::Array(vec![bulks(&[]), bulks(&[])]), 1)
-            .unwrap();
-    }
+    assert!(
+        link.take_answers()
+            .iter()
+            .all(|a| !matches!(a, Answer::Unthrottle { .. }))
+    );
+    link.flush(0);
+    link.on_reply(sent_reply(&[], &[], &[]), 1).unwrap();
     // After the answer that let it go: its earlier lines' results first.
     let answers = link.take_answers();
     let last = answers.last();

@@ -126,8 +126,12 @@ impl Broker {
                     // Lines held for a claimant that lost its claim go
                     // first: they were sent before this one.
                     sync_cluster(clients, link, deadlines);
-                    let names = elsewhere.names.iter().map(|n| n.to_string()).collect();
-                    link.route(clients.slot(key), names, &line, deadlines.now_ms())
+                    link.route(
+                        clients.slot(key),
+                        &elsewhere.names,
+                        &line,
+                        deadlines.now_ms(),
+                    )
                 }
             };
             if !routed {
@@ -259,7 +263,7 @@ pub(super) fn sync_cluster(
     }
     let now = deadlines.now_ms();
     for (from, name, line) in std::mem::take(&mut clients.held.to_route) {
-        if cluster.route(from, vec![name.to_string()], &line, now) {
+        if cluster.route(from, &[&name], &line, now) {
             continue;
         }
         if let Some(sender) = clients.find(from) {

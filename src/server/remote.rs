@@ -136,21 +136,24 @@ impl Server {
                 report(clients, deadlines, slot, ErrorKind::UnavailableTo, &names);
             }
             Answer::Held { slot } => clients.release_behind(slot, deadlines),
-            Answer::Deliver { names, line } => {
+            Answer::Deliver { payload } => {
                 let Some(cluster) = &mut self.cluster else {
                     return;
                 };
-                for name in &names {
-                    let to = clients
-                        .lookup(name)
-                        .filter(|&to| clients.conn(to).phase() == Phase::Chat);
-                    match to {
-                        Some(to) if clients.enqueue(to, &line, None, deadlines) => {
-                            clients.stats.deliveries += 1;
-                            cluster.stats.deliveries_in += 1;
+                for (names, line) in crate::cluster::records(&payload) {
+                    let names = std::str::from_utf8(names).unwrap_or_default();
+                    for name in names.split(',') {
+                        let to = clients
+                            .lookup(name)
+                            .filter(|&to| clients.conn(to).phase() == Phase::Chat);
+                        match to {
+                            Some(to) if clients.enqueue(to, line, None, deadlines) => {
+                                clients.stats.deliveries += 1;
+                                cluster.stats.deliveries_in += 1;
+                            }
+                            Some(_) => {}
+                            None => cluster.stats.deliveries_missed += 1,
                         }
-                        Some(_) => {}
-                        None => cluster.stats.deliveries_missed += 1,
                     }
                 }
             }
@@ -185,6 +188,7 @@ impl Server {
                     }
                 }
             }
+            Answer::Settled { .. } => {} // see apply_cluster_answers
             Answer::FarewellDone => {
                 if let Life::ShuttingDown { farewell_done, .. } = &mut self.life {
                     *farewell_done = true;

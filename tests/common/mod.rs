@@ -4,6 +4,18 @@
 
 #![allow(dead_code)] // each test file uses a different part of it
 
+/// A fresh Redis for the test, or a return (the test is skipped, saying
+/// so) where `redis-server` is not installed outside CI.
+#[allow(unused_macros)]
+macro_rules! redis_or_skip {
+    () => {
+        match $crate::common::redis::Redis::start_or_skip() {
+            Some(redis) => redis,
+            None => return,
+        }
+    };
+}
+
 pub mod redis;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
