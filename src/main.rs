@@ -109,9 +109,10 @@ const FLAGS: &[Flag] = &[
     },
     Flag {
         name: "cluster",
-        value: "redis://HOST:PORT",
+        value: "redis://[[USER]:PASSWORD@]HOST:PORT",
         default: || "off".into(),
-        help: "join the cluster of nodes sharing this Redis: one name space across nodes",
+        help: "join the cluster of nodes sharing this Redis: one name space across nodes \
+               (a password is better passed in CHATD_CLUSTER, which ps does not show)",
     },
     Flag {
         name: "cluster-prefix",
@@ -348,8 +349,10 @@ fn parse_args() -> Result<Command, UsageError> {
         None => chatd::cluster::DEFAULT_LEASE,
     };
     if let Some((source, value)) = get("cluster") {
-        let redis = chatd::cluster::ClusterConfig::parse_url(value)
-            .map_err(|why| UsageError(format!("invalid value for {source}: '{value}' ({why})")))?;
+        let (redis, auth) = chatd::cluster::ClusterConfig::parse_url(value).map_err(|why| {
+            let shown = chatd::cluster::ClusterConfig::redacted(value);
+            UsageError(format!("invalid value for {source}: '{shown}' ({why})"))
+        })?;
         let lease_ms = lease.as_millis() as u64;
         if lease_ms < 1000 {
             return Err(UsageError(format!(
@@ -359,6 +362,7 @@ fn parse_args() -> Result<Command, UsageError> {
         }
         config.cluster = Some(chatd::cluster::ClusterConfig {
             redis,
+            auth,
             prefix,
             lease_ms,
         });

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::redis::{Proxy, node};
 
-use common::{Client, Server, TIMEOUT, poll_until};
+use common::{Client, Server, TIMEOUT, http_get, poll_until};
 
 /// Messages go from a client on one node to a client on another, both
 /// ways; self-delivery and local delivery work as on one node.
@@ -893,16 +893,4 @@ fn logs_in(server: &Server, name: &str) -> Option<()> {
     let mut buf = [0; 64];
     let n = c.stream().try_clone().unwrap().read(&mut buf).ok()?;
     (buf[..n] == *format!("from {name}: probe\n").as_bytes()).then_some(())
-}
-
-/// One GET to the metrics endpoint at `addr`: the whole response.
-fn http_get(addr: &str, path: &str) -> String {
-    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
-        return String::new();
-    };
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let _ = stream.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes());
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response
 }

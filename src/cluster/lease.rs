@@ -28,7 +28,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use super::codec::{Framer, Reply, encode_command};
-use super::{FIRST_BACKOFF_MS, MAX_BACKOFF_MS, MAX_REPLY_DEPTH};
+use super::{Auth, FIRST_BACKOFF_MS, MAX_BACKOFF_MS, MAX_REPLY_DEPTH, hello, is_auth_error};
 
 /// The longest reply this link takes, and the most it reads at once: its
 /// replies are `OK`, nil and HELLO's map (well under 1 KiB).
@@ -52,6 +52,8 @@ enum Sent {
 
 pub(super) struct LeaseLink {
     redis: SocketAddr,
+    /// The credentials, if Redis wants them.
+    auth: Option<Auth>,
     /// The connection's name in Redis's `CLIENT LIST`.
     name: String,
     /// The socket, while connecting or connected.
@@ -77,9 +79,10 @@ pub(super) struct LeaseLink {
 
 impl LeaseLink {
     /// A link to `redis`, named `name` there (`CLIENT LIST`).
-    pub fn new(redis: SocketAddr, name: String) -> LeaseLink {
+    pub fn new(redis: SocketAddr, auth: Option<Auth>, name: String) -> LeaseLink {
         LeaseLink {
             redis,
+            auth,
             name,
             stream: None,
             connected: false,
@@ -198,11 +201,7 @@ impl LeaseLink {
         self.stream = Some(stream);
         self.connected = false;
         self.last_reply_ms = now_ms;
-        let name = self.name.clone();
-        encode_command(
-            &mut self.out,
-            &[b"HELLO", b"3", b"SETNAME", name.as_bytes()],
-        );
+        hello(&mut self.out, self.auth.as_ref(), &self.name);
         self.sent.push_back(Sent::Hello);
     }
 
@@ -284,6 +283,12 @@ impl LeaseLink {
             };
             self.last_reply_ms = now_ms;
             match (sent, reply) {
+                (Sent::Hello, Reply::Error(e)) if is_auth_error(&e) => {
+                    // The data link says so, once; no use trying soon.
+                    self.backoff_ms = MAX_BACKOFF_MS;
+                    self.down_logged = true;
+                    break Err(format!("Redis refused the credentials ({e})"));
+                }
                 (_, Reply::Error(e)) => break Err(format!("Redis refused a command: {e}")),
                 (Sent::Hello, _) => {}
                 (Sent::Renew { .. }, Reply::Nil) => found.push(Renewal::Gone),
@@ -393,7 +398,7 @@ mod tests {
         fn start() -> Fake {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let poll = mio::Poll::new().unwrap();
-            let mut link = LeaseLink::new(listener.local_addr().unwrap(), "n-lease".into());
+            let mut link = LeaseLink::new(listener.local_addr().unwrap(), None, "n-lease".into());
             link.on_timer(poll.registry(), TOKEN, 0, None, TIMEOUT_MS);
             let (redis, _) = listener.accept().unwrap();
             redis

@@ -154,36 +154,126 @@ pub const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(10
 pub struct ClusterConfig {
     /// Where Redis listens (from `redis://HOST:PORT`).
     pub redis: SocketAddr,
+    /// Who to log in as, if Redis asks for a password.
+    pub auth: Option<Auth>,
     /// The prefix of every key and channel.
     pub prefix: String,
     /// How long a lease lasts without renewal, in ms.
     pub lease_ms: u64,
 }
 
+/// The credentials of `redis://USER:PASSWORD@HOST` (an ACL user) or
+/// `redis://:PASSWORD@HOST` (the `default` user), sent in `HELLO 3 AUTH`
+/// before anything else. Never printed: `Debug` shows the user only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Auth {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Auth {{ user: {:?}, password: <hidden> }}", self.user)
+    }
+}
+
 impl ClusterConfig {
-    /// Parses `redis://HOST:PORT` (the port defaults to 6379).
-    pub fn parse_url(url: &str) -> Result<SocketAddr, String> {
-        let rest = url
-            .strip_prefix("redis://")
-            .ok_or("expected redis://HOST:PORT")?;
+    /// Parses `redis://[[USER]:PASSWORD@]HOST[:PORT]` (the port defaults to
+    /// 6379; the user and password may be percent-encoded).
+    pub fn parse_url(url: &str) -> Result<(SocketAddr, Option<Auth>), String> {
+        const FORM: &str = "expected redis://[[USER]:PASSWORD@]HOST[:PORT]";
+        let rest = url.strip_prefix("redis://").ok_or(FORM)?;
         let rest = rest.trim_end_matches('/');
-        if rest.contains('@') || rest.contains('/') || rest.is_empty() {
-            return Err("expected redis://HOST:PORT (no user, password or database)".into());
+        let (auth, host) = match rest.rsplit_once('@') {
+            None => (None, rest),
+            Some((userinfo, host)) => {
+                let (user, password) = userinfo
+                    .split_once(':')
+                    .ok_or("a user needs a password: redis://USER:PASSWORD@HOST")?;
+                let user = percent_decode(user)?;
+                let password = percent_decode(password)?;
+                if password.is_empty() {
+                    return Err("empty password".into());
+                }
+                let user = if user.is_empty() {
+                    "default".to_string()
+                } else {
+                    user
+                };
+                (Some(Auth { user, password }), host)
+            }
+        };
+        if host.contains('/') || host.is_empty() {
+            return Err(format!("{FORM} (no database)"));
         }
-        let with_port = if rest
+        let with_port = if host
             .rsplit_once(':')
             .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
         {
-            rest.to_string()
+            host.to_string()
         } else {
-            format!("{rest}:6379")
+            format!("{host}:6379")
         };
-        with_port
+        let addr = with_port
             .to_socket_addrs()
             .map_err(|e| e.to_string())?
             .next()
-            .ok_or_else(|| "no address found".into())
+            .ok_or("no address found")?;
+        Ok((addr, auth))
     }
+
+    /// `url` with its password replaced by `***`, for error lines and logs.
+    pub fn redacted(url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+        match rest.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => url.to_string(),
+        }
+    }
+}
+
+/// Decodes `%XX` escapes (a password may hold `@`, `:` or `/`).
+fn percent_decode(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or("a bad %-escape in the user or password")?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "the user or password is not UTF-8".into())
+}
+
+/// `HELLO 3 [AUTH user password] SETNAME name`: the first command on each
+/// connection to Redis.
+pub(crate) fn hello(out: &mut Vec<u8>, auth: Option<&Auth>, name: &str) {
+    let mut args: Vec<&[u8]> = vec![b"HELLO", b"3"];
+    if let Some(auth) = auth {
+        args.extend_from_slice(&[b"AUTH", auth.user.as_bytes(), auth.password.as_bytes()]);
+    }
+    args.extend_from_slice(&[b"SETNAME", name.as_bytes()]);
+    encode_command(out, &args);
+}
+
+/// Whether Redis's error says the credentials were refused (or are
+/// missing): no use retrying soon, and the operator must be told.
+pub(crate) fn is_auth_error(error: &str) -> bool {
+    ["WRONGPASS", "NOAUTH"]
+        .iter()
+        .any(|code| error.starts_with(code))
 }
 
 /// Where the link is.
@@ -334,6 +424,9 @@ pub(crate) struct Cluster {
     read_pending: bool,
     /// Whether the failure to reach Redis was logged (once per outage).
     down_logged: bool,
+    /// Whether Redis refused the credentials at the last attempt (for
+    /// `/healthz`, and so that it is said once, not at every attempt).
+    auth_refused: bool,
     /// Whether the node is leaving (shutdown): no more renewals.
     leaving: bool,
     /// A live upgrade stopped the node's subscription and this came back
@@ -354,7 +447,11 @@ impl Cluster {
         let channel = format!("{}:node:{node}", config.prefix).into_bytes();
         let lines_channel = format!("{}:lines:{node}", config.prefix).into_bytes();
         let lost_channel = format!("{}:leases-lost", config.prefix).into_bytes();
-        let lease_link = LeaseLink::new(config.redis, format!("chatd-{node}-lease"));
+        let lease_link = LeaseLink::new(
+            config.redis,
+            config.auth.clone(),
+            format!("chatd-{node}-lease"),
+        );
         Cluster {
             config,
             node,
@@ -391,6 +488,7 @@ impl Cluster {
             uncertain_overflow: false,
             read_pending: false,
             down_logged: false,
+            auth_refused: false,
             leaving: false,
             unsubscribed: false,
             hold_until: None,
@@ -410,6 +508,17 @@ impl Cluster {
             State::Connecting => "connecting",
             State::Handshaking => "handshaking",
             State::Ready => "ready",
+        }
+    }
+
+    /// Why the node does not serve, for `/healthz` (`None`: it does).
+    pub fn unready_reason(&self) -> Option<&'static str> {
+        if self.is_ready() {
+            None
+        } else if self.auth_refused {
+            Some("cluster: Redis refused the credentials")
+        } else {
+            Some("cluster: Redis unreachable")
         }
     }
 
@@ -602,7 +711,9 @@ impl Cluster {
     /// Queues the handshake: RESP3, the scripts, the lease (renewed if it
     /// survived, else taken anew), the node's channel.
     fn handshake(&mut self, now_ms: u64) {
-        self.command(&[b"HELLO", b"3"], Pending::Hello);
+        let name = format!("chatd-{}", self.node);
+        hello(&mut self.out, self.config.auth.as_ref(), &name);
+        self.expect(Pending::Hello);
         for (i, script) in scripts::ALL.iter().enumerate() {
             let which = [
                 Script::Claim,
@@ -619,11 +730,6 @@ impl Cluster {
         // A policy that evicts keys with a time to live could evict leases
         // (and free names too early): warned about, not refused.
         self.command(&[b"CONFIG", b"GET", b"maxmemory-policy"], Pending::Policy);
-        let client_name = format!("chatd-{}", self.node);
-        self.command(
-            &[b"CLIENT", b"SETNAME", client_name.as_bytes()],
-            Pending::Plain,
-        );
         // A lease that survived keeps its epoch (a node of an earlier
         // version, upgraded in place, had none).
         self.set_epoch(false);

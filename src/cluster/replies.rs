@@ -133,6 +133,9 @@ impl Cluster {
             if matches!(entry, Pending::Policy) {
                 return Ok(()); // CONFIG may be disabled
             }
+            if matches!(entry, Pending::Hello) && super::is_auth_error(e) {
+                return Err(self.refused_credentials(e));
+            }
             self.fail(entry, false);
             return Err(format!("Redis refused a command: {e}"));
         }
@@ -374,6 +377,29 @@ impl Cluster {
         }
     }
 
+    /// Redis refused the credentials (a wrong password, a user disabled
+    /// or changed): said once until the node gets in, and tried again only
+    /// at the longest back-off, as nothing here will fix it soon.
+    fn refused_credentials(&mut self, error: &str) -> String {
+        if !self.auth_refused {
+            let user = self
+                .config
+                .auth
+                .as_ref()
+                .map_or("default", |a| a.user.as_str());
+            warn!(
+                "cluster: Redis at {} refused the credentials for user {user:?} ({error}); \
+                 logins get `error: unavailable` until it accepts them (retrying every {} s)",
+                self.config.redis,
+                super::MAX_BACKOFF_MS / 1000
+            );
+        }
+        self.auth_refused = true;
+        self.down_logged = true;
+        self.backoff_ms = super::MAX_BACKOFF_MS;
+        format!("Redis refused the credentials ({error})")
+    }
+
     pub(super) fn become_ready(&mut self) {
         if self.state != State::Ready {
             if self.was_ready {
@@ -390,6 +416,7 @@ impl Cluster {
                 self.release_holds();
             }
             self.down_logged = false;
+            self.auth_refused = false;
             self.backoff_ms = FIRST_BACKOFF_MS;
         }
     }

@@ -6,19 +6,75 @@ use super::*;
 
 #[test]
 fn parses_redis_urls() {
-    let ok = |url: &str| ClusterConfig::parse_url(url).unwrap().to_string();
+    let ok = |url: &str| ClusterConfig::parse_url(url).unwrap().0.to_string();
     assert_eq!(ok("redis://127.0.0.1:7000"), "127.0.0.1:7000");
     assert_eq!(ok("redis://127.0.0.1"), "127.0.0.1:6379");
     assert_eq!(ok("redis://127.0.0.1:7000/"), "127.0.0.1:7000");
     for bad in [
         "127.0.0.1:7000",
         "redis://",
-        "redis://u:p@h:1",
+        "redis://user@127.0.0.1:1",
+        "redis://user:@127.0.0.1:1",
+        "redis://u:%zz@127.0.0.1:1",
         "redis://h:1/2",
         "http://x",
     ] {
         assert!(ClusterConfig::parse_url(bad).is_err(), "{bad}");
     }
+}
+
+#[test]
+fn parses_credentials_and_never_shows_the_password() {
+    let auth = |url: &str| ClusterConfig::parse_url(url).unwrap().1;
+    assert_eq!(auth("redis://127.0.0.1:7000"), None);
+    let acl = auth("redis://chatd:s3cret@127.0.0.1:7000").unwrap();
+    assert_eq!(
+        (acl.user.as_str(), acl.password.as_str()),
+        ("chatd", "s3cret")
+    );
+    let default = auth("redis://:pw@127.0.0.1").unwrap();
+    assert_eq!(
+        (default.user.as_str(), default.password.as_str()),
+        ("default", "pw")
+    );
+    // A password with `@`, `:` and `/`, escaped or not.
+    let odd = auth("redis://u:a%40b%3Ac%2Fd@e@127.0.0.1:1").unwrap();
+    assert_eq!(odd.password, "a@b:c/d@e");
+    assert!(!format!("{acl:?}").contains("s3cret"));
+    for url in ["redis://chatd:s3cret@h:1", "redis://:s3cret@h"] {
+        let shown = ClusterConfig::redacted(url);
+        assert!(
+            !shown.contains("s3cret") && shown.contains("***"),
+            "{shown}"
+        );
+    }
+    assert_eq!(ClusterConfig::redacted("redis://h:1"), "redis://h:1");
+    assert_eq!(
+        ClusterConfig::redacted("redis://chatd:s3cret@h:1"),
+        "redis://chatd:***@h:1"
+    );
+}
+
+#[test]
+fn the_first_command_authenticates_when_there_are_credentials() {
+    let mut out = Vec::new();
+    let auth = Auth {
+        user: "chatd".into(),
+        password: "pw".into(),
+    };
+    hello(&mut out, Some(&auth), "chatd-n1");
+    hello(&mut out, None, "chatd-n1");
+    let mut link = ready_link();
+    link.out = out;
+    assert_eq!(
+        commands(&mut link),
+        [
+            vec!["HELLO", "3", "AUTH", "chatd", "pw", "SETNAME", "chatd-n1"],
+            vec!["HELLO", "3", "SETNAME", "chatd-n1"],
+        ]
+    );
+    assert!(is_auth_error("WRONGPASS invalid username-password pair"));
+    assert!(!is_auth_error("NOSCRIPT No matching script"));
 }
 
 #[test]
@@ -38,6 +94,7 @@ use codec::{Reply, decode_reply};
 fn ready_link() -> Cluster {
     let config = ClusterConfig {
         redis: "127.0.0.1:1".parse().unwrap(),
+        auth: None,
         prefix: "p".into(),
         lease_ms: 10_000,
     };

@@ -526,9 +526,9 @@ impl Server {
     /// Whether new clients are served, and if not, why (for `/healthz`).
     fn health(&self) -> Result<(), &'static str> {
         self.clients.health()?;
-        match &self.cluster {
-            Some(cluster) if !cluster.is_ready() => Err("cluster: Redis unreachable"),
-            _ => Ok(()),
+        match self.cluster.as_ref().and_then(Cluster::unready_reason) {
+            Some(why) => Err(why),
+            None => Ok(()),
         }
     }
 

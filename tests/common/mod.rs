@@ -142,6 +142,14 @@ impl Server {
     }
 
     /// Everything logged so far.
+    /// The metrics endpoint's `HOST:PORT`, from its start line (the
+    /// server runs with `--metrics-addr`).
+    pub fn metrics_addr(&mut self) -> String {
+        let line = self.wait_log("metrics on http://");
+        let rest = line.split("http://").nth(1).unwrap_or_default();
+        rest.split('/').next().unwrap_or_default().to_string()
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
@@ -349,6 +357,19 @@ impl Drop for Server {
 }
 
 /// Calls `check` until it returns `Some`, for up to [`TIMEOUT`].
+/// One GET to the metrics endpoint at `addr` (`HOST:PORT`): the whole
+/// response, empty when nothing answers.
+pub fn http_get(addr: &str, path: &str) -> String {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return String::new();
+    };
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let _ = stream.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes());
+    let mut response = String::new();
+    let _ = std::io::Read::read_to_string(&mut stream, &mut response);
+    response
+}
+
 pub fn poll_until<T>(mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
