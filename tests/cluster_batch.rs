@@ -142,6 +142,38 @@ fn a_node_of_an_earlier_version_is_sent_the_format_it_reads() {
     carol.sync("carol");
 }
 
+/// An epoch that is not a number (written by hand) does not wedge the
+/// node that bumps it: its releases go on, lines to it are still
+/// delivered, its link is not reset.
+#[test]
+fn an_epoch_that_is_not_a_number_does_not_wedge_its_node() {
+    let redis = redis_or_skip!();
+    let a = node(&redis.url(), "10", &[]);
+    let mut b = node(&redis.url(), "10", &[]);
+    let id = b.wait_log("cluster: node ");
+    let id = id.split("cluster: node ").nth(1).unwrap()[..16].to_string();
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    alice.send("bob: 1\n");
+    bob.expect("from alice: 1");
+    redis.cli(&["SET", &format!("chatd:epoch:{id}"), "abc"]);
+    let carol = b.login("carol");
+    drop(carol);
+    let released = common::poll_until(|| {
+        redis
+            .cli(&["EXISTS", "chatd:name:carol"])
+            .eq("0")
+            .then_some(())
+    });
+    assert!(released.is_some(), "carol never released");
+    for i in 2..5 {
+        alice.send(&format!("bob: {i}\n"));
+        bob.expect(&format!("from alice: {i}"));
+    }
+    assert_eq!(b.stat("reconnects"), 0, "{}", b.log());
+    assert!(!b.log().contains("refused a command"), "{}", b.log());
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }

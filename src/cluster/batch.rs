@@ -330,9 +330,15 @@ impl<'a> Iterator for Records<'a> {
             .ok()?
             .parse()
             .ok()?;
-        let body = self.rest.get(header_end + 1..header_end + 1 + len)?;
+        let end = (header_end + 1).checked_add(len)?;
+        let body = self.rest.get(header_end + 1..end)?;
+        // One line, `\n` at its end and nowhere else: a record cannot
+        // slip other lines, or a part of one, into a client's stream.
+        if memchr::memchr(b'\n', body) != Some(len.checked_sub(1)?) {
+            return None;
+        }
         let names = &header[..space];
-        self.rest = &self.rest[header_end + 1 + len..];
+        self.rest = &self.rest[end..];
         Some((names, body))
     }
 }
@@ -429,7 +435,16 @@ mod tests {
                 (&b"bob"[..], &b"from a: \xff\n"[..])
             ]
         );
-        for bad in [&b"bob 99\nshort"[..], b"bob x\n", b"no header", b"bob 3"] {
+        for bad in [
+            &b"bob 99\nshort"[..],
+            b"bob x\n",
+            b"no header",
+            b"bob 3",
+            b"bob 18446744073709551615\nfrom x: y\n",
+            b"bob 0\n",
+            b"bob 14\nfrom evil: 3\nbob 2\nx\n",
+            b"bob 3\nabc",
+        ] {
             assert_eq!(records(bad).count(), 0, "{bad:?}");
         }
         let old = record_of_message(b"bob,carol\nfrom a: hi\n").unwrap();

@@ -762,6 +762,8 @@ impl Cluster {
     /// too while its own connection is down.
     fn sweep(&mut self, now_ms: u64) {
         self.sweep_at = now_ms + self.config.lease_ms / 3;
+        // An epoch deleted (see `scripts::RELEASE`) comes back.
+        self.set_epoch(false);
         if !self.lease_link.is_connected() {
             self.send_renew(now_ms);
         }

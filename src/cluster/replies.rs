@@ -288,7 +288,19 @@ impl Cluster {
                 }
             }
         }
-        if let Some(Reply::Array(found)) = lists.next() {
+        let found = match lists.next() {
+            Some(Reply::Array(found)) => found,
+            _ => Vec::new(),
+        };
+        if !found.is_empty() || status.contains(&OFFLINE) {
+            // The lines staged so far were grouped by what the cache says
+            // now: they go as they are, so that no name is in two groups of
+            // one batch (the script publishes a group that passes its
+            // check before one that is looked up: one sender's later line
+            // to a name would overtake the earlier).
+            self.seal_batch();
+        }
+        {
             for entry in found.chunks_exact(3) {
                 let (Some(i), Reply::Bulk(node), Reply::Bulk(epoch)) =
                     (index(&entry[0]), &entry[1], &entry[2])

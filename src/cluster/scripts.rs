@@ -38,13 +38,17 @@ redis.call('SADD', prefix .. ':names:' .. me, name)
 return 1
 ";
 
-/// `release(prefix, node, name)`: frees `name` if `node` holds it.
+/// `release(prefix, node, name)`: frees `name` if `node` holds it, and
+/// bumps `node`'s epoch (an epoch that is not a number, which only a hand
+/// could write, is deleted instead: the node then counts as one without
+/// an epoch, looked up name by name, until it sets a new one).
 pub const RELEASE: &str = r"
 local prefix, me, name = ARGV[1], ARGV[2], ARGV[3]
 local key = prefix .. ':name:' .. name
 if redis.call('GET', key) == me then redis.call('DEL', key) end
 redis.call('SREM', prefix .. ':names:' .. me, name)
-redis.call('INCR', prefix .. ':epoch:' .. me)
+local epoch = prefix .. ':epoch:' .. me
+if type(redis.pcall('INCR', epoch)) == 'table' then redis.call('DEL', epoch) end
 return 1
 ";
 
@@ -176,7 +180,8 @@ for _, name in ipairs(redis.call('SMEMBERS', set)) do
   if redis.call('GET', key) == node then redis.call('DEL', key) end
 end
 redis.call('DEL', set)
-redis.call('INCR', prefix .. ':epoch:' .. node)
+local epoch = prefix .. ':epoch:' .. node
+if type(redis.pcall('INCR', epoch)) == 'table' then redis.call('DEL', epoch) end
 return 1
 ";
 

@@ -552,3 +552,36 @@ fn a_reset_fails_the_claims_waiting_for_room_too() {
         "only the ones sent may have run"
     );
 }
+
+/// A reply that moves a name in the cache while lines to it are staged
+/// (read in the same turn) sends the staged ones first: a name is in one
+/// group of a batch, so one sender's lines to it cannot overtake each
+/// other in the script (which publishes a group that passes its check
+/// before one it looks up). Found by the hostile review.
+#[test]
+fn a_reply_that_moves_a_name_sends_the_lines_staged_for_it_first() {
+    let mut link = ready_link();
+    assert!(link.route(slot(1), &["bob"], b"0\n", 0));
+    link.flush(0);
+    commands(&mut link);
+    link.on_reply(sent_reply(&[], &[], &[(1, "n2", "41")]), 1)
+        .unwrap();
+    assert!(link.route(slot(1), &["bob"], b"a\n", 2));
+    link.flush(2);
+    commands(&mut link);
+    assert!(link.route(slot(1), &["bob"], b"1\n", 3));
+    // The answer for "a": bob found at (n2, 42).
+    link.on_reply(sent_reply(&[], &[], &[(1, "n2", "42")]), 3)
+        .unwrap();
+    assert!(link.route(slot(1), &["bob"], b"2\n", 3));
+    link.flush(3);
+    let sent = commands(&mut link);
+    let groups: Vec<&[String]> = sent.iter().map(|c| &c[5..]).collect();
+    assert_eq!(
+        groups,
+        [
+            &["1", "n2", "41", "1", "bob 2\n1\n"][..],
+            &["1", "n2", "42", "1", "bob 2\n2\n"][..],
+        ]
+    );
+}
