@@ -178,7 +178,7 @@ impl Cluster {
     /// Writes what is queued for Redis (on both connections); past
     /// `MAX_OUT` on the data link Redis counts as unreachable.
     pub fn flush(&mut self, now_ms: u64) {
-        self.seal_batch();
+        self.seal_staged();
         self.lease_link.flush(now_ms);
         if self.out.len() - self.out_pos > MAX_OUT {
             self.reset(now_ms, "Redis does not read fast enough");
@@ -235,6 +235,8 @@ impl Cluster {
         }
         self.out.clear();
         self.out_pos = 0;
+        self.staged_claims.clear();
+        self.staged_releases.clear();
         self.input.clear();
         self.framer.reset();
         self.waiting.clear();

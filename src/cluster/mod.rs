@@ -85,6 +85,8 @@ const MAX_WAITING_PER_CONN: u32 = 256;
 /// of a healthy Redis's time. The window then follows the claims' round
 /// trip (see [`Cluster::fit_claim_window`]).
 const CLAIM_WINDOW: usize = 1024;
+/// Claims (or releases) in one script call at most.
+const CLAIM_GROUP: usize = 1024;
 /// The window's bounds.
 const CLAIM_WINDOW_MIN: usize = 16;
 const CLAIM_WINDOW_MAX: usize = 4096;
@@ -407,6 +409,11 @@ pub(crate) struct Cluster {
     answers: Vec<Answer>,
     /// The lines to other nodes staged this turn, sent as one command.
     batch: batch::Batch,
+    /// The names of the claims staged this turn (their entries are in
+    /// `pending`), sent as one command.
+    staged_claims: Vec<Rc<str>>,
+    /// The same for releases.
+    staged_releases: Vec<String>,
     /// When the first of them was staged (ms).
     batch_since: u64,
     /// Where recipient names were last found, to group the lines by node.
@@ -480,6 +487,8 @@ impl Cluster {
             claim_queue: ClaimQueue::default(),
             answers: Vec::new(),
             batch: batch::Batch::default(),
+            staged_claims: Vec::new(),
+            staged_releases: Vec::new(),
             batch_since: 0,
             holders: batch::Holders::default(),
             inflight_names: 0,
@@ -801,9 +810,9 @@ impl Cluster {
         self.command(&args, Pending::Plain);
     }
 
-    /// Appends a command and its entry, after the lines staged before it.
+    /// Appends a command and its entry, after what was staged before it.
     fn command(&mut self, args: &[&[u8]], pending: Pending) {
-        self.seal_batch();
+        self.seal_staged();
         encode_command(&mut self.out, args);
         self.expect(pending);
     }
@@ -851,7 +860,7 @@ impl Cluster {
     /// Appends `EVALSHA <sha> 0 <first...> <rest...>` (the caller records
     /// what it is for with [`Cluster::expect`]).
     fn encode_script(&mut self, script: Script, first: &[&[u8]], rest: &[&[u8]]) {
-        self.seal_batch();
+        self.seal_staged();
         let sha = std::mem::take(&mut self.shas[script as usize]);
         let mut all: Vec<&[u8]> = Vec::with_capacity(3 + first.len() + rest.len());
         all.extend_from_slice(&[b"EVALSHA", &sha, b"0"]);
@@ -902,17 +911,59 @@ impl Cluster {
             return;
         }
         self.claims_in_flight += 1;
-        self.node_script(
-            Script::Claim,
-            &[name.as_bytes()],
-            Pending::Claim {
-                slot,
-                name: Rc::clone(&name),
-                again,
-                retried,
-                sent_ms: now_ms,
-            },
-        );
+        // Staged: the turn's claims go as one command (`seal_claims`).
+        self.seal_releases();
+        self.seal_batch();
+        if self.staged_claims.len() >= CLAIM_GROUP {
+            self.seal_claims();
+        }
+        self.staged_claims.push(Rc::clone(&name));
+        self.expect(Pending::Claim {
+            slot,
+            name,
+            again,
+            retried,
+            sent_ms: now_ms,
+            group: 1,
+        });
+    }
+
+    /// Sends the claims staged this turn as one `EVALSHA claim` (their
+    /// entries are the last ones in the FIFO: anything else queued seals
+    /// them first).
+    pub(super) fn seal_claims(&mut self) {
+        let names = std::mem::take(&mut self.staged_claims);
+        self.seal_group(Script::Claim, &names);
+    }
+
+    /// Sends `names` as one call of `script`, whose entries are the last
+    /// `names.len()` in the FIFO; the first of them learns how many the
+    /// answer is for.
+    fn seal_group<N: AsRef<str>>(&mut self, script: Script, names: &[N]) {
+        let n = names.len();
+        if n == 0 {
+            return;
+        }
+        let sha = &self.shas[script as usize];
+        let mut all: Vec<&[u8]> = Vec::with_capacity(5 + n);
+        all.extend_from_slice(&[b"EVALSHA", sha, b"0"]);
+        all.extend_from_slice(&[self.config.prefix.as_bytes(), self.node.as_bytes()]);
+        all.extend(names.iter().map(|n| n.as_ref().as_bytes()));
+        encode_command(&mut self.out, &all);
+        let first = self.pending.len() - n;
+        if let Some(Pending::Claim { group, .. } | Pending::Release { group, .. }) =
+            self.pending.get_mut(first)
+        {
+            *group = n as u32;
+        }
+    }
+
+    /// Seals whatever is staged (claims or lines; one kind at a time), so
+    /// that what is queued next comes after it in Redis and in the FIFO.
+    pub(super) fn seal_staged(&mut self) {
+        self.seal_releases();
+        self.seal_claims();
+        self.seal_batch();
     }
 
     /// A claim sent at `sent_ms` was answered: the window follows its round
@@ -970,13 +1021,23 @@ impl Cluster {
             self.uncertain_name(name);
             return;
         }
-        self.node_script(
-            Script::Release,
-            &[name.as_bytes()],
-            Pending::Release {
-                name: name.to_string(),
-            },
-        );
+        // Staged: the turn's releases go as one command (`seal_releases`).
+        self.seal_claims();
+        self.seal_batch();
+        if self.staged_releases.len() >= CLAIM_GROUP {
+            self.seal_releases();
+        }
+        self.staged_releases.push(name.to_string());
+        self.expect(Pending::Release {
+            name: name.to_string(),
+            group: 1,
+        });
+    }
+
+    /// Sends the releases staged this turn as one `EVALSHA release`.
+    pub(super) fn seal_releases(&mut self) {
+        let names = std::mem::take(&mut self.staged_releases);
+        self.seal_group(Script::Release, &names);
     }
 
     /// Claims that were never sent fail (`unavailable`); nothing of them is
@@ -1005,6 +1066,8 @@ impl Cluster {
         if !self.is_ready() || self.inflight_names + names.len() > MAX_INFLIGHT_NAMES {
             return false;
         }
+        self.seal_releases();
+        self.seal_claims();
         if self.batch.is_full_for(line.len(), names.len()) {
             self.seal_batch();
         }
@@ -1057,7 +1120,7 @@ impl Cluster {
     /// Queues a marker for a line the reactor holds for `slot`: an
     /// [`Answer::Held`] says when the answers before it are in.
     pub fn hold_marker(&mut self, slot: Slot) {
-        self.seal_batch();
+        self.seal_staged();
         *self.waiting.entry(slot.key).or_default() += 1;
         self.pending.push_back(Pending::Held { slot });
         self.pop_held();
@@ -1092,7 +1155,7 @@ impl Cluster {
         if self.state != State::Ready {
             return false;
         }
-        self.seal_batch();
+        self.seal_staged();
         self.unsubscribed = false;
         let lines = self.lines_channel.clone();
         let channel = self.channel.clone();
@@ -1130,7 +1193,7 @@ impl Cluster {
         for entry in &self.pending {
             if let Pending::Claim { name, .. } = entry {
                 uncertain.push(name.to_string());
-            } else if let Pending::Release { name } = entry {
+            } else if let Pending::Release { name, .. } = entry {
                 uncertain.push(name.clone());
             }
         }

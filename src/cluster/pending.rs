@@ -22,19 +22,25 @@ pub(super) enum Pending {
     Acquire { sent_ms: u64 },
     /// A command whose answer only has to be an error or not.
     Plain,
-    /// A release of `name` (its outcome is uncertain if the link breaks).
-    Release { name: String },
+    /// A release of `name` (its outcome is uncertain if the link breaks);
+    /// `group` as for a claim (one answer, `1`, for the whole group).
+    Release { name: String, group: u32 },
     /// `CONFIG GET maxmemory-policy`.
     Policy,
     /// A claim of `name` for the connection `slot`; `again` when the node
     /// claims a name it held before its lease was lost; `retried` when it
     /// was found taken once already (see `Cluster::retry_claim`).
+    /// Claims go to Redis a turn's worth at a time, in one script call
+    /// answered by one array: `group` is how many claims (this one and
+    /// those right after it) that answer is for, on the first of them; 0
+    /// on the others (and 1 on a claim still staged).
     Claim {
         slot: Slot,
         name: Rc<str>,
         again: bool,
         retried: bool,
         sent_ms: u64,
+        group: u32,
     },
     /// One turn's lines to other nodes (`batch.rs`), the first staged at
     /// `sent_ms`.

@@ -44,6 +44,47 @@ impl Cluster {
             return Err("a reply nobody asked for".into());
         };
         self.last_reply_ms = now_ms;
+        match entry {
+            Pending::Claim { group, .. } => self.on_group(entry, group as usize, reply, now_ms),
+            Pending::Release { group, .. } => self.on_group(entry, group as usize, reply, now_ms),
+            _ => self.on_entry(entry, reply, now_ms),
+        }
+    }
+
+    /// The answer to a turn's claims (one number per claim) or releases
+    /// (one for all), applied to each entry in order: `first` and the
+    /// `group - 1` after it.
+    fn on_group(
+        &mut self,
+        first: Pending,
+        group: usize,
+        reply: Reply,
+        now_ms: u64,
+    ) -> Result<(), String> {
+        let claims = matches!(first, Pending::Claim { .. });
+        let replies = match reply {
+            Reply::Array(replies) if claims && replies.len() == group && group > 0 => replies,
+            Reply::Error(e) if group > 0 => vec![Reply::Error(e); group],
+            Reply::Int(1) if !claims && group > 0 => vec![Reply::Int(1); group],
+            _ => {
+                self.fail(first, true);
+                return Err("unexpected reply to claims or releases".into());
+            }
+        };
+        let mut result = Ok(());
+        let mut next = Some(first);
+        for reply in replies {
+            let Some(entry) = next.take().or_else(|| self.pending.pop_front()) else {
+                return Err("a claim's answer with no claim".into());
+            };
+            let answered = self.on_entry(entry, reply, now_ms);
+            result = result.and(answered);
+        }
+        result
+    }
+
+    /// Applies the answer to one entry.
+    fn on_entry(&mut self, entry: Pending, reply: Reply, now_ms: u64) -> Result<(), String> {
         let claim = match &entry {
             Pending::Claim { sent_ms, .. } => Some(*sent_ms),
             _ => None,
@@ -253,7 +294,7 @@ impl Cluster {
                 }
                 self.claim_unavailable(slot, name, again);
             }
-            Pending::Release { name } => self.uncertain_name(&name),
+            Pending::Release { name, .. } => self.uncertain_name(&name),
             Pending::Batch { sent, .. } => self.unroutable(&sent),
             Pending::Held { slot } => self.answers.push(Answer::Held { slot }),
             Pending::Farewell => self.answers.push(Answer::FarewellDone),

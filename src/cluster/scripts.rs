@@ -22,31 +22,59 @@
 //! runs on one Redis (or one shard of names per Redis, see docs/CLUSTER.md),
 //! not on a Redis Cluster with hash slots.
 
-/// `claim(prefix, node, name)`: 1 when `name` is now held by `node`, 0 when
-/// a live node holds it, -1 when `node`'s own lease is gone (it must not
-/// hold anything: fenced).
+/// `claim(prefix, node, name...)`: claims each name for `node`, in order,
+/// and answers one number per name: 1 when it is now held by `node`, 0
+/// when a live node holds it, -1 when `node`'s own lease is gone (it must
+/// not hold anything: fenced). A node sends the claims of one loop turn
+/// in one call (a login wave costs Redis one script per turn, not one per
+/// login).
 pub const CLAIM: &str = r"
-local prefix, me, name = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('EXISTS', prefix .. ':lease:' .. me) == 0 then return -1 end
-local key = prefix .. ':name:' .. name
-local owner = redis.call('GET', key)
-if owner and owner ~= me and redis.call('EXISTS', prefix .. ':lease:' .. owner) == 1 then
-  return 0
+local prefix, me = ARGV[1], ARGV[2]
+local results = {}
+if redis.call('EXISTS', prefix .. ':lease:' .. me) == 0 then
+  for i = 3, #ARGV do results[#results + 1] = -1 end
+  return results
 end
-redis.call('SET', key, me)
-redis.call('SADD', prefix .. ':names:' .. me, name)
-return 1
+local live, held = {}, {}
+for i = 3, #ARGV do
+  local name = ARGV[i]
+  local key = prefix .. ':name:' .. name
+  local owner = redis.call('GET', key)
+  local taken = false
+  if owner and owner ~= me then
+    if live[owner] == nil then
+      live[owner] = redis.call('EXISTS', prefix .. ':lease:' .. owner) == 1
+    end
+    taken = live[owner]
+  end
+  if taken then
+    results[#results + 1] = 0
+  else
+    redis.call('SET', key, me)
+    held[#held + 1] = name
+    results[#results + 1] = 1
+  end
+end
+for from = 1, #held, 1000 do
+  redis.call('SADD', prefix .. ':names:' .. me, unpack(held, from, math.min(from + 999, #held)))
+end
+return results
 ";
 
-/// `release(prefix, node, name)`: frees `name` if `node` holds it, and
-/// bumps `node`'s epoch (an epoch that is not a number, which only a hand
-/// could write, is deleted instead: the node then counts as one without
-/// an epoch, looked up name by name, until it sets a new one).
+/// `release(prefix, node, name...)`: frees each name `node` holds, and
+/// bumps `node`'s epoch once (an epoch that is not a number, which only a
+/// hand could write, is deleted instead: the node then counts as one
+/// without an epoch, looked up name by name, until it sets a new one). A
+/// node sends the releases of one loop turn in one call.
 pub const RELEASE: &str = r"
-local prefix, me, name = ARGV[1], ARGV[2], ARGV[3]
-local key = prefix .. ':name:' .. name
-if redis.call('GET', key) == me then redis.call('DEL', key) end
-redis.call('SREM', prefix .. ':names:' .. me, name)
+local prefix, me = ARGV[1], ARGV[2]
+for i = 3, #ARGV do
+  local key = prefix .. ':name:' .. ARGV[i]
+  if redis.call('GET', key) == me then redis.call('DEL', key) end
+end
+for from = 3, #ARGV, 1000 do
+  redis.call('SREM', prefix .. ':names:' .. me, unpack(ARGV, from, math.min(from + 999, #ARGV)))
+end
 local epoch = prefix .. ':epoch:' .. me
 if type(redis.pcall('INCR', epoch)) == 'table' then redis.call('DEL', epoch) end
 return 1

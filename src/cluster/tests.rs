@@ -119,6 +119,7 @@ fn slot(key: u32) -> Slot {
 /// The commands queued since the last call, each as its words (a script's
 /// SHA1 is empty here: no script was loaded).
 fn commands(link: &mut Cluster) -> Vec<Vec<String>> {
+    link.seal_staged();
     let mut all = Vec::new();
     let mut at = 0;
     while let Ok(Some((Reply::Array(words), used))) = decode_reply(&link.out[at..]) {
@@ -149,12 +150,18 @@ fn a_claim_without_a_ready_link_is_unavailable_at_once() {
     ));
 }
 
+/// The answer to a claim script: one number per claim.
+fn claimed(results: &[i64]) -> Reply {
+    Reply::Array(results.iter().map(|&r| Reply::Int(r)).collect())
+}
+
 #[test]
 fn a_claim_found_taken_is_tried_once_more_then_refused() {
     let mut link = ready_link();
     let poll = mio::Poll::new().unwrap();
     link.claim(slot(1), Rc::from("alice"), false, 0);
-    link.on_reply(Reply::Int(1), 1).unwrap();
+    commands(&mut link);
+    link.on_reply(claimed(&[1]), 1).unwrap();
     assert!(matches!(
         link.take_answers()[..],
         [Answer::Claimed {
@@ -164,16 +171,16 @@ fn a_claim_found_taken_is_tried_once_more_then_refused() {
     ));
     link.claim(slot(2), Rc::from("bob"), false, 10);
     let sent = commands(&mut link);
-    assert_eq!(sent.len(), 2, "{sent:?}");
-    assert_eq!(sent[1][..3], ["EVALSHA", "", "0"]);
-    assert_eq!(sent[1][3..], ["p", "n1", "bob"]);
-    link.on_reply(Reply::Int(0), 12).unwrap();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0][..3], ["EVALSHA", "", "0"]);
+    assert_eq!(sent[0][3..], ["p", "n1", "bob"]);
+    link.on_reply(claimed(&[0]), 12).unwrap();
     assert!(link.take_answers().is_empty(), "no answer while it waits");
     assert!(link.owes(slot(2)));
     assert_eq!(link.next_deadline(), 12 + CLAIM_RETRY_MS);
     link.on_timer(poll.registry(), TOKENS, 12 + CLAIM_RETRY_MS);
     assert_eq!(commands(&mut link)[0][3..], ["p", "n1", "bob"]);
-    link.on_reply(Reply::Int(0), 200).unwrap();
+    link.on_reply(claimed(&[0]), 200).unwrap();
     assert!(matches!(
         link.take_answers()[..],
         [Answer::Claimed {
@@ -419,6 +426,7 @@ fn a_reset_fails_everything_in_flight_in_order_and_remembers_what_is_uncertain()
 fn an_error_reply_fails_its_entry_and_asks_for_a_reset() {
     let mut link = ready_link();
     link.claim(slot(1), Rc::from("alice"), false, 0);
+    commands(&mut link);
     let refused = link.on_reply(Reply::Error("NOSCRIPT".into()), 1);
     assert!(refused.unwrap_err().contains("NOSCRIPT"));
     assert!(matches!(
@@ -480,11 +488,9 @@ fn claims_past_the_window_wait_for_room_and_leave_with_their_client() {
     for i in 0..CLAIM_WINDOW as u32 + 2 {
         link.claim(slot(i), Rc::from(format!("c{i}").as_str()), false, 0);
     }
-    assert_eq!(
-        commands(&mut link).len(),
-        CLAIM_WINDOW,
-        "the window is full"
-    );
+    let sent = commands(&mut link);
+    assert_eq!(sent.len(), 1, "a turn's claims in one call");
+    assert_eq!(sent[0].len() - 5, CLAIM_WINDOW, "the window is full");
     assert!(
         link.owes(slot(CLAIM_WINDOW as u32)),
         "a waiting claim is owed"
@@ -500,7 +506,7 @@ fn claims_past_the_window_wait_for_room_and_leave_with_their_client() {
             ..
         }]
     ));
-    link.on_reply(Reply::Int(1), 1).unwrap();
+    link.on_reply(claimed(&[1; CLAIM_WINDOW]), 1).unwrap();
     let sent = commands(&mut link);
     let words: Vec<&str> = sent.iter().map(|c| c[c.len() - 1].as_str()).collect();
     let next = format!("c{CLAIM_WINDOW}");
@@ -517,12 +523,16 @@ fn a_busy_redis_is_not_a_dead_one() {
     let mut link = ready_link();
     let poll = mio::Poll::new().unwrap();
     let timeout = link.reply_timeout_ms();
-    for i in 0..3 {
+    // One turn's claim, then another turn's two.
+    link.claim(slot(0), Rc::from("c0"), false, 0);
+    commands(&mut link);
+    for i in 1..3 {
         link.claim(slot(i), Rc::from(format!("c{i}").as_str()), false, 0);
     }
-    // Redis answers one claim just before the timeout: the others may
+    commands(&mut link);
+    // Redis answers the first just before the timeout: the others may
     // wait that long again.
-    link.on_reply(Reply::Int(1), timeout - 1).unwrap();
+    link.on_reply(claimed(&[1]), timeout - 1).unwrap();
     link.on_timer(poll.registry(), TOKENS, timeout + 1);
     assert_eq!(link.state, State::Ready, "answers came: busy, not gone");
     assert!(
@@ -584,4 +594,74 @@ fn a_reply_that_moves_a_name_sends_the_lines_staged_for_it_first() {
             &["1", "n2", "42", "1", "bob 2\n2\n"][..],
         ]
     );
+}
+
+/// A turn's claims are one script call, answered by one array: each
+/// claim gets its own outcome, in order; an error fails them all.
+#[test]
+fn a_turns_claims_go_as_one_command_and_are_answered_in_order() {
+    let mut link = ready_link();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        link.claim(slot(i as u32), Rc::from(*name), false, 0);
+    }
+    assert!(link.route(slot(0), &["x"], b"l\n", 0));
+    link.claim(slot(9), Rc::from("d"), true, 0);
+    let sent = commands(&mut link);
+    let tails: Vec<&[String]> = sent.iter().map(|c| &c[3..]).collect();
+    assert_eq!(tails[0], ["p", "n1", "a", "b", "c"]);
+    assert_eq!(
+        tails[1][2..],
+        ["1", "", "0", "1", "x 2\nl\n"],
+        "the line after them"
+    );
+    assert_eq!(tails[2], ["p", "n1", "d"], "the next claim after the line");
+    link.on_reply(claimed(&[1, -1, 1]), 1).unwrap();
+    let outcomes: Vec<(Slot, Claimed)> = link
+        .take_answers()
+        .into_iter()
+        .filter_map(|a| match a {
+            Answer::Claimed { slot, outcome, .. } => Some((slot, outcome)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (slot(0), Claimed::Held),
+            (slot(1), Claimed::Unavailable),
+            (slot(2), Claimed::Held)
+        ]
+    );
+    link.on_reply(sent_reply(&[], &[], &[]), 2).unwrap();
+    link.take_answers();
+    assert!(link.on_reply(Reply::Error("BUSY".into()), 3).is_err());
+    assert!(matches!(
+        link.take_answers()[..],
+        [
+            Answer::Claimed {
+                outcome: Claimed::Unavailable,
+                ..
+            },
+            ..
+        ]
+    ));
+    assert!(link.pending.is_empty());
+}
+
+/// A turn's releases are one script call too, answered once for all.
+#[test]
+fn a_turns_releases_go_as_one_command() {
+    let mut link = ready_link();
+    link.release("a");
+    link.release("b");
+    link.claim(slot(1), Rc::from("a"), false, 0);
+    let sent = commands(&mut link);
+    let tails: Vec<&[String]> = sent.iter().map(|c| &c[3..]).collect();
+    assert_eq!(tails, [&["p", "n1", "a", "b"][..], &["p", "n1", "a"][..]]);
+    link.on_reply(Reply::Int(1), 1).unwrap();
+    assert_eq!(link.pending.len(), 1, "both releases answered");
+    link.on_reply(claimed(&[1]), 2).unwrap();
+    assert!(link.pending.is_empty());
+    let (_, uncertain, _) = link.handover_state(3);
+    assert!(uncertain.is_empty());
 }
