@@ -124,11 +124,18 @@ fn a_node_of_an_earlier_version_is_sent_the_format_it_reads() {
         channel.len()
     )
     .unwrap();
+    // Subscribed before the lines go (else nobody listens: unavailable).
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !contains(&got, b":1\r\n") && Instant::now() < deadline {
+        let mut buf = [0; 4096];
+        let n = listener.read(&mut buf).unwrap_or(0);
+        got.extend_from_slice(&buf[..n]);
+    }
     let mut carol = a.login("carol");
     carol.send("olduser, nobody: hi\nolduser: again\n");
     carol.expect("error: not-online: nobody");
     let want = ["olduser\nfrom carol: hi\n", "olduser\nfrom carol: again\n"];
-    let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !want.iter().all(|w| contains(&got, w.as_bytes())) && Instant::now() < deadline {
         let mut buf = [0; 4096];
