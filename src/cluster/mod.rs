@@ -951,10 +951,11 @@ impl Cluster {
         all.extend(names.iter().map(|n| n.as_ref().as_bytes()));
         encode_command(&mut self.out, &all);
         let first = self.pending.len() - n;
-        if let Some(Pending::Claim { group, .. } | Pending::Release { group, .. }) =
-            self.pending.get_mut(first)
-        {
-            *group = n as u32;
+        match self.pending.get_mut(first) {
+            Some(Pending::Claim { group, .. } | Pending::Release { group, .. }) => {
+                *group = n as u32;
+            }
+            other => debug_assert!(false, "staged entries not last: {other:?}"),
         }
     }
 
@@ -1017,6 +1018,16 @@ impl Cluster {
         // to Redis: its client is gone.
         let gone = self.claim_queue.take_name(name);
         self.fail_queued_claims(gone);
+        // Nor a claim of it waiting to be tried again (found taken once).
+        let mut kept = VecDeque::with_capacity(self.retries.len());
+        for (at, slot, claimed) in std::mem::take(&mut self.retries) {
+            if &*claimed == name {
+                self.claim_unavailable(slot, claimed, false);
+            } else {
+                kept.push_back((at, slot, claimed));
+            }
+        }
+        self.retries = kept;
         if self.state != State::Ready {
             self.uncertain_name(name);
             return;

@@ -32,8 +32,8 @@ pub(super) enum Pending {
     /// was found taken once already (see `Cluster::retry_claim`).
     /// Claims go to Redis a turn's worth at a time, in one script call
     /// answered by one array: `group` is how many claims (this one and
-    /// those right after it) that answer is for, on the first of them; 0
-    /// on the others (and 1 on a claim still staged).
+    /// those right after it) that answer is for, set on the first of them
+    /// when the call is sent (the others keep 1, never read).
     Claim {
         slot: Slot,
         name: Rc<str>,

@@ -665,3 +665,24 @@ fn a_turns_releases_go_as_one_command() {
     let (_, uncertain, _) = link.handover_state(3);
     assert!(uncertain.is_empty());
 }
+
+/// A client that leaves while its claim waits to be tried again (found
+/// taken once) takes the retry with it: the release is not followed by a
+/// claim nobody would hold. Found by review.
+#[test]
+fn a_release_cancels_a_claim_waiting_to_be_tried_again() {
+    let mut link = ready_link();
+    let poll = mio::Poll::new().unwrap();
+    link.claim(slot(1), Rc::from("a"), false, 0);
+    commands(&mut link);
+    link.on_reply(claimed(&[0]), 1).unwrap();
+    assert!(link.owes(slot(1)));
+    link.release("a");
+    assert!(!link.owes(slot(1)) || link.has_answers());
+    link.take_answers();
+    link.on_timer(poll.registry(), TOKENS, 1 + CLAIM_RETRY_MS);
+    let sent = commands(&mut link);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0][3..], ["p", "n1", "a"], "the release only");
+    assert!(link.retries.is_empty());
+}
