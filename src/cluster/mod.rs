@@ -112,13 +112,21 @@ pub fn max_reply(max_line: usize) -> usize {
     (4 * max_line + (64 << 10)).max(1 << 20)
 }
 
+/// What a turn stages for one script call (see [`Cluster::stage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Staged {
+    Lines,
+    Claims,
+    Releases,
+}
+
 /// Hashes connection slab keys (looked up for every routed line) with one
 /// multiplication instead of SipHash: the server hands out slab keys, a
 /// client cannot choose them to collide.
 type SlabKeys = std::hash::BuildHasherDefault<SlabKeyHasher>;
 
 #[derive(Default)]
-pub(crate) struct SlabKeyHasher(u64);
+struct SlabKeyHasher(u64);
 
 impl std::hash::Hasher for SlabKeyHasher {
     fn finish(&self) -> u64 {
@@ -823,12 +831,8 @@ impl Cluster {
             return;
         }
         let (args, sent) = self.batch.seal();
-        let sha = &self.shas[Script::Send as usize];
-        let mut all: Vec<&[u8]> = Vec::with_capacity(5 + args.len());
-        all.extend_from_slice(&[b"EVALSHA", sha, b"0"]);
-        all.extend_from_slice(&[self.config.prefix.as_bytes(), self.node.as_bytes()]);
-        all.extend(args.iter().map(Vec::as_slice));
-        encode_command(&mut self.out, &all);
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        self.encode_node_script(Script::Send, &args);
         let sent_ms = self.batch_since;
         self.expect(Pending::Batch { sent, sent_ms });
     }
@@ -844,6 +848,7 @@ impl Cluster {
     /// Appends an `EVALSHA` of a loaded script with `args` after the
     /// prefix-free arguments the script takes.
     fn script(&mut self, script: Script, args: &[&[u8]], pending: Pending) {
+        self.seal_staged();
         self.encode_script(script, &[], args);
         self.expect(pending);
     }
@@ -851,16 +856,22 @@ impl Cluster {
     /// Appends an `EVALSHA` of `script` whose arguments are the prefix,
     /// this node's id and `extra`.
     fn node_script(&mut self, script: Script, extra: &[&[u8]], pending: Pending) {
+        self.seal_staged();
+        self.encode_node_script(script, extra);
+        self.expect(pending);
+    }
+
+    /// Appends an `EVALSHA` of `script` with the prefix, this node's id and
+    /// `extra`, nothing sealed first (the seals use it themselves).
+    fn encode_node_script(&mut self, script: Script, extra: &[&[u8]]) {
         let prefix = self.config.prefix.clone();
         let node = self.node.clone();
         self.encode_script(script, &[prefix.as_bytes(), node.as_bytes()], extra);
-        self.expect(pending);
     }
 
     /// Appends `EVALSHA <sha> 0 <first...> <rest...>` (the caller records
     /// what it is for with [`Cluster::expect`]).
     fn encode_script(&mut self, script: Script, first: &[&[u8]], rest: &[&[u8]]) {
-        self.seal_staged();
         let sha = std::mem::take(&mut self.shas[script as usize]);
         let mut all: Vec<&[u8]> = Vec::with_capacity(3 + first.len() + rest.len());
         all.extend_from_slice(&[b"EVALSHA", &sha, b"0"]);
@@ -912,8 +923,7 @@ impl Cluster {
         }
         self.claims_in_flight += 1;
         // Staged: the turn's claims go as one command (`seal_claims`).
-        self.seal_releases();
-        self.seal_batch();
+        self.stage(Staged::Claims);
         if self.staged_claims.len() >= CLAIM_GROUP {
             self.seal_claims();
         }
@@ -944,12 +954,8 @@ impl Cluster {
         if n == 0 {
             return;
         }
-        let sha = &self.shas[script as usize];
-        let mut all: Vec<&[u8]> = Vec::with_capacity(5 + n);
-        all.extend_from_slice(&[b"EVALSHA", sha, b"0"]);
-        all.extend_from_slice(&[self.config.prefix.as_bytes(), self.node.as_bytes()]);
-        all.extend(names.iter().map(|n| n.as_ref().as_bytes()));
-        encode_command(&mut self.out, &all);
+        let names: Vec<&[u8]> = names.iter().map(|n| n.as_ref().as_bytes()).collect();
+        self.encode_node_script(script, &names);
         let first = self.pending.len() - n;
         match self.pending.get_mut(first) {
             Some(Pending::Claim { group, .. } | Pending::Release { group, .. }) => {
@@ -959,12 +965,26 @@ impl Cluster {
         }
     }
 
-    /// Seals whatever is staged (claims or lines; one kind at a time), so
-    /// that what is queued next comes after it in Redis and in the FIFO.
+    /// Seals whatever is staged, so that what is queued next comes after
+    /// it in Redis and in the FIFO.
     pub(super) fn seal_staged(&mut self) {
         self.seal_releases();
         self.seal_claims();
         self.seal_batch();
+    }
+
+    /// Makes way to stage `kind`: one kind is staged at a time, so what
+    /// else is staged is sent first (the node's order is Redis's order).
+    fn stage(&mut self, kind: Staged) {
+        if kind != Staged::Releases {
+            self.seal_releases();
+        }
+        if kind != Staged::Claims {
+            self.seal_claims();
+        }
+        if kind != Staged::Lines {
+            self.seal_batch();
+        }
     }
 
     /// A claim sent at `sent_ms` was answered: the window follows its round
@@ -1033,8 +1053,7 @@ impl Cluster {
             return;
         }
         // Staged: the turn's releases go as one command (`seal_releases`).
-        self.seal_claims();
-        self.seal_batch();
+        self.stage(Staged::Releases);
         if self.staged_releases.len() >= CLAIM_GROUP {
             self.seal_releases();
         }
@@ -1077,8 +1096,7 @@ impl Cluster {
         if !self.is_ready() || self.inflight_names + names.len() > MAX_INFLIGHT_NAMES {
             return false;
         }
-        self.seal_releases();
-        self.seal_claims();
+        self.stage(Staged::Lines);
         if self.batch.is_full_for(line.len(), names.len()) {
             self.seal_batch();
         }

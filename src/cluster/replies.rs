@@ -322,10 +322,12 @@ impl Cluster {
             Reply::Int(i) if *i >= 1 && (*i as usize) <= sent.names.len() => Some(*i as usize - 1),
             _ => None,
         };
+        let mut marked = false;
         for mark in [OFFLINE, UNREACHABLE] {
             if let Some(Reply::Array(numbers)) = lists.next() {
                 for i in numbers.iter().filter_map(index) {
                     status[i] = mark;
+                    marked = true;
                 }
             }
         }
@@ -341,18 +343,19 @@ impl Cluster {
             // to a name would overtake the earlier).
             self.seal_batch();
         }
-        {
-            for entry in found.chunks_exact(3) {
-                let (Some(i), Reply::Bulk(node), Reply::Bulk(epoch)) =
-                    (index(&entry[0]), &entry[1], &entry[2])
-                else {
-                    continue;
-                };
-                // A node of an earlier version has no epoch: not cached.
-                if let Some(epoch) = std::str::from_utf8(epoch).ok().and_then(|e| e.parse().ok()) {
-                    self.holders.learn(sent.names.get(i), node, epoch);
-                }
+        for entry in found.chunks_exact(3) {
+            let (Some(i), Reply::Bulk(node), Reply::Bulk(epoch)) =
+                (index(&entry[0]), &entry[1], &entry[2])
+            else {
+                continue;
+            };
+            // A node of an earlier version has no epoch: not cached.
+            if let Some(epoch) = std::str::from_utf8(epoch).ok().and_then(|e| e.parse().ok()) {
+                self.holders.learn(sent.names.get(i), node, epoch);
             }
+        }
+        if !marked {
+            return Ok(()); // every line reached everyone: nobody is told
         }
         for (i, name) in sent.names.iter().enumerate() {
             if status[i] == OFFLINE {
@@ -369,7 +372,7 @@ impl Cluster {
             };
             let (offline, unreachable) = (marked(OFFLINE), marked(UNREACHABLE));
             if offline.is_empty() && unreachable.is_empty() {
-                continue; // the sender hears nothing (see Answer::Settled)
+                continue; // this sender hears nothing (see Answer::Settled)
             }
             self.answers.push(Answer::Routed {
                 slot,
