@@ -33,7 +33,9 @@ use crate::stats::Stats;
 
 /// The first line of every state, with its version: a new binary that
 /// does not know the version refuses the state.
-const MAGIC: &[u8] = b"chatd-state 3\n";
+const MAGIC: &[u8] = b"chatd-state 4\n";
+/// The version before shards (one lease): still read.
+const MAGIC_3: &[u8] = b"chatd-state 3\n";
 /// The version before WebSocket (no WebSocket listener or frame state):
 /// still read, so that a server of that version can hand over to this one.
 const MAGIC_2: &[u8] = b"chatd-state 2\n";
@@ -141,9 +143,9 @@ pub struct State {
     /// The cluster node id, in cluster mode (the new process keeps the
     /// lease and the names).
     pub node: Option<String>,
-    /// Cluster mode: the time left of the lease, in ms (the new process
-    /// fences on time even if it cannot reach Redis).
-    pub lease_left_ms: Option<u64>,
+    /// Cluster mode: the time left of the lease on each shard, in ms (the
+    /// new process fences on time even if it cannot reach Redis).
+    pub leases_left_ms: Vec<Option<u64>>,
     /// Cluster mode: names whose state in Redis is uncertain, settled by
     /// the new process once its link is ready; and whether they overflowed.
     pub uncertain: Vec<String>,
@@ -172,7 +174,10 @@ impl State {
         put_u64(&mut out, u64::from(self.next_id));
         put_u64(&mut out, self.base_fds);
         put_bytes(&mut out, self.node.as_deref().unwrap_or("").as_bytes());
-        put_i64(&mut out, self.lease_left_ms.map_or(-1, |ms| ms as i64));
+        put_u64(&mut out, self.leases_left_ms.len() as u64);
+        for left in &self.leases_left_ms {
+            put_i64(&mut out, left.map_or(-1, |ms| ms as i64));
+        }
         put_u64(&mut out, self.uncertain.len() as u64);
         for name in &self.uncertain {
             put_bytes(&mut out, name.as_bytes());
@@ -202,10 +207,11 @@ impl State {
 
     /// Reads a state; an unknown version or malformed bytes are refused.
     pub fn decode(bytes: &[u8]) -> Result<State, String> {
-        let (rest, v3) = match bytes.strip_prefix(MAGIC) {
-            Some(rest) => (Some(rest), true),
-            None => (bytes.strip_prefix(MAGIC_2), false),
-        };
+        let (rest, version) = [(MAGIC, 4), (MAGIC_3, 3), (MAGIC_2, 2)]
+            .into_iter()
+            .find_map(|(magic, version)| Some((bytes.strip_prefix(magic)?, version)))
+            .map_or((None, 0), |(rest, version)| (Some(rest), version));
+        let v3 = version >= 3;
         let rest = rest.ok_or_else(|| {
             let first = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
             format!(
@@ -227,7 +233,11 @@ impl State {
         let base_fds = r.u64()?;
         let node = String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad node id")?;
         let node = (!node.is_empty()).then_some(node);
-        let lease_left_ms = u64::try_from(r.i64()?).ok();
+        let leases = if version >= 4 { r.count()? } else { 1 };
+        let mut leases_left_ms = Vec::new();
+        for _ in 0..leases {
+            leases_left_ms.push(u64::try_from(r.i64()?).ok());
+        }
         let mut uncertain = Vec::new();
         for _ in 0..r.count()? {
             uncertain.push(String::from_utf8(r.bytes()?.to_vec()).map_err(|_| "bad name")?);
@@ -291,7 +301,7 @@ impl State {
             next_id,
             base_fds,
             node,
-            lease_left_ms,
+            leases_left_ms,
             uncertain,
             uncertain_overflow,
             link_quiet,
@@ -667,7 +677,7 @@ mod tests {
             next_id: 77,
             base_fds: 8,
             node: Some("abcdef0123456789".into()),
-            lease_left_ms: Some(7000),
+            leases_left_ms: vec![Some(7000)],
             uncertain: vec!["gone".into(), "maybe".into()],
             uncertain_overflow: true,
             link_quiet: true,
@@ -786,7 +796,7 @@ mod tests {
         put_u64(&mut v2, u64::from(state.next_id));
         put_u64(&mut v2, state.base_fds);
         put_bytes(&mut v2, state.node.as_deref().unwrap_or("").as_bytes());
-        put_i64(&mut v2, state.lease_left_ms.map_or(-1, |ms| ms as i64));
+        put_i64(&mut v2, state.leases_left_ms[0].map_or(-1, |ms| ms as i64));
         put_u64(&mut v2, state.uncertain.len() as u64);
         for name in &state.uncertain {
             put_bytes(&mut v2, name.as_bytes());
@@ -806,6 +816,30 @@ mod tests {
             put_bytes(&mut v2, &c.output);
         }
         assert_eq!(State::decode(&v2), Ok(state));
+    }
+
+    /// A server of the version before shards hands over to this one: its
+    /// state (version 3) has one lease where this one has a count of them.
+    #[test]
+    fn reads_the_state_of_the_version_before_shards() {
+        let state = sample();
+        let v4 = state.encode();
+        // Where the leases start: after the node id.
+        let node = state.node.as_deref().unwrap_or("").as_bytes();
+        let at = v4
+            .windows(node.len())
+            .position(|w| w == node)
+            .expect("the node id")
+            + node.len();
+        assert_eq!(v4[at..at + 8], 1u64.to_le_bytes(), "one lease");
+        let mut v3 = MAGIC_3.to_vec();
+        v3.extend_from_slice(&v4[MAGIC.len()..at]);
+        v3.extend_from_slice(&v4[at + 8..]);
+        assert_eq!(State::decode(&v3), Ok(state));
+        // And several leases go through this version.
+        let mut shards = sample();
+        shards.leases_left_ms = vec![Some(1), None, Some(3)];
+        assert_eq!(State::decode(&shards.encode()), Ok(shards));
     }
 
     #[test]

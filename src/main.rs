@@ -349,7 +349,7 @@ fn parse_args() -> Result<Command, UsageError> {
         None => chatd::cluster::DEFAULT_LEASE,
     };
     if let Some((source, value)) = get("cluster") {
-        let (redis, auth) = chatd::cluster::ClusterConfig::parse_url(value).map_err(|why| {
+        let shards = chatd::cluster::ClusterConfig::parse_urls(value).map_err(|why| {
             let shown = chatd::cluster::ClusterConfig::redacted(value);
             UsageError(format!("invalid value for {source}: '{shown}' ({why})"))
         })?;
@@ -361,8 +361,7 @@ fn parse_args() -> Result<Command, UsageError> {
             )));
         }
         config.cluster = Some(chatd::cluster::ClusterConfig {
-            redis,
-            auth,
+            shards,
             prefix,
             lease_ms,
         });

@@ -25,7 +25,7 @@ pub const MAX_CONNS: usize = 16;
 pub const DEADLINE_MS: u64 = 5000;
 
 /// Figures the reactor knows besides the counters.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Gauges {
     /// Logged-in clients.
     pub logged_in: usize,
@@ -49,10 +49,14 @@ pub struct Gauges {
 }
 
 /// What the metrics say of the cluster link.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClusterGauges {
-    /// Whether logins are claimed and messages routed through Redis now.
+    /// Whether logins are claimed and messages routed through Redis now
+    /// (on every shard).
     pub ready: bool,
+    /// With several shards: each one's Redis, whether it is ready and the
+    /// age of its lease.
+    pub shards: Vec<(String, bool, Option<u64>)>,
     /// Time since the last lease renewal that succeeded was sent.
     pub lease_age_ms: Option<u64>,
     /// The link's counters.
@@ -372,6 +376,9 @@ pub fn render(stats: &Stats, gauges: &Gauges) -> String {
             "Round trip of the last lease renewal.",
             stats.rtt_us,
         );
+        if !cluster.shards.is_empty() {
+            shard_gauges(&mut out, &cluster.shards);
+        }
     }
     let _ = write!(
         out,
@@ -396,6 +403,37 @@ pub fn resident_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// One gauge per shard, labelled by its Redis: whether it is ready, and
+/// its lease's age.
+fn shard_gauges(out: &mut String, shards: &[(String, bool, Option<u64>)]) {
+    let _ = write!(
+        out,
+        "# HELP chatd_cluster_shard_up 1 while the names of this Redis are claimed and \
+         routed, else 0.\n# TYPE chatd_cluster_shard_up gauge\n"
+    );
+    for (redis, ready, _) in shards {
+        let _ = writeln!(
+            out,
+            "chatd_cluster_shard_up{{redis=\"{redis}\"}} {}",
+            u8::from(*ready)
+        );
+    }
+    let _ = write!(
+        out,
+        "# HELP chatd_cluster_shard_lease_age_milliseconds Time since the last lease \
+         renewal on this Redis that succeeded was sent.\n\
+         # TYPE chatd_cluster_shard_lease_age_milliseconds gauge\n"
+    );
+    for (redis, _, age) in shards {
+        if let Some(age) = age {
+            let _ = writeln!(
+                out,
+                "chatd_cluster_shard_lease_age_milliseconds{{redis=\"{redis}\"}} {age}"
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -232,7 +232,10 @@ fn a_link_to_something_that_is_not_redis_cannot_hurt_the_node() {
         // The data link reports the outage; the lease's own connection
         // may log its malformed reply first.
         let down = node.wait_log("cannot reach Redis");
-        assert!(down.contains("malformed reply from Redis"), "{what}: {down}");
+        assert!(
+            down.contains("malformed reply from Redis"),
+            "{what}: {down}"
+        );
         let mut c = node.connect();
         c.send("carol\n");
         c.expect("error: unavailable");

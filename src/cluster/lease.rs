@@ -17,7 +17,7 @@
 //! the data link renewed). The data link still takes
 //! the lease (at its handshake, and anew when it is lost), in order with
 //! its claims, since names are bound to it; a renewal here that finds the
-//! lease gone has the data link check it (`Cluster::on_lease_event`).
+//! lease gone has the data link check it (`Shard::on_lease_event`).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};

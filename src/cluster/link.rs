@@ -9,9 +9,9 @@ use log::{debug, warn};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use super::{Answer, Cluster, MAX_BACKOFF_MS, MAX_OUT, READ_BUDGET, State};
+use super::{Answer, MAX_BACKOFF_MS, MAX_OUT, READ_BUDGET, Shard, State};
 
-impl Cluster {
+impl Shard {
     /// Starts a non-blocking connect and queues the handshake.
     pub(super) fn connect(&mut self, registry: &Registry, token: Token, now_ms: u64) {
         let mut stream = match TcpStream::connect(self.config.redis) {

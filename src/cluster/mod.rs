@@ -1,4 +1,4 @@
-//! Cluster mode: this node's link to Redis, one more source in the poll
+//! Shard mode: this node's link to Redis, one more source in the poll
 //! loop (`--cluster redis://HOST:PORT`).
 //!
 //! One non-blocking TCP connection speaks RESP3 (`HELLO 3`), so the same
@@ -23,7 +23,7 @@
 //! lease in the first place). A renewal sent at `t` that succeeds makes the lease
 //! valid until `t + lease` at the earliest, in Redis's clock as in ours.
 //! If no renewal succeeds, the node fences at that time less a margin:
-//! `Cluster::must_fence` says so, and the reactor closes every logged-in
+//! `Shard::must_fence` says so, and the reactor closes every logged-in
 //! client with `error: unavailable` before reading any more input.
 //!
 //! Files: this one has the link's state, the handshake, the commands and
@@ -40,6 +40,7 @@ mod pending;
 mod queue;
 mod replies;
 pub(crate) mod scripts;
+mod shards;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -57,6 +58,8 @@ use pending::Pending;
 pub(crate) use pending::{Answer, Claimed};
 use queue::{ClaimQueue, QueuedClaim};
 use scripts::Script;
+pub(crate) use shards::Cluster;
+pub use shards::{key_slot, shard_of};
 
 /// The longest wait between reconnection attempts.
 pub const MAX_BACKOFF_MS: u64 = 5000;
@@ -83,7 +86,7 @@ const MAX_WAITING_PER_CONN: u32 = 256;
 /// `--login-timeout`), instead of in Redis's queue, where the lease's
 /// renewal would wait behind it. A thousand claims are a few milliseconds
 /// of a healthy Redis's time. The window then follows the claims' round
-/// trip (see [`Cluster::fit_claim_window`]).
+/// trip (see [`Shard::fit_claim_window`]).
 const CLAIM_WINDOW: usize = 1024;
 /// Claims (or releases) in one script call at most.
 const CLAIM_GROUP: usize = 1024;
@@ -112,7 +115,7 @@ pub fn max_reply(max_line: usize) -> usize {
     (4 * max_line + (64 << 10)).max(1 << 20)
 }
 
-/// What a turn stages for one script call (see [`Cluster::stage`]).
+/// What a turn stages for one script call (see [`Shard::stage`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Staged {
     Lines,
@@ -162,14 +165,41 @@ pub const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(10
 /// `--cluster`, `--cluster-prefix`, `--cluster-lease`.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// Where Redis listens (from `redis://HOST:PORT`).
-    pub redis: SocketAddr,
+    /// The Redis primaries names are sharded over, in the order given
+    /// (every node must list the same ones in the same order).
+    pub shards: Vec<Redis>,
+    /// The prefix of every key and channel.
+    pub prefix: String,
+    /// How long a lease lasts without renewal, in ms.
+    pub lease_ms: u64,
+}
+
+/// One Redis of `--cluster`: where it listens and who to log in as.
+#[derive(Debug, Clone)]
+pub struct Redis {
+    /// From `redis://HOST:PORT`.
+    pub addr: SocketAddr,
     /// Who to log in as, if Redis asks for a password.
+    pub auth: Option<Auth>,
+}
+
+/// What one shard's link needs: its Redis and the cluster's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct ShardConfig {
+    /// Where Redis listens.
+    pub redis: SocketAddr,
+    /// Who to log in as.
     pub auth: Option<Auth>,
     /// The prefix of every key and channel.
     pub prefix: String,
     /// How long a lease lasts without renewal, in ms.
     pub lease_ms: u64,
+    /// Which shard this is (its place in `--cluster`).
+    pub index: usize,
+    /// Whether every routed line gets an answer, even one that reached
+    /// all its recipients: with several shards the answers of one line's
+    /// shards are joined (`shards.rs`), and each must say it is done.
+    pub answer_every_line: bool,
 }
 
 /// The credentials of `redis://USER:PASSWORD@HOST` (an ACL user) or
@@ -187,7 +217,37 @@ impl std::fmt::Debug for Auth {
     }
 }
 
+/// Shards at most (`--cluster` lists at most this many Redis).
+pub const MAX_SHARDS: usize = 64;
+
 impl ClusterConfig {
+    /// Parses `--cluster`: one URL, or several separated by commas (a
+    /// comma in a password is written `%2C`), each Redis once.
+    pub fn parse_urls(list: &str) -> Result<Vec<Redis>, String> {
+        let mut shards: Vec<Redis> = Vec::new();
+        for url in list.split(',').map(str::trim) {
+            let (addr, auth) = ClusterConfig::parse_url(url)?;
+            if shards.iter().any(|s| s.addr == addr) {
+                return Err(format!("{addr} is listed twice"));
+            }
+            shards.push(Redis { addr, auth });
+        }
+        if shards.len() > MAX_SHARDS {
+            return Err(format!("at most {MAX_SHARDS} Redis"));
+        }
+        Ok(shards)
+    }
+
+    /// The shards as `redis://HOST:PORT,...` (no passwords), for logs.
+    pub fn shown(&self) -> String {
+        let urls: Vec<String> = self
+            .shards
+            .iter()
+            .map(|s| format!("redis://{}", s.addr))
+            .collect();
+        urls.join(",")
+    }
+
     /// Parses `redis://[[USER]:PASSWORD@]HOST[:PORT]` (the port defaults to
     /// 6379; the user and password may be percent-encoded).
     pub fn parse_url(url: &str) -> Result<(SocketAddr, Option<Auth>), String> {
@@ -232,16 +292,35 @@ impl ClusterConfig {
         Ok((addr, auth))
     }
 
-    /// `url` with its password replaced by `***`, for error lines and logs.
-    pub fn redacted(url: &str) -> String {
-        let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
-        match rest.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-                format!("{scheme}://{user}:***@{host}")
+    /// `urls` (one, or several separated by commas) with each password
+    /// replaced by `***`, for error lines and logs.
+    pub fn redacted(urls: &str) -> String {
+        // A piece with no `://` belongs to the URL before it (a password
+        // may hold an unescaped comma: it must not escape redaction).
+        let mut each: Vec<String> = Vec::new();
+        for piece in urls.split(',') {
+            match each.last_mut() {
+                Some(last) if !piece.contains("://") => {
+                    last.push(',');
+                    last.push_str(piece);
+                }
+                _ => each.push(piece.to_string()),
             }
-            None => url.to_string(),
         }
+        let each: Vec<String> = each.iter().map(|url| redacted_one(url)).collect();
+        each.join(",")
+    }
+}
+
+/// One URL with its password replaced by `***`.
+fn redacted_one(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_string(),
     }
 }
 
@@ -342,6 +421,15 @@ impl ClusterStats {
             .collect()
     }
 
+    /// Adds `other`'s totals to these (the round trip: the longer one).
+    pub fn add(&mut self, other: &ClusterStats) {
+        let mut other = *other;
+        for &(_, field) in CLUSTER_COUNTERS {
+            *field(self) += *field(&mut other);
+        }
+        self.rtt_us = self.rtt_us.max(other.rtt_us);
+    }
+
     /// Sets the total called `name`; false for a name it does not know.
     pub fn set(&mut self, name: &str, value: u64) -> bool {
         match CLUSTER_COUNTERS.iter().find(|(n, _)| *n == name) {
@@ -355,9 +443,9 @@ impl ClusterStats {
 }
 
 /// The link to Redis and the lease.
-pub(crate) struct Cluster {
+pub(crate) struct Shard {
     /// The flags.
-    config: ClusterConfig,
+    config: ShardConfig,
     /// This node's id (random, fixed for the process's life).
     node: String,
     /// The channel other nodes publish this node's lines on.
@@ -401,7 +489,7 @@ pub(crate) struct Cluster {
     /// Whether the link was ever ready (reconnects are counted after).
     was_ready: bool,
     /// When Redis last answered a command (ms): a Redis that answers, if
-    /// slowly, is busy, not gone (see [`Cluster::reply_timeout_ms`]).
+    /// slowly, is busy, not gone (see [`Shard::reply_timeout_ms`]).
     last_reply_ms: u64,
     /// Claims sent and not answered yet, at most `claim_window`.
     claims_in_flight: usize,
@@ -454,11 +542,11 @@ pub(crate) struct Cluster {
     pub stats: ClusterStats,
 }
 
-impl Cluster {
+impl Shard {
     /// A link that will connect at once, for node id `node`, on a server
     /// whose lines are at most `max_line` bytes (which bounds what Redis
     /// may send: see [`max_reply`]).
-    pub fn new(config: ClusterConfig, node: String, max_line: usize) -> Cluster {
+    pub fn new(config: ShardConfig, node: String, max_line: usize) -> Shard {
         let channel = format!("{}:node:{node}", config.prefix).into_bytes();
         let lines_channel = format!("{}:lines:{node}", config.prefix).into_bytes();
         let lost_channel = format!("{}:leases-lost", config.prefix).into_bytes();
@@ -467,7 +555,7 @@ impl Cluster {
             config.auth.clone(),
             format!("chatd-{node}-lease"),
         );
-        Cluster {
+        Shard {
             config,
             node,
             lines_channel,
@@ -516,6 +604,16 @@ impl Cluster {
     /// This node's id.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// Where this shard's Redis listens.
+    pub fn redis(&self) -> std::net::SocketAddr {
+        self.config.redis
+    }
+
+    /// Whether Redis refused the credentials at the last attempt.
+    pub fn auth_refused(&self) -> bool {
+        self.auth_refused
     }
 
     /// The state as a word for the stats line.
@@ -586,10 +684,19 @@ impl Cluster {
     /// The node fenced: the lease is given up (a new one is taken once
     /// Redis answers again). The reactor closes the clients.
     pub fn fenced(&mut self, now_ms: u64) {
-        warn!(
-            "cluster: lease not renewed in time: closing every logged-in client with \
-             `error: unavailable` before another node can take their names"
-        );
+        if self.config.answer_every_line {
+            warn!(
+                "cluster: lease not renewed in time on Redis at {}: closing every client \
+                 whose name lives there with `error: unavailable` before another node can \
+                 take their names",
+                self.config.redis
+            );
+        } else {
+            warn!(
+                "cluster: lease not renewed in time: closing every logged-in client with \
+                 `error: unavailable` before another node can take their names"
+            );
+        }
         self.stats.fences += 1;
         self.lease_until = None;
         // A renewal still in flight must not bring the lease back.
@@ -663,7 +770,7 @@ impl Cluster {
             }
             return;
         }
-        let silent = |link: &Cluster| {
+        let silent = |link: &Shard| {
             link.waiting_since()
                 .is_some_and(|since| now_ms >= since + timeout)
         };
@@ -870,7 +977,7 @@ impl Cluster {
     }
 
     /// Appends `EVALSHA <sha> 0 <first...> <rest...>` (the caller records
-    /// what it is for with [`Cluster::expect`]).
+    /// what it is for with [`Shard::expect`]).
     fn encode_script(&mut self, script: Script, first: &[&[u8]], rest: &[&[u8]]) {
         let sha = std::mem::take(&mut self.shas[script as usize]);
         let mut all: Vec<&[u8]> = Vec::with_capacity(3 + first.len() + rest.len());
@@ -1111,7 +1218,7 @@ impl Cluster {
     }
 
     /// Whether the connection `slot` has answers outstanding: its next
-    /// `error:` line must then wait behind them ([`Cluster::hold_marker`]).
+    /// `error:` line must then wait behind them ([`Shard::hold_marker`]).
     pub fn has_waiting(&self, slot: Slot) -> bool {
         self.waiting.get(&slot.key).is_some_and(|&n| n > 0)
     }
@@ -1119,7 +1226,7 @@ impl Cluster {
     /// Whether the connection `slot` waits for so many answers (or Redis
     /// for so many commands) that its input must not be read until they
     /// are in. Then the reactor holds its input back and calls
-    /// [`Cluster::throttle`]; an [`Answer::Unthrottle`] follows.
+    /// [`Shard::throttle`]; an [`Answer::Unthrottle`] follows.
     pub fn must_throttle(&self, slot: Slot) -> bool {
         let waiting = self.waiting.get(&slot.key).copied().unwrap_or(0);
         waiting >= MAX_WAITING_PER_CONN || (waiting > 0 && self.pending.len() >= MAX_PENDING)
@@ -1135,13 +1242,13 @@ impl Cluster {
     }
 
     /// Whether the input of `slot` is held back (see
-    /// [`Cluster::must_throttle`]).
+    /// [`Shard::must_throttle`]).
     pub fn is_throttled(&self, slot: Slot) -> bool {
         self.throttled.get(&slot.key) == Some(&slot)
     }
 
     /// Notes that the input of `slot` is held back (see
-    /// [`Cluster::must_throttle`]).
+    /// [`Shard::must_throttle`]).
     pub fn throttle(&mut self, slot: Slot) {
         self.throttled.insert(slot.key, slot);
     }
@@ -1178,7 +1285,7 @@ impl Cluster {
 
     /// A live upgrade begins: the node stops listening on its channel, so
     /// that no message is pushed into a connection nobody will read;
-    /// [`Cluster::is_quiet`] says when the rest has come. Returns false
+    /// [`Shard::is_quiet`] says when the rest has come. Returns false
     /// when the link is not ready (nothing to wait for).
     pub fn quiesce(&mut self) -> bool {
         if self.state != State::Ready {
@@ -1195,7 +1302,7 @@ impl Cluster {
     }
 
     /// Whether everything asked of Redis is answered and no message for
-    /// this node can still come (see [`Cluster::quiesce`]).
+    /// this node can still come (see [`Shard::quiesce`]).
     pub fn is_quiet(&self) -> bool {
         self.state != State::Ready
             || (self.unsubscribed
@@ -1251,7 +1358,7 @@ impl Cluster {
     }
 
     /// Whether the adopted clients' input is held back for the link (see
-    /// [`Cluster::adopt`]).
+    /// [`Shard::adopt`]).
     pub fn is_holding(&self) -> bool {
         self.hold_until.is_some()
     }

@@ -29,7 +29,7 @@ pub(super) enum Pending {
     Policy,
     /// A claim of `name` for the connection `slot`; `again` when the node
     /// claims a name it held before its lease was lost; `retried` when it
-    /// was found taken once already (see `Cluster::retry_claim`).
+    /// was found taken once already (see `Shard::retry_claim`).
     /// Claims go to Redis a turn's worth at a time, in one script call
     /// answered by one array: `group` is how many claims (this one and
     /// those right after it) that answer is for, set on the first of them
@@ -54,7 +54,7 @@ pub(super) enum Pending {
 
 impl Pending {
     /// The connection the entry speaks for, if one (a batch speaks for
-    /// each of its lines' senders: see `Cluster::unwait`).
+    /// each of its lines' senders: see `Shard::unwait`).
     pub(super) fn slot(&self) -> Option<Slot> {
         match self {
             Pending::Claim { slot, .. } | Pending::Held { slot, .. } => Some(*slot),
@@ -112,9 +112,10 @@ pub(crate) enum Answer {
     /// Other nodes sent lines to local clients: records of names and a
     /// line (`batch::records`).
     Deliver { payload: Vec<u8> },
-    /// The lease was lost and taken anew: every name still held here must
-    /// be claimed again (`Cluster::claim` with `again`).
-    ClaimAgain,
+    /// The lease on `shard` was lost and taken anew: every name of that
+    /// shard still held here must be claimed again (`Cluster::claim` with
+    /// `again`).
+    ClaimAgain { shard: usize },
     /// Back after an outage: these names were claimed or released while
     /// the outcome could not be known. Each held here is claimed again
     /// (`again`), each not held here is released.

@@ -13,6 +13,9 @@ use crate::conn::Slot;
 /// it is a claim again, whether it was retried.
 pub(super) type QueuedClaim = (Slot, Rc<str>, bool, bool);
 
+/// Entries an empty queue keeps room for at most.
+const SMALL: usize = 1024;
+
 #[derive(Default)]
 pub(super) struct ClaimQueue {
     /// The waiting claims by their number, given in order of arrival.
@@ -47,6 +50,12 @@ impl ClaimQueue {
     }
 
     pub fn pop_front(&mut self) -> Option<QueuedClaim> {
+        let claim = self.pop_next();
+        self.shrink_if_empty();
+        claim
+    }
+
+    fn pop_next(&mut self) -> Option<QueuedClaim> {
         while let Some(n) = self.order.pop_front() {
             let Some(claim) = self.claims.remove(&n) else {
                 continue; // taken out by name
@@ -84,7 +93,19 @@ impl ClaimQueue {
         if self.claims.is_empty() {
             self.order.clear();
         }
+        self.shrink_if_empty();
         gone
+    }
+
+    /// An empty queue gives back what a login wave made it grow to (at a
+    /// million clients, some 3 MB per node kept for nothing).
+    fn shrink_if_empty(&mut self) {
+        if self.claims.is_empty() && self.claims.capacity() > SMALL {
+            *self = ClaimQueue {
+                next: self.next,
+                ..ClaimQueue::default()
+            };
+        }
     }
 
     /// Takes out every claim, in order.
@@ -97,6 +118,7 @@ impl ClaimQueue {
         }
         self.names.clear();
         self.slots.clear();
+        self.shrink_if_empty();
         all
     }
 }
@@ -163,5 +185,8 @@ mod tests {
             .collect();
         assert_eq!(order, (1..40_000).step_by(2).collect::<Vec<_>>());
         assert!(q.order.is_empty());
+        // Empty again, it gives the wave's memory back.
+        let room = q.claims.capacity() + q.names.capacity() + q.order.capacity();
+        assert!(room <= 3 * SMALL, "{room} entries kept");
     }
 }

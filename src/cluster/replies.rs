@@ -9,7 +9,7 @@ use log::{info, warn};
 use super::batch::Sent;
 use super::codec::Reply;
 use super::scripts::Script;
-use super::{Answer, Claimed, Cluster, FIRST_BACKOFF_MS, Pending, State};
+use super::{Answer, Claimed, FIRST_BACKOFF_MS, Pending, Shard, State};
 use crate::conn::Slot;
 
 /// A connection that waits for no more answers: its input was held back,
@@ -19,7 +19,7 @@ enum Waited {
     Done,
 }
 
-impl Cluster {
+impl Shard {
     /// Handles one frame: a push, or the answer to the oldest command.
     pub(super) fn on_reply(&mut self, reply: Reply, now_ms: u64) -> Result<(), String> {
         match reply {
@@ -43,6 +43,9 @@ impl Cluster {
         let Some(entry) = self.pending.pop_front() else {
             return Err("a reply nobody asked for".into());
         };
+        if self.pending.is_empty() && self.pending.capacity() > 4096 {
+            self.pending.shrink_to_fit(); // a wave's room, given back
+        }
         self.last_reply_ms = now_ms;
         match entry {
             Pending::Claim { group, .. } => self.on_group(entry, group as usize, reply, now_ms),
@@ -107,7 +110,7 @@ impl Cluster {
     }
 
     /// Counts an entry out of `waiting`. Returns what to say once the
-    /// entry's own answer is out ([`Cluster::unthrottle`]): the connections
+    /// entry's own answer is out ([`Shard::unthrottle`]): the connections
     /// whose input may be read again now that they wait for nothing, and
     /// (for a batch, which answers only the lines that need it) the
     /// senders that wait for nothing more.
@@ -137,13 +140,17 @@ impl Cluster {
             return None;
         }
         self.waiting.remove(&slot.key);
+        if self.waiting.is_empty() && self.waiting.capacity() > 4096 {
+            // What a wave made it grow to, given back.
+            self.waiting = Default::default();
+        }
         Some(match self.throttled.remove(&slot.key) {
             Some(_) => Waited::Unthrottled,
             None => Waited::Done,
         })
     }
 
-    /// Says what [`Cluster::unwait`] found.
+    /// Says what [`Shard::unwait`] found.
     pub(super) fn unthrottle(&mut self, after: Vec<Answer>) {
         self.answers.extend(after);
     }
@@ -225,7 +232,9 @@ impl Cluster {
                 // again, and nothing else is uncertain any more.
                 self.uncertain.clear();
                 self.uncertain_overflow = false;
-                self.answers.push(Answer::ClaimAgain);
+                self.answers.push(Answer::ClaimAgain {
+                    shard: self.config.index,
+                });
             }
             Pending::Claim {
                 slot,
@@ -314,6 +323,8 @@ impl Cluster {
         const OFFLINE: u8 = 1;
         const UNREACHABLE: u8 = 2;
         let Reply::Array(lists) = reply else {
+            // Its lines are not left without an answer.
+            self.unroutable(sent);
             return Err("unexpected send reply".into());
         };
         let mut lists = lists.into_iter();
@@ -354,7 +365,8 @@ impl Cluster {
                 self.holders.learn(sent.names.get(i), node, epoch);
             }
         }
-        if !marked {
+        let every = self.config.answer_every_line;
+        if !marked && !every {
             return Ok(()); // every line reached everyone: nobody is told
         }
         for (i, name) in sent.names.iter().enumerate() {
@@ -371,7 +383,7 @@ impl Cluster {
                     .collect()
             };
             let (offline, unreachable) = (marked(OFFLINE), marked(UNREACHABLE));
-            if offline.is_empty() && unreachable.is_empty() {
+            if offline.is_empty() && unreachable.is_empty() && !every {
                 continue; // this sender hears nothing (see Answer::Settled)
             }
             self.answers.push(Answer::Routed {
@@ -426,7 +438,9 @@ impl Cluster {
             self.uncertain_overflow = false;
             self.uncertain.clear();
             self.node_script(Script::DropNames, &[], Pending::Plain);
-            self.answers.push(Answer::ClaimAgain);
+            self.answers.push(Answer::ClaimAgain {
+                shard: self.config.index,
+            });
         } else if !self.uncertain.is_empty() {
             let names = self.uncertain.drain().collect();
             self.answers.push(Answer::Reconcile(names));

@@ -20,7 +20,7 @@
 //!
 //! Every script takes no `KEYS` and builds key names itself: the cluster
 //! runs on one Redis (or one shard of names per Redis, see docs/CLUSTER.md),
-//! not on a Redis Cluster with hash slots.
+//! not on a Redis Shard with hash slots.
 
 /// `claim(prefix, node, name...)`: claims each name for `node`, in order,
 /// and answers one number per name: 1 when it is now held by `node`, 0

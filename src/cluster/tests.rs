@@ -91,14 +91,16 @@ use codec::{Reply, decode_reply};
 
 /// A link as if its handshake had been answered: ready, with a lease until
 /// 10 s.
-fn ready_link() -> Cluster {
-    let config = ClusterConfig {
+fn ready_link() -> Shard {
+    let config = ShardConfig {
         redis: "127.0.0.1:1".parse().unwrap(),
         auth: None,
         prefix: "p".into(),
         lease_ms: 10_000,
+        index: 0,
+        answer_every_line: false,
     };
-    let mut link = Cluster::new(config, "n1".into(), 16 * 1024);
+    let mut link = Shard::new(config, "n1".into(), 16 * 1024);
     link.state = State::Ready;
     link.lease_until = Some(10_000);
     link.sweep_at = 3_333;
@@ -118,7 +120,7 @@ fn slot(key: u32) -> Slot {
 
 /// The commands queued since the last call, each as its words (a script's
 /// SHA1 is empty here: no script was loaded).
-fn commands(link: &mut Cluster) -> Vec<Vec<String>> {
+fn commands(link: &mut Shard) -> Vec<Vec<String>> {
     link.seal_staged();
     let mut all = Vec::new();
     let mut at = 0;
@@ -137,7 +139,7 @@ fn commands(link: &mut Cluster) -> Vec<Vec<String>> {
 #[test]
 fn a_claim_without_a_ready_link_is_unavailable_at_once() {
     let config = ready_link().config.clone();
-    let mut link = Cluster::new(config, "n1".into(), 16 * 1024);
+    let mut link = Shard::new(config, "n1".into(), 16 * 1024);
     link.claim(slot(1), Rc::from("alice"), false, 0);
     assert!(commands(&mut link).is_empty());
     let answers = link.take_answers();

@@ -116,11 +116,11 @@ impl Broker {
             }
         }
         if !elsewhere.names.is_empty() {
-            let routed = match cluster.as_deref_mut() {
+            let unrouted = match cluster.as_deref_mut() {
                 None => {
                     let args = format_args!("{elsewhere}");
                     clients.error(key, ErrorKind::NotOnline, args, deadlines);
-                    true
+                    Vec::new()
                 }
                 Some(link) => {
                     // Lines held for a claimant that lost its claim go
@@ -134,8 +134,10 @@ impl Broker {
                     )
                 }
             };
-            if !routed {
-                let args = format_args!("{elsewhere}");
+            if !unrouted.is_empty() {
+                let mut names = NameList::new(elsewhere.budget);
+                unrouted.iter().for_each(|name| names.add(name));
+                let args = format_args!("{names}");
                 say(
                     clients,
                     deadlines,
@@ -263,7 +265,7 @@ pub(super) fn sync_cluster(
     }
     let now = deadlines.now_ms();
     for (from, name, line) in std::mem::take(&mut clients.held.to_route) {
-        if cluster.route(from, &[&name], &line, now) {
+        if cluster.route(from, &[&name], &line, now).is_empty() {
             continue;
         }
         if let Some(sender) = clients.find(from) {

@@ -83,12 +83,12 @@ pub(crate) enum Source {
     MetricsListener,
     /// The [`Control`]'s waker.
     Waker,
-    /// Cluster mode: the link to Redis.
-    Redis,
+    /// Cluster mode: the link to a Redis, by its shard.
+    Redis(usize),
     /// A live upgrade's readiness pipe.
     Upgrade,
-    /// Cluster mode: the lease's own connection to Redis.
-    Lease,
+    /// Cluster mode: the lease's own connection to a Redis, by its shard.
+    Lease(usize),
     /// The WebSocket listener.
     WsListener,
 }
@@ -105,9 +105,9 @@ impl Source {
             Source::Listener => 2,
             Source::MetricsListener => 3,
             Source::Waker => 4,
-            Source::Redis => 5,
+            Source::Redis(shard) => shard << Self::TAG_BITS | 5,
             Source::Upgrade => 6,
-            Source::Lease => 7,
+            Source::Lease(shard) => shard << Self::TAG_BITS | 7,
             Source::WsListener => 8,
         })
     }
@@ -119,13 +119,13 @@ impl Source {
         Some(match token.0 & Self::TAG_MASK {
             0 => Source::Client(index),
             1 => Source::Scraper(index),
+            5 => Source::Redis(index),
+            7 => Source::Lease(index),
             _ if index != 0 => return None, // the others are one of a kind
             2 => Source::Listener,
             3 => Source::MetricsListener,
             4 => Source::Waker,
-            5 => Source::Redis,
             6 => Source::Upgrade,
-            7 => Source::Lease,
             8 => Source::WsListener,
             _ => return None,
         })
@@ -301,7 +301,9 @@ impl Server {
             let node = inherited_node.unwrap_or_else(crate::cluster::new_node_id);
             info!(
                 "cluster: node {node}, Redis at {}, prefix {:?}, lease {} ms",
-                cluster.redis, cluster.prefix, cluster.lease_ms
+                cluster.shown(),
+                cluster.prefix,
+                cluster.lease_ms
             );
             Cluster::new(cluster, node, config.max_line)
         });
@@ -429,17 +431,17 @@ impl Server {
             // Handing over: what comes is the new process's (or acted on
             // when serving resumes, see `resume_serving`).
             _ if !self.touches_clients() => {}
-            Source::Redis => {
+            Source::Redis(shard) => {
                 if let Some(cluster) = &mut self.cluster {
-                    cluster.on_event(event, self.deadlines.now_ms());
+                    cluster.on_event(shard, event, self.deadlines.now_ms());
                 }
                 // At once: a client's later events this turn must see the
                 // answers for its earlier lines.
                 self.apply_cluster_answers();
             }
-            Source::Lease => {
+            Source::Lease(shard) => {
                 if let Some(cluster) = &mut self.cluster {
-                    cluster.on_lease_event(event, self.deadlines.now_ms());
+                    cluster.on_lease_event(shard, event, self.deadlines.now_ms());
                 }
             }
             // Quiescing: clients wait (the new process, or the resumed
@@ -553,8 +555,12 @@ impl Server {
             health,
             cluster: cluster.map(|c| metrics::ClusterGauges {
                 ready: c.is_ready(),
+                shards: match c.shard_count() {
+                    1 => Vec::new(),
+                    _ => c.shard_gauges(now),
+                },
                 lease_age_ms: c.lease_age_ms(now),
-                stats: c.stats,
+                stats: c.totals(),
             }),
         };
         let registry = self.poll.registry();
@@ -627,9 +633,9 @@ impl Server {
                 self.cluster_tick_at = u64::MAX;
                 if let Some(cluster) = &mut self.cluster {
                     let now = deadlines.now_ms();
-                    let tokens = crate::cluster::Tokens {
-                        link: Source::Redis.token(),
-                        lease: Source::Lease.token(),
+                    let tokens = |shard| crate::cluster::Tokens {
+                        link: Source::Redis(shard).token(),
+                        lease: Source::Lease(shard).token(),
                     };
                     cluster.on_timer(registry, tokens, now);
                 }
@@ -657,7 +663,7 @@ fn log_start(
         Seconds(config.login_timeout),
         Seconds(config.idle_timeout),
         match &config.cluster {
-            Some(c) => format!(", cluster redis://{} prefix {}", c.redis, c.prefix),
+            Some(c) => format!(", cluster {} prefix {}", c.shown(), c.prefix),
             None => String::new(),
         },
         match socket2::SockRef::from(listener).reuse_port() {
@@ -673,11 +679,18 @@ fn log_start(
 fn counters(clients: &Clients, cluster: Option<&Cluster>, now_ms: u64) -> String {
     let mut line = clients.stats.to_string();
     if let Some(cluster) = cluster {
-        let stats = &cluster.stats;
+        let stats = &cluster.totals();
         let lease = cluster
             .lease_age_ms(now_ms)
             .map_or_else(|| "none".to_string(), |ms| ms.to_string());
         line += &format!(" cluster={} lease_age_ms={lease}", cluster.state_name());
+        if cluster.shard_count() > 1 {
+            line += &format!(
+                " shards_ready={}/{}",
+                cluster.shards_ready(),
+                cluster.shard_count()
+            );
+        }
         for (name, value) in stats.each() {
             line += &format!(" {name}={value}");
         }
@@ -723,9 +736,11 @@ mod tests {
             Source::Listener,
             Source::MetricsListener,
             Source::Waker,
-            Source::Redis,
+            Source::Redis(0),
+            Source::Redis(63),
             Source::Upgrade,
-            Source::Lease,
+            Source::Lease(0),
+            Source::Lease(2),
             Source::WsListener,
         ];
         let mut tokens = std::collections::HashSet::new();
@@ -733,7 +748,7 @@ mod tests {
             assert_eq!(Source::of(source.token()), Some(source));
             assert!(tokens.insert(source.token()), "{source:?} shares a token");
         }
-        assert_eq!(Source::of(Token(7 + 16)), None);
+        assert_eq!(Source::of(Token(6 + 16)), None);
         assert_eq!(Source::of(Token(9)), None);
     }
 }

@@ -39,7 +39,8 @@ impl Server {
     }
 
     /// Closes every client that holds or claims a name with
-    /// `error: unavailable` when the lease can no longer be trusted.
+    /// `error: unavailable` when the lease can no longer be trusted: with
+    /// several shards, only those whose names live on a shard that fenced.
     pub(super) fn fence_if_needed(&mut self) {
         let now = self.deadlines.now_ms();
         let Some(cluster) = &mut self.cluster else {
@@ -48,8 +49,12 @@ impl Server {
         if !cluster.must_fence(now) {
             return;
         }
-        cluster.fenced(now);
+        let fenced = cluster.fence(now);
         for key in self.clients.holders() {
+            let shard = cluster.shard_of(&self.clients.conn(key).name);
+            if fenced & 1 << shard == 0 {
+                continue;
+            }
             let args = format_args!("");
             self.clients
                 .error(key, ErrorKind::Unavailable, args, &mut self.deadlines);
@@ -157,13 +162,15 @@ impl Server {
                     }
                 }
             }
-            Answer::ClaimAgain => {
+            Answer::ClaimAgain { shard } => {
                 let Some(cluster) = &mut self.cluster else {
                     return;
                 };
                 let now = deadlines.now_ms();
                 for (name, key) in clients.logged_in_names() {
-                    cluster.claim(clients.slot(key), name, true, now);
+                    if cluster.shard_of(&name) == shard {
+                        cluster.claim(clients.slot(key), name, true, now);
+                    }
                 }
             }
             Answer::Reconcile(names) => {

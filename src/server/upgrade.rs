@@ -401,9 +401,9 @@ impl Server {
     /// [`Server::begin_upgrade`].
     fn snapshot(&self, quiet: bool) -> State {
         let now = self.deadlines.now_ms();
-        let (lease_left_ms, uncertain, uncertain_overflow) = match &self.cluster {
+        let (leases_left_ms, uncertain, uncertain_overflow) = match &self.cluster {
             Some(cluster) => cluster.handover_state(now),
-            None => (None, Vec::new(), false),
+            None => (Vec::new(), Vec::new(), false),
         };
         // Login and close deadlines, by slab key (idle ones follow from
         // the time of the last input).
@@ -445,12 +445,12 @@ impl Server {
             websocket: self.clients.ws_listener().map(|l| raw(Some(l.as_fd()))),
             counters: handoff::counters_of(
                 &self.clients.stats,
-                self.cluster.as_ref().map(|c| &c.stats),
+                self.cluster.as_ref().map(|c| c.totals()).as_ref(),
             ),
             next_id: self.clients.next_id(),
             base_fds: self.base_fds as u64,
             node: self.cluster.as_ref().map(|c| c.node().to_string()),
-            lease_left_ms,
+            leases_left_ms,
             uncertain,
             uncertain_overflow,
             link_quiet: quiet && self.cluster.as_ref().is_some_and(|c| c.is_ready()),
@@ -503,7 +503,7 @@ pub(super) fn adopt(
         };
         let now = deadlines.now_ms();
         cluster.adopt(
-            state.lease_left_ms,
+            &state.leases_left_ms,
             uncertain,
             state.uncertain_overflow,
             now,

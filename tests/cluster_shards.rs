@@ -1,0 +1,191 @@
+//! Past one Redis: `--cluster redis://a,redis://b,...` shards the names
+//! over independent Redis primaries by the name's hash slot
+//! (docs/CLUSTER.md, "Several Redis"). Each test starts its own Redis
+//! servers and nodes, and stops them all, also when it fails.
+
+#[macro_use]
+mod common;
+
+use chatd::cluster::shard_of;
+use common::Server;
+use common::redis::Redis;
+
+/// `count` fresh Redis servers (or none: the test is skipped).
+fn redises(count: usize) -> Option<Vec<Redis>> {
+    (0..count).map(|_| Redis::start_or_skip()).collect()
+}
+
+/// The `--cluster` list of `redis`.
+fn urls(redis: &[Redis]) -> String {
+    let urls: Vec<String> = redis.iter().map(Redis::url).collect();
+    urls.join(",")
+}
+
+/// A node of the cluster sharded over `redis`, ready on every shard.
+fn sharded_node(redis: &[Redis], lease: &str) -> Server {
+    let list = urls(redis);
+    let mut server = Server::start(&["--cluster", &list, "--cluster-lease", lease]);
+    server.wait_log_count(" ready (Redis at ", redis.len());
+    server
+}
+
+/// The first `n` names `<stem><i>` that live on `shard` of `shards`.
+fn names_on(stem: &str, shard: usize, shards: usize, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{stem}{i}"))
+        .filter(|name| shard_of(name, shards) == shard)
+        .take(n)
+        .collect()
+}
+
+/// The names a Redis holds (the keys `chatd:name:*`).
+fn names_in(redis: &Redis) -> Vec<String> {
+    redis
+        .keys()
+        .into_iter()
+        .filter_map(|k| k.strip_prefix("chatd:name:").map(str::to_string))
+        .collect()
+}
+
+/// Two and three shards: names live on their shard's Redis only, are
+/// unique across nodes, lines reach them across nodes in order, and a line
+/// to names online nowhere on several shards gets one `not-online` naming
+/// them in the order given, as on one node.
+#[test]
+fn names_shard_over_several_redis_as_one_name_space() {
+    for shards in [2, 3] {
+        let Some(redis) = redises(shards) else {
+            return;
+        };
+        let (a, b) = (sharded_node(&redis, "10"), sharded_node(&redis, "10"));
+        // One recipient and one stranger per shard.
+        let here: Vec<String> = (0..shards)
+            .map(|s| names_on("r", s, shards, 1).remove(0))
+            .collect();
+        let nobody: Vec<String> = (0..shards)
+            .map(|s| names_on("x", s, shards, 1).remove(0))
+            .collect();
+        let mut recipients: Vec<_> = here.iter().map(|n| b.login(n)).collect();
+        for (s, r) in redis.iter().enumerate() {
+            assert_eq!(names_in(r), [here[s].clone()], "shard {s} of {shards}");
+        }
+        // Unique across nodes, whatever the shard.
+        for name in &here {
+            let mut again = a.connect();
+            again.send(&format!("{name}\n"));
+            again.expect(&format!("error: name-taken: {name}"));
+        }
+        let mut carol = a.login("carol");
+        // Strangers and recipients of every shard, interleaved.
+        let mut to: Vec<&str> = Vec::new();
+        for s in (0..shards).rev() {
+            to.push(&nobody[s]);
+            to.push(&here[s]);
+        }
+        let lines = 300;
+        let all: String = (0..lines)
+            .map(|i| format!("{}: {i}\n", to.join(", ")))
+            .collect();
+        carol.send(&all);
+        let strangers: Vec<&str> = (0..shards).rev().map(|s| nobody[s].as_str()).collect();
+        let not_online = format!("error: not-online: {}", strangers.join(", "));
+        for _ in 0..lines {
+            carol.expect(&not_online);
+        }
+        for r in &mut recipients {
+            for i in 0..lines {
+                r.expect(&format!("from carol: {i}"));
+            }
+        }
+        carol.sync("carol");
+    }
+}
+
+/// One shard killed while the others live: only its names get
+/// `unavailable` (logins, lines to them), only its clients are fenced; a
+/// line to names on both shards reaches the live half and names the other
+/// half `unavailable`. The shard back (empty), its names work again.
+#[test]
+fn one_shard_down_touches_only_its_names() {
+    let Some(mut redis) = redises(2) else {
+        return;
+    };
+    let (mut a, b) = (sharded_node(&redis, "2"), sharded_node(&redis, "2"));
+    let zero = names_on("z", 0, 2, 3);
+    let one = names_on("o", 1, 2, 3);
+    let mut on_zero = a.login(&zero[0]);
+    let mut on_one = a.login(&one[0]);
+    let mut far_zero = b.login(&zero[1]);
+    let _far_one = b.login(&one[1]);
+    redis[1].kill();
+    // Within the lease, a's client of shard 1 is closed; shard 0's stays.
+    a.wait_log("lease not renewed in time on Redis at");
+    assert_eq!(on_one.line(), "error: unavailable\n");
+    on_one.expect_eof();
+    // A line to both shards: shard 0's half delivered, shard 1's named.
+    on_zero.send(&format!("{}, {}: half\n", one[1], zero[1]));
+    far_zero.expect(&format!("from {}: half", zero[0]));
+    on_zero.expect(&format!("error: unavailable: {}", one[1]));
+    on_zero.sync(&zero[0]);
+    // Logins: shard 0's names go on, shard 1's are unavailable.
+    let _fresh = a.login(&zero[2]);
+    let mut refused = a.connect();
+    refused.send(&format!("{}\n", one[2]));
+    refused.expect("error: unavailable");
+    assert!(a.stat("fences") >= 1);
+    // Shard 1 back, empty: its names are claimed and routed again.
+    redis[1].restart();
+    a.wait_log("reachable again");
+    let back = common::poll_until(|| {
+        let mut c = a.connect();
+        c.send(&format!("{}\n{}: back\n", one[2], one[2]));
+        (c.line() == format!("from {}: back\n", one[2])).then_some(c)
+    });
+    let mut back = back.expect("shard 1's names log in again");
+    back.send(&format!("{}: over\n", zero[1]));
+    far_zero.expect(&format!("from {}: over", one[2]));
+    drop(b);
+}
+
+/// Each shard's `/metrics` gauge and the stats line's count of shards
+/// ready follow the shards; `/healthz` stays 200 while one shard serves.
+#[test]
+fn the_metrics_show_each_shard() {
+    let Some(mut redis) = redises(2) else {
+        return;
+    };
+    let list = urls(&redis);
+    let mut node = Server::start(&[
+        "--cluster",
+        &list,
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--stats-interval",
+        "1",
+    ]);
+    node.wait_log_count(" ready (Redis at ", 2);
+    let metrics = node.metrics_addr();
+    let scrape = common::http_get(&metrics, "/metrics");
+    for r in &redis {
+        let up = format!("chatd_cluster_shard_up{{redis=\"{}\"}} 1", r.addr());
+        assert!(scrape.contains(&up), "{up} in:\n{scrape}");
+    }
+    node.wait_log("shards_ready=2/2");
+    redis[1].kill();
+    node.wait_log("shards_ready=1/2");
+    let down = format!("chatd_cluster_shard_up{{redis=\"{}\"}} 0", redis[1].addr());
+    common::poll_until(|| {
+        common::http_get(&metrics, "/metrics")
+            .contains(&down)
+            .then_some(())
+    })
+    .expect("shard 1 down in /metrics");
+    assert!(common::http_get(&metrics, "/healthz").starts_with("HTTP/1.1 200"));
+    redis[0].kill();
+    common::poll_until(|| {
+        common::http_get(&metrics, "/healthz")
+            .starts_with("HTTP/1.1 503")
+            .then_some(())
+    })
+    .expect("503 once no shard serves");
+}
