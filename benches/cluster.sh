@@ -6,7 +6,7 @@
 #   benches/cluster.sh
 #
 # Environment: DURATION (traffic seconds, default 10), SCENARIOS (space
-# separated subset of: local cross saturated scale36k storm reuseport), OUT (directory
+# separated subset of: local cross saturated scale36k storm reuseport shards), OUT (directory
 # for the JSON results, default target/cluster).
 # Needs redis-server and redis-cli (Debian: redis-server). Traffic goes to
 # 127.0.0.1 only.
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 duration=${DURATION:-10}
-scenarios=${SCENARIOS:-"local cross saturated scale36k storm reuseport"}
+scenarios=${SCENARIOS:-"local cross saturated scale36k storm reuseport shards"}
 out=${OUT:-target/cluster}
 mkdir -p "$out"
 cargo build --release --quiet --bin chatd --bin chatd-bench
@@ -225,6 +225,51 @@ print(json.dumps(split))
 PY
         stop "$a_pid" "$b_pid"
         ;;
+    shards)
+        # Past one Redis: the saturated fan-out-1 scenario over two nodes
+        # with the names sharded over 1, 2 and 3 Redis primaries (fresh
+        # ones). Redis CPU per delivery, all shards together and each
+        # shard's share: each shard should do 1/S of the work.
+        for count in 1 2 3; do
+            shard_pids=() shard_urls=()
+            for _ in $(seq 1 "$count"); do
+                port=$(free_port)
+                redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+                    --protected-mode no >/dev/null 2>&1 &
+                shard_pids+=("$!")
+                pids+=("$!")
+                shard_urls+=("redis://127.0.0.1:$port")
+                wait_listening "$port"
+            done
+            list=$(IFS=,; echo "${shard_urls[*]}")
+            start_node a --cluster "$list"
+            start_node b --cluster "$list"
+            sleep 0.3
+            before=()
+            for pid in "${shard_pids[@]}"; do before+=("$(cpu_ticks "$pid")"); done
+            name="shards$count.fanout1"
+            echo "== $name: ${#shard_pids[@]} Redis" >&2
+            "$bench" --json --addr "127.0.0.1:$a_port,127.0.0.1:$b_port" \
+                --server-pid "$a_pid,$b_pid" --clients 1000 --senders 100 --fanout 1 \
+                --window 32 --duration "$duration" >"$out/$name.json" || true
+            used=()
+            for i in "${!shard_pids[@]}"; do
+                used+=("$(( $(cpu_ticks "${shard_pids[$i]}") - ${before[$i]} ))")
+            done
+            python3 - "$out/$name.json" "${used[@]}" <<'PY'
+import json, sys
+path, ticks = sys.argv[1], [int(t) for t in sys.argv[2:]]
+r = json.load(open(path))
+d = max(r.get("deliveries", 0), 1)
+r["redis_cpu_secs"] = sum(ticks) / 100
+r["redis_cpu_us_per_delivery"] = sum(ticks) * 1e4 / d
+r["shard_cpu_us_per_delivery"] = [round(t * 1e4 / d, 4) for t in ticks]
+json.dump(r, open(path, "w"))
+PY
+            stop "$a_pid" "$b_pid"
+            for pid in "${shard_pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+        done
+        ;;
     *) echo "unknown scenario $scenario" >&2; exit 1 ;;
     esac
 done
@@ -236,7 +281,8 @@ keys = ["logged_in", "deliveries_per_sec", "lost", "server_cpu_us_per_delivery",
         "redis_cpu_us_per_delivery", "redis_scripts_per_delivery",
         "redis_commands_per_delivery", "latency_us_p50",
         "latency_us_p99", "login_ms_p99", "login_ms_max", "bench_cpu_secs", "result",
-        "redis_commands_per_sec", "redis_cpu_secs", "names", "a", "b"]
+        "redis_commands_per_sec", "redis_cpu_secs", "names", "a", "b",
+        "shard_cpu_us_per_delivery"]
 print("| run | " + " | ".join(keys) + " |")
 print("|---" * (len(keys) + 1) + "|")
 for path in sorted(glob.glob(f"{out}/*.json")):

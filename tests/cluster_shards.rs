@@ -189,3 +189,41 @@ fn the_metrics_show_each_shard() {
     })
     .expect("503 once no shard serves");
 }
+
+/// A connection's answers keep the order of its lines when its shards
+/// answer at different speeds: a line to the slow shard, one to the fast
+/// one, one to both, an `error:` line and one more to the fast shard,
+/// each answered in turn, although the fast shard answers first.
+#[test]
+fn answers_keep_the_lines_order_when_shards_answer_at_different_speeds() {
+    let Some(redis) = redises(2) else {
+        return;
+    };
+    let proxy = common::redis::Proxy::start(redis[1].addr());
+    let list = format!("{},{}", redis[0].url(), proxy.url());
+    let mut a = Server::start(&["--cluster", &list, "--cluster-lease", "10"]);
+    a.wait_log_count(" ready (Redis at ", 2);
+    let zero = names_on("z", 0, 2, 3);
+    let one = names_on("o", 1, 2, 3);
+    let mut carol = a.login("carol");
+    proxy.freeze();
+    let before = a.stat("messages_in");
+    carol.send(&format!(
+        "{one0}: 1\n{zero0}: 2\n{zero1}, {one1}: 3\nno colon\n{zero2}: 4\n",
+        one0 = one[0],
+        zero0 = zero[0],
+        one1 = one[1],
+        zero1 = zero[1],
+        zero2 = zero[2],
+    ));
+    // Every line is read while shard 1 cannot answer.
+    common::poll_until(|| (a.stat("messages_in") >= before + 5).then_some(()))
+        .expect("the lines read");
+    proxy.thaw();
+    carol.expect(&format!("error: not-online: {}", one[0]));
+    carol.expect(&format!("error: not-online: {}", zero[0]));
+    carol.expect(&format!("error: not-online: {}, {}", zero[1], one[1]));
+    carol.expect("error: no-recipients: expected \"name1, name2: message\"");
+    carol.expect(&format!("error: not-online: {}", zero[2]));
+    carol.sync("carol");
+}

@@ -133,6 +133,9 @@ pub(super) struct Batch {
     groups: Vec<Group>,
     /// Per line: who sent it, and where its names are in `occurrences`.
     lines: Vec<(Slot, u32, u32)>,
+    /// The lines (by index, in order) whose answer is joined with other
+    /// shards' (see [`Sent::joined`]).
+    joined: Vec<u32>,
     /// Per recipient of each line, in the line's order: (group, position
     /// of the name in the group).
     occurrences: Vec<(u32, u32)>,
@@ -144,6 +147,10 @@ pub(super) struct Batch {
 pub(crate) struct Sent {
     /// Per line: who sent it, and where its names are in `occurrences`.
     pub lines: Vec<(Slot, u32, u32)>,
+    /// The lines (by index, in order) that are answered even when they
+    /// reached everyone: with several shards their answers are joined
+    /// with other shards' (`shards.rs`). Empty with one shard.
+    pub joined: Vec<u32>,
     /// Per recipient of each line: its index in `names`.
     pub occurrences: Vec<u32>,
     /// Every name of the batch, in the order the script numbers them
@@ -173,8 +180,19 @@ impl Batch {
             && (self.bytes + len > BATCH_BYTES || self.occurrences.len() + names > BATCH_NAMES)
     }
 
-    /// Stages `line` from `slot` to `names` (none held here, each once).
-    pub fn add(&mut self, holders: &Holders, slot: Slot, names: &[&str], line: &[u8]) {
+    /// Stages `line` from `slot` to `names` (none held here, each once);
+    /// `joined`: it is answered even if it reaches everyone.
+    pub fn add(
+        &mut self,
+        holders: &Holders,
+        slot: Slot,
+        names: &[&str],
+        line: &[u8],
+        joined: bool,
+    ) {
+        if joined {
+            self.joined.push(self.lines.len() as u32);
+        }
         let from = self.occurrences.len() as u32;
         // The groups the line reaches, in order: one, nearly always.
         let mut touched: smallvec_free::Few = Default::default();
@@ -251,6 +269,7 @@ impl Batch {
         self.bytes = 0;
         let sent = Sent {
             lines: std::mem::take(&mut self.lines),
+            joined: std::mem::take(&mut self.joined),
             occurrences,
             names,
         };
@@ -381,9 +400,10 @@ mod tests {
             slot(1),
             names(&["bob", "dave", "carol"]),
             b"from a: 1\n",
+            false,
         );
-        batch.add(&holders, slot(2), names(&["erin"]), b"from z: 2\n");
-        batch.add(&holders, slot(1), names(&["bob"]), b"from a: 3\n");
+        batch.add(&holders, slot(2), names(&["erin"]), b"from z: 2\n", false);
+        batch.add(&holders, slot(1), names(&["bob"]), b"from a: 3\n", false);
         let (args, sent) = batch.seal();
         let text: Vec<String> = args
             .iter()
@@ -424,8 +444,9 @@ mod tests {
             slot(1),
             names(&["bob", "carol"]),
             b"from a: x y\n",
+            false,
         );
-        batch.add(&holders, slot(1), names(&["bob"]), b"from a: \xff\n");
+        batch.add(&holders, slot(1), names(&["bob"]), b"from a: \xff\n", false);
         let (args, _) = batch.seal();
         let got: Vec<_> = records(&args[4]).collect();
         assert_eq!(
@@ -462,12 +483,18 @@ mod tests {
             !batch.is_full_for(10 * BATCH_BYTES, 1),
             "an empty batch takes it"
         );
-        batch.add(&holders, slot(1), names(&["bob"]), &vec![b'x'; BATCH_BYTES]);
+        batch.add(
+            &holders,
+            slot(1),
+            names(&["bob"]),
+            &vec![b'x'; BATCH_BYTES],
+            false,
+        );
         assert!(batch.is_full_for(1, 1));
         let mut batch = Batch::default();
         let many: Vec<String> = (0..BATCH_NAMES).map(|i| format!("n{i}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        batch.add(&holders, slot(1), &many, b"x\n");
+        batch.add(&holders, slot(1), &many, b"x\n", false);
         assert!(batch.is_full_for(1, 1));
     }
 

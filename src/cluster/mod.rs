@@ -196,10 +196,8 @@ pub(crate) struct ShardConfig {
     pub lease_ms: u64,
     /// Which shard this is (its place in `--cluster`).
     pub index: usize,
-    /// Whether every routed line gets an answer, even one that reached
-    /// all its recipients: with several shards the answers of one line's
-    /// shards are joined (`shards.rs`), and each must say it is done.
-    pub answer_every_line: bool,
+    /// Whether the node has other shards (its log lines say which Redis).
+    pub several: bool,
 }
 
 /// The credentials of `redis://USER:PASSWORD@HOST` (an ACL user) or
@@ -684,7 +682,7 @@ impl Shard {
     /// The node fenced: the lease is given up (a new one is taken once
     /// Redis answers again). The reactor closes the clients.
     pub fn fenced(&mut self, now_ms: u64) {
-        if self.config.answer_every_line {
+        if self.config.several {
             warn!(
                 "cluster: lease not renewed in time on Redis at {}: closing every client \
                  whose name lives there with `error: unavailable` before another node can \
@@ -1199,7 +1197,16 @@ impl Shard {
     /// answered as an [`Answer::Routed`]. Returns false (and sends nothing)
     /// when Redis cannot be asked now: the caller reports the names as
     /// `unavailable`.
-    pub fn route(&mut self, slot: Slot, names: &[&str], line: &[u8], now_ms: u64) -> bool {
+    /// `joined`: the line is answered even if it reaches everyone (its
+    /// answer is joined with other shards', see `shards.rs`).
+    pub fn route(
+        &mut self,
+        slot: Slot,
+        names: &[&str],
+        line: &[u8],
+        joined: bool,
+        now_ms: u64,
+    ) -> bool {
         if !self.is_ready() || self.inflight_names + names.len() > MAX_INFLIGHT_NAMES {
             return false;
         }
@@ -1212,7 +1219,7 @@ impl Shard {
         }
         self.inflight_names += names.len();
         *self.waiting.entry(slot.key).or_default() += 1;
-        self.batch.add(&self.holders, slot, names, line);
+        self.batch.add(&self.holders, slot, names, line, joined);
         self.stats.routed_out += 1;
         true
     }

@@ -99,13 +99,20 @@ pub(crate) enum Answer {
     /// listening; `offline` are the names nobody holds (for `not-online`),
     /// `unreachable` those whose node is not listening (for
     /// `unavailable`).
+    /// `joined`: the line was routed with `joined` (its answer is one
+    /// part of the line's answer, see `shards.rs`).
     Routed {
         slot: Slot,
         offline: Vec<String>,
         unreachable: Vec<String>,
+        joined: bool,
     },
     /// A message could not be routed to `names` (for `unavailable`).
-    Unroutable { slot: Slot, names: Vec<String> },
+    Unroutable {
+        slot: Slot,
+        names: Vec<String>,
+        joined: bool,
+    },
     /// The oldest line the reactor holds for `slot` behind earlier answers
     /// may be sent now.
     Held { slot: Slot },

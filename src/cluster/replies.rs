@@ -365,8 +365,7 @@ impl Shard {
                 self.holders.learn(sent.names.get(i), node, epoch);
             }
         }
-        let every = self.config.answer_every_line;
-        if !marked && !every {
+        if !marked && sent.joined.is_empty() {
             return Ok(()); // every line reached everyone: nobody is told
         }
         for (i, name) in sent.names.iter().enumerate() {
@@ -374,7 +373,9 @@ impl Shard {
                 self.holders.forget(name);
             }
         }
-        for &(slot, from, to) in &sent.lines {
+        let mut joined = sent.joined.iter().peekable();
+        for (i, &(slot, from, to)) in sent.lines.iter().enumerate() {
+            let joined = joined.next_if_eq(&&(i as u32)).is_some();
             let marked = |mark: u8| -> Vec<String> {
                 sent.occurrences[from as usize..to as usize]
                     .iter()
@@ -383,13 +384,14 @@ impl Shard {
                     .collect()
             };
             let (offline, unreachable) = (marked(OFFLINE), marked(UNREACHABLE));
-            if offline.is_empty() && unreachable.is_empty() && !every {
+            if offline.is_empty() && unreachable.is_empty() && !joined {
                 continue; // this sender hears nothing (see Answer::Settled)
             }
             self.answers.push(Answer::Routed {
                 slot,
                 offline,
                 unreachable,
+                joined,
             });
         }
         Ok(())
@@ -397,9 +399,15 @@ impl Shard {
 
     /// Every line of a batch could not be routed: its names `unavailable`.
     pub(super) fn unroutable(&mut self, sent: &Sent) {
+        let mut joined = sent.joined.iter().peekable();
         for (i, &(slot, _, _)) in sent.lines.iter().enumerate() {
+            let joined = joined.next_if_eq(&&(i as u32)).is_some();
             let names = sent.line_names(i).map(str::to_string).collect();
-            self.answers.push(Answer::Unroutable { slot, names });
+            self.answers.push(Answer::Unroutable {
+                slot,
+                names,
+                joined,
+            });
         }
     }
 

@@ -13,16 +13,21 @@
 //! ([`Cluster::fence`]), lines to its names get `unavailable`.
 //!
 //! With one shard everything passes straight through. With several, the
-//! answers one connection waits for come from several FIFOs, and this
-//! type puts them back in the order of the lines that caused them: every
-//! line a shard routes is answered, even when it reached everyone
-//! (`ShardConfig::answer_every_line`), each line's answers are joined
-//! into one (`not-online` names each once, in the line's order, as on one
-//! node), and each held `error:` line waits for every shard its
-//! connection waited on. A connection's answers come out of one queue per
-//! connection, oldest first; since each shard answers its own entries in
-//! order, the answer of shard `i` belongs to the oldest entry waiting for
-//! shard `i`.
+//! answers one connection waits for may come from several FIFOs, and
+//! this type puts them back in the order of the lines that caused them.
+//! A line whose names live on one shard, from a connection that waits on
+//! no other shard, needs nothing: that shard's FIFO keeps its order (the
+//! common case, at no cost). Any other line is *joined*: each of its
+//! shards answers it even if it reached everyone, each other shard the
+//! connection waits on gets a marker (answered in its FIFO after what the
+//! connection waits for there), and the parts become one answer
+//! (`not-online` names each once, in the line's order, as on one node).
+//! Held `error:` lines wait for a marker on every shard the connection
+//! waits on. The joined answers of a connection come out of one queue,
+//! oldest first; as each shard answers its own entries in order, a joined
+//! part or marker from shard `i` belongs to the oldest entry waiting for
+//! shard `i`, and an answer that is not joined is older than every entry
+//! of the queue that waits for its shard.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
@@ -153,7 +158,7 @@ impl Cluster {
                     prefix: config.prefix.clone(),
                     lease_ms: config.lease_ms,
                     index,
-                    answer_every_line: several,
+                    several,
                 };
                 Shard::new(shard, node.clone(), max_line)
             })
@@ -354,7 +359,17 @@ impl Cluster {
         now_ms: u64,
     ) -> Vec<&'a str> {
         if !self.several() {
-            return match self.shards[0].route(slot, names, line, now_ms) {
+            return match self.shards[0].route(slot, names, line, false, now_ms) {
+                true => Vec::new(),
+                false => names.to_vec(),
+            };
+        }
+        let first = self.shard_of(names[0]);
+        let one_shard = names.iter().all(|n| self.shard_of(n) == first);
+        let elsewhere = self.shards_where(|s| s.has_waiting(slot)) & !(1 << first);
+        if one_shard && elsewhere == 0 && !self.joins.contains_key(&slot.key) {
+            // Its shard's FIFO keeps its order: nothing to join.
+            return match self.shards[first].route(slot, names, line, false, now_ms) {
                 true => Vec::new(),
                 false => names.to_vec(),
             };
@@ -363,18 +378,24 @@ impl Cluster {
         for &name in names {
             by_shard[self.shard_of(name)].push(name);
         }
+        // The shards the connection waits on before this line.
+        let waited = self.shards_where(|s| s.has_waiting(slot));
         let mut expect = 0u64;
         let mut failed: HashSet<usize> = HashSet::new();
         for (i, part) in by_shard.iter().enumerate() {
             if part.is_empty() {
                 continue;
             }
-            if self.shards[i].route(slot, part, line, now_ms) {
+            if self.shards[i].route(slot, part, line, true, now_ms) {
                 expect |= 1 << i;
             } else {
                 failed.insert(i);
             }
         }
+        // Its answer also waits for what the connection waits on elsewhere.
+        let markers = waited & !expect;
+        self.each_of(markers, |shard| shard.hold_marker(slot));
+        expect |= markers;
         if expect != 0 {
             let names = if expect.count_ones() > 1 {
                 names
@@ -618,8 +639,13 @@ impl Cluster {
                 slot,
                 offline,
                 unreachable,
+                joined: true,
             } => self.part(i, slot, false, offline, unreachable),
-            Answer::Unroutable { slot, names } => self.part(i, slot, false, Vec::new(), names),
+            Answer::Unroutable {
+                slot,
+                names,
+                joined: true,
+            } => self.part(i, slot, false, Vec::new(), names),
             Answer::Held { slot } => self.part(i, slot, true, Vec::new(), Vec::new()),
             Answer::Unthrottle { slot } => {
                 let Some((held, on)) = self.throttled.get_mut(&slot.key) else {
@@ -675,6 +701,7 @@ impl Cluster {
                     slot,
                     offline,
                     unreachable,
+                    joined: false,
                 },
             });
             return;
@@ -722,6 +749,7 @@ impl Cluster {
                         slot,
                         offline,
                         unreachable,
+                        joined: false,
                     });
                 }
             }

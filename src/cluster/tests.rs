@@ -98,7 +98,7 @@ fn ready_link() -> Shard {
         prefix: "p".into(),
         lease_ms: 10_000,
         index: 0,
-        answer_every_line: false,
+        several: false,
     };
     let mut link = Shard::new(config, "n1".into(), 16 * 1024);
     link.state = State::Ready;
@@ -214,8 +214,8 @@ fn sent_reply(offline: &[i64], unreachable: &[i64], found: &[(i64, &str, &str)])
 fn a_turns_lines_go_to_redis_as_one_command() {
     let mut link = ready_link();
     let names = ["bob", "dave", "erin"];
-    assert!(link.route(slot(1), &names, b"from alice: hi\n", 0));
-    assert!(link.route(slot(2), &["bob"], b"from carol: yo\n", 0));
+    assert!(link.route(slot(1), &names, b"from alice: hi\n", false, 0));
+    assert!(link.route(slot(2), &["bob"], b"from carol: yo\n", false, 0));
     link.flush(0);
     let sent = commands(&mut link);
     assert_eq!(sent.len(), 1, "{sent:?}");
@@ -240,6 +240,7 @@ fn a_turns_lines_go_to_redis_as_one_command() {
                 slot: first,
                 offline,
                 unreachable,
+                ..
             },
             Answer::Settled { slot: one },
             Answer::Settled { slot: two },
@@ -253,7 +254,7 @@ fn a_turns_lines_go_to_redis_as_one_command() {
     }
     assert!(!link.has_waiting(slot(1)) && !link.has_waiting(slot(2)));
     // Next turn, bob is guessed on n2 at epoch 41; dave is not guessed.
-    assert!(link.route(slot(1), &["dave", "bob"], b"x\n", 2));
+    assert!(link.route(slot(1), &["dave", "bob"], b"x\n", false, 2));
     link.flush(2);
     let sent = commands(&mut link);
     assert_eq!(
@@ -275,9 +276,9 @@ fn a_turns_lines_go_to_redis_as_one_command() {
 #[test]
 fn any_other_command_sends_the_lines_staged_before_it_first() {
     let mut link = ready_link();
-    assert!(link.route(slot(1), &["bob"], b"x\n", 0));
+    assert!(link.route(slot(1), &["bob"], b"x\n", false, 0));
     link.release("gone");
-    assert!(link.route(slot(1), &["bob"], b"y\n", 0));
+    assert!(link.route(slot(1), &["bob"], b"y\n", false, 0));
     link.flush(0);
     let sent = commands(&mut link);
     let payloads: Vec<&str> = sent.iter().map(|c| c.last().unwrap().as_str()).collect();
@@ -289,7 +290,7 @@ fn a_batch_past_its_bounds_is_sent_in_several_commands_in_order() {
     let mut link = ready_link();
     let line = vec![b'x'; 6 << 10];
     for _ in 0..5 {
-        assert!(link.route(slot(1), &["bob"], &line, 0));
+        assert!(link.route(slot(1), &["bob"], &line, false, 0));
     }
     link.flush(0);
     let sent = commands(&mut link);
@@ -309,7 +310,7 @@ fn a_batch_past_its_bounds_is_sent_in_several_commands_in_order() {
 #[test]
 fn a_route_that_finds_the_lease_gone_takes_a_new_one_and_tells_the_others() {
     let mut link = ready_link();
-    assert!(link.route(slot(1), &["bob"], b"x\n", 0));
+    assert!(link.route(slot(1), &["bob"], b"x\n", false, 0));
     link.flush(0);
     commands(&mut link);
     link.on_reply(Reply::Int(-1), 1).unwrap();
@@ -380,7 +381,7 @@ fn lines_for_this_node_are_delivered_as_they_came_in_either_format() {
 #[test]
 fn held_markers_follow_the_answers_before_them() {
     let mut link = ready_link();
-    assert!(link.route(slot(1), &["bob"], b"x\n", 0));
+    assert!(link.route(slot(1), &["bob"], b"x\n", false, 0));
     link.hold_marker(slot(1));
     link.hold_marker(slot(2));
     assert!(link.take_answers().is_empty());
@@ -399,7 +400,7 @@ fn a_reset_fails_everything_in_flight_in_order_and_remembers_what_is_uncertain()
     let mut link = ready_link();
     link.claim(slot(1), Rc::from("alice"), false, 0);
     link.release("gone");
-    assert!(link.route(slot(2), &["bob"], b"x\n", 0));
+    assert!(link.route(slot(2), &["bob"], b"x\n", false, 0));
     link.hold_marker(slot(2));
     link.reset(1, "test");
     let answers = link.take_answers();
@@ -447,7 +448,7 @@ fn a_client_waiting_for_many_answers_is_throttled_until_they_are_in() {
     let mut link = ready_link();
     for i in 0..MAX_WAITING_PER_CONN {
         assert!(!link.must_throttle(slot(1)), "{i}");
-        assert!(link.route(slot(1), &["bob"], b"x\n", 0));
+        assert!(link.route(slot(1), &["bob"], b"x\n", false, 0));
     }
     assert!(link.must_throttle(slot(1)));
     link.throttle(slot(1));
@@ -573,19 +574,19 @@ fn a_reset_fails_the_claims_waiting_for_room_too() {
 #[test]
 fn a_reply_that_moves_a_name_sends_the_lines_staged_for_it_first() {
     let mut link = ready_link();
-    assert!(link.route(slot(1), &["bob"], b"0\n", 0));
+    assert!(link.route(slot(1), &["bob"], b"0\n", false, 0));
     link.flush(0);
     commands(&mut link);
     link.on_reply(sent_reply(&[], &[], &[(1, "n2", "41")]), 1)
         .unwrap();
-    assert!(link.route(slot(1), &["bob"], b"a\n", 2));
+    assert!(link.route(slot(1), &["bob"], b"a\n", false, 2));
     link.flush(2);
     commands(&mut link);
-    assert!(link.route(slot(1), &["bob"], b"1\n", 3));
+    assert!(link.route(slot(1), &["bob"], b"1\n", false, 3));
     // The answer for "a": bob found at (n2, 42).
     link.on_reply(sent_reply(&[], &[], &[(1, "n2", "42")]), 3)
         .unwrap();
-    assert!(link.route(slot(1), &["bob"], b"2\n", 3));
+    assert!(link.route(slot(1), &["bob"], b"2\n", false, 3));
     link.flush(3);
     let sent = commands(&mut link);
     let groups: Vec<&[String]> = sent.iter().map(|c| &c[5..]).collect();
@@ -606,7 +607,7 @@ fn a_turns_claims_go_as_one_command_and_are_answered_in_order() {
     for (i, name) in ["a", "b", "c"].iter().enumerate() {
         link.claim(slot(i as u32), Rc::from(*name), false, 0);
     }
-    assert!(link.route(slot(0), &["x"], b"l\n", 0));
+    assert!(link.route(slot(0), &["x"], b"l\n", false, 0));
     link.claim(slot(9), Rc::from("d"), true, 0);
     let sent = commands(&mut link);
     let tails: Vec<&[String]> = sent.iter().map(|c| &c[3..]).collect();

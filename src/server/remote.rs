@@ -127,6 +127,7 @@ impl Server {
                 slot,
                 offline,
                 unreachable,
+                ..
             } => {
                 report(clients, deadlines, slot, ErrorKind::NotOnline, &offline);
                 report(
@@ -137,7 +138,7 @@ impl Server {
                     &unreachable,
                 );
             }
-            Answer::Unroutable { slot, names } => {
+            Answer::Unroutable { slot, names, .. } => {
                 report(clients, deadlines, slot, ErrorKind::UnavailableTo, &names);
             }
             Answer::Held { slot } => clients.release_behind(slot, deadlines),
