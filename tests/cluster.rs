@@ -150,14 +150,14 @@ fn names_of_a_killed_node_free_within_a_lease() {
         "{:?}",
         killed.elapsed()
     );
-    // Left (the probe released alice): b's lease and epoch and the set of
-    // nodes, with b alone; a's set of names, epoch and entry in the nodes
-    // are gone.
+    // Left (the probe released alice): b's lease and epoch, the set of
+    // nodes, with b alone, and the layout; a's set of names, epoch and
+    // entry in the nodes are gone.
     let swept = poll_until(|| {
         let keys = redis.keys();
         let nodes = redis.cli(&["SCARD", "chatd:nodes"]);
         let kinds: Vec<&str> = keys.iter().filter_map(|k| k.split(':').nth(1)).collect();
-        (kinds == ["epoch", "lease", "nodes"] && nodes == "1").then_some(())
+        (kinds == ["epoch", "layout", "lease", "nodes"] && nodes == "1").then_some(())
     });
     assert!(swept.is_some(), "dead node not swept: {:?}", redis.keys());
 }

@@ -227,3 +227,30 @@ fn answers_keep_the_lines_order_when_shards_answer_at_different_speeds() {
     carol.expect(&format!("error: not-online: {}", zero[2]));
     carol.sync("carol");
 }
+
+/// Nodes whose `--cluster` lists differ (another order, another count)
+/// would hold one name on two Redis: the later node says so, serves none
+/// of the names the lists disagree on (`unavailable`, `/healthz` 503), and
+/// the first node goes on.
+#[test]
+fn nodes_with_other_lists_of_redis_are_refused() {
+    let Some(redis) = redises(2) else {
+        return;
+    };
+    let a = sharded_node(&redis, "10");
+    let mut alice = a.login("alice");
+    let swapped = format!("{},{}", redis[1].url(), redis[0].url());
+    for list in [swapped, redis[0].url()] {
+        let mut b = Server::start(&["--cluster", &list, "--metrics-addr", "127.0.0.1:0"]);
+        let said = b.wait_log("every node must list the same Redis in the same order");
+        assert!(said.contains("this node as \""), "{said}");
+        let mut refused = b.connect();
+        refused.send("bob\n");
+        refused.expect("error: unavailable");
+        let metrics = b.metrics_addr();
+        let health = common::http_get(&metrics, "/healthz");
+        assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+        assert!(health.contains("lists differ"), "{health}");
+        alice.sync("alice");
+    }
+}

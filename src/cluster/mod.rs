@@ -1,5 +1,7 @@
-//! Shard mode: this node's link to Redis, one more source in the poll
-//! loop (`--cluster redis://HOST:PORT`).
+//! Cluster mode (`--cluster redis://HOST:PORT[,redis://...]`): the names
+//! shard over one or more Redis primaries, and [`Cluster`] (`shards.rs`)
+//! is what the reactor sees; this file is one [`Shard`]: the node's link
+//! to one Redis, one more source in the poll loop.
 //!
 //! One non-blocking TCP connection speaks RESP3 (`HELLO 3`), so the same
 //! connection carries commands and the pushes of the node's own channel.
@@ -26,8 +28,9 @@
 //! `Shard::must_fence` says so, and the reactor closes every logged-in
 //! client with `error: unavailable` before reading any more input.
 //!
-//! Files: this one has the link's state, the handshake, the commands and
-//! the lease; `lease.rs` the lease's own connection; `link.rs` the data
+//! Files: this one has a shard's state, the handshake, the commands and
+//! the lease; `shards.rs` the shards together; `lease.rs` the lease's own
+//! connection; `link.rs` the data
 //! link's I/O; `replies.rs` what each reply does;
 //! `pending.rs` the FIFO's entries and the answers; `codec.rs` the RESP3
 //! adapter; `scripts.rs` the Lua scripts and the keys.
@@ -198,6 +201,9 @@ pub(crate) struct ShardConfig {
     pub index: usize,
     /// Whether the node has other shards (its log lines say which Redis).
     pub several: bool,
+    /// This Redis's place in the list: `0/1` alone, else `i/S` and the
+    /// list's addresses (see `scripts::LAYOUT`).
+    pub layout: String,
 }
 
 /// The credentials of `redis://USER:PASSWORD@HOST` (an ACL user) or
@@ -475,7 +481,7 @@ pub(crate) struct Shard {
     /// line for a connection with answers outstanding waits behind them.
     waiting: HashMap<u32, u32, SlabKeys>,
     /// The loaded scripts' SHA1s, by `Script as usize`.
-    shas: [Vec<u8>; 5],
+    shas: [Vec<u8>; 6],
     /// When the lease stops being certain (ms); `None`: no lease.
     lease_until: Option<u64>,
     /// When the next sweep of dead nodes is due on the data link (ms).
@@ -528,6 +534,8 @@ pub(crate) struct Shard {
     /// Whether Redis refused the credentials at the last attempt (for
     /// `/healthz`, and so that it is said once, not at every attempt).
     auth_refused: bool,
+    /// Whether other nodes list this Redis in another place (the same).
+    layout_refused: bool,
     /// Whether the node is leaving (shutdown): no more renewals.
     leaving: bool,
     /// A live upgrade stopped the node's subscription and this came back
@@ -568,7 +576,7 @@ impl Shard {
             framer: codec::Framer::new(MAX_REPLY_DEPTH, max_reply(max_line)),
             pending: VecDeque::new(),
             waiting: HashMap::default(),
-            shas: Default::default(),
+            shas: scripts::shas(),
             lease_until: None,
             sweep_at: 0,
             lease_link,
@@ -592,6 +600,7 @@ impl Shard {
             read_pending: false,
             down_logged: false,
             auth_refused: false,
+            layout_refused: false,
             leaving: false,
             unsubscribed: false,
             hold_until: None,
@@ -607,11 +616,6 @@ impl Shard {
     /// Where this shard's Redis listens.
     pub fn redis(&self) -> std::net::SocketAddr {
         self.config.redis
-    }
-
-    /// Whether Redis refused the credentials at the last attempt.
-    pub fn auth_refused(&self) -> bool {
-        self.auth_refused
     }
 
     /// The state as a word for the stats line.
@@ -630,6 +634,8 @@ impl Shard {
             None
         } else if self.auth_refused {
             Some("cluster: Redis refused the credentials")
+        } else if self.layout_refused {
+            Some("cluster: the nodes' --cluster lists differ")
         } else {
             Some("cluster: Redis unreachable")
         }
@@ -843,6 +849,7 @@ impl Shard {
                 Script::Send,
                 Script::DropNames,
                 Script::Sweep,
+                Script::Layout,
             ][i];
             self.command(
                 &[b"SCRIPT", b"LOAD", script.as_bytes()],
@@ -852,6 +859,7 @@ impl Shard {
         // A policy that evicts keys with a time to live could evict leases
         // (and free names too early): warned about, not refused.
         self.command(&[b"CONFIG", b"GET", b"maxmemory-policy"], Pending::Policy);
+        self.check_layout();
         // A lease that survived keeps its epoch (a node of an earlier
         // version, upgraded in place, had none).
         self.set_epoch(false);
@@ -886,6 +894,7 @@ impl Shard {
         self.sweep_at = now_ms + self.config.lease_ms / 3;
         // An epoch deleted (see `scripts::RELEASE`) comes back.
         self.set_epoch(false);
+        self.check_layout();
         if !self.lease_link.is_connected() {
             self.send_renew(now_ms);
         }
@@ -895,6 +904,19 @@ impl Shard {
             Script::Sweep,
             &[prefix.as_bytes(), budget.as_bytes()],
             Pending::Plain,
+        );
+    }
+
+    /// Checks (and keeps for three leases) this Redis's place in the list
+    /// of shards (`scripts::LAYOUT`).
+    fn check_layout(&mut self) {
+        let prefix = self.config.prefix.clone();
+        let layout = self.config.layout.clone();
+        let ttl = (3 * self.config.lease_ms).to_string();
+        self.script(
+            Script::Layout,
+            &[prefix.as_bytes(), layout.as_bytes(), ttl.as_bytes()],
+            Pending::Layout,
         );
     }
 
@@ -1286,6 +1308,13 @@ impl Shard {
         );
         let epoch = self.epoch_key();
         self.command(&[b"DEL", epoch.as_bytes()], Pending::Plain);
+        // The last node out takes the layout with it.
+        let prefix = self.config.prefix.clone();
+        self.script(
+            Script::Layout,
+            &[prefix.as_bytes(), b"", b"0"],
+            Pending::Plain,
+        );
         self.command(&[b"DEL", lease.as_bytes()], Pending::Farewell);
         true
     }

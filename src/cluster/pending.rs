@@ -27,6 +27,8 @@ pub(super) enum Pending {
     Release { name: String, group: u32 },
     /// `CONFIG GET maxmemory-policy`.
     Policy,
+    /// The check of this Redis's place among the shards.
+    Layout,
     /// A claim of `name` for the connection `slot`; `again` when the node
     /// claims a name it held before its lease was lost; `retried` when it
     /// was found taken once already (see `Shard::retry_claim`).

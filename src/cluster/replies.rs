@@ -203,6 +203,13 @@ impl Shard {
                     }
                 }
             }
+            Pending::Layout => match reply {
+                Reply::Int(1) => self.layout_refused = false,
+                Reply::Bulk(other) => {
+                    return Err(self.refused_layout(&String::from_utf8_lossy(&other)));
+                }
+                _ => return Err("unexpected layout reply".into()),
+            },
             Pending::Load(script) => match reply {
                 Reply::Bulk(sha) => self.shas[script as usize] = sha,
                 Reply::Status(sha) => self.shas[script as usize] = sha.into_bytes(),
@@ -312,7 +319,8 @@ impl Shard {
             | Pending::Renew { .. }
             | Pending::Acquire { .. }
             | Pending::Plain
-            | Pending::Policy => {}
+            | Pending::Policy
+            | Pending::Layout => {}
         }
     }
 
@@ -476,6 +484,26 @@ impl Shard {
         self.down_logged = true;
         self.backoff_ms = super::MAX_BACKOFF_MS;
         format!("Redis refused the credentials ({error})")
+    }
+
+    /// Other nodes list this Redis in another place of `--cluster`: the
+    /// node does not serve its names (two lists would hold one name twice),
+    /// says so once, and tries again at the longest back-off.
+    fn refused_layout(&mut self, other: &str) -> String {
+        if !self.layout_refused {
+            warn!(
+                "cluster: other nodes list Redis at {} as shard {other:?}, this node as {:?}: \
+                 every node must list the same Redis in the same order (--cluster); its \
+                 names get `error: unavailable` here until the lists agree (retrying every {} s)",
+                self.config.redis,
+                self.config.layout,
+                super::MAX_BACKOFF_MS / 1000
+            );
+        }
+        self.layout_refused = true;
+        self.down_logged = true;
+        self.backoff_ms = super::MAX_BACKOFF_MS;
+        format!("the nodes' --cluster lists differ ({other:?} here before)")
     }
 
     pub(super) fn become_ready(&mut self) {

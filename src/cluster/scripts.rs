@@ -11,6 +11,8 @@
 //! - `P:names:N`: the set of names node N claimed, for releasing them all
 //!   at once (shutdown, sweep of a dead node).
 //! - `P:nodes`: the set of node ids, for the sweep.
+//! - `P:layout`: this Redis's place in the nodes' `--cluster` list (see
+//!   `LAYOUT`), kept while nodes use it.
 //! - `P:epoch:N`: a number node N bumps with every name it releases (set
 //!   to a random number with each new lease): while it and the lease stay,
 //!   no name found on N can have left it (see `SEND`).
@@ -20,7 +22,7 @@
 //!
 //! Every script takes no `KEYS` and builds key names itself: the cluster
 //! runs on one Redis (or one shard of names per Redis, see docs/CLUSTER.md),
-//! not on a Redis Shard with hash slots.
+//! not on a Redis Cluster with hash slots.
 
 /// `claim(prefix, node, name...)`: claims each name for `node`, in order,
 /// and answers one number per name: 1 when it is now held by `node`, 0
@@ -247,8 +249,40 @@ return swept
 /// healthy Redis's time.
 pub const SWEEP_BUDGET: usize = 2000;
 
+/// `layout(prefix, layout, ttl)`: checks that this Redis has the same
+/// place in every node's `--cluster` list (`P:layout`, e.g. `0/1`, or
+/// `1/3 a:6379,b:6379,c:6379` with several): answers 1 and keeps the key
+/// for `ttl` ms more (every node refreshes it with its sweep), or the
+/// layout another node gave it. Two lists in one cluster would put one
+/// name on two Redis, held twice. With an empty layout (a node leaving),
+/// the key goes if no node is left.
+pub const LAYOUT: &str = r"
+local key, layout = ARGV[1] .. ':layout', ARGV[2]
+if layout == '' then
+  if redis.call('EXISTS', ARGV[1] .. ':nodes') == 0 then redis.call('DEL', key) end
+  return 1
+end
+local other = redis.call('GET', key)
+if other and other ~= layout then return other end
+redis.call('SET', key, layout, 'PX', ARGV[3])
+return 1
+";
+
 /// Every script, in the order the link loads them (`Script as usize`).
-pub const ALL: [&str; 5] = [CLAIM, RELEASE, SEND, DROP_NAMES, SWEEP];
+pub const ALL: [&str; 6] = [CLAIM, RELEASE, SEND, DROP_NAMES, SWEEP, LAYOUT];
+
+/// The SHA1 of each script, as `SCRIPT LOAD` answers it (lower-case hex):
+/// a command queued right after the loads may run one.
+pub fn shas() -> [Vec<u8>; 6] {
+    use sha1::{Digest, Sha1};
+    ALL.map(|script| {
+        let digest = Sha1::digest(script.as_bytes());
+        digest
+            .iter()
+            .flat_map(|b| format!("{b:02x}").into_bytes())
+            .collect()
+    })
+}
 
 /// Indexes into [`ALL`] and into the link's loaded SHA1s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,4 +292,5 @@ pub enum Script {
     Send = 2,
     DropNames = 3,
     Sweep = 4,
+    Layout = 5,
 }

@@ -147,6 +147,9 @@ impl Cluster {
     /// One shard per Redis of `config`, for node id `node`.
     pub fn new(config: ClusterConfig, node: String, max_line: usize) -> Cluster {
         let several = config.shards.len() > 1;
+        let addrs: Vec<String> = config.shards.iter().map(|s| s.addr.to_string()).collect();
+        let addrs = addrs.join(",");
+        let count = config.shards.len();
         let shards = config
             .shards
             .iter()
@@ -159,6 +162,10 @@ impl Cluster {
                     lease_ms: config.lease_ms,
                     index,
                     several,
+                    layout: match several {
+                        false => "0/1".to_string(),
+                        true => format!("{index}/{count} {addrs}"),
+                    },
                 };
                 Shard::new(shard, node.clone(), max_line)
             })
@@ -230,11 +237,10 @@ impl Cluster {
         if self.shards.iter().any(Shard::is_ready) {
             return None;
         }
-        let refused = self.shards.iter().all(Shard::auth_refused);
-        match self.shards.len() {
-            1 => self.shards[0].unready_reason(),
-            _ if refused => Some("cluster: Redis refused the credentials"),
-            _ => Some("cluster: Redis unreachable"),
+        let reasons: Vec<_> = self.shards.iter().map(Shard::unready_reason).collect();
+        match reasons.iter().all(|r| *r == reasons[0]) {
+            true => reasons[0],
+            false => Some("cluster: Redis unreachable"),
         }
     }
 

@@ -99,6 +99,7 @@ fn ready_link() -> Shard {
         lease_ms: 10_000,
         index: 0,
         several: false,
+        layout: "0/1".into(),
     };
     let mut link = Shard::new(config, "n1".into(), 16 * 1024);
     link.state = State::Ready;
@@ -118,8 +119,7 @@ fn slot(key: u32) -> Slot {
     Slot { key, id: key + 100 }
 }
 
-/// The commands queued since the last call, each as its words (a script's
-/// SHA1 is empty here: no script was loaded).
+/// The commands queued since the last call, each as its words.
 fn commands(link: &mut Shard) -> Vec<Vec<String>> {
     link.seal_staged();
     let mut all = Vec::new();
@@ -174,7 +174,8 @@ fn a_claim_found_taken_is_tried_once_more_then_refused() {
     link.claim(slot(2), Rc::from("bob"), false, 10);
     let sent = commands(&mut link);
     assert_eq!(sent.len(), 1, "{sent:?}");
-    assert_eq!(sent[0][..3], ["EVALSHA", "", "0"]);
+    let claim = String::from_utf8(scripts::shas()[Script::Claim as usize].clone()).unwrap();
+    assert_eq!(sent[0][..3], ["EVALSHA", &claim, "0"]);
     assert_eq!(sent[0][3..], ["p", "n1", "bob"]);
     link.on_reply(claimed(&[0]), 12).unwrap();
     assert!(link.take_answers().is_empty(), "no answer while it waits");
