@@ -254,3 +254,61 @@ fn nodes_with_other_lists_of_redis_are_refused() {
         alice.sync("alice");
     }
 }
+
+/// A live upgrade of a sharded node keeps its lease and names on every
+/// shard: the same keys on each Redis, the names still taken on another
+/// node, lines both ways for the clients of each shard, and a shard that
+/// fences afterwards still closes only its own clients.
+#[test]
+fn a_sharded_node_upgraded_in_place_keeps_every_shard() {
+    let Some(mut redis) = redises(2) else {
+        return;
+    };
+    let (mut a, b) = (sharded_node(&redis, "3"), sharded_node(&redis, "3"));
+    let zero = names_on("z", 0, 2, 2);
+    let one = names_on("o", 1, 2, 2);
+    let mut here = [a.login(&zero[0]), a.login(&one[0])];
+    let mut far = [b.login(&zero[1]), b.login(&one[1])];
+    let keys: Vec<Vec<String>> = redis.iter().map(Redis::keys).collect();
+    a.upgrade(1);
+    for (i, client) in here.iter_mut().enumerate() {
+        let (me, to) = (if i == 0 { &zero[0] } else { &one[0] }, &zero[1]);
+        let through = common::poll_until(|| {
+            client.send(&format!("{to}: after {i}\n"));
+            far[0]
+                .stream()
+                .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+                .ok()?;
+            let line =
+                std::io::BufRead::lines(std::io::BufReader::new(far[0].stream().try_clone().ok()?))
+                    .next()?
+                    .ok()?;
+            (line == format!("from {me}: after {i}")).then_some(())
+        });
+        assert!(
+            through.is_some(),
+            "shard {i}'s client routes after the upgrade"
+        );
+    }
+    far[0]
+        .stream()
+        .set_read_timeout(Some(common::TIMEOUT))
+        .unwrap();
+    for (i, name) in [&zero[0], &one[0]].into_iter().enumerate() {
+        let mut taken = b.connect();
+        taken.send(&format!("{name}\n"));
+        taken.expect(&format!("error: name-taken: {name}"));
+        far[1].send(&format!("{name}: to {i}\n"));
+    }
+    let got: Vec<Vec<String>> = redis.iter().map(Redis::keys).collect();
+    assert_eq!(got, keys, "the same leases and names on each Redis");
+    // Shard 1 killed: the upgraded node fences its client of shard 1 only.
+    redis[1].kill();
+    a.wait_log("lease not renewed in time on Redis at");
+    let mut line = String::new();
+    while !line.starts_with("error: unavailable") {
+        line = here[1].line(); // after "from o1: to 1"
+    }
+    here[0].expect(&format!("from {}: to 0", one[1]));
+    here[0].sync(&zero[0]);
+}
