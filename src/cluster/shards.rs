@@ -131,7 +131,9 @@ pub(crate) struct Cluster {
     shards: Vec<Shard>,
     /// Per connection (by slab key), the answers it waits for from
     /// several shards, oldest first (several shards only).
-    joins: HashMap<u32, (Slot, VecDeque<Join>), SlabKeys>,
+    /// (By the slot, id included: a connection gone leaves its entries to
+    /// be answered and dropped, whoever gets its slab key next.)
+    joins: HashMap<Slot, VecDeque<Join>, SlabKeys>,
     /// Connections whose input is held back, and the shards it waits on.
     throttled: HashMap<u32, (Slot, u64), SlabKeys>,
     /// Shards whose farewell is not answered yet.
@@ -370,10 +372,12 @@ impl Cluster {
                 false => names.to_vec(),
             };
         }
-        let first = self.shard_of(names[0]);
+        let Some(first) = names.first().map(|n| self.shard_of(n)) else {
+            return Vec::new();
+        };
         let one_shard = names.iter().all(|n| self.shard_of(n) == first);
         let elsewhere = self.shards_where(|s| s.has_waiting(slot)) & !(1 << first);
-        if one_shard && elsewhere == 0 && !self.joins.contains_key(&slot.key) {
+        if one_shard && elsewhere == 0 && !self.joins.contains_key(&slot) {
             // Its shard's FIFO keeps its order: nothing to join.
             return match self.shards[first].route(slot, names, line, false, now_ms) {
                 true => Vec::new(),
@@ -431,7 +435,7 @@ impl Cluster {
 
     /// Whether the connection `slot` has answers outstanding.
     pub fn has_waiting(&self, slot: Slot) -> bool {
-        self.shards.iter().any(|s| s.has_waiting(slot)) || self.joins.contains_key(&slot.key)
+        self.shards.iter().any(|s| s.has_waiting(slot)) || self.joins.contains_key(&slot)
     }
 
     /// Whether the input of `slot` must not be read until its answers are
@@ -443,7 +447,7 @@ impl Cluster {
     /// Whether an answer for `slot` is awaited or waits to be applied.
     pub fn owes(&self, slot: Slot) -> bool {
         self.shards.iter().any(|s| s.owes(slot))
-            || self.joins.get(&slot.key).is_some_and(|(s, _)| *s == slot)
+            || self.joins.contains_key(&slot)
             || self.answers.iter().any(|a| a.slot() == Some(slot))
     }
 
@@ -509,15 +513,7 @@ impl Cluster {
     }
 
     fn push_join(&mut self, slot: Slot, expect: u64, what: Joined) {
-        let entry = self
-            .joins
-            .entry(slot.key)
-            .or_insert_with(|| (slot, VecDeque::new()));
-        if entry.0 != slot {
-            // A connection gone and its key reused: nothing is owed to it.
-            *entry = (slot, VecDeque::new());
-        }
-        entry.1.push_back(Join {
+        self.joins.entry(slot).or_default().push_back(Join {
             expect,
             done: 0,
             what,
@@ -686,15 +682,11 @@ impl Cluster {
         unreachable: Vec<String>,
     ) {
         let bit = 1u64 << i;
-        let join = self
-            .joins
-            .get_mut(&slot.key)
-            .filter(|(s, _)| *s == slot)
-            .and_then(|(_, queue)| {
-                queue
-                    .iter_mut()
-                    .find(|j| j.expect & bit != 0 && j.done & bit == 0)
-            });
+        let join = self.joins.get_mut(&slot).and_then(|queue| {
+            queue
+                .iter_mut()
+                .find(|j| j.expect & bit != 0 && j.done & bit == 0)
+        });
         let Some(join) = join else {
             // Not one this type filed: said as it is (nothing is lost).
             debug_assert!(
@@ -728,7 +720,7 @@ impl Cluster {
     /// Says the answers of `slot` that are complete, oldest first, up to
     /// the first one still waiting for a shard.
     fn drain_joins(&mut self, slot: Slot) {
-        let Some((_, queue)) = self.joins.get_mut(&slot.key) else {
+        let Some(queue) = self.joins.get_mut(&slot) else {
             return;
         };
         let mut said = false;
@@ -762,7 +754,7 @@ impl Cluster {
             said = true;
         }
         if queue.is_empty() {
-            self.joins.remove(&slot.key);
+            self.joins.remove(&slot);
             if !said {
                 // Nothing to tell: still, it waits for nothing more.
                 self.answers.push(Answer::Settled { slot });
