@@ -819,6 +819,141 @@ mod tests {
         }
     }
 
+    use crate::cluster::codec::Reply;
+    use crate::cluster::{Redis, State};
+
+    /// A cluster of two shards, both as if their handshake was answered.
+    fn two_ready_shards() -> Cluster {
+        let redis = |port| Redis {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            auth: None,
+        };
+        let config = ClusterConfig {
+            shards: vec![redis(1), redis(2)],
+            prefix: "p".into(),
+            lease_ms: 10_000,
+        };
+        let mut cluster = Cluster::new(config, "n1".into(), 16 * 1024);
+        for shard in &mut cluster.shards {
+            shard.state = State::Ready;
+            shard.lease_until = Some(10_000);
+            shard.lease_link.retry_at = u64::MAX;
+        }
+        cluster
+    }
+
+    /// The first name `<stem><i>` on `shard` of two.
+    fn on(stem: &str, shard: usize) -> String {
+        (0..)
+            .map(|i| format!("{stem}{i}"))
+            .find(|n| shard_of(n, 2) == shard)
+            .unwrap()
+    }
+
+    fn slot(key: u32, id: u32) -> Slot {
+        Slot { key, id }
+    }
+
+    /// Shard `i` answers its oldest batch: these names (numbered from 1 in
+    /// the order sent) are online nowhere.
+    fn answer(cluster: &mut Cluster, i: usize, offline: &[i64]) {
+        let shard = &mut cluster.shards[i];
+        shard.seal_staged();
+        let ints = Reply::Array(offline.iter().map(|&n| Reply::Int(n)).collect());
+        let reply = Reply::Array(vec![ints, Reply::Array(vec![]), Reply::Array(vec![])]);
+        shard.on_reply(reply, 1).unwrap();
+    }
+
+    /// What the reactor is told for connections, in order (`Settled` and
+    /// `Unthrottle` left out).
+    fn told(cluster: &mut Cluster) -> Vec<String> {
+        cluster
+            .take_answers()
+            .into_iter()
+            .filter_map(|a| match a {
+                Answer::Routed { slot, offline, .. } => Some(format!(
+                    "{}.{}: not-online {}",
+                    slot.key,
+                    slot.id,
+                    offline.join(",")
+                )),
+                Answer::Held { slot } => Some(format!("{}.{}: held", slot.key, slot.id)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A line to names on both shards is answered once, its names in the
+    /// line's order, whichever shard answers first.
+    #[test]
+    fn one_lines_answers_from_two_shards_are_joined_in_its_order() {
+        let mut cluster = two_ready_shards();
+        let (a, b, c) = (on("a", 1), on("b", 0), on("c", 1));
+        let unrouted = cluster.route(slot(1, 1), &[&a, &b, &c], b"x\n", 0);
+        assert!(unrouted.is_empty());
+        answer(&mut cluster, 1, &[1, 2]); // a and c
+        assert!(told(&mut cluster).is_empty(), "shard 0 has not answered");
+        assert!(cluster.owes(slot(1, 1)));
+        answer(&mut cluster, 0, &[1]); // b
+        assert_eq!(told(&mut cluster), [format!("1.1: not-online {a},{b},{c}")]);
+        assert!(!cluster.owes(slot(1, 1)) && cluster.joins.is_empty());
+    }
+
+    /// A line to the fast shard after one to the slow shard waits for the
+    /// slow one's answer (a marker there), and a held line after both.
+    #[test]
+    fn a_fast_shards_answer_waits_for_the_slow_shards_earlier_one() {
+        let mut cluster = two_ready_shards();
+        let (slow, fast) = (on("s", 1), on("f", 0));
+        assert!(cluster.route(slot(1, 1), &[&slow], b"1\n", 0).is_empty());
+        assert!(cluster.joins.is_empty(), "one shard: nothing to join");
+        assert!(cluster.route(slot(1, 1), &[&fast], b"2\n", 0).is_empty());
+        cluster.hold_marker(slot(1, 1));
+        answer(&mut cluster, 0, &[1]);
+        assert!(told(&mut cluster).is_empty(), "behind shard 1's answer");
+        cluster.shards[1].seal_staged();
+        answer(&mut cluster, 1, &[1]);
+        assert_eq!(
+            told(&mut cluster),
+            [
+                format!("1.1: not-online {slow}"),
+                format!("1.1: not-online {fast}"),
+                "1.1: held".to_string()
+            ]
+        );
+    }
+
+    /// A connection gone with a joined answer pending, its slab key taken
+    /// by another: each gets its own answers.
+    #[test]
+    fn a_reused_key_does_not_mix_two_connections_answers() {
+        let mut cluster = two_ready_shards();
+        let (a, b) = (on("a", 0), on("b", 1));
+        assert!(cluster.route(slot(1, 1), &[&a, &b], b"1\n", 0).is_empty());
+        cluster.shards.iter_mut().for_each(Shard::seal_staged);
+        assert!(cluster.route(slot(1, 2), &[&a, &b], b"2\n", 0).is_empty());
+        answer(&mut cluster, 0, &[1]);
+        answer(&mut cluster, 1, &[1]);
+        assert_eq!(told(&mut cluster), [format!("1.1: not-online {a},{b}")]);
+        answer(&mut cluster, 1, &[]);
+        answer(&mut cluster, 0, &[1]);
+        assert_eq!(told(&mut cluster), [format!("1.2: not-online {a}")]);
+        assert!(cluster.joins.is_empty());
+    }
+
+    /// One shard down: its names come back to the caller, the others go.
+    #[test]
+    fn a_down_shards_names_are_returned_in_order() {
+        let mut cluster = two_ready_shards();
+        cluster.shards[1].state = State::Down { retry_at: 0 };
+        let (a, b, c) = (on("a", 1), on("b", 0), on("c", 1));
+        let unrouted = cluster.route(slot(1, 1), &[&a, &b, &c], b"x\n", 0);
+        assert_eq!(unrouted, [a.as_str(), c.as_str()]);
+        answer(&mut cluster, 0, &[]);
+        assert!(told(&mut cluster).is_empty(), "b reached: nothing to say");
+        assert!(!cluster.owes(slot(1, 1)));
+    }
+
     #[test]
     fn joined_names_keep_the_lines_order() {
         let names: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
