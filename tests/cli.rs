@@ -358,3 +358,39 @@ fn help_documents_the_pid_file() {
         .find(|l| l.trim_start().starts_with("--pid-file PATH"));
     assert!(line.is_some_and(|l| l.contains("upgrade")), "{help}");
 }
+
+/// `--cluster` with several Redis: each URL is checked, a Redis listed
+/// twice is refused, more than 64 are refused, and every password in the
+/// echoed value is `***`, a comma in one included (it is taken as part
+/// of the password).
+#[test]
+fn a_list_of_redis_is_checked_and_its_passwords_hidden() {
+    let twice = "redis://127.0.0.1:7001,redis://127.0.0.1:7001";
+    assert_refused(&["--cluster", twice], &[], "--cluster", "listed twice");
+    let many: Vec<String> = (0..65)
+        .map(|i| format!("redis://127.0.0.1:{}", 7000 + i))
+        .collect();
+    assert_refused(
+        &["--cluster", &many.join(",")],
+        &[],
+        "--cluster",
+        "at most 64",
+    );
+    let bad = "redis://:s3cret@127.0.0.1:7001,redis://u:pa,ss@127.0.0.1:7002,http://x";
+    assert_refused(
+        &[],
+        &[("CHATD_CLUSTER", bad)],
+        "CHATD_CLUSTER",
+        "expected redis://",
+    );
+    let out = chatd(&["--cluster", bad], &[]);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        !stderr.contains("s3cret") && !stderr.contains("pa,ss"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("redis://:***@127.0.0.1:7001,redis://u:***@127.0.0.1:7002"),
+        "{stderr}"
+    );
+}

@@ -225,11 +225,11 @@ impl std::fmt::Debug for Auth {
 pub const MAX_SHARDS: usize = 64;
 
 impl ClusterConfig {
-    /// Parses `--cluster`: one URL, or several separated by commas (a
-    /// comma in a password is written `%2C`), each Redis once.
+    /// Parses `--cluster`: one URL, or several separated by commas, each
+    /// Redis once.
     pub fn parse_urls(list: &str) -> Result<Vec<Redis>, String> {
         let mut shards: Vec<Redis> = Vec::new();
-        for url in list.split(',').map(str::trim) {
+        for url in split_urls(list).iter().map(|u| u.trim()) {
             let (addr, auth) = ClusterConfig::parse_url(url)?;
             if shards.iter().any(|s| s.addr == addr) {
                 return Err(format!("{addr} is listed twice"));
@@ -299,21 +299,28 @@ impl ClusterConfig {
     /// `urls` (one, or several separated by commas) with each password
     /// replaced by `***`, for error lines and logs.
     pub fn redacted(urls: &str) -> String {
-        // A piece with no `://` belongs to the URL before it (a password
-        // may hold an unescaped comma: it must not escape redaction).
-        let mut each: Vec<String> = Vec::new();
-        for piece in urls.split(',') {
-            match each.last_mut() {
-                Some(last) if !piece.contains("://") => {
-                    last.push(',');
-                    last.push_str(piece);
-                }
-                _ => each.push(piece.to_string()),
-            }
-        }
-        let each: Vec<String> = each.iter().map(|url| redacted_one(url)).collect();
+        let each: Vec<String> = split_urls(urls)
+            .iter()
+            .map(|url| redacted_one(url))
+            .collect();
         each.join(",")
     }
+}
+
+/// The URLs of a comma-separated list. A piece with no `://` belongs to
+/// the URL before it: a password may hold a comma (or write it `%2C`).
+fn split_urls(list: &str) -> Vec<String> {
+    let mut each: Vec<String> = Vec::new();
+    for piece in list.split(',') {
+        match each.last_mut() {
+            Some(last) if !piece.contains("://") => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => each.push(piece.to_string()),
+        }
+    }
+    each
 }
 
 /// One URL with its password replaced by `***`.

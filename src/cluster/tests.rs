@@ -690,3 +690,20 @@ fn a_release_cancels_a_claim_waiting_to_be_tried_again() {
     assert_eq!(sent[0][3..], ["p", "n1", "a"], "the release only");
     assert!(link.retries.is_empty());
 }
+
+#[test]
+fn a_list_of_urls_keeps_a_comma_in_a_password() {
+    let shards =
+        ClusterConfig::parse_urls("redis://:a,b@127.0.0.1:1, redis://127.0.0.1:2").unwrap();
+    assert_eq!(shards.len(), 2);
+    assert_eq!(
+        shards[0].auth.as_ref().map(|a| a.password.as_str()),
+        Some("a,b")
+    );
+    assert_eq!(shards[1].addr.to_string(), "127.0.0.1:2");
+    let escaped = ClusterConfig::parse_urls("redis://:a%2Cb@127.0.0.1:1").unwrap();
+    assert_eq!(
+        escaped[0].auth.as_ref().map(|a| a.password.as_str()),
+        Some("a,b")
+    );
+}
