@@ -223,7 +223,7 @@ for rate in $rates; do
     rcli slowlog get 20 >"$out/run$run.slowlog" || true
     # The next run's login wave starts once this run's logout wave is over
     # (every name released), so that each run measures one wave.
-    wait_for 600 "the logout wave" sh -c "[ \"\$(redis-cli -p $redis_port dbsize)\" -le $((2 * nodes + 1)) ]"
+    wait_for 600 "the logout wave" sh -c "[ \"\$(redis-cli -p $redis_port dbsize)\" -le $((2 * nodes + 2)) ]"
     echo "== logged out: $(rcli dbsize) keys left in Redis" >&2
 done
 rcli info all | tr -d '\r' >"$out/redis-info.txt"

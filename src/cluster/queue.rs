@@ -25,6 +25,9 @@ pub(super) struct ClaimQueue {
     order: VecDeque<u64>,
     /// The next number.
     next: u64,
+    /// Whether the queue gave back a wave's memory since the last
+    /// [`ClaimQueue::take_shrunk`].
+    shrunk: bool,
     /// The numbers of the claims waiting, by name.
     names: HashMap<Rc<str>, Vec<u64>>,
     /// Claims waiting, by connection.
@@ -103,9 +106,16 @@ impl ClaimQueue {
         if self.claims.is_empty() && self.claims.capacity() > SMALL {
             *self = ClaimQueue {
                 next: self.next,
+                shrunk: true,
                 ..ClaimQueue::default()
             };
         }
+    }
+
+    /// Whether a login wave ended since the last call (the queue, grown
+    /// by it, gave its memory back): a moment to trim the heap.
+    pub fn take_shrunk(&mut self) -> bool {
+        std::mem::take(&mut self.shrunk)
     }
 
     /// Takes out every claim, in order.

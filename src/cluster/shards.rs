@@ -591,6 +591,17 @@ impl Cluster {
         }
     }
 
+    /// Whether a login wave ended on a shard since the last call (its
+    /// claim queue gave back what the wave grew it to): the reactor trims
+    /// the heap then, as after a burst of closes.
+    pub fn wave_ended(&mut self) -> bool {
+        let mut ended = false;
+        for shard in &mut self.shards {
+            ended |= shard.claim_queue.take_shrunk();
+        }
+        ended
+    }
+
     /// Whether a shard holds the adopted clients' input for its link.
     pub fn is_holding(&self) -> bool {
         self.shards.iter().any(Shard::is_holding)

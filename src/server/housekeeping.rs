@@ -101,6 +101,13 @@ impl Housekeeping {
         }
     }
 
+    /// A login wave was admitted (the cluster's claim queue emptied after
+    /// growing): what it left is given back, as after a burst of closes
+    /// (the stale login deadlines of those logged in among it).
+    pub fn wave_ended(&mut self, clients: &mut Clients, deadlines: &mut Deadlines) {
+        give_back_memory(clients, deadlines);
+    }
+
     /// `Deadline::PoolDecay`: frees the pooled buffers that went unused.
     pub fn decay_pool(&mut self, clients: &mut Clients, deadlines: &mut Deadlines) {
         if clients.pool.decay() >= POOL_TRIM_AFTER {

@@ -410,6 +410,10 @@ impl Server {
             self.flush_all();
             self.housekeeping
                 .end_turn(&mut self.clients, &mut self.deadlines);
+            if self.cluster.as_mut().is_some_and(Cluster::wave_ended) {
+                self.housekeeping
+                    .wave_ended(&mut self.clients, &mut self.deadlines);
+            }
             self.advance_upgrade();
         }
     }
