@@ -12,10 +12,11 @@ use super::scripts::Script;
 use super::{Answer, Claimed, FIRST_BACKOFF_MS, Pending, Shard, State};
 use crate::conn::Slot;
 
-/// A connection that waits for no more answers: its input was held back,
-/// or not.
+/// A connection that waits for no more answers: its input was held back
+/// (the connection held back: the one now on that slab key, which may
+/// not be the one the entry was for), or not.
 enum Waited {
-    Unthrottled,
+    Unthrottled(Slot),
     Done,
 }
 
@@ -120,14 +121,16 @@ impl Shard {
             self.inflight_names -= sent.occurrences.len();
             for &(slot, _, _) in &sent.lines {
                 match self.unwait_one(slot) {
-                    Some(Waited::Unthrottled) => after.push(Answer::Unthrottle { slot }),
+                    Some(Waited::Unthrottled(held)) => {
+                        after.push(Answer::Unthrottle { slot: held })
+                    }
                     Some(Waited::Done) => after.push(Answer::Settled { slot }),
                     None => {}
                 }
             }
         } else if let Some(slot) = entry.slot() {
-            if let Some(Waited::Unthrottled) = self.unwait_one(slot) {
-                after.push(Answer::Unthrottle { slot });
+            if let Some(Waited::Unthrottled(held)) = self.unwait_one(slot) {
+                after.push(Answer::Unthrottle { slot: held });
             }
         }
         after
@@ -145,7 +148,7 @@ impl Shard {
             self.waiting = Default::default();
         }
         Some(match self.throttled.remove(&slot.key) {
-            Some(_) => Waited::Unthrottled,
+            Some(held) => Waited::Unthrottled(held),
             None => Waited::Done,
         })
     }

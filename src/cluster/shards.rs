@@ -439,9 +439,14 @@ impl Cluster {
     }
 
     /// Whether the input of `slot` must not be read until its answers are
-    /// in (see [`Shard::must_throttle`]).
+    /// in (see [`Shard::must_throttle`]): also when as many answers wait
+    /// here, joined, behind one a slow shard owes.
     pub fn must_throttle(&self, slot: Slot) -> bool {
         self.shards.iter().any(|s| s.must_throttle(slot))
+            || self
+                .joins
+                .get(&slot)
+                .is_some_and(|queue| queue.len() >= super::MAX_WAITING_PER_CONN as usize)
     }
 
     /// Whether an answer for `slot` is awaited or waits to be applied.
@@ -587,7 +592,10 @@ impl Cluster {
         }
         for (i, (shard, names)) in self.shards.iter_mut().zip(by_shard).enumerate() {
             let left = if same { leases_left_ms[i] } else { shortest };
-            shard.adopt(left, names, overflow, now_ms, hold_ms);
+            // A shard that had no lease was not serving: nobody's input
+            // waits for it.
+            let hold = if left.is_some() { hold_ms } else { 0 };
+            shard.adopt(left, names, overflow, now_ms, hold);
         }
     }
 

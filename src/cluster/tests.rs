@@ -707,3 +707,25 @@ fn a_list_of_urls_keeps_a_comma_in_a_password() {
         Some("a,b")
     );
 }
+
+/// A connection gone with an answer owed, its slab key taken by another
+/// whose input is held back: the answer lets the new one be read again,
+/// by its own slot (an `Unthrottle` for the gone one would be dropped, and
+/// the new one never read again).
+#[test]
+fn an_answer_for_a_gone_connection_unthrottles_the_one_on_its_key() {
+    let mut link = ready_link();
+    let (gone, now) = (Slot { key: 7, id: 1 }, Slot { key: 7, id: 2 });
+    assert!(link.route(gone, &["bob"], b"x\n", false, 0));
+    link.flush(0);
+    commands(&mut link);
+    link.throttle(now);
+    link.on_reply(sent_reply(&[], &[], &[]), 1).unwrap();
+    let answers = link.take_answers();
+    assert!(
+        answers
+            .iter()
+            .any(|a| matches!(a, Answer::Unthrottle { slot } if *slot == now)),
+        "{answers:?}"
+    );
+}

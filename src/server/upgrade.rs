@@ -453,7 +453,7 @@ impl Server {
             leases_left_ms,
             uncertain,
             uncertain_overflow,
-            link_quiet: quiet && self.cluster.as_ref().is_some_and(|c| c.is_ready()),
+            link_quiet: quiet && self.cluster.as_ref().is_some_and(|c| c.shards_ready() > 0),
             conns,
         }
     }
