@@ -312,3 +312,42 @@ fn a_sharded_node_upgraded_in_place_keeps_every_shard() {
     here[0].expect(&format!("from {}: to 0", one[1]));
     here[0].sync(&zero[0]);
 }
+
+/// Each Redis of the list has its own credentials: one that refuses this
+/// node's password makes only its names `unavailable`, says so once, and
+/// the other Redis serves on.
+#[test]
+fn each_redis_has_its_own_password() {
+    let Some(redis) = redises(2) else {
+        return;
+    };
+    for r in &redis {
+        r.cli(&["CONFIG", "SET", "requirepass", "pw-Right-1"]);
+    }
+    let port = |r: &Redis| r.addr().port();
+    let list = format!(
+        "redis://:pw-Right-1@127.0.0.1:{},redis://:pw-Wrong-2@127.0.0.1:{}",
+        port(&redis[0]),
+        port(&redis[1])
+    );
+    let mut a = Server::start(&["--cluster", &list, "--metrics-addr", "127.0.0.1:0"]);
+    a.wait_log(" ready (Redis at ");
+    let refused = a.wait_log("refused the credentials");
+    assert!(refused.contains(&redis[1].addr().to_string()), "{refused}");
+    assert!(
+        !a.log().contains("pw-Right-1") && !a.log().contains("pw-Wrong-2"),
+        "{}",
+        a.log()
+    );
+    let zero = names_on("z", 0, 2, 1);
+    let one = names_on("o", 1, 2, 1);
+    let mut in_zero = a.login(&zero[0]);
+    let mut in_one = a.connect();
+    in_one.send(&format!("{}\n", one[0]));
+    in_one.expect("error: unavailable");
+    in_zero.send(&format!("{}: hi\n", one[0]));
+    in_zero.expect(&format!("error: unavailable: {}", one[0]));
+    let metrics = a.metrics_addr();
+    assert!(common::http_get(&metrics, "/healthz").starts_with("HTTP/1.1 200"));
+    in_zero.sync(&zero[0]);
+}
