@@ -48,6 +48,17 @@ pub struct Gauges {
     pub cluster: Option<ClusterGauges>,
 }
 
+/// What the metrics say of one shard (one Redis of several).
+#[derive(Debug, Clone)]
+pub struct ShardGauge {
+    /// Its Redis's address.
+    pub redis: std::net::SocketAddr,
+    /// Whether its names are claimed and routed now.
+    pub ready: bool,
+    /// Time since its last lease renewal that succeeded was sent.
+    pub lease_age_ms: Option<u64>,
+}
+
 /// What the metrics say of the cluster link.
 #[derive(Debug, Clone)]
 pub struct ClusterGauges {
@@ -56,7 +67,7 @@ pub struct ClusterGauges {
     pub ready: bool,
     /// With several shards: each one's Redis, whether it is ready and the
     /// age of its lease.
-    pub shards: Vec<(String, bool, Option<u64>)>,
+    pub shards: Vec<ShardGauge>,
     /// Time since the last lease renewal that succeeded was sent.
     pub lease_age_ms: Option<u64>,
     /// The link's counters.
@@ -407,17 +418,18 @@ pub fn resident_bytes() -> Option<u64> {
 
 /// One gauge per shard, labelled by its Redis: whether it is ready, and
 /// its lease's age.
-fn shard_gauges(out: &mut String, shards: &[(String, bool, Option<u64>)]) {
+fn shard_gauges(out: &mut String, shards: &[ShardGauge]) {
     let _ = write!(
         out,
         "# HELP chatd_cluster_shard_up 1 while the names of this Redis are claimed and \
          routed, else 0.\n# TYPE chatd_cluster_shard_up gauge\n"
     );
-    for (redis, ready, _) in shards {
+    for shard in shards {
         let _ = writeln!(
             out,
-            "chatd_cluster_shard_up{{redis=\"{redis}\"}} {}",
-            u8::from(*ready)
+            "chatd_cluster_shard_up{{redis=\"{}\"}} {}",
+            shard.redis,
+            u8::from(shard.ready)
         );
     }
     let _ = write!(
@@ -426,11 +438,12 @@ fn shard_gauges(out: &mut String, shards: &[(String, bool, Option<u64>)]) {
          renewal on this Redis that succeeded was sent.\n\
          # TYPE chatd_cluster_shard_lease_age_milliseconds gauge\n"
     );
-    for (redis, _, age) in shards {
-        if let Some(age) = age {
+    for shard in shards {
+        if let Some(age) = shard.lease_age_ms {
             let _ = writeln!(
                 out,
-                "chatd_cluster_shard_lease_age_milliseconds{{redis=\"{redis}\"}} {age}"
+                "chatd_cluster_shard_lease_age_milliseconds{{redis=\"{}\"}} {age}",
+                shard.redis
             );
         }
     }

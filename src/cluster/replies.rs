@@ -484,9 +484,15 @@ impl Shard {
             );
         }
         self.auth_refused = true;
+        self.wait_for_the_operator();
+        format!("Redis refused the credentials ({error})")
+    }
+
+    /// What only the operator can mend (credentials, the list of Redis):
+    /// said once already, tried again at the longest back-off only.
+    fn wait_for_the_operator(&mut self) {
         self.down_logged = true;
         self.backoff_ms = super::MAX_BACKOFF_MS;
-        format!("Redis refused the credentials ({error})")
     }
 
     /// Other nodes list this Redis in another place of `--cluster`: the
@@ -504,8 +510,7 @@ impl Shard {
             );
         }
         self.layout_refused = true;
-        self.down_logged = true;
-        self.backoff_ms = super::MAX_BACKOFF_MS;
+        self.wait_for_the_operator();
         format!("the nodes' --cluster lists differ ({other:?} here before)")
     }
 

@@ -225,10 +225,14 @@ impl Cluster {
 
     /// Each shard's Redis, whether it is ready and the age of its lease
     /// (for the metrics).
-    pub fn shard_gauges(&self, now_ms: u64) -> Vec<(String, bool, Option<u64>)> {
+    pub fn shard_gauges(&self, now_ms: u64) -> Vec<crate::metrics::ShardGauge> {
         self.shards
             .iter()
-            .map(|s| (s.redis().to_string(), s.is_ready(), s.lease_age_ms(now_ms)))
+            .map(|s| crate::metrics::ShardGauge {
+                redis: s.redis(),
+                ready: s.is_ready(),
+                lease_age_ms: s.lease_age_ms(now_ms),
+            })
             .collect()
     }
 
@@ -268,9 +272,9 @@ impl Cluster {
         any
     }
 
-    /// Fences every shard that must (see [`Shard::fenced`]). Returns them
-    /// (bit `i`: shard `i`): the reactor closes the clients whose names
-    /// live there.
+    /// Fences every shard that must (see [`Shard::must_fence`] and
+    /// [`Shard::fenced`]). Returns them (bit `i`: shard `i`; 0: none): the
+    /// reactor closes the clients whose names live there.
     pub fn fence(&mut self, now_ms: u64) -> u64 {
         let mut fenced = 0;
         for (i, shard) in self.shards.iter_mut().enumerate() {
@@ -372,12 +376,15 @@ impl Cluster {
                 false => names.to_vec(),
             };
         }
-        let Some(first) = names.first().map(|n| self.shard_of(n)) else {
+        // Each name's shard, hashed once.
+        let of: Vec<usize> = names.iter().map(|n| self.shard_of(n)).collect();
+        let Some(&first) = of.first() else {
             return Vec::new();
         };
-        let one_shard = names.iter().all(|n| self.shard_of(n) == first);
-        let elsewhere = self.shards_where(|s| s.has_waiting(slot)) & !(1 << first);
-        if one_shard && elsewhere == 0 && !self.joins.contains_key(&slot) {
+        // The shards the connection waits on before this line.
+        let waited = self.shards_where(|s| s.has_waiting(slot));
+        let one_shard = of.iter().all(|&i| i == first);
+        if one_shard && waited & !(1 << first) == 0 && !self.joins.contains_key(&slot) {
             // Its shard's FIFO keeps its order: nothing to join.
             return match self.shards[first].route(slot, names, line, false, now_ms) {
                 true => Vec::new(),
@@ -385,51 +392,44 @@ impl Cluster {
             };
         }
         let mut by_shard: Vec<Vec<&str>> = vec![Vec::new(); self.shards.len()];
-        for &name in names {
-            by_shard[self.shard_of(name)].push(name);
+        for (&name, &i) in names.iter().zip(&of) {
+            by_shard[i].push(name);
         }
-        // The shards the connection waits on before this line.
-        let waited = self.shards_where(|s| s.has_waiting(slot));
-        let mut expect = 0u64;
-        let mut failed: HashSet<usize> = HashSet::new();
-        for (i, part) in by_shard.iter().enumerate() {
-            if part.is_empty() {
-                continue;
-            }
-            if self.shards[i].route(slot, part, line, true, now_ms) {
-                expect |= 1 << i;
-            } else {
-                failed.insert(i);
+        let (mut routed, mut failed) = (0u64, 0u64);
+        for (i, part) in by_shard.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+            match self.shards[i].route(slot, part, line, true, now_ms) {
+                true => routed |= 1 << i,
+                false => failed |= 1 << i,
             }
         }
-        // Its answer also waits for what the connection waits on elsewhere.
-        let markers = waited & !expect;
-        self.each_of(markers, |shard| shard.hold_marker(slot));
-        expect |= markers;
-        if expect != 0 {
-            let names = if expect.count_ones() > 1 {
-                names
+        if routed != 0 {
+            // Its answer also waits for what the connection waits on
+            // elsewhere. (Routed nowhere, it has no answer to order: the
+            // caller's `unavailable` line is held behind the rest.)
+            let markers = waited & !routed;
+            self.each_of(markers, |shard| shard.hold_marker(slot));
+            // Parts of several shards are put back in the line's order.
+            let order = match routed.count_ones() {
+                1 => Vec::new(),
+                _ => names
                     .iter()
-                    .filter(|n| !failed.contains(&self.shard_of(n)))
-                    .map(|n| n.to_string())
-                    .collect()
-            } else {
-                Vec::new()
+                    .zip(&of)
+                    .filter(|&(_, &i)| routed & 1 << i != 0)
+                    .map(|(n, _)| n.to_string())
+                    .collect(),
             };
             let what = Joined::Route {
-                names,
+                names: order,
                 offline: Vec::new(),
                 unreachable: Vec::new(),
             };
-            self.push_join(slot, expect, what);
-        }
-        if failed.is_empty() {
-            return Vec::new();
+            self.push_join(slot, routed | markers, what);
         }
         names
             .iter()
-            .copied()
-            .filter(|n| failed.contains(&self.shard_of(n)))
+            .zip(&of)
+            .filter(|&(_, &i)| failed & 1 << i != 0)
+            .map(|(&n, _)| n)
             .collect()
     }
 
@@ -970,6 +970,23 @@ mod tests {
         assert_eq!(unrouted, [a.as_str(), c.as_str()]);
         answer(&mut cluster, 0, &[]);
         assert!(told(&mut cluster).is_empty(), "b reached: nothing to say");
+        assert!(!cluster.owes(slot(1, 1)));
+    }
+
+    /// A line whose every shard is down, from a connection waiting on
+    /// another shard, leaves nothing to join: that shard's answer comes as
+    /// it is.
+    #[test]
+    fn a_line_routed_nowhere_leaves_no_marker() {
+        let mut cluster = two_ready_shards();
+        let (slow, down) = (on("s", 1), on("d", 0));
+        assert!(cluster.route(slot(1, 1), &[&slow], b"1\n", 0).is_empty());
+        cluster.shards[0].state = State::Down { retry_at: 0 };
+        let unrouted = cluster.route(slot(1, 1), &[&down], b"2\n", 0);
+        assert_eq!(unrouted, [down.as_str()]);
+        assert!(cluster.joins.is_empty());
+        answer(&mut cluster, 1, &[1]);
+        assert_eq!(told(&mut cluster), [format!("1.1: not-online {slow}")]);
         assert!(!cluster.owes(slot(1, 1)));
     }
 

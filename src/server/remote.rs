@@ -46,10 +46,10 @@ impl Server {
         let Some(cluster) = &mut self.cluster else {
             return;
         };
-        if !cluster.must_fence(now) {
+        let fenced = cluster.fence(now);
+        if fenced == 0 {
             return;
         }
-        let fenced = cluster.fence(now);
         for key in self.clients.holders() {
             let shard = cluster.shard_of(&self.clients.conn(key).name);
             if fenced & 1 << shard == 0 {
