@@ -38,26 +38,30 @@ const RULES: &[&str] = &[
     "+unsubscribe",
 ];
 
-/// An ACL user `chatd` with `PASSWORD`, allowed what chatd does.
+/// An ACL user `chatd` with `PASSWORD` on every Redis, allowed what
+/// chatd does.
 fn with_user(redis: &Redis) {
     let password = format!(">{PASSWORD}");
     let mut args = vec!["ACL", "SETUSER", "chatd", "reset", "on", &password];
     args.extend_from_slice(RULES);
-    assert_eq!(redis.cli(&args), "OK");
+    redis.cli_expect(&args, "OK");
 }
 
 fn url_as(redis: &Redis, user: &str, password: &str) -> String {
-    format!("redis://{user}:{password}@127.0.0.1:{}", redis.port)
+    redis.url_as(&format!("{user}:{password}"))
 }
 
-/// How many connections Redis has accepted since it started.
+/// How many connections the Redis servers have accepted since they
+/// started, all together.
 fn connections_received(redis: &Redis) -> u64 {
-    redis
-        .cli(&["INFO", "stats"])
-        .lines()
-        .find_map(|l| l.strip_prefix("total_connections_received:"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
+    let stats = redis.cli_all(&["INFO", "stats"]);
+    let received = |info: &String| {
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    stats.iter().map(received).sum()
 }
 
 /// With an ACL user, both of a node's connections log in as that user and
@@ -80,21 +84,22 @@ fn nodes_log_in_as_an_acl_user_and_never_show_the_password() {
     drop(bob);
     let released = poll_until(|| {
         redis
+            .on("bob")
             .cli(&["EXISTS", "chatd:name:bob"])
             .eq("0")
             .then_some(())
     });
     assert!(released.is_some(), "bob never released");
     // Nothing refused on the way: every command chatd ran is in RULES.
-    let denied = redis.cli(&["ACL", "LOG"]);
-    assert!(denied.is_empty(), "{denied}");
-    let clients = redis.cli(&["CLIENT", "LIST"]);
-    let ours: Vec<&str> = clients
-        .lines()
-        .filter(|l| l.contains("name=chatd-"))
-        .collect();
-    assert_eq!(ours.len(), 4, "two connections a node: {clients}");
-    assert!(ours.iter().all(|l| l.contains(" user=chatd ")), "{clients}");
+    redis.cli_expect(&["ACL", "LOG"], "");
+    for clients in redis.cli_all(&["CLIENT", "LIST"]) {
+        let ours: Vec<&str> = clients
+            .lines()
+            .filter(|l| l.contains("name=chatd-"))
+            .collect();
+        assert_eq!(ours.len(), 4, "two connections a node: {clients}");
+        assert!(ours.iter().all(|l| l.contains(" user=chatd ")), "{clients}");
+    }
     let metrics = a.metrics_addr();
     let scraped = http_get(&metrics, "/metrics");
     assert!(scraped.contains("chatd_cluster_up 1"), "{scraped}");
@@ -108,17 +113,17 @@ fn nodes_log_in_as_an_acl_user_and_never_show_the_password() {
 #[test]
 fn the_default_users_password_works() {
     let redis = redis_or_skip!();
-    let url = format!("redis://:{PASSWORD}@127.0.0.1:{}", redis.port);
-    assert_eq!(redis.cli(&["CONFIG", "SET", "requirepass", PASSWORD]), "OK");
+    let url = redis.url_as(&format!(":{PASSWORD}"));
+    redis.cli_expect(&["CONFIG", "SET", "requirepass", PASSWORD], "OK");
     let a = node(&url, "10", &[]);
     let mut alice = a.login("alice");
     alice.sync("alice");
     assert!(!a.log().contains(PASSWORD));
 }
 
-/// A wrong password: one warning saying so, `/healthz` 503 with the
-/// reason, logins `unavailable`, and tries spaced at the longest back-off
-/// (a few connections, not a storm).
+/// A wrong password: one warning saying so (for each Redis), `/healthz`
+/// 503 with the reason, logins `unavailable`, and tries spaced at the
+/// longest back-off (a few connections, not a storm).
 #[test]
 fn a_wrong_password_is_one_clear_line_and_a_503_not_a_storm() {
     let redis = redis_or_skip!();
@@ -136,14 +141,20 @@ fn a_wrong_password_is_one_clear_line_and_a_503_not_a_storm() {
     late.expect("error: unavailable");
     std::thread::sleep(Duration::from_secs(3));
     let log = a.log();
-    assert_eq!(log.matches("refused the credentials").count(), 1, "{log}");
+    let shards = redis.servers.len();
+    let said = log.matches("refused the credentials").count();
+    assert_eq!(said, shards, "{log}");
     assert!(!log.contains("wrong"), "the password shows: {log}");
     let tries = connections_received(&redis) - before;
-    assert!(tries <= 6, "{tries} connections in 3 s: a reconnect storm");
+    assert!(
+        tries <= 6 * shards as u64,
+        "{tries} connections in 3 s: a reconnect storm"
+    );
 }
 
 /// The user's password changed while the node runs (`ACL SETUSER`, then
-/// `CLIENT KILL`): the node cannot get back in and says so once, its
+/// `CLIENT KILL`): the node cannot get back in and says so once (for
+/// each Redis), its
 /// clients are fenced within the lease; when the password it has is
 /// accepted again, it serves again.
 #[test]
@@ -153,11 +164,11 @@ fn credentials_changed_while_running() {
     let url = url_as(&redis, "chatd", PASSWORD);
     let mut a = node(&url, "2", &[]);
     let mut alice = a.login("alice");
-    redis.cli(&["ACL", "SETUSER", "chatd", "resetpass", ">another"]);
-    redis.cli(&["CLIENT", "KILL", "USER", "chatd"]);
+    redis.cli_expect(&["ACL", "SETUSER", "chatd", "resetpass", ">another"], "OK");
+    redis.cli_all(&["CLIENT", "KILL", "USER", "chatd"]);
     a.wait_log("refused the credentials");
     alice.expect("error: unavailable");
-    redis.cli(&["ACL", "SETUSER", "chatd", &format!(">{PASSWORD}")]);
+    redis.cli_expect(&["ACL", "SETUSER", "chatd", &format!(">{PASSWORD}")], "OK");
     // Within the back-off (5 s) of the password being right again.
     let back = poll_until(|| {
         let mut c = a.connect();
@@ -165,5 +176,6 @@ fn credentials_changed_while_running() {
         (c.line() == "from bob: probe\n").then_some(())
     });
     assert!(back.is_some(), "never got back in: {}", a.log());
-    assert_eq!(a.log().matches("refused the credentials").count(), 1);
+    let said = a.log().matches("refused the credentials").count();
+    assert_eq!(said, redis.servers.len(), "{}", a.log());
 }

@@ -12,15 +12,9 @@ use std::time::{Duration, Instant};
 
 use common::redis::{Redis, node};
 
-/// How many times Redis ran a script (`EVALSHA`).
+/// How many times Redis ran a script (`EVALSHA`), every shard together.
 fn scripts_run(redis: &Redis) -> u64 {
-    let stats = redis.cli(&["INFO", "commandstats"]);
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    redis.calls("evalsha")
 }
 
 /// Thousands of lines read in one turn go to Redis as a few batches (each
@@ -80,6 +74,7 @@ fn a_name_that_moved_is_found_where_it_is_now() {
     // still goes to that node, which no longer has him: counted as missed).
     let released = common::poll_until(|| {
         redis
+            .on("bob")
             .cli(&["GET", "chatd:name:bob"])
             .is_empty()
             .then_some(())
@@ -105,15 +100,17 @@ fn logged_in_when_free(node: &common::Server, name: &str) -> common::Client {
 
 /// A node of an earlier version (a lease, no epoch, listening on
 /// `P:node:<id>` only) is sent one message per line in the format it
-/// reads, `<names>\n<line>`.
+/// reads, `<names>\n<line>`. (It knows one Redis: with shards, the one
+/// that holds its user's name.)
 #[test]
 fn a_node_of_an_earlier_version_is_sent_the_format_it_reads() {
     let redis = redis_or_skip!();
     let a = node(&redis.url(), "10", &[]);
     let old = "00000000000000ab";
-    redis.cli(&["SET", &format!("chatd:lease:{old}"), "1", "PX", "60000"]);
-    redis.cli(&["SET", "chatd:name:olduser", old]);
-    let mut listener = TcpStream::connect(redis.addr()).unwrap();
+    let its = redis.on("olduser");
+    its.cli(&["SET", &format!("chatd:lease:{old}"), "1", "PX", "60000"]);
+    its.cli(&["SET", "chatd:name:olduser", old]);
+    let mut listener = TcpStream::connect(its.addr()).unwrap();
     listener
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
@@ -163,11 +160,12 @@ fn an_epoch_that_is_not_a_number_does_not_wedge_its_node() {
     let mut bob = b.login("bob");
     alice.send("bob: 1\n");
     bob.expect("from alice: 1");
-    redis.cli(&["SET", &format!("chatd:epoch:{id}"), "abc"]);
+    redis.cli_expect(&["SET", &format!("chatd:epoch:{id}"), "abc"], "OK");
     let carol = b.login("carol");
     drop(carol);
     let released = common::poll_until(|| {
         redis
+            .on("carol")
             .cli(&["EXISTS", "chatd:name:carol"])
             .eq("0")
             .then_some(())

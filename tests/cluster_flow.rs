@@ -148,15 +148,17 @@ fn a_claimants_kept_input_is_bounded() {
 
 /// A login wave larger than Redis answers within the reply timeout does
 /// not collapse: with Redis reached at 100 KB/s (2,000 claims take two
-/// seconds to reach it; the reply timeout is half a second), the node
-/// admits claims at the rate they are answered, tells a slow Redis from a
-/// dead one, and keeps its lease; every client logs in.
+/// seconds to reach it; the reply timeout is half a second; with S shards
+/// each is reached at 1/S of that), the node admits claims at the rate
+/// they are answered, tells a slow Redis from a dead one, and keeps its
+/// lease; every client logs in.
 #[test]
 fn a_login_wave_slower_than_the_reply_timeout_does_not_collapse() {
     let redis = redis_or_skip!();
-    let proxy = common::redis::Proxy::start(redis.addr());
+    let shards = redis.servers.len();
+    let proxy = redis.proxy();
     let mut a = node(&proxy.url(), "2", &[]);
-    proxy.limit(100_000);
+    proxy.limit(100_000 / shards as u64);
     let mut wave: Vec<Client> = (0..2000)
         .map(|i| {
             let mut c = Client::connect_small(a.addr);
@@ -171,9 +173,13 @@ fn a_login_wave_slower_than_the_reply_timeout_does_not_collapse() {
     assert!(!log.contains("did not answer in time"), "{log}");
     assert!(!log.contains("lease not renewed"), "{log}");
     assert_eq!(a.stat("logins"), 2000);
-    // The stats line shows the window and that nothing waits for it now.
-    let window = a.stat("claim_window");
-    assert!((16..=4096).contains(&window), "claim_window={window}");
+    // The stats line shows the window (every shard's together) and that
+    // nothing waits for it now.
+    let window = a.stat("claim_window") / shards as u64;
+    assert!(
+        (16..=4096).contains(&window),
+        "claim_window={window} a shard"
+    );
     assert_eq!(a.stat("claims_queued"), 0);
 }
 
@@ -188,19 +194,22 @@ fn a_login_wave_slower_than_the_reply_timeout_does_not_collapse() {
 #[test]
 fn the_lease_is_renewed_while_the_data_link_is_backed_up() {
     let redis = redis_or_skip!();
-    let proxy = common::redis::Proxy::start(redis.addr());
+    let proxy = redis.proxy();
     let mut a = node(&proxy.url(), "2", &[]);
-    let b = node(&redis.url(), "2", &[]);
+    // b lists the same Redis (through the proxy), at full speed.
+    proxy.admit_as(1);
+    let b = node(&proxy.url(), "2", &[]);
+    proxy.admit_as(0);
     let mut bob = b.login("bob");
     let mut carol = a.login("carol");
-    proxy.limit(100_000);
+    proxy.limit_group(0, 100_000);
     let body = "x".repeat(2000);
     let lines = 200;
     let all: String = (0..lines).map(|i| format!("bob: {i} {body}\n")).collect();
     carol.send(&all);
     settle();
     // What a node that took a new lease publishes.
-    redis.cli(&["PUBLISH", "chatd:leases-lost", "0123456789abcdef"]);
+    redis.cli_all(&["PUBLISH", "chatd:leases-lost", "0123456789abcdef"]);
     for i in 0..lines {
         bob.expect(&format!("from carol: {i} {body}"));
     }
@@ -226,8 +235,15 @@ fn a_link_to_something_that_is_not_redis_cannot_hurt_the_node() {
         ("an endless bulk string", bulk, vec![b'b'; 1 << 16]),
         ("an endless array", array, b":1\r\n".repeat(1 << 14)),
     ] {
-        let fake = NotRedis::start(first, then);
-        let url = format!("redis://{}", fake.addr);
+        // One such server for each shard the suite runs with.
+        let fakes: Vec<NotRedis> = (0..common::redis::test_shards())
+            .map(|_| NotRedis::start(first.clone(), then.clone()))
+            .collect();
+        let urls: Vec<String> = fakes
+            .iter()
+            .map(|f| format!("redis://{}", f.addr))
+            .collect();
+        let url = urls.join(",");
         let mut node = Server::start(&["--cluster", &url, "--cluster-lease", "10"]);
         // The data link reports the outage; the lease's own connection
         // may log its malformed reply first.

@@ -8,7 +8,7 @@ mod common;
 
 use chatd::cluster::shard_of;
 use common::Server;
-use common::redis::Redis;
+use common::redis::RedisServer as Redis;
 
 /// `count` fresh Redis servers (or none: the test is skipped).
 fn redises(count: usize) -> Option<Vec<Redis>> {
