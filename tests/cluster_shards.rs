@@ -313,6 +313,38 @@ fn a_sharded_node_upgraded_in_place_keeps_every_shard() {
     here[0].sync(&zero[0]);
 }
 
+/// A sender whose lines alternate between recipients on two shards waits
+/// on both, so each line after the first is joined and puts a marker on
+/// the other shard: the markers go among that shard's staged lines, not
+/// one script call each. 3,000 such lines read in a few turns arrive in
+/// order in a few dozen calls (one call a line before).
+#[test]
+fn lines_alternating_between_shards_go_in_few_script_calls() {
+    let Some(redis) = redises(2) else {
+        return;
+    };
+    let (a, b) = (sharded_node(&redis, "10"), sharded_node(&redis, "10"));
+    let to: Vec<String> = (0..2).map(|s| names_on("r", s, 2, 1).remove(0)).collect();
+    let mut readers: Vec<_> = to.iter().map(|n| b.login(n)).collect();
+    let mut sender = a.login("sender");
+    sender.sync("sender");
+    let before: u64 = redis.iter().map(|r| r.calls("evalsha")).sum();
+    let lines = 3000;
+    let all: String = (0..lines)
+        .map(|i| format!("{}: {i}\n", to[i % 2]))
+        .collect();
+    sender.send(&all);
+    for i in 0..lines {
+        readers[i % 2].expect(&format!("from sender: {i}"));
+    }
+    sender.sync("sender"); // and no error line before it
+    let calls = redis.iter().map(|r| r.calls("evalsha")).sum::<u64>() - before;
+    assert!(
+        calls <= lines as u64 / 20,
+        "{calls} script calls for {lines} lines"
+    );
+}
+
 /// Each Redis of the list has its own credentials: one that refuses this
 /// node's password makes only its names `unavailable`, says so once, and
 /// the other Redis serves on.

@@ -19,6 +19,12 @@
 //! line, `length` bytes. Records keep the order the lines were routed in,
 //! so per sender and recipient order holds within a batch, as it does
 //! between batches (one connection, one script after the other).
+//!
+//! A batch also carries markers ([`Batch::add_marker`]): a line the
+//! reactor holds for a sender behind its answers is released when the
+//! answers before it are in, and a marker staged among the turn's lines
+//! is answered in its place among theirs, with no command of its own and
+//! without cutting the batch in two.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -136,6 +142,9 @@ pub(super) struct Batch {
     /// The lines (by index, in order) whose answer is joined with other
     /// shards' (see [`Sent::joined`]).
     joined: Vec<u32>,
+    /// The lines (by index, in order) that are markers (see
+    /// [`Sent::markers`]).
+    markers: Vec<u32>,
     /// Per recipient of each line, in the line's order: (group, position
     /// of the name in the group).
     occurrences: Vec<(u32, u32)>,
@@ -151,6 +160,9 @@ pub(crate) struct Sent {
     /// reached everyone: with several shards their answers are joined
     /// with other shards' (`shards.rs`). Empty with one shard.
     pub joined: Vec<u32>,
+    /// The lines (by index, in order) that are markers, no line at all:
+    /// each is answered `Answer::Held` in its place.
+    pub markers: Vec<u32>,
     /// Per recipient of each line: its index in `names`.
     pub occurrences: Vec<u32>,
     /// Every name of the batch, in the order the script numbers them
@@ -178,6 +190,14 @@ impl Batch {
     pub fn is_full_for(&self, len: usize, names: usize) -> bool {
         !self.is_empty()
             && (self.bytes + len > BATCH_BYTES || self.occurrences.len() + names > BATCH_NAMES)
+    }
+
+    /// Stages a marker for `slot` after the lines staged so far (see the
+    /// module's text): no names, no bytes.
+    pub fn add_marker(&mut self, slot: Slot) {
+        self.markers.push(self.lines.len() as u32);
+        let at = self.occurrences.len() as u32;
+        self.lines.push((slot, at, at));
     }
 
     /// Stages `line` from `slot` to `names` (none held here, each once);
@@ -270,6 +290,7 @@ impl Batch {
         let sent = Sent {
             lines: std::mem::take(&mut self.lines),
             joined: std::mem::take(&mut self.joined),
+            markers: std::mem::take(&mut self.markers),
             occurrences,
             names,
         };

@@ -1290,10 +1290,17 @@ impl Shard {
     }
 
     /// Queues a marker for a line the reactor holds for `slot`: an
-    /// [`Answer::Held`] says when the answers before it are in.
+    /// [`Answer::Held`] says when the answers before it are in. With lines
+    /// staged this turn it goes among them (`batch.rs`): the batch is not
+    /// cut at every marker, which with several shards would make one
+    /// script call of every few lines.
     pub fn hold_marker(&mut self, slot: Slot) {
-        self.seal_staged();
         *self.waiting.entry(slot.key).or_default() += 1;
+        if !self.batch.is_empty() {
+            self.batch.add_marker(slot);
+            return;
+        }
+        self.seal_staged();
         self.pending.push_back(Pending::Held { slot });
         self.pop_held();
     }

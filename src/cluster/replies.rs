@@ -376,7 +376,7 @@ impl Shard {
                 self.holders.learn(sent.names.get(i), node, epoch);
             }
         }
-        if !marked && sent.joined.is_empty() {
+        if !marked && sent.joined.is_empty() && sent.markers.is_empty() {
             return Ok(()); // every line reached everyone: nobody is told
         }
         for (i, name) in sent.names.iter().enumerate() {
@@ -385,7 +385,12 @@ impl Shard {
             }
         }
         let mut joined = sent.joined.iter().peekable();
+        let mut markers = sent.markers.iter().peekable();
         for (i, &(slot, from, to)) in sent.lines.iter().enumerate() {
+            if markers.next_if_eq(&&(i as u32)).is_some() {
+                self.answers.push(Answer::Held { slot });
+                continue;
+            }
             let joined = joined.next_if_eq(&&(i as u32)).is_some();
             let marked = |mark: u8| -> Vec<String> {
                 sent.occurrences[from as usize..to as usize]
@@ -408,10 +413,16 @@ impl Shard {
         Ok(())
     }
 
-    /// Every line of a batch could not be routed: its names `unavailable`.
+    /// Every line of a batch could not be routed: its names `unavailable`
+    /// (and its markers are released, in their places).
     pub(super) fn unroutable(&mut self, sent: &Sent) {
         let mut joined = sent.joined.iter().peekable();
+        let mut markers = sent.markers.iter().peekable();
         for (i, &(slot, _, _)) in sent.lines.iter().enumerate() {
+            if markers.next_if_eq(&&(i as u32)).is_some() {
+                self.answers.push(Answer::Held { slot });
+                continue;
+            }
             let joined = joined.next_if_eq(&&(i as u32)).is_some();
             let names = sent.line_names(i).map(str::to_string).collect();
             self.answers.push(Answer::Unroutable {
