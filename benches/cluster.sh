@@ -229,8 +229,11 @@ PY
         # Past one Redis: the saturated fan-out-1 scenario over two nodes
         # with the names sharded over 1, 2 and 3 Redis primaries (fresh
         # ones). Redis CPU per delivery, all shards together and each
-        # shard's share: each shard should do 1/S of the work.
-        for count in 1 2 3; do
+        # shard's share: each shard should do 1/S of the work. Then one
+        # Redis at 1/2 and 1/3 of the senders: the load each shard of two
+        # and three carries, for its cost per delivery at that load.
+        for run in 1:100 2:100 3:100 1:50 1:33; do
+            count=${run%:*} senders=${run#*:}
             shard_pids=() shard_urls=()
             for _ in $(seq 1 "$count"); do
                 port=$(free_port)
@@ -248,9 +251,10 @@ PY
             before=()
             for pid in "${shard_pids[@]}"; do before+=("$(cpu_ticks "$pid")"); done
             name="shards$count.fanout1"
+            [ "$senders" = 100 ] || name="shards$count.senders$senders"
             echo "== $name: ${#shard_pids[@]} Redis" >&2
             "$bench" --json --addr "127.0.0.1:$a_port,127.0.0.1:$b_port" \
-                --server-pid "$a_pid,$b_pid" --clients 1000 --senders 100 --fanout 1 \
+                --server-pid "$a_pid,$b_pid" --clients 1000 --senders "$senders" --fanout 1 \
                 --window 32 --duration "$duration" >"$out/$name.json" || true
             used=()
             for i in "${!shard_pids[@]}"; do
