@@ -436,7 +436,17 @@ impl Shard {
     /// The lease was not found: take a new one, drop whatever names Redis
     /// still lists for this node, have the reactor claim again the names
     /// its clients still hold, and tell the other nodes to check theirs.
+    /// Once: with several commands in flight when the lease went (two
+    /// batches, a batch and a renewal), each finds it gone, and a second
+    /// `SET NX` would find the first one's lease and reset the link.
     pub(super) fn take_new_lease(&mut self, now_ms: u64) {
+        if self
+            .pending
+            .iter()
+            .any(|p| matches!(p, Pending::Acquire { .. }))
+        {
+            return; // being taken already
+        }
         if self.lease_until.is_some() {
             warn!("cluster: the lease is gone from Redis (restarted or flushed): taking a new one");
             self.stats.leases_lost += 1;

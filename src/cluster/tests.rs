@@ -748,3 +748,38 @@ fn an_answer_for_a_gone_connection_unthrottles_the_one_on_its_key() {
         "{answers:?}"
     );
 }
+
+/// Two batches in flight when the lease went both find it gone (`-1`): the
+/// node takes one new lease, not two (the second `SET NX` would find the
+/// first's and reset the link, closing the clients claimed again).
+#[test]
+fn a_lease_lost_under_two_batches_is_taken_anew_once() {
+    let mut link = ready_link();
+    assert!(link.route(slot(1), &["bob"], b"x\n", false, 0));
+    link.seal_staged();
+    assert!(link.route(slot(1), &["bob"], b"y\n", false, 0));
+    link.seal_staged();
+    link.on_reply(Reply::Int(-1), 1).unwrap();
+    link.on_reply(Reply::Int(-1), 1).unwrap();
+    let acquires = link
+        .pending
+        .iter()
+        .filter(|p| matches!(p, Pending::Acquire { .. }))
+        .count();
+    assert_eq!(acquires, 1, "{:?}", link.pending);
+    let answers = link.take_answers();
+    let unroutable = answers
+        .iter()
+        .filter(|a| matches!(a, Answer::Unroutable { .. }))
+        .count();
+    assert_eq!(unroutable, 2, "both lines answered: {answers:?}");
+    // The new lease's commands are answered: the link stays up.
+    while let Some(entry) = link.pending.front() {
+        let reply = match entry {
+            Pending::Acquire { .. } => Reply::Status("OK".into()),
+            _ => Reply::Int(1),
+        };
+        link.on_reply(reply, 2).unwrap();
+    }
+    assert_eq!(link.state, State::Ready);
+}
