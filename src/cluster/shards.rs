@@ -997,3 +997,7 @@ mod tests {
         assert_eq!(in_order(&names, some), ["a", "b", "d"]);
     }
 }
+
+#[cfg(test)]
+#[path = "model_tests.rs"]
+mod model_tests;
