@@ -382,35 +382,23 @@ fn run(shards: usize, seed: u64, steps: usize) {
     );
 }
 
+/// The seeds a test runs: `MODEL_SEEDS`, 300 when unset.
+fn seeds() -> u64 {
+    let seeds = std::env::var("MODEL_SEEDS").ok();
+    seeds.and_then(|s| s.parse().ok()).unwrap_or(300)
+}
+
 #[test]
 fn model_one_shard() {
-    for seed in 0..std::env::var("MODEL_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300u64)
-    {
-        run(1, seed, 600);
-    }
+    (0..seeds()).for_each(|seed| run(1, seed, 600));
 }
 
 #[test]
 fn model_two_shards() {
-    for seed in 0..std::env::var("MODEL_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300u64)
-    {
-        run(2, seed, 600);
-    }
+    (0..seeds()).for_each(|seed| run(2, seed, 600));
 }
 
 #[test]
 fn model_three_shards() {
-    for seed in 0..std::env::var("MODEL_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300u64)
-    {
-        run(3, seed, 600);
-    }
+    (0..seeds()).for_each(|seed| run(3, seed, 600));
 }
