@@ -499,8 +499,9 @@ pub(crate) struct Shard {
     backoff_ms: u64,
     /// Whether the link was ever ready (reconnects are counted after).
     was_ready: bool,
-    /// When Redis last answered a command (ms): a Redis that answers, if
-    /// slowly, is busy, not gone (see [`Shard::reply_timeout_ms`]).
+    /// When Redis last sent anything on the link, an answer or a push
+    /// (ms): a Redis that sends, if slowly, is busy, not gone (see
+    /// [`Shard::reply_timeout_ms`]).
     last_reply_ms: u64,
     /// Claims sent and not answered yet, at most `claim_window`.
     claims_in_flight: usize,

@@ -23,6 +23,10 @@ enum Waited {
 impl Shard {
     /// Handles one frame: a push, or the answer to the oldest command.
     pub(super) fn on_reply(&mut self, reply: Reply, now_ms: u64) -> Result<(), String> {
+        // Anything from Redis, a push too, says it is alive and the link
+        // works: under a flood of lines to this node the answers wait
+        // behind the pushes, read as fast as the node can.
+        self.last_reply_ms = now_ms;
         match reply {
             Reply::Message { channel, payload } => {
                 if channel == self.lines_channel {
@@ -47,7 +51,6 @@ impl Shard {
         if self.pending.is_empty() && self.pending.capacity() > 4096 {
             self.pending.shrink_to_fit(); // a wave's room, given back
         }
-        self.last_reply_ms = now_ms;
         match entry {
             Pending::Claim { group, .. } => self.on_group(entry, group as usize, reply, now_ms),
             Pending::Release { group, .. } => self.on_group(entry, group as usize, reply, now_ms),

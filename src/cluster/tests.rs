@@ -783,3 +783,27 @@ fn a_lease_lost_under_two_batches_is_taken_anew_once() {
     }
     assert_eq!(link.state, State::Ready);
 }
+
+/// Lines pushed to this node keep coming while its commands' answers wait
+/// behind them (a flood it reads as fast as it can): Redis is alive and
+/// the link works, so it is not reset at the reply timeout; silence is.
+#[test]
+fn pushes_say_redis_is_alive_while_answers_wait_behind_them() {
+    let mut link = ready_link();
+    let poll = mio::Poll::new().unwrap();
+    let timeout = link.reply_timeout_ms();
+    link.claim(slot(0), Rc::from("c0"), false, 0);
+    commands(&mut link);
+    let lines = Reply::Message {
+        channel: link.lines_channel.clone(),
+        payload: b"bob 5\nhi x\n".to_vec(),
+    };
+    link.on_reply(lines, timeout - 1).unwrap();
+    link.on_timer(poll.registry(), TOKENS, timeout + 1);
+    assert_eq!(link.state, State::Ready, "a push came: busy, not gone");
+    link.on_timer(poll.registry(), TOKENS, 2 * timeout);
+    assert!(
+        matches!(link.state, State::Down { .. }),
+        "then nothing: gone"
+    );
+}
