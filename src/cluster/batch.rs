@@ -170,7 +170,35 @@ pub(crate) struct Sent {
     pub names: Names,
 }
 
+/// What one entry of a sent batch is (see [`Sent::entries`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Entry {
+    /// A marker: answered `Answer::Held` in its place.
+    Marker,
+    /// A line; `joined`: answered even when it reached everyone.
+    Line { joined: bool },
+}
+
 impl Sent {
+    /// Each entry in order: its index in `lines`, its sender, what it is.
+    pub fn entries(&self) -> impl Iterator<Item = (usize, Slot, Entry)> + '_ {
+        let mut joined = self.joined.iter().peekable();
+        let mut markers = self.markers.iter().peekable();
+        self.lines
+            .iter()
+            .enumerate()
+            .map(move |(i, &(slot, _, _))| {
+                let at = i as u32;
+                let entry = match markers.next_if_eq(&&at) {
+                    Some(_) => Entry::Marker,
+                    None => Entry::Line {
+                        joined: joined.next_if_eq(&&at).is_some(),
+                    },
+                };
+                (i, slot, entry)
+            })
+    }
+
     /// The names of line `i`, in order.
     pub fn line_names(&self, i: usize) -> impl Iterator<Item = &str> {
         let (_, from, to) = self.lines[i];

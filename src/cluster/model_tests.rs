@@ -94,9 +94,7 @@ impl Model {
             id: self.ids[key as usize],
         }
     }
-}
 
-impl Model {
     fn take(&mut self, cluster: &mut Cluster, log: &mut Vec<String>) {
         for answer in cluster.take_answers() {
             log.push(format!("{answer:?}"));

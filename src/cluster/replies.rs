@@ -6,7 +6,7 @@
 
 use log::{info, warn};
 
-use super::batch::Sent;
+use super::batch::{Entry, Sent};
 use super::codec::Reply;
 use super::scripts::Script;
 use super::{Answer, Claimed, FIRST_BACKOFF_MS, Pending, Shard, State};
@@ -387,14 +387,12 @@ impl Shard {
                 self.holders.forget(name);
             }
         }
-        let mut joined = sent.joined.iter().peekable();
-        let mut markers = sent.markers.iter().peekable();
-        for (i, &(slot, from, to)) in sent.lines.iter().enumerate() {
-            if markers.next_if_eq(&&(i as u32)).is_some() {
+        for (i, slot, entry) in sent.entries() {
+            let Entry::Line { joined } = entry else {
                 self.answers.push(Answer::Held { slot });
                 continue;
-            }
-            let joined = joined.next_if_eq(&&(i as u32)).is_some();
+            };
+            let (_, from, to) = sent.lines[i];
             let marked = |mark: u8| -> Vec<String> {
                 sent.occurrences[from as usize..to as usize]
                     .iter()
@@ -419,14 +417,11 @@ impl Shard {
     /// Every line of a batch could not be routed: its names `unavailable`
     /// (and its markers are released, in their places).
     pub(super) fn unroutable(&mut self, sent: &Sent) {
-        let mut joined = sent.joined.iter().peekable();
-        let mut markers = sent.markers.iter().peekable();
-        for (i, &(slot, _, _)) in sent.lines.iter().enumerate() {
-            if markers.next_if_eq(&&(i as u32)).is_some() {
+        for (i, slot, entry) in sent.entries() {
+            let Entry::Line { joined } = entry else {
                 self.answers.push(Answer::Held { slot });
                 continue;
-            }
-            let joined = joined.next_if_eq(&&(i as u32)).is_some();
+            };
             let names = sent.line_names(i).map(str::to_string).collect();
             self.answers.push(Answer::Unroutable {
                 slot,
