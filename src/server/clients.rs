@@ -12,6 +12,7 @@ use std::io::{self, Write};
 use std::net::Shutdown;
 use std::rc::Rc;
 
+use compact_str::CompactString;
 use log::{debug, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry};
@@ -116,6 +117,12 @@ pub(super) struct Clients {
     pub stats: Stats,
 }
 
+/// How the name index reads the name of a slab key: the connection's own
+/// (a key whose connection is gone reads as no name, which no login has).
+fn name_of<'a>(conns: &'a Slab<Conn>) -> impl Fn(usize) -> &'a str {
+    |key| conns.get(key).map_or("", |conn| &conn.name)
+}
+
 impl Clients {
     /// An empty table serving `listener` (registered already).
     pub fn new(
@@ -187,8 +194,8 @@ impl Clients {
 
     /// Registers the name of an adopted logged-in connection.
     pub(super) fn adopt_name(&mut self, key: usize) -> bool {
-        let name = Rc::clone(&self.conns[key].name);
-        self.names.claim(&name, key)
+        let conns = &self.conns;
+        self.names.claim(&conns[key].name, key, name_of(conns))
     }
 
     /// The connection at `key`. Panics if there is none: callers hold a key
@@ -229,12 +236,12 @@ impl Clients {
 
     /// The connection holding `name`, if one does.
     pub fn lookup(&self, name: &str) -> Option<usize> {
-        self.names.lookup(name)
+        self.names.lookup(name, name_of(&self.conns))
     }
 
     /// Logs `key` in as `name`: false (and nothing changes) if another
     /// connection holds it.
-    pub fn log_in(&mut self, key: usize, name: Rc<str>, deadlines: &mut Deadlines) -> bool {
+    pub fn log_in(&mut self, key: usize, name: &str, deadlines: &mut Deadlines) -> bool {
         if !self.reserve(key, name) {
             return false;
         }
@@ -244,13 +251,15 @@ impl Clients {
 
     /// Reserves `name` for `key`, which waits in [`Phase::Claiming`]: false
     /// (and nothing changes) if another connection here holds it.
-    pub fn reserve(&mut self, key: usize, name: Rc<str>) -> bool {
-        if !self.names.claim(&name, key) {
+    pub fn reserve(&mut self, key: usize, name: &str) -> bool {
+        if self.lookup(name).is_some() {
             return false;
         }
-        let conn = &mut self.conns[key];
-        conn.name = name;
-        let _ = conn.enter(Phase::Claiming); // held nothing before
+        self.conns[key].name = CompactString::from(name);
+        let conns = &self.conns;
+        let claimed = self.names.claim(name, key, name_of(conns));
+        debug_assert!(claimed, "looked up just before");
+        let _ = self.conns[key].enter(Phase::Claiming); // held nothing before
         true
     }
 
@@ -279,9 +288,9 @@ impl Clients {
     /// Frees the name of `key`, which stopped holding it.
     fn forget_name(&mut self, key: usize) {
         let name = &self.conns[key].name;
-        self.names.release(name);
+        self.names.release(name, key);
         if let Some(released) = &mut self.released {
-            released.push(Rc::clone(name));
+            released.push(Rc::from(name.as_str()));
         }
     }
 
@@ -308,7 +317,7 @@ impl Clients {
         self.conns
             .iter()
             .filter(|(_, conn)| conn.phase() == Phase::Chat && !conn.is_dead())
-            .map(|(key, conn)| (Rc::clone(&conn.name), key))
+            .map(|(key, conn)| (Rc::from(conn.name.as_str()), key))
             .collect()
     }
 
@@ -634,7 +643,7 @@ impl Clients {
     /// pool and the lists (after the burst has gone).
     pub fn shrink(&mut self) {
         self.pool.clear();
-        self.names.shrink();
+        self.names.shrink(name_of(&self.conns));
         for list in [
             &mut self.pending_write,
             &mut self.more_input,

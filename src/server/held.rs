@@ -192,7 +192,7 @@ impl Clients {
         if lines.is_empty() {
             return;
         }
-        let name = Rc::clone(&self.conns[key].name);
+        let name: Rc<str> = Rc::from(self.conns[key].name.as_str());
         let routes = lines
             .into_iter()
             .map(|(from, line)| (from, Rc::clone(&name), line));
@@ -291,9 +291,9 @@ mod tests {
             clients.conns.insert(Conn::new(stream, id as u32, 0));
             clients.stats.opened();
         }
-        assert!(clients.log_in(0, Rc::from("alice"), &mut deadlines));
+        assert!(clients.log_in(0, "alice", &mut deadlines));
         if n > 1 {
-            assert!(clients.reserve(1, Rc::from("bob")));
+            assert!(clients.reserve(1, "bob"));
         }
         (clients, deadlines, peers)
     }

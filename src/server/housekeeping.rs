@@ -168,6 +168,26 @@ fn give_back_memory(clients: &mut Clients, deadlines: &mut Deadlines) {
     debug!("memory handed back in {:?}", started.elapsed());
 }
 
+/// Fixes glibc's mmap threshold at 64 KiB. By default it moves: each
+/// large block freed raises it to that block's size (up to 32 MiB), so
+/// after the first wave has grown and freed its tables (the name index, the
+/// deadline heap, the lists), the next wave's tables come from the main
+/// heap instead of pages of their own. There they are placed among small
+/// short-lived chunks, and once freed or moved they leave holes that
+/// `malloc_trim` cannot hand back: the nodes of the million held 70 bytes a
+/// connection more after a second wave than after the first
+/// (BENCHMARKS.md). With the threshold fixed, every table of 64 KiB or more
+/// has its own mapping, given back whole when it is freed.
+#[allow(unsafe_code)]
+pub(super) fn fix_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it has no
+    // preconditions and is safe to call at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
+    }
+}
+
 /// Hands the heap's free pages back to the kernel. glibc returns only the
 /// top of the heap by itself; what a connect storm frees is spread all over
 /// it, and those pages would stay in RSS until reused.

@@ -230,6 +230,7 @@ impl Server {
         control: Control,
         extras: Extras,
     ) -> io::Result<(Server, Option<TakeOver>)> {
+        housekeeping::fix_mmap_threshold();
         listener.set_nonblocking(true)?;
         // Accepted sockets inherit TCP_NODELAY from the listener (on
         // Linux), which saves a system call per accept. The server batches

@@ -16,9 +16,9 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::rc::Rc;
 use std::time::Instant;
 
+use compact_str::CompactString;
 use log::{debug, info, warn};
 use mio::Interest;
 use mio::net::TcpStream;
@@ -635,7 +635,7 @@ impl Clients {
             &state.flags,
         );
         conn.discarded = state.discarded;
-        conn.name = Rc::from(state.name.as_str());
+        conn.name = CompactString::from(state.name.as_str());
         entry.insert(conn);
         if state.flags.rejected {
             self.adopt_rejected();
