@@ -70,6 +70,9 @@ pub struct Plan {
     pub clients: usize,
     /// New connections per second; 0 = as fast as possible.
     pub connect_rate: f64,
+    /// Logins in flight at most (connect started, login not yet
+    /// confirmed), over all threads; 0 = no bound.
+    pub login_window: usize,
     pub source_ips: Vec<IpAddr>,
     pub senders: usize,
     pub fanout: usize,
@@ -200,6 +203,9 @@ pub struct Load {
     epoch: Instant,
     /// Connects started so far.
     started: usize,
+    /// Clients connecting or logging in (started, not yet logged in or
+    /// closed): what `Plan::login_window` bounds.
+    logging_in: usize,
     /// Whether new lines are still being generated.
     generating: bool,
     /// Open loop: lines generated so far.
@@ -286,6 +292,7 @@ impl Load {
             send_lag: histogram(),
             epoch: Instant::now(),
             started: 0,
+            logging_in: 0,
             generating: false,
             scheduled: 0,
             traffic_start: Instant::now(),
@@ -377,7 +384,12 @@ impl Load {
             self.clients.len()
         };
         // Bound the burst per turn so events are served while connecting.
-        let until = due.min(self.started + 512);
+        let mut until = due.min(self.started + 512);
+        // With a login window, new connects wait for logins to finish.
+        let window = self.plan.login_window.div_ceil(self.threads);
+        if window > 0 {
+            until = until.min(self.started + window.saturating_sub(self.logging_in));
+        }
         while self.started < until {
             let i = self.started;
             self.started += 1;
@@ -390,8 +402,11 @@ impl Load {
                 );
             }
         }
-        let wait = if self.started < due {
+        let window_full = window > 0 && self.logging_in >= window;
+        let wait = if self.started < due && !window_full {
             Duration::ZERO
+        } else if window_full {
+            wait
         } else if self.started < self.clients.len() {
             let next = Duration::from_secs_f64(self.started as f64 / rate);
             wait.min(next.saturating_sub(phase_start.elapsed()))
@@ -433,6 +448,7 @@ impl Load {
         client.stream = Some(stream);
         client.state = State::Connecting;
         client.started = Instant::now();
+        self.logging_in += 1;
         client.out = if self.plan.ws {
             // The login waits for the upgrade's answer (RFC 6455 4.1).
             ws::request(&self.hosts[i % servers], &ws::key(self.key_seed, i))
@@ -784,6 +800,7 @@ impl Load {
             let client = &mut self.clients[j];
             client.state = State::Ready;
             self.counts.logged_in += 1;
+            self.logging_in -= 1;
             let us = client.started.elapsed().as_micros() as u64;
             let _ = self.login_latency.record(us.max(1));
             return;
@@ -853,6 +870,12 @@ impl Load {
 
     fn close(&mut self, i: usize) {
         let client = &mut self.clients[i];
+        if matches!(
+            client.state,
+            State::Connecting | State::Upgrading | State::LoggingIn
+        ) {
+            self.logging_in -= 1;
+        }
         if let Some(mut stream) = client.stream.take() {
             let _ = self.poll.registry().deregister(&mut stream);
         }
@@ -1148,6 +1171,7 @@ mod tests {
                         name_prefix: String::new(),
                         clients,
                         connect_rate: 0.0,
+                        login_window: 0,
                         source_ips: Vec::new(),
                         senders: clients,
                         fanout,

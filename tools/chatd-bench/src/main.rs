@@ -43,6 +43,15 @@ Connection phase:
                          [default: 1000]
   --connect-rate R       new connections per second, 1e-7 to 1e9, or 0 = as
                          fast as possible (a connect storm) [default: 0]
+  --login-window N       at most N logins in flight at once (connect
+                         started, login not yet confirmed), over all
+                         threads and processes: the next connect starts as
+                         a login ends, so the wave goes at the pace the
+                         server logs clients in, each client waiting only
+                         for its own login. 0 = no bound: every connect
+                         starts at once (at --connect-rate), and with a
+                         slow server the last wait for all before them
+                         [default: 0]
   --source-ips A-B       spread client sockets over these source addresses
                          (127.0.0.1-127.0.0.8, or a comma list) [default:
                          for 127.x servers only, one address from 127.0.0.1
@@ -126,6 +135,7 @@ const VALUE_FLAGS: &[&str] = &[
     "name-prefix",
     "clients",
     "connect-rate",
+    "login-window",
     "source-ips",
     "idle",
     "senders",
@@ -189,6 +199,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         name_prefix: String::new(),
         clients: 1000,
         connect_rate: 0.0,
+        login_window: 0,
         source_ips: Vec::new(),
         senders: 0,
         fanout: 1,
@@ -281,6 +292,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             }
             "clients" => plan.clients = count(MAX_CLIENTS)?,
             "connect-rate" => plan.connect_rate = per_sec()?,
+            "login-window" => plan.login_window = count(MAX_CLIENTS)?,
             "source-ips" => {
                 plan.source_ips =
                     parse_ips(&value).ok_or_else(|| bad("A-B or a comma list of IPv4 addresses"))?

@@ -77,6 +77,8 @@ fn child_plan(plan: &Plan, procs: usize, k: usize) -> Plan {
         name_prefix: format!("{}p{k}", plan.name_prefix),
         clients,
         connect_rate: share(plan.connect_rate, clients, plan.clients),
+        // Its share of the window, at least 1 when there is one.
+        login_window: (plan.login_window * clients).div_ceil(plan.clients.max(1)),
         source_ips: source_share(&plan.source_ips, procs, k),
         senders,
         rate: share(plan.rate, senders, plan.senders),
@@ -748,6 +750,7 @@ mod tests {
             name_prefix: "x".into(),
             clients,
             connect_rate: 1000.0,
+            login_window: 100,
             source_ips: (1..=ips as u32)
                 .map(|n| IpAddr::V4(std::net::Ipv4Addr::from(0x7f00_0000 + n)))
                 .collect(),
@@ -778,6 +781,9 @@ mod tests {
                 assert!(p.ws, "every child speaks the run's transport");
                 assert!(p.clients.abs_diff(clients / procs) <= 1);
                 assert!(p.senders.abs_diff(senders / procs) <= 1);
+                let fair = (100 * p.clients).div_ceil(clients);
+                assert_eq!(p.login_window, fair, "its share of the login window");
+                assert!(p.login_window >= 1);
             }
             let prefixes: std::collections::HashSet<_> =
                 parts.iter().map(|p| p.name_prefix.clone()).collect();

@@ -984,3 +984,55 @@ fn ws_failures_are_reported() {
         "{json}"
     );
 }
+
+/// `--login-window N`: at most N logins in flight. Against a listener that
+/// accepts and never answers, N connections arrive and no more, over
+/// two processes too (their shares add up to N); the next connect waits
+/// for a login that never ends. Then, against chatd, every client of a
+/// windowed run logs in.
+#[test]
+fn the_login_window_bounds_logins_in_flight() {
+    use std::net::TcpListener;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+    for procs in ["1", "2"] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                counter.fetch_add(1, Ordering::SeqCst);
+                held.push(conn); // open, silent
+            }
+        });
+        let mut child = Command::new(BENCH)
+            .args(["--addr", &addr, "--clients", "60", "--login-window", "6"])
+            .args(["--procs", procs, "--settle-timeout", "3"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        poll_until(|| (accepted.load(Ordering::SeqCst) >= 6).then_some(()))
+            .expect("the first connects arrive");
+        // Long enough for the storm a missing window would start.
+        thread::sleep(Duration::from_millis(500));
+        let seen = accepted.load(Ordering::SeqCst);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(seen, 6, "with --procs {procs}: connects beyond the window");
+    }
+
+    let server = Server::start(&[]);
+    let out = bench(&server, &["--clients", "300", "--login-window", "7"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(field(&out, "logged_in"), 300.0);
+}
