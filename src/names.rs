@@ -15,6 +15,7 @@
 use std::hash::{BuildHasher, RandomState};
 
 use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 
 /// Maps each logged-in name to the slab key of its connection.
 #[derive(Debug, Default)]
@@ -28,29 +29,30 @@ pub struct NameIndex {
 
 impl NameIndex {
     /// Gives `name` to `key`; false if another connection holds it already.
-    /// `name_of(k)` is the name of the connection at slab key `k`: it must
-    /// be `name` for `key` already, and stay each key's name while the key
-    /// is in the index.
+    /// `name_of(k)` is the name of the connection at slab key `k`, for
+    /// every key in the index; the caller gives `key` its name as the claim
+    /// succeeds (it is not read here), and each key keeps its name while
+    /// it is in the index.
     pub fn claim<'a>(
         &mut self,
         name: &str,
         key: usize,
         name_of: impl Fn(usize) -> &'a str,
     ) -> bool {
-        let hash = self.hasher.hash_one(name);
-        if self
-            .keys
-            .find(hash, |&k| name_of(k as usize) == name)
-            .is_some()
-        {
-            return false;
-        }
-        debug_assert_eq!(name_of(key), name);
         let hasher = &self.hasher;
-        // Slab keys stay far below 2^32: each is an open descriptor.
-        self.keys
-            .insert_unique(hash, key as u32, |&k| hasher.hash_one(name_of(k as usize)));
-        true
+        let hash = hasher.hash_one(name);
+        match self.keys.entry(
+            hash,
+            |&k| name_of(k as usize) == name,
+            |&k| hasher.hash_one(name_of(k as usize)),
+        ) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(room) => {
+                // Slab keys stay far below 2^32: each is an open descriptor.
+                room.insert(key as u32);
+                true
+            }
+        }
     }
 
     /// The connection holding `name`, if one does.

@@ -252,14 +252,12 @@ impl Clients {
     /// Reserves `name` for `key`, which waits in [`Phase::Claiming`]: false
     /// (and nothing changes) if another connection here holds it.
     pub fn reserve(&mut self, key: usize, name: &str) -> bool {
-        if self.lookup(name).is_some() {
+        if !self.names.claim(name, key, name_of(&self.conns)) {
             return false;
         }
-        self.conns[key].name = CompactString::from(name);
-        let conns = &self.conns;
-        let claimed = self.names.claim(name, key, name_of(conns));
-        debug_assert!(claimed, "looked up just before");
-        let _ = self.conns[key].enter(Phase::Claiming); // held nothing before
+        let conn = &mut self.conns[key];
+        conn.name = CompactString::from(name);
+        let _ = conn.enter(Phase::Claiming); // held nothing before
         true
     }
 

@@ -403,10 +403,10 @@ impl Load {
             }
         }
         let window_full = window > 0 && self.logging_in >= window;
-        let wait = if self.started < due && !window_full {
+        let wait = if window_full {
+            wait // until a login ends
+        } else if self.started < due {
             Duration::ZERO
-        } else if window_full {
-            wait
         } else if self.started < self.clients.len() {
             let next = Duration::from_secs_f64(self.started as f64 / rate);
             wait.min(next.saturating_sub(phase_start.elapsed()))
