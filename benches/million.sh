@@ -21,7 +21,11 @@
 # (generator processes, as many as nodes), IDLE (60), RATES ("10000
 # 100000"), DURATION (20), UPGRADE (1), LEASE (--cluster-lease, 30),
 # TRANSPORT (tcp, or ws: the clients are WebSocket clients of the nodes'
-# --ws-addr, on one port too), OUT (target/million).
+# --ws-addr, on one port too), LOGIN_WINDOW (chatd-bench --login-window,
+# 8000: logins in flight over all generator processes, so that no client
+# waits long after its accept; 0 = every connect at once, a storm whose
+# tail passes --login-timeout over WebSocket, BENCHMARKS.md),
+# OUT (target/million).
 #
 # It stops every process it started, also on failure or Ctrl-C. Traffic
 # goes to 127.0.0.0/8 only.
@@ -35,6 +39,7 @@ procs=${PROCS:-$nodes}
 idle=${IDLE:-60}
 rates=${RATES:-"10000 100000"}
 duration=${DURATION:-20}
+login_window=${LOGIN_WINDOW:-8000}
 upgrade=${UPGRADE:-1}
 out=${OUT:-target/million}
 senders=$((clients / 100))
@@ -195,7 +200,7 @@ for rate in $rates; do
     "$bench" "${bench_args[@]}" --addr "127.0.0.1:$client_port" --clients "$clients" --procs "$procs" \
         --source-ips "127.$((19 + run)).0.1-127.$((19 + run)).$((addresses / 256)).$((addresses % 256))" \
         --name-prefix "r$run" --idle "$idle" --senders "$senders" --rate "$rate" \
-        --duration "$duration" --settle-timeout 120 --json \
+        --duration "$duration" --login-window "$login_window" --settle-timeout 120 --json \
         >"$out/run$run.json" 2> >(while IFS= read -r line; do
             printf '%s %s\n' "$(date +%s.%N)" "$line"
         done >"$out/run$run.progress") &
