@@ -6,8 +6,6 @@ use std::collections::HashSet;
 use std::fmt;
 use std::rc::Rc;
 
-use compact_str::CompactString;
-
 use super::clients::Clients;
 use crate::cluster::Cluster;
 use crate::conn::Phase;
@@ -227,23 +225,15 @@ fn login(
             return;
         }
     };
-    // A copy (inline for short names): `text` may be the connection's own
-    // buffer, which logging in changes.
-    let name = CompactString::from(name);
     let taken_here = match cluster {
-        None => !clients.log_in(key, &name, deadlines),
+        None => !clients.log_in(key, name, deadlines),
         Some(link) => {
-            let reserved = clients.reserve(key, &name);
+            let reserved = clients.reserve(key, name);
             if reserved {
                 // Releases first: a name freed here a moment ago must be
                 // freed in Redis before it is claimed again.
                 sync_cluster(clients, link, deadlines);
-                link.claim(
-                    clients.slot(key),
-                    Rc::from(name.as_str()),
-                    false,
-                    deadlines.now_ms(),
-                );
+                link.claim(clients.slot(key), Rc::from(name), false, deadlines.now_ms());
             }
             !reserved
         }

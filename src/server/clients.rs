@@ -103,7 +103,7 @@ pub(super) struct Clients {
     shutting_down: bool,
     /// Cluster mode: names released here since the cluster last took them
     /// (to release in Redis, in order with the claims that follow).
-    pub(super) released: Option<Vec<Rc<str>>>,
+    pub(super) released: Option<Vec<CompactString>>,
     /// Cluster mode: half-closed connections whose output was all written
     /// this turn, closed at its end unless an answer is still owed.
     pub(super) drained: Vec<usize>,
@@ -288,7 +288,7 @@ impl Clients {
         let name = &self.conns[key].name;
         self.names.release(name, key);
         if let Some(released) = &mut self.released {
-            released.push(Rc::from(name.as_str()));
+            released.push(name.clone());
         }
     }
 

@@ -174,8 +174,8 @@ fn give_back_memory(clients: &mut Clients, deadlines: &mut Deadlines) {
 /// deadline heap, the lists), the next wave's tables come from the main
 /// heap instead of pages of their own. There they are placed among small
 /// short-lived chunks, and once freed or moved they leave holes that
-/// `malloc_trim` cannot hand back: the nodes of the million held 70 bytes a
-/// connection more after a second wave than after the first
+/// `malloc_trim` cannot hand back: the nodes of the million held 41-45
+/// bytes a connection more after a second wave than after the first
 /// (BENCHMARKS.md). With the threshold fixed, every table of 64 KiB or more
 /// has its own mapping, given back whole when it is freed.
 #[allow(unsafe_code)]

@@ -45,7 +45,8 @@ Connection phase:
                          fast as possible (a connect storm) [default: 0]
   --login-window N       at most N logins in flight at once (connect
                          started, login not yet confirmed), over all
-                         threads and processes: the next connect starts as
+                         threads and processes (shared out, at least one
+                         each, so rounded up): the next connect starts as
                          a login ends, so the wave goes at the pace the
                          server logs clients in, each client waiting only
                          for its own login. 0 = no bound: every connect
