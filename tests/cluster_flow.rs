@@ -22,6 +22,23 @@ fn settle() {
     std::thread::sleep(Duration::from_millis(150));
 }
 
+/// `n` clients `w0`, `w1`, ... connect to `server` at once, each sending
+/// its name and a line to itself; returns them once each has its line (so
+/// logged in).
+fn login_wave(server: &Server, n: usize) -> Vec<Client> {
+    let mut wave: Vec<Client> = (0..n)
+        .map(|i| {
+            let mut c = Client::connect_small(server.addr);
+            c.send(&format!("w{i}\nw{i}: in\n"));
+            c
+        })
+        .collect();
+    for (i, c) in wave.iter_mut().enumerate() {
+        c.expect(&format!("from w{i}: in"));
+    }
+    wave
+}
+
 /// A message to a name that a connection on the sender's node is only
 /// claiming (the claim in flight) is not handed to the claimant: when the
 /// claim is refused because another node holds the name, the line reaches
@@ -159,16 +176,7 @@ fn a_login_wave_slower_than_the_reply_timeout_does_not_collapse() {
     let proxy = redis.proxy();
     let mut a = node(&proxy.url(), "2", &[]);
     proxy.limit(100_000 / shards as u64);
-    let mut wave: Vec<Client> = (0..2000)
-        .map(|i| {
-            let mut c = Client::connect_small(a.addr);
-            c.send(&format!("w{i}\nw{i}: in\n"));
-            c
-        })
-        .collect();
-    for (i, c) in wave.iter_mut().enumerate() {
-        c.expect(&format!("from w{i}: in"));
-    }
+    let _wave = login_wave(&a, 2000);
     let log = a.log();
     assert!(!log.contains("did not answer in time"), "{log}");
     assert!(!log.contains("lease not renewed"), "{log}");
@@ -181,6 +189,48 @@ fn a_login_wave_slower_than_the_reply_timeout_does_not_collapse() {
         "claim_window={window} a shard"
     );
     assert_eq!(a.stat("claims_queued"), 0);
+}
+
+/// A logout wave waits on the node, as a login wave does: a thousand
+/// clients leave at once while Redis is reached at 10 KB/s a connection
+/// (their releases take two seconds to reach one Redis; with S shards each
+/// gets 1/S of them), and the releases past the window wait
+/// on the node (the stats line shows them) instead of in Redis's queue,
+/// where, at a million clients on 53 nodes, they kept every node's lease
+/// renewal waiting in the same pass of Redis's event loop. Every name is
+/// freed in the end, in order with the claims after it: the same names
+/// log in again and are held.
+#[test]
+fn a_logout_wave_waits_on_the_node_and_frees_every_name() {
+    let redis = redis_or_skip!();
+    let proxy = redis.proxy();
+    let mut a = node(&proxy.url(), "2", &[]);
+    let names = |redis: &common::redis::Redis| {
+        let keys = redis.keys();
+        keys.iter()
+            .filter(|k| k.starts_with("chatd:name:w"))
+            .count()
+    };
+    let clients = login_wave(&a, 1000);
+    assert_eq!(names(&redis), 1000);
+    proxy.limit(10_000);
+    drop(clients);
+    let waiting = poll_until(|| Some(a.stat("releases_queued")).filter(|&n| n > 0));
+    assert!(waiting.is_some(), "no release waited for room");
+    // Back in before their releases reached Redis: each claim follows its
+    // name's release and holds it.
+    let mut again = login_wave(&a, 1000);
+    proxy.limit(0);
+    assert!(poll_until(|| (a.stat("releases_queued") == 0).then_some(())).is_some());
+    again[0].send("w999: still here\n");
+    again[999].expect("from w0: still here");
+    assert_eq!(names(&redis), 1000, "every name held again");
+    drop(again);
+    assert!(poll_until(|| (names(&redis) == 0).then_some(())).is_some());
+    let log = a.log();
+    assert!(!log.contains("did not answer in time"), "{log}");
+    assert!(!log.contains("lease not renewed"), "{log}");
+    assert_eq!(a.stat("fences"), 0);
 }
 
 /// The lease never waits behind data: with Redis reached at 100 KB/s per

@@ -5,7 +5,10 @@
 //! unreachable, the lease gone (`-1`), error replies, resets, slab keys
 //! reused. Each connection's answers must come in the order of its lines,
 //! every held line must be released, every throttled connection read
-//! again, and nothing left waiting at the end. `MODEL_SEEDS=5000 cargo
+//! again, and nothing left waiting at the end. Claims and releases of a
+//! few names come and go too, through a window kept tiny so that they
+//! wait for room: Redis must see each name's claims and releases in the
+//! order the node made them (some left out, none reordered). `MODEL_SEEDS=5000 cargo
 //! test --lib model` runs more seeds than the 300 a test runs by default.
 //! (Written by a hostile review of the markers in the batch; it fails at
 //! once if a batch's markers are answered after its lines.)
@@ -85,6 +88,10 @@ struct Model {
     next_op: usize,
     /// The connection on each key now.
     ids: [u32; 4],
+    /// Per name, the claims (`C`) and releases (`R`) the node made, and
+    /// those Redis ran, in order.
+    made: HashMap<String, String>,
+    ran: HashMap<String, String>,
 }
 
 impl Model {
@@ -168,20 +175,48 @@ fn hold(cluster: &mut Cluster, model: &mut Model, key: u32) {
     }
 }
 
+/// The window of every shard, kept tiny (see the module's comment).
+const WINDOW: usize = 3;
+
+fn keep_window_tiny(cluster: &mut Cluster) {
+    for shard in &mut cluster.shards {
+        shard.claim_window = shard.claim_window.min(WINDOW);
+    }
+}
+
 /// Shard `i` answers the head of its FIFO.
-fn answer_head(cluster: &mut Cluster, i: usize, rng: &mut Rng, log: &mut Vec<String>) -> bool {
+fn answer_head(
+    cluster: &mut Cluster,
+    i: usize,
+    rng: &mut Rng,
+    model: &mut Model,
+    log: &mut Vec<String>,
+) -> bool {
     let shard = &mut cluster.shards[i];
     if shard.state != State::Ready {
         return false;
     }
-    if matches!(shard.pending.front(), Some(Pending::Claim { .. }))
-        && !shard.staged_claims.is_empty()
+    if matches!(
+        shard.pending.front(),
+        Some(Pending::Claim { .. } | Pending::Release { .. })
+    ) && !(shard.staged_claims.is_empty() && shard.staged_releases.is_empty())
     {
         shard.seal_staged(); // Redis answers only what was sent
     }
     let Some(head) = shard.pending.front() else {
         return false;
     };
+    // What a claim or release call runs, in order.
+    if let Pending::Claim { group, .. } | Pending::Release { group, .. } = head {
+        for entry in shard.pending.iter().take(*group as usize) {
+            let (name, kind) = match entry {
+                Pending::Claim { name, .. } => (name.to_string(), 'C'),
+                Pending::Release { name, .. } => (name.clone(), 'R'),
+                other => panic!("a group of claims or releases holds {other:?}"),
+            };
+            model.ran.entry(name).or_default().push(kind);
+        }
+    }
     let reply = match head {
         Pending::Batch { sent, .. } => {
             let k = rng.below(100);
@@ -209,6 +244,7 @@ fn answer_head(cluster: &mut Cluster, i: usize, rng: &mut Rng, log: &mut Vec<Str
         }
         Pending::Acquire { .. } => Reply::Status("OK".into()),
         Pending::Claim { group, .. } => Reply::Array((0..*group).map(|_| Reply::Int(1)).collect()),
+        Pending::Release { .. } => Reply::Int(1),
         Pending::Held { .. } => panic!("a Held entry at the head"),
         _ => Reply::Status("OK".into()),
     };
@@ -230,6 +266,8 @@ fn run(shards: usize, seed: u64, steps: usize) {
         owner: HashMap::new(),
         next_op: 0,
         ids: [1; 4],
+        made: HashMap::new(),
+        ran: HashMap::new(),
     };
     let mut log = Vec::new();
     for step in 0..steps {
@@ -242,10 +280,19 @@ fn run(shards: usize, seed: u64, steps: usize) {
             model.ids[key as usize] += 1;
             continue;
         }
-        if rng.chance(3) {
-            let name: Rc<str> = Rc::from(format!("c{step}"));
-            log.push(format!("step {step}: claim again {key}"));
-            cluster.claim(slot(&model), name, true, 0);
+        keep_window_tiny(&mut cluster);
+        if rng.chance(6) {
+            // A claim again or a release of one of a few names.
+            let name = format!("c{}", rng.below(4));
+            if rng.chance(50) {
+                log.push(format!("step {step}: claim again {key} {name}"));
+                cluster.claim(slot(&model), Rc::from(name.as_str()), true, 0);
+                model.made.entry(name).or_default().push('C');
+            } else {
+                log.push(format!("step {step}: release {name}"));
+                cluster.release(&name, 0);
+                model.made.entry(name).or_default().push('R');
+            }
             model.take(&mut cluster, &mut log);
             continue;
         }
@@ -311,7 +358,7 @@ fn run(shards: usize, seed: u64, steps: usize) {
             }
             65..=96 => {
                 let i = rng.below(shards as u64) as usize;
-                answer_head(&mut cluster, i, &mut rng, &mut log);
+                answer_head(&mut cluster, i, &mut rng, &mut model, &mut log);
             }
             _ => {
                 let i = rng.below(shards as u64) as usize;
@@ -334,7 +381,7 @@ fn run(shards: usize, seed: u64, steps: usize) {
         let mut any = false;
         for i in 0..shards {
             cluster.shards[i].seal_staged();
-            any |= answer_head(&mut cluster, i, &mut rng, &mut log);
+            any |= answer_head(&mut cluster, i, &mut rng, &mut model, &mut log);
         }
         model.take(&mut cluster, &mut log);
         if !any {
@@ -373,6 +420,18 @@ fn run(shards: usize, seed: u64, steps: usize) {
         );
         assert!(!cluster.owes(slot), "seed {seed}: {key} still owed");
     }
+    for (name, ran) in &model.ran {
+        let made = &model.made[name];
+        let mut left = made.chars();
+        assert!(
+            ran.chars().all(|kind| left.any(|m| m == kind)),
+            "seed {seed}: {name}: the node made {made}, Redis ran {ran}\n{tail}"
+        );
+    }
+    assert!(
+        cluster.shards.iter().all(|s| s.admissions.is_empty()),
+        "seed {seed}: claims or releases never admitted"
+    );
     assert!(
         cluster.joins.is_empty(),
         "seed {seed}: joins left: {:?}",

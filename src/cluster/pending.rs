@@ -22,9 +22,14 @@ pub(super) enum Pending {
     Acquire { sent_ms: u64 },
     /// A command whose answer only has to be an error or not.
     Plain,
-    /// A release of `name` (its outcome is uncertain if the link breaks);
-    /// `group` as for a claim (one answer, `1`, for the whole group).
-    Release { name: String, group: u32 },
+    /// A release of `name` sent at `sent_ms` (its outcome is uncertain if
+    /// the link breaks); `group` as for a claim (one answer, `1`, for the
+    /// whole group).
+    Release {
+        name: String,
+        group: u32,
+        sent_ms: u64,
+    },
     /// `CONFIG GET maxmemory-policy`.
     Policy,
     /// The check of this Redis's place among the shards.

@@ -355,8 +355,8 @@ impl Cluster {
     }
 
     /// Frees `name` on its shard (see [`Shard::release`]).
-    pub fn release(&mut self, name: &str) {
-        self.shard(name).release(name);
+    pub fn release(&mut self, name: &str, now_ms: u64) {
+        self.shard(name).release(name, now_ms);
     }
 
     /// Routes `line` from `slot` to `names` (none held here, each once)
@@ -605,7 +605,7 @@ impl Cluster {
     pub fn wave_ended(&mut self) -> bool {
         let mut ended = false;
         for shard in &mut self.shards {
-            ended |= shard.claim_queue.take_shrunk();
+            ended |= shard.admissions.take_shrunk();
         }
         ended
     }
@@ -615,12 +615,12 @@ impl Cluster {
         self.shards.iter().any(Shard::is_holding)
     }
 
-    /// The claim windows and the claims waiting for room, all shards
-    /// together (for the stats line).
-    pub fn claims_admitted(&self) -> (usize, usize) {
-        self.shards.iter().fold((0, 0), |(w, q), s| {
-            let (window, queued) = s.claims_admitted();
-            (w + window, q + queued)
+    /// The windows, and the claims and the releases waiting for room in
+    /// them, all shards together (for the stats line).
+    pub fn claims_admitted(&self) -> (usize, usize, usize) {
+        self.shards.iter().fold((0, 0, 0), |(w, c, r), s| {
+            let (window, claims, releases) = s.claims_admitted();
+            (w + window, c + claims, r + releases)
         })
     }
 

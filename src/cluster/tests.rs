@@ -278,7 +278,7 @@ fn a_turns_lines_go_to_redis_as_one_command() {
 fn any_other_command_sends_the_lines_staged_before_it_first() {
     let mut link = ready_link();
     assert!(link.route(slot(1), &["bob"], b"x\n", false, 0));
-    link.release("gone");
+    link.release("gone", 0);
     assert!(link.route(slot(1), &["bob"], b"y\n", false, 0));
     link.flush(0);
     let sent = commands(&mut link);
@@ -419,7 +419,7 @@ fn held_markers_follow_the_answers_before_them() {
 fn a_reset_fails_everything_in_flight_in_order_and_remembers_what_is_uncertain() {
     let mut link = ready_link();
     link.claim(slot(1), Rc::from("alice"), false, 0);
-    link.release("gone");
+    link.release("gone", 0);
     assert!(link.route(slot(2), &["bob"], b"x\n", false, 0));
     link.hold_marker(slot(2));
     link.reset(1, "test");
@@ -520,7 +520,7 @@ fn claims_past_the_window_wait_for_room_and_leave_with_their_client() {
     );
     assert!(!link.is_quiet());
     // The last one's client leaves: its claim is never sent.
-    link.release(&format!("c{}", CLAIM_WINDOW + 1));
+    link.release(&format!("c{}", CLAIM_WINDOW + 1), 0);
     let gone = link.take_answers();
     assert!(matches!(
         gone[..],
@@ -536,9 +536,78 @@ fn claims_past_the_window_wait_for_room_and_leave_with_their_client() {
     let gone = format!("c{}", CLAIM_WINDOW + 1);
     assert_eq!(
         words,
-        [gone.as_str(), next.as_str()],
-        "the release, then the next claim"
+        [next.as_str(), gone.as_str()],
+        "the next claim, then the release (which waited its turn)"
     );
+}
+
+/// A logout wave is admitted like a login wave: the releases past
+/// [`RELEASE_WINDOW`] wait on the node, not in Redis's queue ahead of the
+/// other nodes' lease renewals, and a claim of a name made after its
+/// release stays after it (a claim that overtook would be freed by it),
+/// though the window has room for claims.
+#[test]
+fn releases_past_their_window_wait_and_a_claim_stays_behind_its_release() {
+    let mut link = ready_link();
+    let n = 2 * RELEASE_WINDOW + 10;
+    for i in 0..n {
+        link.release(&format!("r{i}"), 0);
+    }
+    let again = format!("r{}", n - 1);
+    link.claim(slot(1), Rc::from(again.as_str()), false, 0);
+    let names = |sent: &[Vec<String>]| -> Vec<String> {
+        sent.iter().flat_map(|c| c[5..].iter().cloned()).collect()
+    };
+    let expect =
+        |range: std::ops::Range<usize>| -> Vec<String> { range.map(|i| format!("r{i}")).collect() };
+    let sent = commands(&mut link);
+    assert_eq!(
+        names(&sent),
+        expect(0..RELEASE_WINDOW),
+        "the window's worth"
+    );
+    assert_eq!(
+        link.claims_admitted(),
+        (CLAIM_WINDOW, 1, RELEASE_WINDOW + 10)
+    );
+    assert!(link.owes(slot(1)) && !link.is_quiet());
+    // Redis answers the first release group late: the window halves, and
+    // the next releases go.
+    let slow = link.reply_timeout_ms() / 4 + 1;
+    link.on_reply(Reply::Int(1), slow).unwrap();
+    let sent = commands(&mut link);
+    assert_eq!(names(&sent), expect(RELEASE_WINDOW..2 * RELEASE_WINDOW));
+    assert_eq!(link.claims_admitted(), (CLAIM_WINDOW / 2, 1, 10));
+    // Then the rest, and the claim after its name's release.
+    link.on_reply(Reply::Int(1), slow).unwrap();
+    let sent = commands(&mut link);
+    let mut rest = expect(2 * RELEASE_WINDOW..n);
+    rest.push(again);
+    assert_eq!(names(&sent), rest);
+    assert_eq!(sent.len(), 2, "the releases in one call, then the claim");
+    let (_, claims, releases) = link.claims_admitted();
+    assert_eq!((claims, releases), (0, 0));
+    assert!(
+        link.take_answers().is_empty(),
+        "the claim is not answered yet"
+    );
+}
+
+#[test]
+fn a_reset_leaves_the_releases_waiting_for_room_uncertain() {
+    let mut link = ready_link();
+    for i in 0..CLAIM_WINDOW + 2 {
+        link.release(&format!("r{i}"), 0);
+    }
+    link.reset(1, "test");
+    let (_, mut uncertain, _) = link.handover_state(1);
+    uncertain.sort();
+    assert_eq!(
+        uncertain.len(),
+        CLAIM_WINDOW + 2,
+        "sent or not: settled later"
+    );
+    assert_eq!(link.claims_admitted().2, 0);
 }
 
 #[test]
@@ -675,8 +744,8 @@ fn a_turns_claims_go_as_one_command_and_are_answered_in_order() {
 #[test]
 fn a_turns_releases_go_as_one_command() {
     let mut link = ready_link();
-    link.release("a");
-    link.release("b");
+    link.release("a", 0);
+    link.release("b", 0);
     link.claim(slot(1), Rc::from("a"), false, 0);
     let sent = commands(&mut link);
     let tails: Vec<&[String]> = sent.iter().map(|c| &c[3..]).collect();
@@ -700,7 +769,7 @@ fn a_release_cancels_a_claim_waiting_to_be_tried_again() {
     commands(&mut link);
     link.on_reply(claimed(&[0]), 1).unwrap();
     assert!(link.owes(slot(1)));
-    link.release("a");
+    link.release("a", 0);
     assert!(!link.owes(slot(1)) || link.has_answers());
     link.take_answers();
     link.on_timer(poll.registry(), TOKENS, 1 + CLAIM_RETRY_MS);

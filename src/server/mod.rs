@@ -699,9 +699,9 @@ fn counters(clients: &Clients, cluster: Option<&Cluster>, now_ms: u64) -> String
         for (name, value) in stats.each() {
             line += &format!(" {name}={value}");
         }
-        let (window, queued) = cluster.claims_admitted();
+        let (window, claims, releases) = cluster.claims_admitted();
         line += &format!(
-            " redis_rtt_us={} claim_window={window} claims_queued={queued}",
+            " redis_rtt_us={} claim_window={window} claims_queued={claims} releases_queued={releases}",
             stats.rtt_us
         );
     }
