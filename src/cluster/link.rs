@@ -224,10 +224,13 @@ impl Shard {
         }
         self.read_pending = false;
         self.inflight_names = 0;
-        self.in_window = 0;
-        self.releases_in_window = 0;
-        let queued = self.admissions.take_all();
-        self.fail_queued(queued);
+        self.claims_in_flight = 0;
+        let queued = self.claim_queue.take_all();
+        self.fail_queued_claims(queued);
+        self.releases_in_flight = 0;
+        for name in self.release_queue.take_all() {
+            self.uncertain_name(&name);
+        }
         for (_, slot, name) in std::mem::take(&mut self.retries) {
             self.claim_unavailable(slot, name, false);
         }

@@ -59,7 +59,7 @@ use codec::encode_command;
 use lease::{LeaseLink, Renewal};
 use pending::Pending;
 pub(crate) use pending::{Answer, Claimed};
-use queue::{Admissions, Queued};
+use queue::{ClaimQueue, QueuedClaim, ReleaseQueue};
 use scripts::Script;
 pub(crate) use shards::Cluster;
 pub use shards::{key_slot, shard_of};
@@ -84,23 +84,24 @@ const MAX_INFLIGHT_NAMES: usize = 100_000;
 /// read until they are in (a client cannot queue without bound behind a
 /// slow Redis).
 const MAX_WAITING_PER_CONN: u32 = 256;
-/// Claims and releases in flight to Redis at most, at first: a login (or
-/// logout) wave larger than Redis answers at once waits on the node (its
-/// claimants in the claiming phase, within `--login-timeout`) instead of
-/// in Redis's queue, where every node's lease renewal would wait behind it.
-/// A thousand claims are a few milliseconds of a healthy Redis's time. The
-/// window then follows their round trip (see [`Shard::fit_claim_window`]).
+/// Claims in flight to Redis at most, at first: a login wave larger than
+/// Redis answers at once waits on the node, in the claiming phase (within
+/// `--login-timeout`), instead of in Redis's queue, where the lease's
+/// renewal would wait behind it. A thousand claims are a few milliseconds
+/// of a healthy Redis's time. The window then follows the claims' round
+/// trip (see [`Shard::fit_claim_window`]).
 const CLAIM_WINDOW: usize = 1024;
 /// Claims (or releases) in one script call at most.
 const CLAIM_GROUP: usize = 1024;
-/// Releases in flight at most, within the window. A login wave comes as
-/// fast as clients connect; a logout wave comes all at once (a load
-/// generator that stops, a network that drops its clients), every node
-/// with thousands of releases. At a million clients on 53 nodes, Redis
-/// read a window's worth from every node in one pass of its event loop
-/// and, short of CPU while the kernel closed a million sockets, took 15 to
-/// 20 s to get through it: every lease renewal waited that long, and some
-/// nodes fenced. 128 a node is 6,800 names a pass at 53 nodes, and a
+/// Releases in flight at most (on each shard's link), the rest waiting on
+/// the node (see [`ReleaseQueue`]). A login wave comes as fast as clients
+/// connect; a logout wave comes all at once (a load generator that stops,
+/// a network that drops its clients), every node with thousands of
+/// releases. At a million clients on 53 nodes, each sending its ~19,000
+/// at once, Redis read a 1,024-name batch from every node in each pass of
+/// its event loop and, short of CPU while the kernel closed a million
+/// sockets, took 15 to 20 s a pass: every lease renewal waited that long,
+/// and 8 nodes fenced. 128 a node is 6,800 names a pass at 53 nodes, and a
 /// healthy Redis frees tens of thousands a second from each.
 const RELEASE_WINDOW: usize = 128;
 /// The window's bounds.
@@ -513,19 +514,26 @@ pub(crate) struct Shard {
     /// (ms): a Redis that sends, if slowly, is busy, not gone (see
     /// [`Shard::reply_timeout_ms`]).
     last_reply_ms: u64,
-    /// Claims and releases sent and not answered yet, at most
-    /// `claim_window`.
-    in_window: usize,
-    /// The releases among them, at most [`RELEASE_WINDOW`].
-    releases_in_window: usize,
-    /// How many claims and releases may be in flight now (see
-    /// [`CLAIM_WINDOW`]).
+    /// Claims sent and not answered yet, at most `claim_window`.
+    claims_in_flight: usize,
+    /// How many claims may be in flight now (see [`CLAIM_WINDOW`]).
     claim_window: usize,
     /// The window is not halved again before this time (ms): once per
     /// round trip at most.
     window_cut_at: u64,
-    /// Claims and releases waiting for room in the window, oldest first.
-    admissions: Admissions,
+    /// Claims waiting for room in the window, oldest first: for whom,
+    /// which name, whether it is a claim again, whether it was retried.
+    claim_queue: ClaimQueue,
+    /// Releases sent and not answered yet, at most `release_window`.
+    releases_in_flight: usize,
+    /// [`RELEASE_WINDOW`] (a field so that the model check can make it
+    /// tiny).
+    release_window: usize,
+    /// Releases waiting for room, oldest first.
+    release_queue: ReleaseQueue,
+    /// A live upgrade is handing the clients over: the releases waiting
+    /// stay, and go to the new process as uncertain names.
+    quiescing: bool,
     /// What the link learned, drained by the reactor.
     answers: Vec<Answer>,
     /// The lines to other nodes staged this turn, sent as one command.
@@ -604,11 +612,14 @@ impl Shard {
             backoff_ms: FIRST_BACKOFF_MS,
             was_ready: false,
             last_reply_ms: 0,
-            in_window: 0,
-            releases_in_window: 0,
+            claims_in_flight: 0,
             claim_window: CLAIM_WINDOW,
             window_cut_at: 0,
-            admissions: Admissions::default(),
+            claim_queue: ClaimQueue::default(),
+            releases_in_flight: 0,
+            release_window: RELEASE_WINDOW,
+            release_queue: ReleaseQueue::default(),
+            quiescing: false,
             answers: Vec::new(),
             batch: batch::Batch::default(),
             staged_claims: Vec::new(),
@@ -816,6 +827,8 @@ impl Shard {
                 self.send_claim(slot, name, false, true, now_ms);
             }
         }
+        // After a live upgrade that failed, the releases it kept waiting.
+        self.admit_releases(now_ms);
     }
 
     /// Whether the lease is renewed on its own connection now: while the
@@ -1060,40 +1073,21 @@ impl Shard {
     }
 
     /// Sends a claim (`retried`: it was found taken once already), or
-    /// queues it behind what waits for room in the window.
+    /// queues it while [`CLAIM_WINDOW`] claims are in flight.
     fn send_claim(&mut self, slot: Slot, name: Rc<str>, again: bool, retried: bool, now_ms: u64) {
+        // A release of the name still waiting never goes: the name is this
+        // node's in Redis until it does, and the claim keeps it so. (Sent
+        // later, it would free the name this claim holds.)
+        self.release_queue.cancel(&name);
+        if self.state == State::Ready && self.claims_in_flight >= self.claim_window {
+            self.claim_queue.push_back((slot, name, again, retried));
+            return;
+        }
         if self.state != State::Ready {
             self.claim_unavailable(slot, name, again);
-        } else if self.must_wait() {
-            let claim = (slot, name, again, retried);
-            self.admissions.push_back(Queued::Claim(claim));
-        } else {
-            self.dispatch_claim(slot, name, again, retried, now_ms);
+            return;
         }
-    }
-
-    /// Whether a claim or release must wait for room in the window: it is
-    /// full, or others wait already (they go first).
-    fn must_wait(&self) -> bool {
-        self.in_window >= self.claim_window || !self.admissions.is_empty()
-    }
-
-    /// Whether a release must wait: as any claim, or because
-    /// [`RELEASE_WINDOW`] releases are in flight.
-    fn release_must_wait(&self) -> bool {
-        self.must_wait() || self.releases_in_window >= RELEASE_WINDOW
-    }
-
-    /// Sends a claim that has room in the window.
-    fn dispatch_claim(
-        &mut self,
-        slot: Slot,
-        name: Rc<str>,
-        again: bool,
-        retried: bool,
-        now_ms: u64,
-    ) {
-        self.in_window += 1;
+        self.claims_in_flight += 1;
         // Staged: the turn's claims go as one command (`seal_claims`).
         self.stage(Staged::Claims);
         if self.staged_claims.len() >= CLAIM_GROUP {
@@ -1178,30 +1172,35 @@ impl Shard {
         }
     }
 
-    /// The window now, and the claims and the releases waiting for room
-    /// in it (for the stats line).
+    /// The claim window now, and the claims and the releases waiting for
+    /// room in their windows (for the stats line).
     pub fn claims_admitted(&self) -> (usize, usize, usize) {
-        let (claims, releases) = self.admissions.counts();
-        (self.claim_window, claims, releases)
+        let releases = self.release_queue.len();
+        (self.claim_window, self.claim_queue.len(), releases)
     }
 
-    /// A claim or release was answered: the oldest waiting ones are sent
-    /// while the window has room.
-    pub(super) fn admit(&mut self, now_ms: u64) {
-        while self.in_window < self.claim_window && self.state == State::Ready {
-            // A release at the head without room waits, and what is
-            // behind it too: a claim must not overtake its name's release.
-            let release_next = matches!(self.admissions.front(), Some(Queued::Release(_)));
-            if release_next && self.releases_in_window >= RELEASE_WINDOW {
+    /// A claim was answered: the oldest waiting ones are sent while the
+    /// window has room.
+    pub(super) fn admit_claims(&mut self, now_ms: u64) {
+        while self.claims_in_flight < self.claim_window {
+            let Some((slot, name, again, retried)) = self.claim_queue.pop_front() else {
                 return;
-            }
-            match self.admissions.pop_front() {
-                Some(Queued::Claim((slot, name, again, retried))) => {
-                    self.dispatch_claim(slot, name, again, retried, now_ms)
-                }
-                Some(Queued::Release(name)) => self.dispatch_release(name, now_ms),
-                None => return,
-            }
+            };
+            self.send_claim(slot, name, again, retried, now_ms);
+        }
+    }
+
+    /// The oldest waiting releases are sent while their window has room
+    /// (not while a live upgrade hands over).
+    pub(super) fn admit_releases(&mut self, now_ms: u64) {
+        while self.releases_in_flight < self.release_window
+            && self.state == State::Ready
+            && !self.quiescing
+        {
+            let Some(name) = self.release_queue.pop_front() else {
+                return;
+            };
+            self.dispatch_release(name.to_string(), now_ms);
         }
     }
 
@@ -1212,15 +1211,16 @@ impl Shard {
             .push_back((now_ms + CLAIM_RETRY_MS, slot, name));
     }
 
-    /// Frees `name` in Redis, after the claims and releases waiting for
-    /// room in the window. Without a link nothing is sent: the name is
+    /// Frees `name` in Redis, after the releases waiting for room in
+    /// [`RELEASE_WINDOW`]. Without a link nothing is sent: the name is
     /// remembered as uncertain and settled when the link is back (see
-    /// [`Answer::Reconcile`]).
+    /// [`Answer::Reconcile`]). A node leaving sends none: its farewell
+    /// drops all its names at once.
     pub fn release(&mut self, name: &str, now_ms: u64) {
         // A claim of it still waiting for room must not follow the release
         // to Redis: its client is gone.
-        let gone = self.admissions.take_name(name);
-        self.fail_queued(gone.into_iter().map(Queued::Claim));
+        let gone = self.claim_queue.take_name(name);
+        self.fail_queued_claims(gone);
         // Nor a claim of it waiting to be tried again (found taken once).
         let mut kept = VecDeque::with_capacity(self.retries.len());
         for (at, slot, claimed) in std::mem::take(&mut self.retries) {
@@ -1231,19 +1231,24 @@ impl Shard {
             }
         }
         self.retries = kept;
+        if self.leaving {
+            return;
+        }
         if self.state != State::Ready {
             self.uncertain_name(name);
-        } else if self.release_must_wait() {
-            self.admissions.push_back(Queued::Release(name.to_string()));
+        } else if self.quiescing
+            || self.releases_in_flight >= self.release_window
+            || !self.release_queue.is_empty()
+        {
+            self.release_queue.push_back(name);
         } else {
             self.dispatch_release(name.to_string(), now_ms);
         }
     }
 
-    /// Sends a release that has room in the window.
+    /// Sends a release that has room in its window.
     fn dispatch_release(&mut self, name: String, now_ms: u64) {
-        self.in_window += 1;
-        self.releases_in_window += 1;
+        self.releases_in_flight += 1;
         // Staged: the turn's releases go as one command (`seal_releases`).
         self.stage(Staged::Releases);
         if self.staged_releases.len() >= CLAIM_GROUP {
@@ -1263,15 +1268,11 @@ impl Shard {
         self.seal_group(Script::Release, &names);
     }
 
-    /// Claims that were never sent fail (`unavailable`): nothing of them
-    /// is uncertain in Redis. Releases never sent leave their names
-    /// uncertain, settled when the link is back.
-    fn fail_queued(&mut self, entries: impl IntoIterator<Item = Queued>) {
-        for entry in entries {
-            match entry {
-                Queued::Claim((slot, name, again, _)) => self.claim_unavailable(slot, name, again),
-                Queued::Release(name) => self.uncertain_name(&name),
-            }
+    /// Claims that were never sent fail (`unavailable`); nothing of them is
+    /// uncertain in Redis.
+    pub(super) fn fail_queued_claims(&mut self, claims: VecDeque<QueuedClaim>) {
+        for (slot, name, again, _) in claims {
+            self.claim_unavailable(slot, name, again);
         }
     }
 
@@ -1337,7 +1338,7 @@ impl Shard {
         self.has_waiting(slot)
             || self.answers.iter().any(|a| a.slot() == Some(slot))
             || self.retries.iter().any(|&(_, s, _)| s == slot)
-            || self.admissions.has_slot(slot)
+            || self.claim_queue.has_slot(slot)
     }
 
     /// Whether the input of `slot` is held back (see
@@ -1372,6 +1373,12 @@ impl Shard {
     /// whether a farewell was sent (its answer is `Answer::FarewellDone`).
     pub fn farewell(&mut self) -> bool {
         self.leaving = true;
+        // What waits for room never goes: sent after the farewell, a
+        // release would bring back the epoch it deletes, and a claim has
+        // no lease to hold a name with.
+        self.release_queue = ReleaseQueue::default();
+        let queued = self.claim_queue.take_all();
+        self.fail_queued_claims(queued);
         if self.state != State::Ready {
             return false;
         }
@@ -1406,6 +1413,7 @@ impl Shard {
         }
         self.seal_staged();
         self.unsubscribed = false;
+        self.quiescing = true;
         let lines = self.lines_channel.clone();
         let channel = self.channel.clone();
         // The confirmations are pushes, not replies: no entry. Both come
@@ -1422,11 +1430,12 @@ impl Shard {
                 && self.pending.is_empty()
                 && self.batch.is_empty()
                 && self.retries.is_empty()
-                && self.admissions.is_empty())
+                && self.claim_queue.is_empty())
     }
 
     /// The upgrade failed: the node listens on its channel again.
     pub fn resubscribe(&mut self) {
+        self.quiescing = false; // the releases waiting go at the next timer
         if self.state == State::Ready {
             let lines = self.lines_channel.clone();
             let channel = self.channel.clone();
@@ -1439,6 +1448,7 @@ impl Shard {
     /// flight count as uncertain), and whether they overflowed.
     pub fn handover_state(&self, now_ms: u64) -> (Option<u64>, Vec<String>, bool) {
         let mut uncertain: Vec<String> = self.uncertain.iter().cloned().collect();
+        uncertain.extend(self.release_queue.names().map(str::to_string));
         for entry in &self.pending {
             if let Pending::Claim { name, .. } = entry {
                 uncertain.push(name.to_string());

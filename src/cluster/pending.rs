@@ -75,6 +75,7 @@ impl Pending {
             Pending::Renew { sent_ms }
             | Pending::Acquire { sent_ms }
             | Pending::Claim { sent_ms, .. }
+            | Pending::Release { sent_ms, .. }
             | Pending::Batch { sent_ms, .. } => Some(*sent_ms),
             _ => None,
         }

@@ -92,11 +92,11 @@ impl Shard {
 
     /// Applies the answer to one entry.
     fn on_entry(&mut self, entry: Pending, reply: Reply, now_ms: u64) -> Result<(), String> {
-        let release = matches!(entry, Pending::Release { .. });
-        let admitted = match &entry {
-            Pending::Claim { sent_ms, .. } | Pending::Release { sent_ms, .. } => Some(*sent_ms),
+        let claim = match &entry {
+            Pending::Claim { sent_ms, .. } => Some(*sent_ms),
             _ => None,
         };
+        let release = matches!(entry, Pending::Release { .. });
         // The entry's own answer goes first: a client whose input it lets
         // be read again must see its earlier lines' results before those of
         // the lines read then.
@@ -104,14 +104,17 @@ impl Shard {
         let result = self.on_answer(entry, reply, now_ms);
         self.unthrottle(unthrottled);
         self.pop_held();
-        if let Some(sent_ms) = admitted {
-            self.in_window -= 1;
-            if release {
-                self.releases_in_window -= 1;
-            }
+        if let Some(sent_ms) = claim {
+            self.claims_in_flight -= 1;
             if result.is_ok() {
                 self.fit_claim_window(sent_ms, now_ms);
-                self.admit(now_ms);
+                self.admit_claims(now_ms);
+            }
+        }
+        if release {
+            self.releases_in_flight -= 1;
+            if result.is_ok() {
+                self.admit_releases(now_ms);
             }
         }
         result

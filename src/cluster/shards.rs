@@ -605,7 +605,8 @@ impl Cluster {
     pub fn wave_ended(&mut self) -> bool {
         let mut ended = false;
         for shard in &mut self.shards {
-            ended |= shard.admissions.take_shrunk();
+            ended |= shard.claim_queue.take_shrunk();
+            ended |= shard.release_queue.take_shrunk();
         }
         ended
     }

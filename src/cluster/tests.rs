@@ -536,25 +536,23 @@ fn claims_past_the_window_wait_for_room_and_leave_with_their_client() {
     let gone = format!("c{}", CLAIM_WINDOW + 1);
     assert_eq!(
         words,
-        [next.as_str(), gone.as_str()],
-        "the next claim, then the release (which waited its turn)"
+        [gone.as_str(), next.as_str()],
+        "the release, then the next claim"
     );
 }
 
-/// A logout wave is admitted like a login wave: the releases past
-/// [`RELEASE_WINDOW`] wait on the node, not in Redis's queue ahead of the
-/// other nodes' lease renewals, and a claim of a name made after its
-/// release stays after it (a claim that overtook would be freed by it),
-/// though the window has room for claims.
+/// A logout wave waits on the node, as a login wave does: the releases
+/// past [`RELEASE_WINDOW`] wait there, not in Redis's queue ahead of the
+/// other nodes' lease renewals. A claim does not wait behind them: it
+/// takes its name's waiting release out (the name is still this node's in
+/// Redis; sent after the claim, the release would free it).
 #[test]
-fn releases_past_their_window_wait_and_a_claim_stays_behind_its_release() {
+fn releases_past_their_window_wait_and_a_claim_takes_its_names_release_out() {
     let mut link = ready_link();
     let n = 2 * RELEASE_WINDOW + 10;
     for i in 0..n {
         link.release(&format!("r{i}"), 0);
     }
-    let again = format!("r{}", n - 1);
-    link.claim(slot(1), Rc::from(again.as_str()), false, 0);
     let names = |sent: &[Vec<String>]| -> Vec<String> {
         sent.iter().flat_map(|c| c[5..].iter().cloned()).collect()
     };
@@ -568,29 +566,85 @@ fn releases_past_their_window_wait_and_a_claim_stays_behind_its_release() {
     );
     assert_eq!(
         link.claims_admitted(),
-        (CLAIM_WINDOW, 1, RELEASE_WINDOW + 10)
+        (CLAIM_WINDOW, 0, RELEASE_WINDOW + 10)
     );
-    assert!(link.owes(slot(1)) && !link.is_quiet());
-    // Redis answers the first release group late: the window halves, and
-    // the next releases go.
-    let slow = link.reply_timeout_ms() / 4 + 1;
-    link.on_reply(Reply::Int(1), slow).unwrap();
+    // The last one logs in again: its claim goes at once, its release never.
+    let again = format!("r{}", n - 1);
+    link.claim(slot(1), Rc::from(again.as_str()), false, 0);
+    let sent = commands(&mut link);
+    assert_eq!(
+        names(&sent),
+        std::slice::from_ref(&again),
+        "the claim, at once"
+    );
+    assert_eq!(link.claims_admitted().2, RELEASE_WINDOW + 9);
+    // Each answer lets the next releases go.
+    link.on_reply(Reply::Int(1), 1).unwrap();
     let sent = commands(&mut link);
     assert_eq!(names(&sent), expect(RELEASE_WINDOW..2 * RELEASE_WINDOW));
-    assert_eq!(link.claims_admitted(), (CLAIM_WINDOW / 2, 1, 10));
-    // Then the rest, and the claim after its name's release.
-    link.on_reply(Reply::Int(1), slow).unwrap();
+    link.on_reply(claimed(&[1]), 1).unwrap();
+    link.on_reply(Reply::Int(1), 1).unwrap();
     let sent = commands(&mut link);
-    let mut rest = expect(2 * RELEASE_WINDOW..n);
-    rest.push(again);
-    assert_eq!(names(&sent), rest);
-    assert_eq!(sent.len(), 2, "the releases in one call, then the claim");
-    let (_, claims, releases) = link.claims_admitted();
-    assert_eq!((claims, releases), (0, 0));
+    assert_eq!(names(&sent), expect(2 * RELEASE_WINDOW..n - 1));
+    assert_eq!(link.claims_admitted().2, 0);
+    link.on_reply(Reply::Int(1), 1).unwrap();
+    assert!(link.pending.is_empty() && link.releases_in_flight == 0);
+}
+
+/// At shutdown the releases waiting never go: the farewell drops every
+/// name of the node, and a release after it would bring back the node's
+/// epoch key, which nothing would delete. Claims waiting fail.
+#[test]
+fn a_farewell_drops_what_waits_for_room() {
+    let mut link = ready_link();
+    for i in 0..RELEASE_WINDOW + 5 {
+        link.release(&format!("r{i}"), 0);
+    }
+    for i in 0..CLAIM_WINDOW as u32 + 1 {
+        link.claim(slot(i), Rc::from(format!("c{i}").as_str()), false, 0);
+    }
+    commands(&mut link);
+    assert!(link.farewell());
+    let unavailable = link.take_answers();
+    assert_eq!(unavailable.len(), 1, "the claim waiting fails");
+    link.release("late", 0);
+    let sent = commands(&mut link);
+    assert!(sent.last().unwrap().iter().any(|w| w == "DEL"));
+    link.on_reply(Reply::Int(1), 1).unwrap();
+    link.on_reply(claimed(&[1; CLAIM_WINDOW]), 1).unwrap();
+    assert!(commands(&mut link).is_empty(), "nothing after the farewell");
+}
+
+/// A live upgrade does not wait for a logout wave's releases: they stay
+/// on the node and go to the new process as uncertain names (released
+/// there once its link is ready, if no client holds them).
+#[test]
+fn a_live_upgrade_hands_the_waiting_releases_over() {
+    let mut link = ready_link();
+    for i in 0..RELEASE_WINDOW + 5 {
+        link.release(&format!("r{i}"), 0);
+    }
+    assert!(link.quiesce());
+    commands(&mut link);
+    link.on_reply(Reply::Int(1), 1).unwrap();
+    link.unsubscribed = true; // the confirmation pushed
     assert!(
-        link.take_answers().is_empty(),
-        "the claim is not answered yet"
+        commands(&mut link).is_empty(),
+        "none sent while handing over"
     );
+    assert!(link.is_quiet());
+    let (_, uncertain, _) = link.handover_state(1);
+    let expect: Vec<String> = (RELEASE_WINDOW..RELEASE_WINDOW + 5)
+        .map(|i| format!("r{i}"))
+        .collect();
+    assert_eq!(uncertain, expect);
+    // The upgrade failed: they go at the next timer.
+    link.resubscribe();
+    commands(&mut link);
+    let poll = mio::Poll::new().unwrap();
+    link.on_timer(poll.registry(), TOKENS, 2);
+    let sent = commands(&mut link);
+    assert_eq!(sent.last().unwrap()[5..], expect[..]);
 }
 
 #[test]
