@@ -770,7 +770,20 @@ impl Shard {
         if let Some(&(at, _, _)) = self.retries.front() {
             next = next.min(at);
         }
+        if self.releases_may_go() {
+            next = 0; // now
+        }
         next
+    }
+
+    /// Whether releases wait that have room to go. None should: they go as
+    /// answers come in, and when a live upgrade that kept them fails; the
+    /// timer then sends them at once, whatever path was missed.
+    fn releases_may_go(&self) -> bool {
+        self.state == State::Ready
+            && !self.quiescing
+            && !self.release_queue.is_empty()
+            && self.releases_in_flight < self.release_window
     }
 
     /// Since when the link waits for Redis without news: the oldest timed
@@ -827,7 +840,6 @@ impl Shard {
                 self.send_claim(slot, name, false, true, now_ms);
             }
         }
-        // After a live upgrade that failed, the releases it kept waiting.
         self.admit_releases(now_ms);
     }
 
@@ -1433,14 +1445,17 @@ impl Shard {
                 && self.claim_queue.is_empty())
     }
 
-    /// The upgrade failed: the node listens on its channel again.
-    pub fn resubscribe(&mut self) {
-        self.quiescing = false; // the releases waiting go at the next timer
+    /// The upgrade failed: the node listens on its channel again, and the
+    /// releases kept waiting go.
+    pub fn resubscribe(&mut self, now_ms: u64) {
+        self.quiescing = false;
         if self.state == State::Ready {
+            self.seal_staged();
             let lines = self.lines_channel.clone();
             let channel = self.channel.clone();
             encode_command(&mut self.out, &[b"SUBSCRIBE", &lines, &channel]);
         }
+        self.admit_releases(now_ms);
     }
 
     /// What a live upgrade hands over: the time left of the lease (ms) and

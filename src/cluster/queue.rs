@@ -219,7 +219,7 @@ impl ReleaseQueue {
     fn shrink_if_empty(&mut self) {
         if self.len == 0 {
             self.order.clear();
-            if self.names.capacity() > SMALL {
+            if self.names.capacity() > SMALL || self.order.capacity() > SMALL {
                 *self = ReleaseQueue {
                     next: self.next,
                     shrunk: true,

@@ -552,8 +552,8 @@ impl Cluster {
     }
 
     /// The upgrade failed: every shard listens again.
-    pub fn resubscribe(&mut self) {
-        self.shards.iter_mut().for_each(Shard::resubscribe);
+    pub fn resubscribe(&mut self, now_ms: u64) {
+        self.shards.iter_mut().for_each(|s| s.resubscribe(now_ms));
     }
 
     /// What a live upgrade hands over: each shard's time left of its lease,

@@ -351,8 +351,9 @@ impl Server {
             scrapers.accept_all(registry, &mut self.deadlines);
         }
         if let Some(cluster) = &mut self.cluster {
-            cluster.resubscribe();
-            cluster.catch_up(self.deadlines.now_ms());
+            let now = self.deadlines.now_ms();
+            cluster.resubscribe(now);
+            cluster.catch_up(now);
         }
     }
 
