@@ -840,7 +840,7 @@ impl Shard {
                 self.send_claim(slot, name, false, true, now_ms);
             }
         }
-        self.admit_releases(now_ms);
+        self.admit_releases();
     }
 
     /// Whether the lease is renewed on its own connection now: while the
@@ -1204,7 +1204,7 @@ impl Shard {
 
     /// The oldest waiting releases are sent while their window has room
     /// (not while a live upgrade hands over).
-    pub(super) fn admit_releases(&mut self, now_ms: u64) {
+    pub(super) fn admit_releases(&mut self) {
         while self.releases_in_flight < self.release_window
             && self.state == State::Ready
             && !self.quiescing
@@ -1212,7 +1212,7 @@ impl Shard {
             let Some(name) = self.release_queue.pop_front() else {
                 return;
             };
-            self.dispatch_release(name.to_string(), now_ms);
+            self.dispatch_release(name.to_string());
         }
     }
 
@@ -1228,7 +1228,7 @@ impl Shard {
     /// remembered as uncertain and settled when the link is back (see
     /// [`Answer::Reconcile`]). A node leaving sends none: its farewell
     /// drops all its names at once.
-    pub fn release(&mut self, name: &str, now_ms: u64) {
+    pub fn release(&mut self, name: &str) {
         // A claim of it still waiting for room must not follow the release
         // to Redis: its client is gone.
         let gone = self.claim_queue.take_name(name);
@@ -1254,12 +1254,12 @@ impl Shard {
         {
             self.release_queue.push_back(name);
         } else {
-            self.dispatch_release(name.to_string(), now_ms);
+            self.dispatch_release(name.to_string());
         }
     }
 
     /// Sends a release that has room in its window.
-    fn dispatch_release(&mut self, name: String, now_ms: u64) {
+    fn dispatch_release(&mut self, name: String) {
         self.releases_in_flight += 1;
         // Staged: the turn's releases go as one command (`seal_releases`).
         self.stage(Staged::Releases);
@@ -1267,11 +1267,7 @@ impl Shard {
             self.seal_releases();
         }
         self.staged_releases.push(name.clone());
-        self.expect(Pending::Release {
-            name,
-            group: 1,
-            sent_ms: now_ms,
-        });
+        self.expect(Pending::Release { name, group: 1 });
     }
 
     /// Sends the releases staged this turn as one `EVALSHA release`.
@@ -1447,7 +1443,7 @@ impl Shard {
 
     /// The upgrade failed: the node listens on its channel again, and the
     /// releases kept waiting go.
-    pub fn resubscribe(&mut self, now_ms: u64) {
+    pub fn resubscribe(&mut self) {
         self.quiescing = false;
         if self.state == State::Ready {
             self.seal_staged();
@@ -1455,7 +1451,7 @@ impl Shard {
             let channel = self.channel.clone();
             encode_command(&mut self.out, &[b"SUBSCRIBE", &lines, &channel]);
         }
-        self.admit_releases(now_ms);
+        self.admit_releases();
     }
 
     /// What a live upgrade hands over: the time left of the lease (ms) and

@@ -291,7 +291,7 @@ fn run(shards: usize, seed: u64, steps: usize) {
                 model.made.entry(name).or_default().push('C');
             } else {
                 log.push(format!("step {step}: release {name}"));
-                cluster.release(&name, 0);
+                cluster.release(&name);
                 model.made.entry(name).or_default().push('R');
             }
             model.take(&mut cluster, &mut log);

@@ -22,14 +22,12 @@ pub(super) enum Pending {
     Acquire { sent_ms: u64 },
     /// A command whose answer only has to be an error or not.
     Plain,
-    /// A release of `name` sent at `sent_ms` (its outcome is uncertain if
-    /// the link breaks); `group` as for a claim (one answer, `1`, for the
-    /// whole group).
-    Release {
-        name: String,
-        group: u32,
-        sent_ms: u64,
-    },
+    /// A release of `name` (its outcome is uncertain if the link breaks);
+    /// `group` as for a claim (one answer, `1`, for the whole group). Not
+    /// timed: a link too slow to carry a window of releases within the
+    /// reply timeout would be reset again and again, the same releases
+    /// sent each time. Claims and routes behind them are timed.
+    Release { name: String, group: u32 },
     /// `CONFIG GET maxmemory-policy`.
     Policy,
     /// The check of this Redis's place among the shards.
@@ -75,7 +73,6 @@ impl Pending {
             Pending::Renew { sent_ms }
             | Pending::Acquire { sent_ms }
             | Pending::Claim { sent_ms, .. }
-            | Pending::Release { sent_ms, .. }
             | Pending::Batch { sent_ms, .. } => Some(*sent_ms),
             _ => None,
         }

@@ -114,7 +114,7 @@ impl Shard {
         if release {
             self.releases_in_flight -= 1;
             if result.is_ok() {
-                self.admit_releases(now_ms);
+                self.admit_releases();
             }
         }
         result

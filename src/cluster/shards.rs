@@ -355,8 +355,8 @@ impl Cluster {
     }
 
     /// Frees `name` on its shard (see [`Shard::release`]).
-    pub fn release(&mut self, name: &str, now_ms: u64) {
-        self.shard(name).release(name, now_ms);
+    pub fn release(&mut self, name: &str) {
+        self.shard(name).release(name);
     }
 
     /// Routes `line` from `slot` to `names` (none held here, each once)
@@ -552,8 +552,8 @@ impl Cluster {
     }
 
     /// The upgrade failed: every shard listens again.
-    pub fn resubscribe(&mut self, now_ms: u64) {
-        self.shards.iter_mut().for_each(|s| s.resubscribe(now_ms));
+    pub fn resubscribe(&mut self) {
+        self.shards.iter_mut().for_each(Shard::resubscribe);
     }
 
     /// What a live upgrade hands over: each shard's time left of its lease,

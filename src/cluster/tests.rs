@@ -278,7 +278,7 @@ fn a_turns_lines_go_to_redis_as_one_command() {
 fn any_other_command_sends_the_lines_staged_before_it_first() {
     let mut link = ready_link();
     assert!(link.route(slot(1), &["bob"], b"x\n", false, 0));
-    link.release("gone", 0);
+    link.release("gone");
     assert!(link.route(slot(1), &["bob"], b"y\n", false, 0));
     link.flush(0);
     let sent = commands(&mut link);
@@ -419,7 +419,7 @@ fn held_markers_follow_the_answers_before_them() {
 fn a_reset_fails_everything_in_flight_in_order_and_remembers_what_is_uncertain() {
     let mut link = ready_link();
     link.claim(slot(1), Rc::from("alice"), false, 0);
-    link.release("gone", 0);
+    link.release("gone");
     assert!(link.route(slot(2), &["bob"], b"x\n", false, 0));
     link.hold_marker(slot(2));
     link.reset(1, "test");
@@ -520,7 +520,7 @@ fn claims_past_the_window_wait_for_room_and_leave_with_their_client() {
     );
     assert!(!link.is_quiet());
     // The last one's client leaves: its claim is never sent.
-    link.release(&format!("c{}", CLAIM_WINDOW + 1), 0);
+    link.release(&format!("c{}", CLAIM_WINDOW + 1));
     let gone = link.take_answers();
     assert!(matches!(
         gone[..],
@@ -551,7 +551,7 @@ fn releases_past_their_window_wait_and_a_claim_takes_its_names_release_out() {
     let mut link = ready_link();
     let n = 2 * RELEASE_WINDOW + 10;
     for i in 0..n {
-        link.release(&format!("r{i}"), 0);
+        link.release(&format!("r{i}"));
     }
     let names = |sent: &[Vec<String>]| -> Vec<String> {
         sent.iter().flat_map(|c| c[5..].iter().cloned()).collect()
@@ -598,7 +598,7 @@ fn releases_past_their_window_wait_and_a_claim_takes_its_names_release_out() {
 fn a_farewell_drops_what_waits_for_room() {
     let mut link = ready_link();
     for i in 0..RELEASE_WINDOW + 5 {
-        link.release(&format!("r{i}"), 0);
+        link.release(&format!("r{i}"));
     }
     for i in 0..CLAIM_WINDOW as u32 + 1 {
         link.claim(slot(i), Rc::from(format!("c{i}").as_str()), false, 0);
@@ -607,7 +607,7 @@ fn a_farewell_drops_what_waits_for_room() {
     assert!(link.farewell());
     let unavailable = link.take_answers();
     assert_eq!(unavailable.len(), 1, "the claim waiting fails");
-    link.release("late", 0);
+    link.release("late");
     let sent = commands(&mut link);
     assert!(sent.last().unwrap().iter().any(|w| w == "DEL"));
     link.on_reply(Reply::Int(1), 1).unwrap();
@@ -622,7 +622,7 @@ fn a_farewell_drops_what_waits_for_room() {
 fn a_live_upgrade_hands_the_waiting_releases_over() {
     let mut link = ready_link();
     for i in 0..RELEASE_WINDOW + 5 {
-        link.release(&format!("r{i}"), 0);
+        link.release(&format!("r{i}"));
     }
     assert!(link.quiesce());
     commands(&mut link);
@@ -639,18 +639,45 @@ fn a_live_upgrade_hands_the_waiting_releases_over() {
         .collect();
     assert_eq!(uncertain, expect);
     // The upgrade failed: they go at once.
-    link.resubscribe(2);
+    link.resubscribe();
     let sent = commands(&mut link);
     assert_eq!(sent[0][0], "SUBSCRIBE");
     assert_eq!(sent[1][5..], expect[..]);
     assert!(!link.releases_may_go());
 }
 
+/// On a link too slow to carry a window of releases within the reply
+/// timeout, the releases are not what resets it: timed, the same 128 would
+/// time out, be sent again after the reset, and time out again, and the
+/// wave would never drain (found by an attack through a 2 KB/s proxy).
+#[test]
+fn releases_slower_than_the_reply_timeout_do_not_reset_the_link() {
+    let mut link = ready_link();
+    let poll = mio::Poll::new().unwrap();
+    for i in 0..RELEASE_WINDOW + 10 {
+        link.release(&format!("r{i}"));
+    }
+    commands(&mut link);
+    let late = 3 * link.reply_timeout_ms();
+    link.on_timer(poll.registry(), TOKENS, late);
+    assert_eq!(link.state, State::Ready, "slow releases are not silence");
+    link.on_reply(Reply::Int(1), late).unwrap();
+    let sent = commands(&mut link);
+    let released = sent.iter().flatten();
+    let released = released.filter(|w| w.starts_with('r') && w[1..].parse::<u32>().is_ok());
+    assert_eq!(released.count(), 10, "the rest, once the first are in");
+    // A claim behind them is timed, as ever.
+    link.claim(slot(1), Rc::from("c"), false, late);
+    commands(&mut link);
+    link.on_timer(poll.registry(), TOKENS, late + link.reply_timeout_ms() + 1);
+    assert!(matches!(link.state, State::Down { .. }));
+}
+
 #[test]
 fn a_reset_leaves_the_releases_waiting_for_room_uncertain() {
     let mut link = ready_link();
     for i in 0..CLAIM_WINDOW + 2 {
-        link.release(&format!("r{i}"), 0);
+        link.release(&format!("r{i}"));
     }
     link.reset(1, "test");
     let (_, mut uncertain, _) = link.handover_state(1);
@@ -797,8 +824,8 @@ fn a_turns_claims_go_as_one_command_and_are_answered_in_order() {
 #[test]
 fn a_turns_releases_go_as_one_command() {
     let mut link = ready_link();
-    link.release("a", 0);
-    link.release("b", 0);
+    link.release("a");
+    link.release("b");
     link.claim(slot(1), Rc::from("a"), false, 0);
     let sent = commands(&mut link);
     let tails: Vec<&[String]> = sent.iter().map(|c| &c[3..]).collect();
@@ -822,7 +849,7 @@ fn a_release_cancels_a_claim_waiting_to_be_tried_again() {
     commands(&mut link);
     link.on_reply(claimed(&[0]), 1).unwrap();
     assert!(link.owes(slot(1)));
-    link.release("a", 0);
+    link.release("a");
     assert!(!link.owes(slot(1)) || link.has_answers());
     link.take_answers();
     link.on_timer(poll.registry(), TOKENS, 1 + CLAIM_RETRY_MS);

@@ -255,9 +255,8 @@ pub(super) fn sync_cluster(
     deadlines: &mut Deadlines,
 ) {
     if let Some(released) = &mut clients.released {
-        let now = deadlines.now_ms();
         for name in released.drain(..) {
-            cluster.release(&name, now);
+            cluster.release(&name);
         }
     }
     if clients.held.to_route.is_empty() {

@@ -185,7 +185,7 @@ impl Server {
                         .filter(|&key| clients.conn(key).phase() == Phase::Chat);
                     match held {
                         Some(key) => cluster.claim(clients.slot(key), Rc::from(name), true, now),
-                        None => cluster.release(&name, now),
+                        None => cluster.release(&name),
                     }
                 }
             }

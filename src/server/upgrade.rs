@@ -351,9 +351,8 @@ impl Server {
             scrapers.accept_all(registry, &mut self.deadlines);
         }
         if let Some(cluster) = &mut self.cluster {
-            let now = self.deadlines.now_ms();
-            cluster.resubscribe(now);
-            cluster.catch_up(now);
+            cluster.resubscribe();
+            cluster.catch_up(self.deadlines.now_ms());
         }
     }
 
