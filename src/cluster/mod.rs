@@ -749,7 +749,8 @@ impl Shard {
     pub fn next_deadline(&self) -> u64 {
         let mut next = u64::MAX;
         match self.state {
-            State::Down { retry_at } => next = next.min(retry_at),
+            State::Down { retry_at } if !self.leaving => next = next.min(retry_at),
+            State::Down { .. } => {}
             State::Ready => next = next.min(self.sweep_at),
             State::Connecting | State::Handshaking => {}
         }
@@ -815,7 +816,10 @@ impl Shard {
             self.release_holds();
         }
         if let State::Down { retry_at } = self.state {
-            if now_ms >= retry_at {
+            // A node leaving does not come back: its handshake would put
+            // back its epoch and its place among the nodes, which only its
+            // farewell (already sent or given up) takes away.
+            if now_ms >= retry_at && !self.leaving {
                 self.connect(registry, tokens.link, now_ms);
             }
             return;

@@ -591,6 +591,27 @@ fn releases_past_their_window_wait_and_a_claim_takes_its_names_release_out() {
     assert!(link.pending.is_empty() && link.releases_in_flight == 0);
 }
 
+/// A node whose link breaks while it leaves does not connect again: the
+/// handshake would put back its epoch key (no expiry) and its place in
+/// the set of nodes, which its farewell takes away (found by an attack:
+/// SIGTERM with Redis paused, a client keeping the shutdown going).
+#[test]
+fn a_node_leaving_does_not_connect_again() {
+    let mut link = ready_link();
+    let poll = mio::Poll::new().unwrap();
+    assert!(link.farewell());
+    link.reset(1, "test");
+    assert!(
+        link.take_answers()
+            .iter()
+            .any(|a| matches!(a, Answer::FarewellDone))
+    );
+    // Nothing to wake for but the lease's end (no reconnection's back-off).
+    assert_eq!(link.next_deadline(), link.fence_at().unwrap());
+    link.on_timer(poll.registry(), TOKENS, 5_000);
+    assert!(matches!(link.state, State::Down { .. }), "not connecting");
+}
+
 /// At shutdown the releases waiting never go: the farewell drops every
 /// name of the node, and a release after it would bring back the node's
 /// epoch key, which nothing would delete. Claims waiting fail.
