@@ -25,6 +25,8 @@
 # 8000: logins in flight over all generator processes, so that no client
 # waits long after its accept; 0 = every connect at once, a storm whose
 # tail passes --login-timeout over WebSocket, BENCHMARKS.md),
+# SETTLE (chatd-bench --settle-timeout, 300: the longest wait for the
+# logins, so that a slow wave is measured to its end, not cut off),
 # OUT (target/million).
 #
 # It stops every process it started, also on failure or Ctrl-C. Traffic
@@ -40,6 +42,7 @@ idle=${IDLE:-60}
 rates=${RATES:-"10000 100000"}
 duration=${DURATION:-20}
 login_window=${LOGIN_WINDOW:-8000}
+settle=${SETTLE:-300}
 upgrade=${UPGRADE:-1}
 out=${OUT:-target/million}
 senders=$((clients / 100))
@@ -200,7 +203,7 @@ for rate in $rates; do
     "$bench" "${bench_args[@]}" --addr "127.0.0.1:$client_port" --clients "$clients" --procs "$procs" \
         --source-ips "127.$((19 + run)).0.1-127.$((19 + run)).$((addresses / 256)).$((addresses % 256))" \
         --name-prefix "r$run" --idle "$idle" --senders "$senders" --rate "$rate" \
-        --duration "$duration" --login-window "$login_window" --settle-timeout 120 --json \
+        --duration "$duration" --login-window "$login_window" --settle-timeout "$settle" --json \
         >"$out/run$run.json" 2> >(while IFS= read -r line; do
             printf '%s %s\n' "$(date +%s.%N)" "$line"
         done >"$out/run$run.progress") &
