@@ -20,6 +20,7 @@ const RULES: &[&str] = &[
     "&chatd:*",
     "+hello",
     "+client|setname",
+    "+client|kill",
     "+config|get",
     "+script|load",
     "+evalsha",

@@ -242,6 +242,53 @@ fn a_logout_wave_waits_on_the_node_and_frees_every_name() {
     assert_eq!(a.stat("fences"), 0);
 }
 
+/// A link reset with claims in flight does not leave their names held.
+/// What the node wrote before dropping a connection can still reach Redis
+/// after the next connection has settled those names as free (a slow
+/// network's buffers, a proxy), and Redis would then hold them for good
+/// for clients long gone. Here the proxy holds the first connection's
+/// claims (its group frozen) while the node times out, reconnects (into
+/// another group) and settles the names; then it delivers them. The next
+/// connection killed the dropped one first (`CLIENT KILL ID`), so they
+/// never run. (Found by an attack through a throttling proxy: 638 names
+/// held.)
+#[test]
+fn claims_of_a_dropped_connection_do_not_run_after_the_next_one() {
+    let redis = redis_or_skip!();
+    let proxy = redis.proxy();
+    proxy.keep_in_transit();
+    let mut a = node(&proxy.url(), "4", &[]);
+    proxy.freeze_group(0);
+    proxy.admit_as(1);
+    let wave: Vec<Client> = (0..500)
+        .map(|i| {
+            let mut c = Client::connect_small(a.addr);
+            c.send(&format!("w{i}\n"));
+            c
+        })
+        .collect();
+    a.wait_log("did not answer in time");
+    drop(wave);
+    a.wait_log("reachable again");
+    let held = || {
+        let keys = redis.keys();
+        keys.iter()
+            .filter(|k| k.starts_with("chatd:name:w"))
+            .count()
+    };
+    assert_eq!(held(), 0);
+    // The first connection's claims, delivered now.
+    proxy.thaw();
+    let clients = |redis: &common::redis::Redis| -> usize {
+        let list = redis.cli_all(&["CLIENT", "LIST"]).join("\n");
+        list.lines().filter(|l| l.contains("name=chatd-")).count()
+    };
+    let shards = redis.servers.len();
+    assert!(poll_until(|| (clients(&redis) <= 2 * shards).then_some(())).is_some());
+    assert_eq!(held(), 0, "names held for clients gone");
+    assert!(a.log().contains("reachable again"));
+}
+
 /// The lease never waits behind data: with Redis reached at 100 KB/s per
 /// connection, 400 KB of routed lines take about four seconds to reach it,
 /// twice the lease. On the data link the renewals would wait behind them

@@ -244,6 +244,15 @@ impl Shard {
         self.input.clear();
         self.framer.reset();
         self.waiting.clear();
+        // Its commands may still run: the next connection kills it first.
+        if let Some(id) = self.link_id.take() {
+            if !self.pending.is_empty() {
+                if self.stale_links.len() >= super::MAX_STALE_LINKS {
+                    self.stale_links.remove(0);
+                }
+                self.stale_links.push(id);
+            }
+        }
         for entry in std::mem::take(&mut self.pending) {
             self.fail(entry, true);
         }

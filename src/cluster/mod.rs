@@ -116,6 +116,11 @@ const CLAIM_RETRY_MS: u64 = 150;
 /// all its names and claims again those it holds.
 const MAX_UNCERTAIN: usize = 100_000;
 
+/// Earlier connections a link remembers to kill at most (see
+/// `Shard::stale_links`): more resets in a row than that before one
+/// connection completes its handshake are an outage, not a slow link.
+const MAX_STALE_LINKS: usize = 8;
+
 /// Nesting of a reply from Redis at most (ours nest three deep: HELLO's
 /// map of arrays of maps); deeper, the link is reset.
 const MAX_REPLY_DEPTH: usize = 8;
@@ -510,6 +515,19 @@ pub(crate) struct Shard {
     backoff_ms: u64,
     /// Whether the link was ever ready (reconnects are counted after).
     was_ready: bool,
+    /// The id Redis gave the connection now (from `HELLO`).
+    link_id: Option<i64>,
+    /// The ids of earlier connections of this link that were dropped with
+    /// commands in flight. Redis may still run them: bytes the node wrote
+    /// before dropping a connection can reach Redis after the next one's
+    /// commands (through a slow network or a proxy), and a claim so
+    /// delayed would hold, for good, a name the next connection settled
+    /// as free. The next connection kills them first, before it settles
+    /// anything (found by an attack through a throttling proxy: 638 names
+    /// held for clients long gone). At most [`MAX_STALE_LINKS`].
+    stale_links: Vec<i64>,
+    /// Whether Redis refused `CLIENT KILL` (an ACL without it): said once.
+    kill_refused: bool,
     /// When Redis last sent anything on the link, an answer or a push
     /// (ms): a Redis that sends, if slowly, is busy, not gone (see
     /// [`Shard::reply_timeout_ms`]).
@@ -611,6 +629,9 @@ impl Shard {
             lease_link,
             backoff_ms: FIRST_BACKOFF_MS,
             was_ready: false,
+            link_id: None,
+            stale_links: Vec::new(),
+            kill_refused: false,
             last_reply_ms: 0,
             claims_in_flight: 0,
             claim_window: CLAIM_WINDOW,
@@ -893,6 +914,14 @@ impl Shard {
         let name = format!("chatd-{}", self.node);
         hello(&mut self.out, self.config.auth.as_ref(), &name);
         self.expect(Pending::Hello);
+        // Before anything that settles names (see `stale_links`).
+        for id in self.stale_links.clone() {
+            let id_text = id.to_string();
+            self.command(
+                &[b"CLIENT", b"KILL", b"ID", id_text.as_bytes()],
+                Pending::KillStale(id),
+            );
+        }
         for (i, script) in scripts::ALL.iter().enumerate() {
             let which = [
                 Script::Claim,

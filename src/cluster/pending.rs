@@ -12,8 +12,11 @@ use crate::conn::Slot;
 /// What one command in flight was for, and what to do with its answer.
 #[derive(Debug)]
 pub(super) enum Pending {
-    /// `HELLO 3`.
+    /// `HELLO 3` (its answer has the connection's id).
     Hello,
+    /// `CLIENT KILL ID <id>` of an earlier connection of this link (see
+    /// `Shard::stale_links`).
+    KillStale(i64),
     /// `SCRIPT LOAD` of one script.
     Load(Script),
     /// A lease renewal (`SET ... XX`) sent at `sent_ms`.

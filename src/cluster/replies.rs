@@ -194,6 +194,17 @@ impl Shard {
             if matches!(entry, Pending::Policy) {
                 return Ok(()); // CONFIG may be disabled
             }
+            if let Pending::KillStale(id) = entry {
+                // An ACL without CLIENT KILL: nothing to do but say so.
+                self.stale_links.retain(|&s| s != id);
+                if !std::mem::replace(&mut self.kill_refused, true) {
+                    warn!(
+                        "cluster: Redis at {} refused CLIENT KILL ({e}): commands of a dropped connection may still run after its reconnection",
+                        self.config.redis
+                    );
+                }
+                return Ok(());
+            }
             if matches!(entry, Pending::Hello) && super::is_auth_error(e) {
                 return Err(self.refused_credentials(e));
             }
@@ -201,7 +212,9 @@ impl Shard {
             return Err(format!("Redis refused a command: {e}"));
         }
         match entry {
-            Pending::Hello | Pending::Plain | Pending::Release { .. } => {}
+            Pending::Hello => self.link_id = hello_id(&reply),
+            Pending::KillStale(id) => self.stale_links.retain(|&s| s != id),
+            Pending::Plain | Pending::Release { .. } => {}
             Pending::Policy => {
                 if let Reply::Array(pair) = &reply {
                     if let Some(Reply::Bulk(policy)) = pair.get(1) {
@@ -328,6 +341,7 @@ impl Shard {
             Pending::Held { slot } => self.answers.push(Answer::Held { slot }),
             Pending::Farewell => self.answers.push(Answer::FarewellDone),
             Pending::Hello
+            | Pending::KillStale(_)
             | Pending::Load(_)
             | Pending::Renew { .. }
             | Pending::Acquire { .. }
@@ -560,4 +574,15 @@ impl Shard {
             self.backoff_ms = FIRST_BACKOFF_MS;
         }
     }
+}
+
+/// The connection's id in the answer to `HELLO 3` (a map, flattened).
+fn hello_id(reply: &Reply) -> Option<i64> {
+    let Reply::Array(fields) = reply else {
+        return None;
+    };
+    fields.chunks(2).find_map(|pair| match pair {
+        [Reply::Bulk(key), Reply::Int(id)] if key == b"id" => Some(*id),
+        _ => None,
+    })
 }

@@ -612,6 +612,42 @@ fn a_node_leaving_does_not_connect_again() {
     assert!(matches!(link.state, State::Down { .. }), "not connecting");
 }
 
+/// A connection dropped with commands in flight is killed by the next one
+/// before that one settles anything: its commands could still reach Redis
+/// late (a slow network, a proxy still delivering), and a claim so
+/// delayed would hold for good a name settled as free (found by an attack
+/// through a throttling proxy). An ACL without `CLIENT KILL` is not an
+/// error.
+#[test]
+fn the_next_connection_kills_one_dropped_with_commands_in_flight() {
+    let mut link = ready_link();
+    link.link_id = Some(42);
+    link.claim(slot(1), Rc::from("alice"), false, 0);
+    commands(&mut link);
+    link.reset(1, "test");
+    link.take_answers();
+    link.state = State::Handshaking;
+    link.handshake(2);
+    let sent = commands(&mut link);
+    assert_eq!(sent[0][0], "HELLO");
+    assert_eq!(sent[1], ["CLIENT", "KILL", "ID", "42"], "{sent:?}");
+    let hello = Reply::Array(vec![
+        Reply::Bulk(b"server".to_vec()),
+        Reply::Bulk(b"redis".to_vec()),
+        Reply::Bulk(b"id".to_vec()),
+        Reply::Int(43),
+    ]);
+    link.on_reply(hello, 3).unwrap();
+    assert_eq!(link.link_id, Some(43));
+    let refused = Reply::Error("NOPERM this user has no permissions".into());
+    assert!(link.on_reply(refused, 3).is_ok(), "not a reason to reset");
+    assert!(link.stale_links.is_empty());
+    // Dropped with nothing in flight: nothing to kill.
+    link.pending.clear();
+    link.reset(4, "test");
+    assert!(link.stale_links.is_empty());
+}
+
 /// At shutdown the releases waiting never go: the farewell drops every
 /// name of the node, and a release after it would bring back the node's
 /// epoch key, which nothing would delete. Claims waiting fail.

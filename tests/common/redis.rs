@@ -297,6 +297,10 @@ struct ProxyState {
     /// Per group: bytes per second moved at most in each direction (0: no
     /// limit).
     rate: [AtomicU64; GROUPS],
+    /// Bytes a node sends are taken off its socket at once and delivered
+    /// at the rate, also after the node has closed it (see
+    /// [`Proxy::keep_in_transit`]).
+    in_transit: AtomicBool,
 }
 
 impl Proxy {
@@ -352,6 +356,15 @@ impl Proxy {
         self.state.rate[group].store(bytes_per_sec, Ordering::SeqCst);
     }
 
+    /// From now on what a node sends is in transit as soon as it is sent:
+    /// taken off its socket at once, delivered at the rate, and delivered
+    /// even after the node has closed the connection (as a slow network's
+    /// buffers do; without this a node's close can discard what the proxy
+    /// had not read yet).
+    pub fn keep_in_transit(&self) {
+        self.state.in_transit.store(true, Ordering::SeqCst);
+    }
+
     /// Closes `group`'s connections, and from now on every new one of it
     /// at once: a Redis that went away, for those nodes only.
     pub fn cut(&self, group: usize) {
@@ -385,12 +398,22 @@ fn forward(listener: &TcpListener, target: SocketAddr, state: &Arc<ProxyState>) 
                 let Ok(server) = TcpStream::connect(target) else {
                     continue;
                 };
-                for (from, to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
+                let in_transit = state.in_transit.load(Ordering::SeqCst);
+                for (from, to, eager) in [
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        in_transit,
+                    ),
+                    (server, client, false),
                 ] {
                     let state = Arc::clone(state);
-                    thread::spawn(move || pump(from, to, &state, group));
+                    let source = if eager {
+                        Source::Queue(take_off(from))
+                    } else {
+                        Source::Socket(from)
+                    };
+                    thread::spawn(move || pump(source, to, &state, group));
                 }
             }
             Err(_) => thread::sleep(Duration::from_millis(5)),
@@ -398,14 +421,63 @@ fn forward(listener: &TcpListener, target: SocketAddr, state: &Arc<ProxyState>) 
     }
 }
 
+/// Where a pump reads: the socket, or what a thread took off it as it
+/// came ([`Proxy::keep_in_transit`]).
+enum Source {
+    Socket(TcpStream),
+    Queue(std::sync::mpsc::Receiver<Vec<u8>>),
+}
+
+impl Source {
+    /// The next bytes (`Ok(0)`: the end), waiting 20 ms at most.
+    fn read(&mut self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+        match self {
+            Source::Socket(from) => {
+                buf.resize(16 * 1024, 0);
+                let n = from.read(buf)?;
+                buf.truncate(n);
+                Ok(n)
+            }
+            Source::Queue(queue) => match queue.recv_timeout(Duration::from_millis(20)) {
+                Ok(bytes) => {
+                    let n = bytes.len();
+                    *buf = bytes;
+                    Ok(n)
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    Err(std::io::ErrorKind::TimedOut.into())
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Ok(0),
+            },
+        }
+    }
+}
+
+/// Reads `from` as fast as it sends, into a queue, until it closes.
+fn take_off(mut from: TcpStream) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (queue, taken) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut buf = [0; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            if queue.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    taken
+}
+
 /// Copies `from` to `to` until either closes, the proxy stops or cuts
 /// `group`, or (while `group` is frozen) not at all.
-fn pump(mut from: TcpStream, mut to: TcpStream, state: &ProxyState, group: usize) {
-    from.set_read_timeout(Some(Duration::from_millis(20)))
-        .unwrap();
+fn pump(mut from: Source, mut to: TcpStream, state: &ProxyState, group: usize) {
+    if let Source::Socket(socket) = &from {
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+    }
     let gone = || state.stop.load(Ordering::Relaxed) || state.cut[group].load(Ordering::SeqCst);
     let frozen = || state.frozen[group].load(Ordering::SeqCst);
-    let mut buf = [0; 16 * 1024];
+    let mut buf = Vec::new();
     while !gone() {
         if frozen() {
             thread::sleep(Duration::from_millis(20));
@@ -419,13 +491,26 @@ fn pump(mut from: TcpStream, mut to: TcpStream, state: &ProxyState, group: usize
                 while frozen() && !gone() {
                     thread::sleep(Duration::from_millis(20));
                 }
-                if gone() || to.write_all(&buf[..n]).is_err() {
-                    break;
+                // Bytes in transit go a KiB at a time at the rate (a slow
+                // network); from the socket, as read.
+                let piece = match from {
+                    Source::Queue(_) => 1024,
+                    Source::Socket(_) => n,
+                };
+                let mut failed = false;
+                for part in buf[..n].chunks(piece) {
+                    if gone() || to.write_all(part).is_err() {
+                        failed = true;
+                        break;
+                    }
+                    // No limit (0): no pause.
+                    let rate = state.rate[group].load(Ordering::SeqCst);
+                    if let Some(pause) = (part.len() as u64 * 1_000_000).checked_div(rate) {
+                        thread::sleep(Duration::from_micros(pause));
+                    }
                 }
-                // No limit (0): no pause.
-                let rate = state.rate[group].load(Ordering::SeqCst);
-                if let Some(pause) = (n as u64 * 1_000_000).checked_div(rate) {
-                    thread::sleep(Duration::from_micros(pause));
+                if failed {
+                    break;
                 }
             }
             Err(e)
