@@ -63,7 +63,10 @@ impl NameIndex {
             .map(|&k| k as usize)
     }
 
-    /// Frees `name`, held by `key`. Only the holder may call this.
+    /// Frees `name`, held by `key`, or nothing if `key` is not in the
+    /// index. `key` must not hold another name: its entry is found by its
+    /// key among the entries whose hash tag matches `name`'s, and one of
+    /// another name can match.
     pub fn release(&mut self, name: &str, key: usize) {
         let hash = self.hasher.hash_one(name);
         if let Ok(entry) = self.keys.find_entry(hash, |&k| k as usize == key) {
@@ -124,17 +127,26 @@ mod tests {
         assert_eq!(r.lookup("alice", &name_of), Some(4));
     }
 
+    /// A connection whose claim of a held name was refused releases its
+    /// name as it closes (it never held it): nothing happens. Each index
+    /// has its own hash key, so the test tries many. (It once released
+    /// with the key of another name's holder, which breaks `release`'s
+    /// contract and removed that holder's entry whenever the two names'
+    /// hash tags met in one probe group: about one run in a hundred.)
     #[test]
     fn release_frees_only_the_holders_entry() {
-        let mut r = NameIndex::default();
-        let name_of = table(&["alice", "bob"]);
-        assert!(r.claim("alice", 0, &name_of));
-        assert!(r.claim("bob", 1, &name_of));
-        r.release("alice", 1); // not alice's holder: nothing happens
-        assert_eq!(r.lookup("alice", &name_of), Some(0));
-        r.release("alice", 0);
-        assert_eq!(r.lookup("alice", &name_of), None);
-        assert_eq!(r.lookup("bob", &name_of), Some(1));
+        for _ in 0..1000 {
+            let mut r = NameIndex::default();
+            let name_of = table(&["alice", "bob", "alice"]);
+            assert!(r.claim("alice", 0, &name_of));
+            assert!(r.claim("bob", 1, &name_of));
+            assert!(!r.claim("alice", 2, &name_of));
+            r.release("alice", 2); // not alice's holder: nothing happens
+            assert_eq!(r.lookup("alice", &name_of), Some(0));
+            r.release("alice", 0);
+            assert_eq!(r.lookup("alice", &name_of), None);
+            assert_eq!(r.lookup("bob", &name_of), Some(1));
+        }
     }
 
     #[test]
