@@ -40,6 +40,13 @@ fn login_wave(server: &Server, range: std::ops::Range<usize>) -> Vec<Client> {
     wave
 }
 
+/// The names `w...` (of [`login_wave`]) that Redis holds, sorted.
+fn held_names(redis: &common::redis::Redis) -> Vec<String> {
+    let mut keys = redis.keys();
+    keys.retain(|k| k.starts_with("chatd:name:w"));
+    keys
+}
+
 /// A message to a name that a connection on the sender's node is only
 /// claiming (the claim in flight) is not handed to the claimant: when the
 /// claim is refused because another node holds the name, the line reaches
@@ -207,12 +214,7 @@ fn a_logout_wave_waits_on_the_node_and_frees_every_name() {
     let redis = redis_or_skip!();
     let proxy = redis.proxy();
     let mut a = node(&proxy.url(), "4", &[]);
-    let names = |redis: &common::redis::Redis| {
-        let keys = redis.keys();
-        keys.iter()
-            .filter(|k| k.starts_with("chatd:name:w"))
-            .count()
-    };
+    let names = |redis: &common::redis::Redis| held_names(redis).len();
     let clients = login_wave(&a, 0..1000);
     assert_eq!(names(&redis), 1000);
     proxy.limit(20_000);
@@ -228,8 +230,7 @@ fn a_logout_wave_waits_on_the_node_and_frees_every_name() {
     again[0].send("w999: still here\n");
     again[99].expect("from w900: still here");
     assert!(poll_until(|| (names(&redis) == 100).then_some(())).is_some());
-    let mut held = redis.keys();
-    held.retain(|k| k.starts_with("chatd:name:w"));
+    let held = held_names(&redis);
     assert!(
         held.iter().all(|k| k.as_str() >= "chatd:name:w900"),
         "{held:?}"
@@ -270,12 +271,7 @@ fn claims_of_a_dropped_connection_do_not_run_after_the_next_one() {
     a.wait_log("did not answer in time");
     drop(wave);
     a.wait_log("reachable again");
-    let held = || {
-        let keys = redis.keys();
-        keys.iter()
-            .filter(|k| k.starts_with("chatd:name:w"))
-            .count()
-    };
+    let held = || held_names(&redis).len();
     assert_eq!(held(), 0);
     // The first connection's claims, delivered now.
     proxy.thaw();

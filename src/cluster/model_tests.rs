@@ -8,8 +8,9 @@
 //! again, and nothing left waiting at the end. Claims and releases of a
 //! few names come and go too, through windows kept tiny so that they
 //! wait for room: Redis must see each name's claims and releases in the
-//! order the node made them (some left out, none reordered). `MODEL_SEEDS=5000 cargo
-//! test --lib model` runs more seeds than the 300 a test runs by default.
+//! order the node made them (some left out, none reordered).
+//! `MODEL_SEEDS=5000 cargo test --lib model` runs more seeds than the 300
+//! a test runs by default.
 //! (Written by a hostile review of the markers in the batch; it fails at
 //! once if a batch's markers are answered after its lines.)
 

@@ -143,12 +143,12 @@ impl ClaimQueue {
 pub(super) struct ReleaseQueue {
     /// The names in order, each with the number it was queued under.
     order: VecDeque<(u64, Rc<str>)>,
-    /// The number of each name's latest release waiting.
+    /// The number of each name's release waiting (a name waits once): its
+    /// entry in `order` is the one with this number, the others were taken
+    /// out. Its length is the queue's.
     names: HashMap<Rc<str>, u64>,
     /// The next number.
     next: u64,
-    /// Releases waiting (not taken out).
-    len: usize,
     /// Whether the queue gave back a wave's memory since the last
     /// [`ReleaseQueue::take_shrunk`].
     shrunk: bool,
@@ -156,11 +156,11 @@ pub(super) struct ReleaseQueue {
 
 impl ReleaseQueue {
     pub fn len(&self) -> usize {
-        self.len
+        self.names.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.names.is_empty()
     }
 
     pub fn push_back(&mut self, name: &str) {
@@ -171,7 +171,6 @@ impl ReleaseQueue {
         self.next += 1;
         let name: Rc<str> = Rc::from(name);
         self.names.insert(Rc::clone(&name), n);
-        self.len += 1;
         self.order.push_back((n, name));
     }
 
@@ -179,8 +178,8 @@ impl ReleaseQueue {
     /// name now goes to Redis in its place. The name is still this node's
     /// in Redis (its release never went), and the claim keeps it so.
     pub fn cancel(&mut self, name: &str) {
-        if self.names.remove(name).is_some() {
-            self.len -= 1;
+        // Every claim asks: an empty queue (nearly always) hashes nothing.
+        if !self.is_empty() && self.names.remove(name).is_some() {
             self.shrink_if_empty();
         }
     }
@@ -189,7 +188,6 @@ impl ReleaseQueue {
         while let Some((n, name)) = self.order.pop_front() {
             if self.names.get(&name) == Some(&n) {
                 self.names.remove(&name);
-                self.len -= 1;
                 self.shrink_if_empty();
                 return Some(name);
             }
@@ -200,7 +198,7 @@ impl ReleaseQueue {
 
     /// Takes out every release, in order.
     pub fn take_all(&mut self) -> Vec<Rc<str>> {
-        let mut all = Vec::with_capacity(self.len);
+        let mut all = Vec::with_capacity(self.len());
         while let Some(name) = self.pop_front() {
             all.push(name);
         }
@@ -217,7 +215,7 @@ impl ReleaseQueue {
 
     /// As [`ClaimQueue::shrink_if_empty`].
     fn shrink_if_empty(&mut self) {
-        if self.len == 0 {
+        if self.is_empty() {
             self.order.clear();
             if self.names.capacity() > SMALL || self.order.capacity() > SMALL {
                 *self = ReleaseQueue {

@@ -548,6 +548,10 @@ fn claims_past_the_window_wait_for_room_and_leave_with_their_client() {
 /// Redis; sent after the claim, the release would free it).
 #[test]
 fn releases_past_their_window_wait_and_a_claim_takes_its_names_release_out() {
+    assert_eq!(
+        RELEASE_WINDOW, 128,
+        "the figure README.md and CLUSTER.md give"
+    );
     let mut link = ready_link();
     let n = 2 * RELEASE_WINDOW + 10;
     for i in 0..n {

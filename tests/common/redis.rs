@@ -357,10 +357,10 @@ impl Proxy {
     }
 
     /// From now on what a node sends is in transit as soon as it is sent:
-    /// taken off its socket at once, delivered at the rate, and delivered
-    /// even after the node has closed the connection (as a slow network's
-    /// buffers do; without this a node's close can discard what the proxy
-    /// had not read yet).
+    /// taken off its socket at once, and delivered (at the rate, or when
+    /// thawed) even after the node has closed the connection, as a slow
+    /// network's buffers do. Without it a node's close can discard what
+    /// the proxy had not read yet.
     pub fn keep_in_transit(&self) {
         self.state.in_transit.store(true, Ordering::SeqCst);
     }
@@ -491,26 +491,13 @@ fn pump(mut from: Source, mut to: TcpStream, state: &ProxyState, group: usize) {
                 while frozen() && !gone() {
                     thread::sleep(Duration::from_millis(20));
                 }
-                // Bytes in transit go a KiB at a time at the rate (a slow
-                // network); from the socket, as read.
-                let piece = match from {
-                    Source::Queue(_) => 1024,
-                    Source::Socket(_) => n,
-                };
-                let mut failed = false;
-                for part in buf[..n].chunks(piece) {
-                    if gone() || to.write_all(part).is_err() {
-                        failed = true;
-                        break;
-                    }
-                    // No limit (0): no pause.
-                    let rate = state.rate[group].load(Ordering::SeqCst);
-                    if let Some(pause) = (part.len() as u64 * 1_000_000).checked_div(rate) {
-                        thread::sleep(Duration::from_micros(pause));
-                    }
-                }
-                if failed {
+                if gone() || to.write_all(&buf[..n]).is_err() {
                     break;
+                }
+                // No limit (0): no pause.
+                let rate = state.rate[group].load(Ordering::SeqCst);
+                if let Some(pause) = (n as u64 * 1_000_000).checked_div(rate) {
+                    thread::sleep(Duration::from_micros(pause));
                 }
             }
             Err(e)
