@@ -118,6 +118,9 @@ struct Client {
     started: Instant,
     /// Whether it is on the generator's list of clients to write.
     dirty: bool,
+    /// Connected as far as epoll tells (writable) but nothing written or
+    /// read yet: an error now is the connect's.
+    connecting: bool,
 }
 
 /// One sending client's bookkeeping.
@@ -252,6 +255,7 @@ impl Load {
                 message_op: 0,
                 started: Instant::now(),
                 dirty: false,
+                connecting: false,
             })
             .collect();
         let senders = (0..local(plan.senders))
@@ -421,8 +425,13 @@ impl Load {
         let i = self.global(j);
         let servers = self.plan.addrs.len();
         let addr = self.plan.addrs[i % servers];
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        socket.set_nonblocking(true)?;
+        // Non-blocking from the start: one system call, not three (a
+        // million of them in a login wave).
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking(),
+            Some(Protocol::TCP),
+        )?;
         socket.set_tcp_nodelay(true)?;
         if !self.plan.source_ips.is_empty() {
             // Counted per server, so each server sees every source address
@@ -621,13 +630,22 @@ impl Load {
                 continue;
             }
             if event.is_writable() {
-                if self.clients[i].state == State::Connecting && !self.finish_connect(i) {
-                    continue;
+                if self.clients[i].state == State::Connecting {
+                    // Writable: connected, or failed, which the first write
+                    // (or read) reports as the connect's error.
+                    self.clients[i].state = if self.plan.ws {
+                        State::Upgrading
+                    } else {
+                        State::LoggingIn
+                    };
+                    self.clients[i].connecting = true;
                 }
                 self.flush(i);
             }
             if event.is_readable() || event.is_read_closed() || event.is_error() {
-                self.read(i);
+                // A FIN or error this event reports raises no new edge:
+                // then read to the end instead of trusting a short read.
+                self.read(i, event.is_read_closed() || event.is_error());
             }
         }
         self.post_outbox();
@@ -668,33 +686,6 @@ impl Load {
         }
     }
 
-    /// Checks a connecting socket; false if it failed or is not ready.
-    fn finish_connect(&mut self, i: usize) -> bool {
-        let Some(stream) = &self.clients[i].stream else {
-            return false;
-        };
-        if let Ok(Some(e)) | Err(e) = stream.take_error() {
-            self.counts.connect_failed += 1;
-            bump(
-                &mut self.counts.socket_errors,
-                &format!("connect: {}", e.kind()),
-            );
-            self.close(i);
-            return false;
-        }
-        match stream.peer_addr() {
-            Ok(_) => {
-                self.clients[i].state = if self.plan.ws {
-                    State::Upgrading
-                } else {
-                    State::LoggingIn
-                };
-                true
-            }
-            Err(_) => false, // not yet
-        }
-    }
-
     fn flush(&mut self, i: usize) {
         let client = &mut self.clients[i];
         let Some(stream) = &mut client.stream else {
@@ -705,7 +696,10 @@ impl Load {
         }
         while client.out_pos < client.out.len() {
             match stream.write(&client.out[client.out_pos..]) {
-                Ok(n) => client.out_pos += n,
+                Ok(n) => {
+                    client.out_pos += n;
+                    client.connecting = false;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -716,7 +710,11 @@ impl Load {
         }
     }
 
-    fn read(&mut self, i: usize) {
+    /// Reads what client `i` has, stopping at a short read (on Linux it
+    /// emptied the receive queue, and what arrives later raises a new
+    /// edge) unless `to_the_end`, when this event's edge was a FIN's or an
+    /// error's and no other will come.
+    fn read(&mut self, i: usize, to_the_end: bool) {
         let mut scratch = std::mem::take(&mut self.scratch);
         while let Some(stream) = &mut self.clients[i].stream {
             match stream.read(&mut scratch) {
@@ -738,7 +736,13 @@ impl Load {
                     self.close(i);
                     break;
                 }
-                Ok(n) => self.on_input(i, &scratch[..n]),
+                Ok(n) => {
+                    self.clients[i].connecting = false;
+                    self.on_input(i, &scratch[..n]);
+                    if n < scratch.len() && !to_the_end {
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -857,7 +861,14 @@ impl Load {
     }
 
     fn socket_error(&mut self, i: usize, e: &io::Error) {
-        if matches!(
+        if self.clients[i].connecting {
+            // Nothing went through yet: the connect itself failed.
+            self.counts.connect_failed += 1;
+            bump(
+                &mut self.counts.socket_errors,
+                &format!("connect: {}", e.kind()),
+            );
+        } else if matches!(
             e.kind(),
             io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
         ) {

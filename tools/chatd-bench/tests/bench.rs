@@ -520,6 +520,32 @@ fn writes_the_latency_histogram_as_hgrm() {
     assert!(text.contains("microseconds"), "the unit is said: {text}");
 }
 
+/// A connect the server refuses counts as a failed connect (the first
+/// write or read on the socket reports it), not as a socket error of a
+/// logged-in client, and fails the run.
+#[test]
+fn refused_connects_count_as_failed() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }; // closed: nothing listens there now
+    let out = Command::new(BENCH)
+        .args(["--addr", &format!("127.0.0.1:{port}"), "--json"])
+        .args(["--clients", "5", "--idle", "0", "--duration", "0"])
+        .args(["--settle-timeout", "5"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run chatd-bench");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(field(&out, "connect_failed"), 5.0);
+    assert_eq!(field(&out, "logged_in"), 0.0);
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text_field(&json, "socket_errors"),
+        "connect: connection refused=5"
+    );
+}
+
 /// A `--server-pid` that names no process is refused before the run: one
 /// line saying so, exit 2, no result.
 #[test]
