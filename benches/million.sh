@@ -241,11 +241,19 @@ python3 - "$out" "$clients" "$nodes" "$procs" "$idle" "$rates" <<'EOF' | tee "$o
 import json, os, sys
 out, clients, nodes, procs, idle, rates = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6].split()
 hz = os.sysconf("SC_CLK_TCK")
-rows = [list(map(float, l.split())) for l in open(f"{out}/samples.txt") if len(l.split()) == 10]
+rows = [list(map(float, l.split())) for l in open(f"{out}/samples.txt") if len(l.split()) == 12]
 before = rows[0]
 def window(start, end):
     w = [r for r in rows if start <= r[0] <= end]
     return (w[0], w[-1]) if len(w) >= 2 else None
+def cpu(a, b):
+    """% of a core from sample a to b: the nodes, Redis, the generator, and
+    the rest of the machine (every other process, and the kernel's work
+    for none of them)."""
+    secs = b[0] - a[0]
+    ours = [(b[1] - a[1]), (b[4] - a[4]), (b[10] - a[10])]
+    rest = (b[11] - a[11]) - sum(ours)
+    return [100 * t / hz / secs for t in ours + [rest]]
 print(f"# {clients:,} clients, {nodes} nodes, {procs} generator processes\n")
 for run, rate in enumerate(rates, 1):
     try:
@@ -261,6 +269,12 @@ for run, rate in enumerate(rates, 1):
           f"max {r.get('login_ms_max', 0):.0f} ms; refused or failed {r.get('connect_failed', 0)}, "
           f"closed by the server {r.get('closed_by_server', 0)}, errors {r.get('error_lines', '?')}")
     idle_at = first("[idle]")
+    wave = window(first("[connect]") or 0, idle_at or 0) if idle_at else None
+    if wave:
+        node, red, gen, rest = cpu(*wave)
+        print(f"- CPU in the login wave ({wave[1][0] - wave[0][0]:.0f} s sampled, {100 * os.cpu_count()} % in all): "
+              f"chatd {node:.0f} %, Redis {red:.0f} %, generator {gen:.0f} %, "
+              f"the rest of the machine {rest:.0f} %")
     if idle_at and idle >= 10:
         w = window(idle_at + 5, idle_at + idle - 2)
         if w:
@@ -269,7 +283,8 @@ for run, rate in enumerate(rates, 1):
             conns = max(r.get("logged_in", 0), 1)
             print(f"- idle ({secs:.0f} s sampled): chatd {100 * (b[1] - a[1]) / hz / secs:.2f} % of a core "
                   f"(all nodes), Redis {100 * (b[4] - a[4]) / hz / secs:.2f} %, "
-                  f"Redis {(b[5] - a[5]) / secs:,.0f} commands/s")
+                  f"Redis {(b[5] - a[5]) / secs:,.0f} commands/s; "
+                  f"the rest of the machine {cpu(a, b)[3]:.1f} %")
             # Once the wave's tail is over (each login's deadline, 30 s).
             late = window(idle_at + 30, idle_at + idle - 2) if idle >= 40 else None
             if late:

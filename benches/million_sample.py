@@ -6,7 +6,9 @@
 Appends one line a second to OUT/samples.txt: time, the nodes' CPU ticks
 and PSS in kB (the pids in OUT/node*.pid), the generator's RSS in kB
 (every process named chatd-bench), Redis's CPU ticks, commands processed
-and used_memory, Slab and MemAvailable in kB, and the keys in Redis. One
+and used_memory, Slab and MemAvailable in kB, the keys in Redis, the
+generator's CPU ticks, and the CPU ticks the whole machine was busy
+(/proc/stat: what is not ours is the rest less these). One
 process that forks nothing: on a machine busy with a million connections,
 a shell loop spawning a hundred awk processes a sample fell minutes behind.
 Whatever cannot be read (a process gone, Redis slow) counts as 0.
@@ -30,6 +32,13 @@ def ticks(pid):
     stat = read(f"/proc/{pid}/stat")
     fields = stat.rsplit(")", 1)[-1].split()
     return int(fields[11]) + int(fields[12]) if len(fields) > 12 else 0
+
+
+def busy():
+    """Ticks all CPUs spent on anything but idling or waiting for I/O."""
+    fields = read("/proc/stat").split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
+    return user + nice + system + irq + softirq
 
 
 def kb(text, key):
@@ -77,14 +86,16 @@ def main():
                 if pid.isdigit():
                     node_ticks += ticks(pid)
                     node_pss += kb(read(f"/proc/{pid}/smaps_rollup"), "Pss:")
-            gen = 0
+            gen = gen_ticks = 0
             for comm in glob.glob("/proc/[0-9]*/comm"):
                 if read(comm).strip() == "chatd-bench":
                     gen += kb(read(comm[: -len("comm")] + "status"), "VmRSS:")
+                    gen_ticks += ticks(comm.split("/")[2])
             commands, used, keys = redis(port)
             meminfo = read("/proc/meminfo")
             f.write(f"{started:.6f} {node_ticks} {node_pss} {gen} {ticks(redis_pid)} {commands} "
-                    f"{used} {kb(meminfo, 'Slab:')} {kb(meminfo, 'MemAvailable:')} {keys}\n")
+                    f"{used} {kb(meminfo, 'Slab:')} {kb(meminfo, 'MemAvailable:')} {keys} "
+                    f"{gen_ticks} {busy()}\n")
             f.flush()
             if once:
                 return
