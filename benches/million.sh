@@ -241,7 +241,7 @@ python3 - "$out" "$clients" "$nodes" "$procs" "$idle" "$rates" <<'EOF' | tee "$o
 import json, os, sys
 out, clients, nodes, procs, idle, rates = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6].split()
 hz = os.sysconf("SC_CLK_TCK")
-rows = [list(map(float, l.split())) for l in open(f"{out}/samples.txt") if len(l.split()) == 12]
+rows = [list(map(float, l.split())) for l in open(f"{out}/samples.txt") if len(l.split()) == 13]
 before = rows[0]
 def window(start, end):
     w = [r for r in rows if start <= r[0] <= end]
@@ -254,6 +254,12 @@ def cpu(a, b):
     ours = [(b[1] - a[1]), (b[4] - a[4]), (b[10] - a[10])]
     rest = (b[11] - a[11]) - sum(ours)
     return [100 * t / hz / secs for t in ours + [rest]]
+def listed(b, conns):
+    """The part of the slab figure that is /proc inodes, when it counts:
+    some process listing every descriptor (on this project's machine,
+    the sandbox's agent), not the connections' own cost."""
+    extra = (b[12] - before[12]) * 1024 / conns
+    return f" (of which {extra:,.0f} B /proc inodes: a process listing descriptors)" if extra > 100 else ""
 print(f"# {clients:,} clients, {nodes} nodes, {procs} generator processes\n")
 for run, rate in enumerate(rates, 1):
     try:
@@ -294,7 +300,7 @@ for run, rate in enumerate(rates, 1):
                       f"Redis {100 * (d[4] - c[4]) / hz / t:.2f} %, {(d[5] - c[5]) / t:,.0f} commands/s")
             print(f"- memory: chatd {b[2] * 1024 / conns:,.0f} B per connection (PSS of all nodes, "
                   f"{b[2] / 1024:,.0f} MiB), generator {b[3] * 1024 / conns:,.0f} B per connection; "
-                  f"kernel slab {(b[7] - before[7]) * 1024 / conns:,.0f} B per connection pair; "
+                  f"kernel slab {(b[7] - before[7]) * 1024 / conns:,.0f} B per connection pair{listed(b, conns)}; "
                   f"Redis used_memory {(b[6] - before[6]) / conns:,.0f} B per name; "
                   f"MemAvailable left {b[8] / 1024 / 1024:.1f} GiB (of {before[8] / 1024 / 1024:.1f} before)")
     print(f"- traffic: {r.get('lines_sent', 0):,} lines, {r.get('deliveries', 0):,} delivered, "

@@ -7,8 +7,11 @@ Appends one line a second to OUT/samples.txt: time, the nodes' CPU ticks
 and PSS in kB (the pids in OUT/node*.pid), the generator's RSS in kB
 (every process named chatd-bench), Redis's CPU ticks, commands processed
 and used_memory, Slab and MemAvailable in kB, the keys in Redis, the
-generator's CPU ticks, and the CPU ticks the whole machine was busy
-(/proc/stat: what is not ours is the rest less these). One
+generator's CPU ticks, the CPU ticks the whole machine was busy
+(/proc/stat: what is not ours is the rest less these), and the kB of
+slab in /proc inodes (`proc_inode_cache`: a process listing others'
+descriptors leaves one per descriptor; 0 if /proc/slabinfo is not
+readable). One
 process that forks nothing: on a machine busy with a million connections,
 a shell loop spawning a hundred awk processes a sample fell minutes behind.
 Whatever cannot be read (a process gone, Redis slow) counts as 0.
@@ -39,6 +42,15 @@ def busy():
     fields = read("/proc/stat").split("\n", 1)[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
     return user + nice + system + irq + softirq
+
+
+def proc_inodes_kb():
+    """kB of slab in `proc_inode_cache` (objects times object size)."""
+    for line in read("/proc/slabinfo").splitlines():
+        if line.startswith("proc_inode_cache "):
+            fields = line.split()
+            return int(fields[2]) * int(fields[3]) // 1024
+    return 0
 
 
 def kb(text, key):
@@ -95,7 +107,7 @@ def main():
             meminfo = read("/proc/meminfo")
             f.write(f"{started:.6f} {node_ticks} {node_pss} {gen} {ticks(redis_pid)} {commands} "
                     f"{used} {kb(meminfo, 'Slab:')} {kb(meminfo, 'MemAvailable:')} {keys} "
-                    f"{gen_ticks} {busy()}\n")
+                    f"{gen_ticks} {busy()} {proc_inodes_kb()}\n")
             f.flush()
             if once:
                 return
