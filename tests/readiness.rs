@@ -85,3 +85,26 @@ fn data_and_fin_together() {
         client.expect_eof();
     }
 }
+
+/// Urgent data (`MSG_OOB`) ends a read at its mark with more input queued,
+/// and that input raises no new edge. With the server stopped while the
+/// client sends, everything is queued before the one event: the lines
+/// after the mark are answered all the same.
+#[test]
+fn urgent_data_strands_no_input() {
+    let server = Server::start(&[]);
+    let mut receiver = server.login("r");
+    let mut sender = server.login("s");
+    sender.sync("s");
+    for i in 0..5 {
+        server.signal("STOP");
+        let head = format!("r: {i} urgen");
+        let sent = socket2::SockRef::from(sender.stream()).send_out_of_band(head.as_bytes());
+        assert_eq!(sent.expect("send urgent data"), head.len());
+        sender.send(&format!("t\nr: {i} after\n"));
+        server.signal("CONT");
+        // The urgent byte (the last of `head`) is out of band, not a line's.
+        receiver.expect(&format!("from s: {i} urget"));
+        receiver.expect(&format!("from s: {i} after"));
+    }
+}

@@ -14,8 +14,8 @@ use std::rc::Rc;
 
 use compact_str::CompactString;
 use log::{debug, warn};
+use mio::Registry;
 use mio::net::{TcpListener, TcpStream};
-use mio::{Interest, Registry};
 use slab::Slab;
 
 use super::Source;
@@ -728,7 +728,7 @@ impl Clients {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let token = Source::Client(key).token();
-        if let Err(e) = registry.register(&mut stream, token, Interest::READABLE) {
+        if let Err(e) = registry.register(&mut stream, token, super::input::CLIENT_INTEREST) {
             warn!("cannot register connection from {addr}: {e}");
             return;
         }

@@ -15,11 +15,13 @@ use crate::protocol::{self, ErrorKind, Split};
 /// On Linux, a TCP read that returns less than asked for has emptied the
 /// receive queue, and data or a FIN arriving afterwards wakes epoll again,
 /// raising a new edge. Stopping at a short read saves one `read` returning
-/// `EAGAIN` per message. The exception is a FIN (or error) that arrived
-/// before the event being handled: that edge is spent, so when the event
-/// reports it, or when no event brought us (the come-back list), the loop
-/// reads on until `WouldBlock` or EOF. `tests/readiness.rs` checks that no
-/// input or EOF is ever stranded.
+/// `EAGAIN` per message. The exceptions: a FIN (or error) that arrived
+/// before the event being handled, whose edge is spent; and urgent data
+/// (`MSG_OOB`), at whose mark a read stops short with more queued. So when
+/// the event reports either (urgent data as priority: see
+/// [`CLIENT_INTEREST`]), or when no event brought us (the come-back list),
+/// the loop reads on until `WouldBlock` or EOF. `tests/readiness.rs` checks
+/// that no input or EOF is ever stranded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Drain {
     /// Stop at the first short read.
@@ -27,6 +29,15 @@ pub(super) enum Drain {
     /// Read until `WouldBlock`, EOF or the budget.
     UntilWouldBlock,
 }
+
+/// What a client's socket is registered for: input, and on Linux urgent
+/// data too (`EPOLLPRI`), so that an event tells when a short read may have
+/// stopped at an urgent mark (see [`Drain`]).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(super) const CLIENT_INTEREST: mio::Interest =
+    mio::Interest::READABLE.add(mio::Interest::PRIORITY);
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(super) const CLIENT_INTEREST: mio::Interest = mio::Interest::READABLE;
 
 /// Bytes read per `read` call, and the most read from one connection in one
 /// loop turn before others get their turn.

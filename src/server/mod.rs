@@ -511,8 +511,9 @@ impl Server {
         }
         if event.is_readable() || event.is_read_closed() || event.is_error() {
             // A FIN or error already reported by this event raises no new
-            // edge: then read to the end instead of trusting a short read.
-            let drain = if event.is_read_closed() || event.is_error() {
+            // edge, and urgent data cuts a read short: then read to the
+            // end instead of trusting a short read.
+            let drain = if event.is_read_closed() || event.is_error() || event.is_priority() {
                 Drain::UntilWouldBlock
             } else {
                 Drain::UntilShortRead

@@ -114,7 +114,7 @@ impl Clients {
                     return;
                 }
                 if conn.write_blocked() {
-                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    let interest = super::input::CLIENT_INTEREST | Interest::WRITABLE;
                     let token = Source::Client(key).token();
                     if let Err(e) = registry.reregister(&mut conn.stream, token, interest) {
                         warn!("cannot arm writable interest for #{}: {e}", conn.id);

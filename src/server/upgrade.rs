@@ -623,7 +623,11 @@ impl Clients {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         registry
-            .register(&mut stream, Source::Client(key).token(), Interest::READABLE)
+            .register(
+                &mut stream,
+                Source::Client(key).token(),
+                super::input::CLIENT_INTEREST,
+            )
             .ok()?;
         let phase = state.phase;
         let now = deadlines.now_ms() as u32;
