@@ -451,7 +451,8 @@ impl Load {
         self.poll.registry().register(
             &mut stream,
             Token(j),
-            Interest::READABLE | Interest::WRITABLE,
+            // Urgent data too: its mark cuts a read short (see `read`).
+            Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
         )?;
         let client = &mut self.clients[j];
         client.stream = Some(stream);
@@ -643,9 +644,11 @@ impl Load {
                 self.flush(i);
             }
             if event.is_readable() || event.is_read_closed() || event.is_error() {
-                // A FIN or error this event reports raises no new edge:
-                // then read to the end instead of trusting a short read.
-                self.read(i, event.is_read_closed() || event.is_error());
+                // A FIN or error this event reports raises no new edge,
+                // and urgent data cuts a read short with more queued: then
+                // read to the end instead of trusting a short read.
+                let to_the_end = event.is_read_closed() || event.is_error() || event.is_priority();
+                self.read(i, to_the_end);
             }
         }
         self.post_outbox();
@@ -712,8 +715,9 @@ impl Load {
 
     /// Reads what client `i` has, stopping at a short read (on Linux it
     /// emptied the receive queue, and what arrives later raises a new
-    /// edge) unless `to_the_end`, when this event's edge was a FIN's or an
-    /// error's and no other will come.
+    /// edge) unless `to_the_end`: this event's edge was a FIN's or an
+    /// error's and no other will come, or urgent data is pending, whose
+    /// mark ends a read short with more queued.
     fn read(&mut self, i: usize, to_the_end: bool) {
         let mut scratch = std::mem::take(&mut self.scratch);
         while let Some(stream) = &mut self.clients[i].stream {

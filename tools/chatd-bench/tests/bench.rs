@@ -546,6 +546,42 @@ fn refused_connects_count_as_failed() {
     );
 }
 
+/// A server that sends urgent data (`MSG_OOB`) inside its answers: a read
+/// stops at the urgent mark with the rest queued, and no new edge comes
+/// for it, so the generator must read on, or logins go unconfirmed.
+#[test]
+fn urgent_data_strands_no_login() {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            thread::spawn(move || {
+                // The name, then the message to itself: answered as
+                // `from <name>: ` + an urgent byte + `l\n`.
+                let mut lines = BufReader::new(stream.try_clone().unwrap()).lines();
+                let Some(Ok(name)) = lines.next() else { return };
+                let _ = lines.next();
+                let head = format!("from {name}: ");
+                let _ = stream.write_all(head.as_bytes());
+                let _ = socket2::SockRef::from(&stream).send_out_of_band(b"U");
+                let _ = stream.write_all(b"l\n");
+                for _ in lines {} // until the generator closes
+            });
+        }
+    });
+    let out = Command::new(BENCH)
+        .args(["--addr", &addr.to_string(), "--json"])
+        .args(["--clients", "200", "--idle", "0", "--duration", "0"])
+        .args(["--settle-timeout", "5"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run chatd-bench");
+    assert_eq!(field(&out, "logged_in"), 200.0, "{out:?}");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
 /// A `--server-pid` that names no process is refused before the run: one
 /// line saying so, exit 2, no result.
 #[test]
