@@ -183,7 +183,9 @@ echo "== $nodes nodes on 127.0.0.1:$port ($transport clients on port $client_por
 # --- Sampling ------------------------------------------------------------
 # Once a second (benches/million_sample.py, one process that forks
 # nothing): the nodes' CPU ticks and PSS, the generator's RSS, Redis's CPU,
-# commands and memory, kernel slab, MemAvailable, the keys in Redis.
+# commands and memory, kernel slab, MemAvailable, the keys in Redis, the
+# generator's CPU ticks, the machine's busy ticks and the slab in /proc
+# inodes.
 sampler=(python3 benches/million_sample.py "$out" "$redis_port" "$redis_pid")
 "${sampler[@]}" once # the machine before any client
 "${sampler[@]}" &
@@ -200,6 +202,7 @@ addresses=$((clients / 1000 > procs ? clients / 1000 : procs))
 for rate in $rates; do
     run=$((run + 1))
     echo "== run $run: $clients clients, idle $idle s, $senders senders at $rate lines/s for $duration s" >&2
+    date +%s.%N >"$out/run$run.start" # the login wave's CPU counts from here
     "$bench" "${bench_args[@]}" --addr "127.0.0.1:$client_port" --clients "$clients" --procs "$procs" \
         --source-ips "127.$((19 + run)).0.1-127.$((19 + run)).$((addresses / 256)).$((addresses % 256))" \
         --name-prefix "r$run" --idle "$idle" --senders "$senders" --rate "$rate" \
@@ -248,8 +251,9 @@ def window(start, end):
     return (w[0], w[-1]) if len(w) >= 2 else None
 def cpu(a, b):
     """% of a core from sample a to b: the nodes, Redis, the generator, and
-    the rest of the machine (every other process, and the kernel's work
-    for none of them)."""
+    the rest of the machine: everything not charged to those processes
+    (other processes, kernel threads such as ksoftirqd and kworkers, and
+    this script's sampler)."""
     secs = b[0] - a[0]
     ours = [(b[1] - a[1]), (b[4] - a[4]), (b[10] - a[10])]
     rest = (b[11] - a[11]) - sum(ours)
@@ -275,7 +279,8 @@ for run, rate in enumerate(rates, 1):
           f"max {r.get('login_ms_max', 0):.0f} ms; refused or failed {r.get('connect_failed', 0)}, "
           f"closed by the server {r.get('closed_by_server', 0)}, errors {r.get('error_lines', '?')}")
     idle_at = first("[idle]")
-    wave = window(first("[connect]") or 0, idle_at or 0) if idle_at else None
+    started = float(open(f"{out}/run{run}.start").read())
+    wave = window(started, idle_at) if idle_at else None
     if wave:
         node, red, gen, rest = cpu(*wave)
         print(f"- CPU in the login wave ({wave[1][0] - wave[0][0]:.0f} s sampled, {100 * os.cpu_count()} % in all): "

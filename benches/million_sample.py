@@ -40,6 +40,8 @@ def ticks(pid):
 def busy():
     """Ticks all CPUs spent on anything but idling or waiting for I/O."""
     fields = read("/proc/stat").split("\n", 1)[0].split()[1:]
+    if len(fields) < 7:
+        return 0
     user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
     return user + nice + system + irq + softirq
 

@@ -118,8 +118,8 @@ struct Client {
     started: Instant,
     /// Whether it is on the generator's list of clients to write.
     dirty: bool,
-    /// Connected as far as epoll tells (writable) but nothing written or
-    /// read yet: an error now is the connect's.
+    /// Connecting, or connected as far as epoll tells (writable), but
+    /// nothing written or read yet: an error now is the connect's.
     connecting: bool,
 }
 
@@ -457,6 +457,7 @@ impl Load {
         let client = &mut self.clients[j];
         client.stream = Some(stream);
         client.state = State::Connecting;
+        client.connecting = true;
         client.started = Instant::now();
         self.logging_in += 1;
         client.out = if self.plan.ws {
@@ -639,7 +640,6 @@ impl Load {
                     } else {
                         State::LoggingIn
                     };
-                    self.clients[i].connecting = true;
                 }
                 self.flush(i);
             }
