@@ -292,17 +292,19 @@ for run, rate in enumerate(rates, 1):
             a, b = w
             secs = b[0] - a[0]
             conns = max(r.get("logged_in", 0), 1)
-            print(f"- idle ({secs:.0f} s sampled): chatd {100 * (b[1] - a[1]) / hz / secs:.2f} % of a core "
-                  f"(all nodes), Redis {100 * (b[4] - a[4]) / hz / secs:.2f} %, "
+            node, red, _, rest = cpu(a, b)
+            print(f"- idle ({secs:.0f} s sampled): chatd {node:.2f} % of a core "
+                  f"(all nodes), Redis {red:.2f} %, "
                   f"Redis {(b[5] - a[5]) / secs:,.0f} commands/s; "
-                  f"the rest of the machine {cpu(a, b)[3]:.1f} %")
+                  f"the rest of the machine {rest:.1f} %")
             # Once the wave's tail is over (each login's deadline, 30 s).
             late = window(idle_at + 30, idle_at + idle - 2) if idle >= 40 else None
             if late:
                 c, d = late
                 t = d[0] - c[0]
-                print(f"- idle from 30 s in ({t:.0f} s): chatd {100 * (d[1] - c[1]) / hz / t:.2f} % of a core, "
-                      f"Redis {100 * (d[4] - c[4]) / hz / t:.2f} %, {(d[5] - c[5]) / t:,.0f} commands/s")
+                node, red, _, _ = cpu(c, d)
+                print(f"- idle from 30 s in ({t:.0f} s): chatd {node:.2f} % of a core, "
+                      f"Redis {red:.2f} %, {(d[5] - c[5]) / t:,.0f} commands/s")
             print(f"- memory: chatd {b[2] * 1024 / conns:,.0f} B per connection (PSS of all nodes, "
                   f"{b[2] / 1024:,.0f} MiB), generator {b[3] * 1024 / conns:,.0f} B per connection; "
                   f"kernel slab {(b[7] - before[7]) * 1024 / conns:,.0f} B per connection pair{listed(b, conns)}; "

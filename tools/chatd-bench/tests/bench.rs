@@ -520,6 +520,24 @@ fn writes_the_latency_histogram_as_hgrm() {
     assert!(text.contains("microseconds"), "the unit is said: {text}");
 }
 
+/// `chatd-bench --json` logging `clients` in at `addr`, a server that is
+/// not a [`Server`] (no `--server-pid`), and nothing else.
+fn logins_only(addr: &str, clients: usize) -> Output {
+    Command::new(BENCH)
+        .args(["--addr", addr, "--json", "--settle-timeout", "5"])
+        .args([
+            "--clients",
+            &clients.to_string(),
+            "--idle",
+            "0",
+            "--duration",
+            "0",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run chatd-bench")
+}
+
 /// A connect the server refuses counts as a failed connect (the first
 /// write or read on the socket reports it), not as a socket error of a
 /// logged-in client, and fails the run.
@@ -529,13 +547,7 @@ fn refused_connects_count_as_failed() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
     }; // closed: nothing listens there now
-    let out = Command::new(BENCH)
-        .args(["--addr", &format!("127.0.0.1:{port}"), "--json"])
-        .args(["--clients", "5", "--idle", "0", "--duration", "0"])
-        .args(["--settle-timeout", "5"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run chatd-bench");
+    let out = logins_only(&format!("127.0.0.1:{port}"), 5);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert_eq!(field(&out, "connect_failed"), 5.0);
     assert_eq!(field(&out, "logged_in"), 0.0);
@@ -571,13 +583,7 @@ fn urgent_data_strands_no_login() {
             });
         }
     });
-    let out = Command::new(BENCH)
-        .args(["--addr", &addr.to_string(), "--json"])
-        .args(["--clients", "200", "--idle", "0", "--duration", "0"])
-        .args(["--settle-timeout", "5"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run chatd-bench");
+    let out = logins_only(&addr.to_string(), 200);
     assert_eq!(field(&out, "logged_in"), 200.0, "{out:?}");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
